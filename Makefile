@@ -1,0 +1,33 @@
+# make test: create .venv (torch 2.14.1, the CUDA 13.0 build), build and install adaskip with
+# its CUDA extension (when a toolkit is present), run the tests. Quick when nothing changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+DEPS := $(TORCH) numpy pytest "setuptools>=77" wheel "cmake>=3.26" ninja nvidia-ml-py
+DEPS_STAMP := $(VENV)/.adaskip-deps
+BUILD_STAMP := $(VENV)/.adaskip-build
+SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: test build bench-ops clean
+
+test: $(BUILD_STAMP)
+	@# pytest exits 5 when it collects no tests; that is not a failure of the build.
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+build: $(BUILD_STAMP)
+
+$(DEPS_STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(DEPS)
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+bench-ops: $(BUILD_STAMP)
+	$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf build $(BUILD_STAMP) adaskip/_C*.so adaskip/_build_info.py

@@ -1,0 +1,195 @@
+"""Pure-PyTorch references of the adaskip ops.
+
+They define what the CUDA kernels compute (same rounding points, same statistics layout) and
+serve as the CPU implementation. Statistics layout, shared with csrc/:
+  stats  float32 [num_sublayers, batch, 3]: (sum of per-token cosine(a, b),
+         sum of per-token |b| / |a|, token count), a = residual before the sublayer, b = after.
+  gates  uint8   [num_sublayers, batch]: GATE_UNDECIDED / GATE_SKIP / GATE_RUN.
+  scales float32 [num_sublayers, batch]: compensation scale of a skipped sublayer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+GATE_UNDECIDED = 0  # sublayer runs; its decision is still open
+GATE_SKIP = 1  # sublayer skipped: residual *= compensation scale
+GATE_RUN = 2  # sublayer runs; decided (or never a candidate)
+
+NORM_FLOOR = 1e-12  # norms below this count as zero (kNormFloor in csrc/common.cuh)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (the CUDA side makes the same ones in csrc/checks.h)
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"adaskip: {msg}")
+
+
+def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        _fail(f"'{name}' is on {t.device} but the other inputs are on {device}")
+
+
+def as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """[tokens, hidden] or [batch, seq, hidden] -> a [batch, seq, hidden] view."""
+    if t.dim() not in (2, 3):
+        _fail(f"'{name}' must be [tokens, hidden] or [batch, seq, hidden], got shape {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        _fail(f"'{name}' has an empty hidden dimension")
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        _fail(f"'{name}' must be contiguous in its last (hidden) dimension, got strides {t.stride()}")
+    return t.unsqueeze(0) if t.dim() == 2 else t
+
+
+def check_float_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        _fail(f"'{name}' must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_stats(stats: torch.Tensor, batch: int, sublayer: int, device: torch.device) -> None:
+    check_same_device("stats", stats, device)
+    if stats.dtype != torch.float32:
+        _fail(f"'stats' must be float32, got {stats.dtype}")
+    if stats.dim() != 3 or stats.shape[2] != 3:
+        _fail(f"'stats' must be [num_sublayers, batch, 3], got shape {tuple(stats.shape)}")
+    if not stats.is_contiguous():
+        _fail("'stats' must be contiguous")
+    if stats.shape[1] != batch:
+        _fail(f"'stats' holds {stats.shape[1]} sequences but the input has batch {batch}")
+    if not 0 <= sublayer < stats.shape[0]:
+        _fail(f"'sublayer' {sublayer} is out of range for 'stats' with {stats.shape[0]} sublayers")
+
+
+def check_gates_scales(gates: torch.Tensor, scales: torch.Tensor, device: torch.device) -> None:
+    check_same_device("gates", gates, device)
+    check_same_device("scales", scales, device)
+    if gates.dtype != torch.uint8:
+        _fail(f"'gates' must be uint8, got {gates.dtype}")
+    if scales.dtype != torch.float32:
+        _fail(f"'scales' must be float32, got {scales.dtype}")
+    if gates.dim() != 2:
+        _fail(f"'gates' must be [num_sublayers, batch], got shape {tuple(gates.shape)}")
+    if scales.shape != gates.shape:
+        _fail(f"'scales' has shape {tuple(scales.shape)} but 'gates' has shape {tuple(gates.shape)}")
+    if not gates.is_contiguous():
+        _fail("'gates' must be contiguous")
+    if not scales.is_contiguous():
+        _fail("'scales' must be contiguous")
+
+
+def check_seq_lens(seq_lens: Optional[torch.Tensor], batch: int, device: torch.device) -> None:
+    if seq_lens is None:
+        return
+    check_same_device("seq_lens", seq_lens, device)
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        _fail(f"'seq_lens' must be int32 or int64, got {seq_lens.dtype}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != batch:
+        _fail(f"'seq_lens' must be [batch] = [{batch}], got shape {tuple(seq_lens.shape)}")
+
+
+def _check_pair(first, first_name, second, second_name):
+    device = first.device
+    check_same_device(second_name, second, device)
+    check_float_dtype(first, first_name)
+    if second.dtype != first.dtype:
+        _fail(f"'{second_name}' has dtype {second.dtype} but '{first_name}' has {first.dtype}")
+    f3, s3 = as_rows(first, first_name), as_rows(second, second_name)
+    if first.shape != second.shape:
+        _fail(f"'{first_name}' has shape {tuple(first.shape)} but '{second_name}' has shape {tuple(second.shape)}")
+    return f3, s3
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+
+def _accumulate_stats(stats, sublayer, a, b, seq_lens) -> None:
+    """Adds per-sequence sums of cos(a, b) and |b|/|a| over valid tokens. a, b: [B, S, H]."""
+    af, bf = a.float(), b.float()
+    na = af.pow(2).sum(-1).sqrt()
+    nb = bf.pow(2).sum(-1).sqrt()
+    cos = (af * bf).sum(-1) / (na.clamp_min(NORM_FLOOR) * nb.clamp_min(NORM_FLOOR))
+    ratio = nb / na.clamp_min(NORM_FLOOR)
+    batch, seq = a.shape[0], a.shape[1]
+    if seq_lens is None:
+        lens = torch.full((batch,), seq, device=a.device)
+    else:
+        lens = seq_lens.to(torch.int64).clamp(0, seq)
+    valid = torch.arange(seq, device=a.device)[None, :] < lens[:, None]
+    slot = stats[sublayer]
+    slot[:, 0] += torch.where(valid, cos, 0.0).sum(1)
+    slot[:, 1] += torch.where(valid, ratio, 0.0).sum(1)
+    slot[:, 2] += lens.to(torch.float32)
+
+
+def rms_norm(b: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm's rounding order: normalize in fp32, round, then multiply by the weight."""
+    bf = b.float()
+    normed = (bf * torch.rsqrt(bf.pow(2).mean(-1, keepdim=True) + eps)).to(b.dtype)
+    return weight * normed
+
+
+def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None) -> None:
+    x3, a3 = _check_pair(x, "x", residual, "residual")
+    device = x.device
+    check_same_device("weight", weight, device)
+    if weight.dtype != x.dtype:
+        _fail(f"'weight' has dtype {weight.dtype} but 'x' has {x.dtype}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        _fail(f"'weight' must be [hidden] = [{x.shape[-1]}], got shape {tuple(weight.shape)}")
+    if not weight.is_contiguous():
+        _fail("'weight' must be contiguous")
+    if not eps > 0:
+        _fail(f"'eps' must be positive, got {eps}")
+    if x.data_ptr() == residual.data_ptr() and x.numel() > 0:
+        _fail("'x' and 'residual' must be different tensors")
+    if stats is not None:
+        check_stats(stats, a3.shape[0], sublayer, device)
+    check_seq_lens(seq_lens, a3.shape[0], device)
+    b3 = a3 + x3  # rounded to the storage dtype, like the kernel
+    if stats is not None:
+        _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
+    x3.copy_(rms_norm(b3, weight, eps))
+    a3.copy_(b3)
+
+
+def io_similarity_stats(before, after, stats, sublayer, seq_lens=None) -> None:
+    a3, b3 = _check_pair(before, "before", after, "after")
+    check_stats(stats, a3.shape[0], sublayer, before.device)
+    check_seq_lens(seq_lens, a3.shape[0], before.device)
+    _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
+
+
+def skip_or_scale(residual, gates, scales, sublayer) -> None:
+    check_float_dtype(residual, "residual")
+    r3 = as_rows(residual, "residual")
+    check_gates_scales(gates, scales, residual.device)
+    if gates.shape[1] != r3.shape[0]:
+        _fail(f"'gates' holds {gates.shape[1]} sequences but 'residual' has batch {r3.shape[0]}")
+    if not 0 <= sublayer < gates.shape[0]:
+        _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
+    skip = gates[sublayer] == GATE_SKIP
+    factor = torch.where(skip, scales[sublayer], 1.0)[:, None, None]
+    scaled = (r3.float() * factor).to(r3.dtype)
+    r3.copy_(torch.where(skip[:, None, None], scaled, r3))
+
+
+def update_gates(stats, gates, scales, window, beta) -> None:
+    check_gates_scales(gates, scales, gates.device)
+    check_stats(stats, gates.shape[1], 0, gates.device)
+    if stats.shape[0] != gates.shape[0]:
+        _fail(f"'stats' has {stats.shape[0]} sublayers but 'gates' has {gates.shape[0]}")
+    if window < 1:
+        _fail(f"'window' must be at least 1 token, got {window}")
+    if not (math.isfinite(beta) and -1.0 <= beta <= 1.0):
+        _fail(f"'beta' is a cosine-similarity threshold in [-1, 1], got {beta}")
+    count = stats[..., 2]
+    ready = (gates == GATE_UNDECIDED) & (count >= float(window))
+    safe = count.clamp_min(1.0)
+    mean_cos = stats[..., 0] / safe
+    skip = ready & (mean_cos >= torch.tensor(beta, dtype=torch.float32))
+    scales.copy_(torch.where(skip, stats[..., 1] / safe, scales))
+    gates.copy_(torch.where(skip, GATE_SKIP, torch.where(ready, GATE_RUN, gates)).to(torch.uint8))

@@ -1,0 +1,157 @@
+"""adaskip.ops: fused residual / similarity / gating ops.
+
+With the compiled extension (`adaskip._C`), CUDA tensors run our kernels and CPU tensors run the
+PyTorch reference (registered as the ops' CPU kernel), both through torch.ops.adaskip, so the
+ops work under torch.compile and CUDA-graph capture. Without it, CPU tensors run the reference
+directly and CUDA tensors are refused (no silent copy to the CPU).
+
+Buffers (see also new_stats / new_gates / new_scales):
+  stats  float32 [num_sublayers, batch, 3]: per (sublayer, sequence) the sum of per-token
+         cosine similarity between the residual before and after the sublayer, the sum of the
+         per-token norm ratios |after| / |before|, and the token count.
+  gates  uint8   [num_sublayers, batch]: GATE_UNDECIDED, GATE_SKIP or GATE_RUN.
+  scales float32 [num_sublayers, batch]: compensation scale applied to a skipped sublayer.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import _reference as _ref
+from ._reference import GATE_RUN, GATE_SKIP, GATE_UNDECIDED
+
+__all__ = [
+    "GATE_UNDECIDED", "GATE_SKIP", "GATE_RUN", "backend", "extension_error",
+    "fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
+    "new_stats", "new_gates", "new_scales", "mean_stats",
+]
+
+_OP_NAMES = ("fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates")
+
+
+def _load_extension():
+    try:
+        from . import _C  # noqa: F401  (importing it registers torch.ops.adaskip)
+    except ImportError as e:
+        try:
+            from ._build_info import TORCH_VERSION as built_for
+        except ImportError:
+            built_for = None
+        hint = ""
+        if built_for and built_for != torch.__version__:
+            hint = (f" It was built against torch {built_for} but torch {torch.__version__} is "
+                    "running: rebuild with `pip install --no-build-isolation .`.")
+        return f"{e}.{hint}"
+    return None
+
+
+_EXTENSION_ERROR = _load_extension()
+HAS_EXTENSION = _EXTENSION_ERROR is None
+
+if HAS_EXTENSION:
+    # The reference is the CPU kernel; fake implementations let torch.compile / FakeTensor trace
+    # the ops. All four ops only mutate their arguments, so the fakes have nothing to return.
+    _lib = torch.library.Library("adaskip", "IMPL")
+    for _name in _OP_NAMES:
+        _lib.impl(_name, getattr(_ref, _name), "CPU")
+
+        def _fake(*args, **kwargs):
+            return None
+
+        torch.library.register_fake(f"adaskip::{_name}", _fake, lib=_lib)
+else:
+    warnings.warn(
+        "adaskip: the CUDA extension adaskip._C is not available, so adaskip.ops runs the "
+        f"PyTorch reference on CPU tensors only ({_EXTENSION_ERROR})",
+        RuntimeWarning, stacklevel=2)
+
+
+def backend() -> str:
+    """'cuda' when the compiled extension is loaded (CUDA tensors run its kernels; CPU tensors
+    run the reference), 'reference' when only the PyTorch reference is available."""
+    return "cuda" if HAS_EXTENSION else "reference"
+
+
+def extension_error() -> Optional[str]:
+    """Why the extension could not be loaded, or None."""
+    return _EXTENSION_ERROR
+
+
+def _op(name: str, *tensors: Optional[torch.Tensor]):
+    if HAS_EXTENSION:
+        return getattr(torch.ops.adaskip, name)
+    if any(t is not None and t.is_cuda for t in tensors):
+        raise RuntimeError(
+            f"adaskip.ops.{name}: got CUDA tensors but the CUDA extension adaskip._C is not "
+            f"available ({_EXTENSION_ERROR}); install adaskip with a CUDA toolkit present "
+            "(see README) or pass CPU tensors")
+    return getattr(_ref, name)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+    stats: Optional[torch.Tensor] = None, sublayer: int = 0,
+    seq_lens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place: residual <- residual + x, then x <- RMSNorm(residual) * weight.
+
+    x is the sublayer's output, residual the stream it adds to; [tokens, hidden] or
+    [batch, seq, hidden], same shape and dtype (fp32/fp16/bf16), rows contiguous in hidden.
+    With `stats`, adds each sequence's IO-similarity sums for `sublayer` (tokens at positions
+    >= seq_lens[b] are left out; seq_lens is clamped to [0, seq]). Returns (x, residual).
+    """
+    _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens)(
+        x, residual, weight, float(eps), stats, int(sublayer), seq_lens)
+    return x, residual
+
+
+def io_similarity_stats(
+    before: torch.Tensor, after: torch.Tensor, stats: torch.Tensor, sublayer: int, *,
+    seq_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Adds the IO-similarity sums of a sublayer with input `before` and output `after` (both
+    residual-stream values) to stats[sublayer]. Returns stats."""
+    _op("io_similarity_stats", before, after, stats, seq_lens)(
+        before, after, stats, int(sublayer), seq_lens)
+    return stats
+
+
+def skip_or_scale(residual: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
+                  sublayer: int) -> torch.Tensor:
+    """In place, per sequence b: if gates[sublayer, b] == GATE_SKIP, residual[b] *= scales[sublayer, b]
+    (the compensation standing in for a skipped sublayer); otherwise unchanged. Returns residual."""
+    _op("skip_or_scale", residual, gates, scales)(residual, gates, scales, int(sublayer))
+    return residual
+
+
+def update_gates(stats: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, window: int,
+                 beta: float) -> torch.Tensor:
+    """Decides, on the device, every GATE_UNDECIDED gate whose statistics count >= window
+    tokens: GATE_SKIP with scale = mean norm ratio if mean similarity >= beta, else GATE_RUN.
+    Decided gates never change. Returns gates."""
+    _op("update_gates", stats, gates, scales)(stats, gates, scales, int(window), float(beta))
+    return gates
+
+
+def new_stats(num_sublayers: int, batch: int = 1, device=None) -> torch.Tensor:
+    """A zeroed statistics buffer, float32 [num_sublayers, batch, 3]."""
+    return torch.zeros(num_sublayers, batch, 3, dtype=torch.float32, device=device)
+
+
+def new_gates(num_sublayers: int, batch: int = 1, device=None, state: int = GATE_UNDECIDED) -> torch.Tensor:
+    """A gate buffer, uint8 [num_sublayers, batch], every gate in `state`."""
+    return torch.full((num_sublayers, batch), state, dtype=torch.uint8, device=device)
+
+
+def new_scales(num_sublayers: int, batch: int = 1, device=None) -> torch.Tensor:
+    """A compensation-scale buffer, float32 [num_sublayers, batch], all ones."""
+    return torch.ones(num_sublayers, batch, dtype=torch.float32, device=device)
+
+
+def mean_stats(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cosine similarity, mean norm ratio, token count), each [num_sublayers, batch], on
+    the buffer's device (no host sync). Means of sublayers with no tokens are NaN."""
+    count = stats[..., 2]
+    return stats[..., 0] / count, stats[..., 1] / count, count

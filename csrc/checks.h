@@ -1,0 +1,101 @@
+// Host-side argument checks shared by the ops. Every message names the argument at fault;
+// TORCH_CHECK_VALUE surfaces in Python as ValueError.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "common.cuh"
+
+namespace adaskip {
+
+// A [tokens, hidden] or [batch, seq, hidden] activation, as the kernels address it.
+struct RowShape {
+  int64_t batch, seq, hidden;
+  Rows rows;
+};
+
+inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.is_cuda(), "adaskip: '", name, "' must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == device, "adaskip: '", name, "' is on ", t.device(),
+                    " but the other inputs are on ", device);
+}
+
+inline RowShape row_shape(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, "adaskip: '", name,
+                    "' must be [tokens, hidden] or [batch, seq, hidden], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(-1) > 0, "adaskip: '", name, "' has an empty hidden dimension");
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1, "adaskip: '", name,
+                    "' must be contiguous in its last (hidden) dimension, got strides ", t.strides());
+  RowShape r;
+  if (t.dim() == 2) {
+    r.batch = 1;
+    r.seq = t.size(0);
+    r.rows = {0, t.stride(0)};
+  } else {
+    r.batch = t.size(0);
+    r.seq = t.size(1);
+    r.rows = {t.stride(0), t.stride(1)};
+  }
+  r.hidden = t.size(-1);
+  return r;
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, "adaskip: '", name,
+                    "' must be float32, float16 or bfloat16, got ", d);
+}
+
+// stats: float32 [num_sublayers, batch, 3] = (sum of cosine, sum of norm ratio, token count).
+inline void check_stats(const at::Tensor& stats, int64_t batch, int64_t sublayer,
+                        const at::Device& device) {
+  check_cuda(stats, "stats", device);
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat, "adaskip: 'stats' must be float32, got ",
+                    stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(2) == 3, "adaskip: 'stats' must be ",
+                    "[num_sublayers, batch, 3], got shape ", stats.sizes());
+  TORCH_CHECK_VALUE(stats.is_contiguous(), "adaskip: 'stats' must be contiguous");
+  TORCH_CHECK_VALUE(stats.size(1) == batch, "adaskip: 'stats' holds ", stats.size(1),
+                    " sequences but the input has batch ", batch);
+  TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < stats.size(0), "adaskip: 'sublayer' ", sublayer,
+                    " is out of range for 'stats' with ", stats.size(0), " sublayers");
+}
+
+// gates: uint8 [num_sublayers, batch]; scales: float32 [num_sublayers, batch].
+inline void check_gates_scales(const at::Tensor& gates, const at::Tensor& scales,
+                               const at::Device& device) {
+  check_cuda(gates, "gates", device);
+  check_cuda(scales, "scales", device);
+  TORCH_CHECK_VALUE(gates.scalar_type() == at::kByte, "adaskip: 'gates' must be uint8, got ",
+                    gates.scalar_type());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, "adaskip: 'scales' must be float32, got ",
+                    scales.scalar_type());
+  TORCH_CHECK_VALUE(gates.dim() == 2, "adaskip: 'gates' must be [num_sublayers, batch], got shape ",
+                    gates.sizes());
+  TORCH_CHECK_VALUE(scales.sizes() == gates.sizes(), "adaskip: 'scales' has shape ", scales.sizes(),
+                    " but 'gates' has shape ", gates.sizes());
+  TORCH_CHECK_VALUE(gates.is_contiguous(), "adaskip: 'gates' must be contiguous");
+  TORCH_CHECK_VALUE(scales.is_contiguous(), "adaskip: 'scales' must be contiguous");
+}
+
+// Valid lengths of right-padded sequences, as int32 on the device (values are clamped to
+// [0, seq] on the device: checking them here would need a host sync).
+inline std::optional<at::Tensor> prepare_seq_lens(const std::optional<at::Tensor>& seq_lens,
+                                                  int64_t batch, const at::Device& device) {
+  if (!seq_lens.has_value()) return std::nullopt;
+  const at::Tensor& l = *seq_lens;
+  check_cuda(l, "seq_lens", device);
+  TORCH_CHECK_VALUE(l.scalar_type() == at::kInt || l.scalar_type() == at::kLong,
+                    "adaskip: 'seq_lens' must be int32 or int64, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == batch, "adaskip: 'seq_lens' must be [batch] = [",
+                    batch, "], got shape ", l.sizes());
+  return l.to(at::kInt).contiguous();
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace adaskip

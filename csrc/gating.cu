@@ -1,0 +1,118 @@
+// Device-side skip decisions: nothing here reads a value back to the host, so both ops can be
+// captured in a CUDA graph and replayed with decisions that change between replays.
+
+#include <cmath>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "common.cuh"
+#include "ops.h"
+
+namespace adaskip {
+namespace {
+
+// One block per token. A sequence whose gate is not SKIP returns at once; otherwise its
+// residual becomes scale * residual (the compensation that stands in for the sublayer).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(1024)
+skip_or_scale_kernel(T* __restrict__ residual, Rows rows, int hidden, int seq,
+                     const uint8_t* __restrict__ gates, const float* __restrict__ scales) {
+  const int64_t token = blockIdx.x;
+  const int64_t b = token / seq;
+  if (gates[b] != GATE_SKIP) return;
+  const float scale = scales[b];
+  T* row = residual + row_offset(rows, b, token % seq);
+  for (int i = threadIdx.x; i < hidden / VEC; i += blockDim.x) {
+    Vec<T, VEC> v = load_vec<T, VEC>(row + i * VEC);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(static_cast<float>(v.v[j]) * scale);
+    store_vec<T, VEC>(row + i * VEC, v);
+  }
+}
+
+// One thread per (sublayer, sequence). An UNDECIDED gate whose statistics cover at least
+// `window` tokens is decided once: SKIP (with the window's mean norm ratio as its scale) when
+// the window's mean cosine similarity reaches beta, RUN otherwise.
+__global__ void update_gates_kernel(const float* __restrict__ stats, uint8_t* __restrict__ gates,
+                                    float* __restrict__ scales, int64_t n, float window,
+                                    float beta) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n || gates[i] != GATE_UNDECIDED) return;
+  const float count = stats[3 * i + 2];
+  if (count < window) return;
+  const float mean_cos = stats[3 * i] / count;
+  if (mean_cos >= beta) {
+    gates[i] = GATE_SKIP;
+    scales[i] = stats[3 * i + 1] / count;
+  } else {
+    gates[i] = GATE_RUN;
+  }
+}
+
+}  // namespace
+
+void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tensor& scales,
+                   int64_t sublayer) {
+  const at::Device device = residual.device();
+  check_cuda(residual, "residual", device);
+  check_float_dtype(residual, "residual");
+  const RowShape rs = row_shape(residual, "residual");
+  check_gates_scales(gates, scales, device);
+  TORCH_CHECK_VALUE(gates.size(1) == rs.batch, "adaskip: 'gates' holds ", gates.size(1),
+                    " sequences but 'residual' has batch ", rs.batch);
+  TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates.size(0), "adaskip: 'sublayer' ", sublayer,
+                    " is out of range for 'gates' with ", gates.size(0), " sublayers");
+  const int64_t tokens = rs.batch * rs.seq;
+  if (tokens == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const uint8_t* g = gates.data_ptr<uint8_t>() + sublayer * rs.batch;
+  const float* sc = scales.data_ptr<float>() + sublayer * rs.batch;
+  const int hidden = static_cast<int>(rs.hidden);
+  const int seq = static_cast<int>(rs.seq);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "skip_or_scale", [&] {
+    using T = scalar_t;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vectorize = rs.hidden % kVec == 0 && rs.rows.stride_batch % kVec == 0 &&
+                           rs.rows.stride_seq % kVec == 0 && aligned16(residual.data_ptr());
+    const int threads = static_cast<int>(std::min<int64_t>(
+        1024, std::max<int64_t>(32, ((rs.hidden / (vectorize ? kVec : 1)) + 31) / 32 * 32)));
+    if (vectorize) {
+      skip_or_scale_kernel<T, kVec><<<tokens, threads, 0, stream>>>(residual.data_ptr<T>(), rs.rows,
+                                                                    hidden, seq, g, sc);
+    } else {
+      skip_or_scale_kernel<T, 1><<<tokens, threads, 0, stream>>>(residual.data_ptr<T>(), rs.rows,
+                                                                 hidden, seq, g, sc);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales, int64_t window,
+                  double beta) {
+  const at::Device device = gates.device();
+  check_gates_scales(gates, scales, device);
+  check_stats(stats, gates.size(1), 0, device);
+  TORCH_CHECK_VALUE(stats.size(0) == gates.size(0), "adaskip: 'stats' has ", stats.size(0),
+                    " sublayers but 'gates' has ", gates.size(0));
+  TORCH_CHECK_VALUE(window >= 1, "adaskip: 'window' must be at least 1 token, got ", window);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= -1.0 && beta <= 1.0,
+                    "adaskip: 'beta' is a cosine-similarity threshold in [-1, 1], got ", beta);
+  const int64_t n = gates.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  update_gates_kernel<<<(n + threads - 1) / threads, threads, 0, stream>>>(
+      stats.data_ptr<float>(), gates.data_ptr<uint8_t>(), scales.data_ptr<float>(), n,
+      static_cast<float>(window), static_cast<float>(beta));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace adaskip

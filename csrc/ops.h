@@ -1,0 +1,23 @@
+// Host entry points of the CUDA kernels. Schemas: registration.cpp.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace adaskip {
+
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                        const std::optional<at::Tensor>& stats, int64_t sublayer,
+                        const std::optional<at::Tensor>& seq_lens);
+
+void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,
+                         int64_t sublayer, const std::optional<at::Tensor>& seq_lens);
+
+void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tensor& scales,
+                   int64_t sublayer);
+
+void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales, int64_t window,
+                  double beta);
+
+}  // namespace adaskip

@@ -1,0 +1,27 @@
+// The one place where the adaskip operator schemas live. CUDA kernels are registered here;
+// adaskip/ops.py registers the pure-PyTorch reference as the CPU kernel and the fake
+// (meta) implementations. (a!) marks an argument the op writes in place.
+
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(adaskip, m) {
+  m.def(
+      "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
+      "Tensor(c!)? stats=None, int sublayer=0, Tensor? seq_lens=None) -> ()");
+  m.def(
+      "io_similarity_stats(Tensor before, Tensor after, Tensor(a!) stats, int sublayer, "
+      "Tensor? seq_lens=None) -> ()");
+  m.def("skip_or_scale(Tensor(a!) residual, Tensor gates, Tensor scales, int sublayer) -> ()");
+  m.def(
+      "update_gates(Tensor stats, Tensor(a!) gates, Tensor(b!) scales, int window, float beta) "
+      "-> ()");
+}
+
+TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
+  m.impl("fused_add_rms_norm", &adaskip::fused_add_rms_norm);
+  m.impl("io_similarity_stats", &adaskip::io_similarity_stats);
+  m.impl("skip_or_scale", &adaskip::skip_or_scale);
+  m.impl("update_gates", &adaskip::update_gates);
+}

@@ -1,0 +1,34 @@
+"""torch.library.opcheck on every op: schema (declared mutations), fake implementations,
+dispatch under functionalization. CPU runs the registered reference; CUDA runs the kernels."""
+import pytest
+import torch
+
+from adaskip import ops
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="ops are registered with torch by the extension")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _samples(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    stats = ops.new_stats(3, 2, device)
+    lens = torch.tensor([5, 2], device=device)
+    gates = torch.tensor([[1, 0], [2, 1], [0, 0]], dtype=torch.uint8, device=device)
+    scales = torch.rand(3, 2, generator=g).to(device) + 0.5
+    acc = torch.tensor([[[18.0, 20.0, 20.0], [5.0, 20.0, 20.0]]] * 3, device=device)
+    return [
+        ("fused_add_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, stats.clone(), 1, lens)),
+        ("fused_add_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, None, 0, None)),
+        ("io_similarity_stats", (r(2, 5, 24), r(2, 5, 24), stats.clone(), 2, None)),
+        ("skip_or_scale", (r(2, 3, 16), gates, scales, 1)),
+        ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    for name, args in _samples(device, dtype):
+        torch.library.opcheck(getattr(torch.ops.adaskip, name).default, args)

@@ -1,0 +1,197 @@
+"""The ops on CPU (the PyTorch reference, through adaskip.ops) against float64 oracles."""
+import pytest
+import torch
+
+from adaskip import ops
+from helpers import DTYPES, ULP, oracle_add_norm, oracle_stats, rand, strided_view
+
+SHAPES = [(7, 33), (3, 5, 64), (2, 9, 577), (1, 1, 4096), (2, 3, 1)]
+
+
+def _tols(dtype):
+    # Output of the norm: two roundings to the dtype (normalized value, then times weight).
+    return dict(rtol=2 * ULP[dtype] + 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_fused_add_rms_norm_matches_oracle(dtype, shape, with_stats):
+    g = torch.Generator().manual_seed(hash((str(dtype), shape)) % 2**31)
+    hidden = shape[-1]
+    x, residual = rand(shape, dtype, gen=g), rand(shape, dtype, gen=g, scale=3.0)
+    weight = rand((hidden,), dtype, gen=g)
+    eps = 1e-5
+    b_true, out_true = oracle_add_norm(x, residual, weight, eps)
+    a_before = residual.clone()
+    stats = ops.new_stats(4, 1 if len(shape) == 2 else shape[0]) if with_stats else None
+
+    ops.fused_add_rms_norm(x, residual, weight, eps, stats=stats, sublayer=2)
+
+    torch.testing.assert_close(residual.double(), b_true.double(), rtol=ULP[dtype], atol=0)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+    if with_stats:
+        expected = oracle_stats(a_before, residual, 4, 2)
+        torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stats_accumulate_over_calls_and_respect_seq_lens(dtype):
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 6, 40)
+    weight = rand((40,), dtype, gen=g)
+    seq_lens = torch.tensor([6, 2, 0])
+    stats = ops.new_stats(3, 3)
+    expected = torch.zeros(3, 3, 3, dtype=torch.float64)
+    for sub in (0, 1, 1):
+        x, residual = rand(shape, dtype, gen=g), rand(shape, dtype, gen=g)
+        a_before = residual.clone()
+        ops.fused_add_rms_norm(x, residual, weight, 1e-6, stats=stats, sublayer=sub, seq_lens=seq_lens)
+        expected += oracle_stats(a_before, residual, 3, sub, seq_lens)
+    torch.testing.assert_close(stats.double(), expected, rtol=1e-5, atol=1e-5)
+    assert stats[1, :, 2].tolist() == [12.0, 4.0, 0.0]
+    assert stats[2].abs().sum() == 0
+
+
+def test_seq_lens_are_clamped_to_the_sequence():
+    x, residual = rand((2, 4, 16), torch.float32), rand((2, 4, 16), torch.float32)
+    stats = ops.new_stats(1, 2)
+    ops.fused_add_rms_norm(x, residual, torch.ones(16), stats=stats, seq_lens=torch.tensor([-3, 99], dtype=torch.int32))
+    assert stats[0, :, 2].tolist() == [0.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_non_contiguous_rows_are_written_in_place_and_padding_untouched(dtype, transpose):
+    g = torch.Generator().manual_seed(2)
+    shape = (2, 5, 24)
+    x, x_base = strided_view(shape, dtype, gen=g, transpose=transpose)
+    residual, r_base = strided_view(shape, dtype, gen=g, transpose=not transpose)
+    weight = rand((24,), dtype, gen=g)
+    x_pad, r_pad = x_base[..., 24:].clone(), r_base[..., 24:].clone()
+    b_true, out_true = oracle_add_norm(x, residual, weight, 1e-6)
+    stats = ops.new_stats(1, 2)
+    a_before = residual.clone()
+    ops.fused_add_rms_norm(x, residual, weight, 1e-6, stats=stats)
+    torch.testing.assert_close(residual.double(), b_true.double(), rtol=ULP[dtype], atol=0)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+    assert torch.equal(x_base[..., 24:], x_pad) and torch.equal(r_base[..., 24:], r_pad)
+    torch.testing.assert_close(stats.double(), oracle_stats(a_before, residual, 1, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 31), (2, 7, 128)])
+def test_io_similarity_stats_matches_oracle(dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    a = rand(shape, dtype, gen=g)
+    b = (a.float() * 0.9 + rand(shape, torch.float32, gen=g) * 0.3).to(dtype)
+    batch = 1 if len(shape) == 2 else shape[0]
+    lens = torch.tensor([shape[-2] - 1] * batch)
+    stats = ops.new_stats(2, batch)
+    a_copy, b_copy = a.clone(), b.clone()
+    ops.io_similarity_stats(a, b, stats, 1, seq_lens=lens)
+    assert torch.equal(a, a_copy) and torch.equal(b, b_copy)  # inputs only read
+    torch.testing.assert_close(stats.double(), oracle_stats(a, b, 2, 1, lens), rtol=1e-5, atol=1e-5)
+
+
+def test_io_similarity_known_values():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    b = torch.tensor([[6.0, 8.0], [0.0, 2.0]])  # cos 1, ratio 2; cos 0, ratio 2
+    stats = ops.new_stats(1, 1)
+    ops.io_similarity_stats(a, b, stats, 0)
+    assert stats[0, 0].tolist() == pytest.approx([1.0, 4.0, 2.0])
+    mean_cos, mean_ratio, count = ops.mean_stats(stats)
+    assert mean_cos.item() == pytest.approx(0.5) and mean_ratio.item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skip_or_scale_per_sequence(dtype):
+    g = torch.Generator().manual_seed(4)
+    residual = rand((3, 4, 20), dtype, gen=g)
+    before = residual.clone()
+    gates = torch.tensor([[ops.GATE_SKIP, ops.GATE_UNDECIDED, ops.GATE_RUN],
+                          [ops.GATE_RUN, ops.GATE_SKIP, ops.GATE_SKIP]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5, 3.0, 3.0], [7.0, 1.25, 2.0]])
+    ops.skip_or_scale(residual, gates, scales, 1)
+    assert torch.equal(residual[0], before[0])
+    torch.testing.assert_close(residual[1].double(), before[1].double() * 1.25, rtol=ULP[dtype], atol=0)
+    torch.testing.assert_close(residual[2].double(), before[2].double() * 2.0, rtol=0, atol=0)
+
+
+def test_update_gates_decides_once_after_the_window():
+    u, s, r = ops.GATE_UNDECIDED, ops.GATE_SKIP, ops.GATE_RUN
+    stats = ops.new_stats(3, 2)
+    gates = torch.tensor([[u, u], [u, r], [s, u]], dtype=torch.uint8)
+    scales = ops.new_scales(3, 2)
+    scales[2, 0] = 0.75
+    # (sum cos, sum ratio, count): sublayer 0 seq 0 is similar, seq 1 is not.
+    stats[0, 0] = torch.tensor([19.0, 21.0, 20.0])
+    stats[0, 1] = torch.tensor([10.0, 30.0, 20.0])
+    stats[1, 0] = torch.tensor([9.9, 11.0, 10.0])  # window not complete yet
+    stats[1, 1] = torch.tensor([20.0, 20.0, 20.0])  # already decided RUN: stays
+    stats[2, :] = torch.tensor([20.0, 40.0, 20.0])  # seq 0 already SKIP: its scale stays
+    ops.update_gates(stats, gates, scales, window=20, beta=0.9)
+    assert gates.tolist() == [[s, r], [u, r], [s, s]]
+    torch.testing.assert_close(scales, torch.tensor([[21 / 20, 1.0], [1.0, 1.0], [0.75, 2.0]]))
+    # Later statistics do not undo decisions.
+    stats[0, 1] = torch.tensor([40.0, 40.0, 40.0])
+    ops.update_gates(stats, gates, scales, window=20, beta=0.9)
+    assert gates.tolist() == [[s, r], [u, r], [s, s]]
+    # The mean equal to beta counts as similar enough.
+    stats[1, 0] = torch.tensor([10.0, 10.0, 20.0])
+    ops.update_gates(stats, gates, scales, window=20, beta=0.5)
+    assert gates[1, 0] == s
+
+
+def test_statistics_are_deterministic():
+    g = torch.Generator().manual_seed(5)
+    x0, r0 = rand((2, 50, 96), torch.bfloat16, gen=g), rand((2, 50, 96), torch.bfloat16, gen=g)
+    w = rand((96,), torch.bfloat16, gen=g)
+    results = []
+    for _ in range(2):
+        stats = ops.new_stats(1, 2)
+        ops.fused_add_rms_norm(x0.clone(), r0.clone(), w, stats=stats)
+        results.append(stats)
+    assert torch.equal(results[0], results[1])
+
+
+def _bad_calls():
+    f32 = lambda *s: torch.randn(*s)  # noqa: E731
+    w = torch.ones(8)
+    st = ops.new_stats(2, 2)
+    gates, scales = ops.new_gates(2, 2), ops.new_scales(2, 2)
+    return [
+        ("int x", lambda: ops.fused_add_rms_norm(torch.ones(2, 3, 8, dtype=torch.int32), torch.ones(2, 3, 8, dtype=torch.int32), w), "'x'"),
+        ("dtype mismatch", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8).half(), w), "'residual'"),
+        ("shape mismatch", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 4, 8), w), "shape"),
+        ("1-d x", lambda: ops.fused_add_rms_norm(f32(8), f32(8), w), "'x'"),
+        ("strided hidden", lambda: ops.fused_add_rms_norm(f32(2, 8, 3).transpose(1, 2), f32(2, 3, 8), w), "last (hidden)"),
+        ("weight size", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), torch.ones(7)), "'weight'"),
+        ("weight dtype", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w.half()), "'weight'"),
+        ("eps", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, 0.0), "'eps'"),
+        ("aliased", lambda: (lambda t: ops.fused_add_rms_norm(t, t, w))(f32(2, 3, 8)), "different tensors"),
+        ("sublayer range", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=st, sublayer=2), "'sublayer'"),
+        ("negative sublayer", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=st, sublayer=-1), "'sublayer'"),
+        ("stats batch", lambda: ops.fused_add_rms_norm(f32(3, 3, 8), f32(3, 3, 8), w, stats=st), "'stats'"),
+        ("stats dtype", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=st.double()), "'stats'"),
+        ("stats shape", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=torch.zeros(2, 2, 2)), "'stats'"),
+        ("seq_lens dtype", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=st, seq_lens=torch.ones(2)), "'seq_lens'"),
+        ("seq_lens size", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8), w, stats=st, seq_lens=torch.ones(3, dtype=torch.int64)), "'seq_lens'"),
+        ("io dtype", lambda: ops.io_similarity_stats(f32(2, 3, 8), f32(2, 3, 8).bfloat16(), st, 0), "'after'"),
+        ("io sublayer", lambda: ops.io_similarity_stats(f32(2, 3, 8), f32(2, 3, 8), st, 5), "'sublayer'"),
+        ("gates dtype", lambda: ops.skip_or_scale(f32(2, 3, 8), gates.bool(), scales, 0), "'gates'"),
+        ("scales shape", lambda: ops.skip_or_scale(f32(2, 3, 8), gates, torch.ones(2, 3), 0), "'scales'"),
+        ("gates batch", lambda: ops.skip_or_scale(f32(3, 3, 8), gates, scales, 0), "'gates'"),
+        ("gate sublayer", lambda: ops.skip_or_scale(f32(2, 3, 8), gates, scales, 2), "'sublayer'"),
+        ("window", lambda: ops.update_gates(st, gates, scales, 0, 0.9), "'window'"),
+        ("beta range", lambda: ops.update_gates(st, gates, scales, 20, 1.5), "'beta'"),
+        ("beta nan", lambda: ops.update_gates(st, gates, scales, 20, float("nan")), "'beta'"),
+        ("stats/gates", lambda: ops.update_gates(ops.new_stats(3, 2), gates, scales, 20, 0.9), "sublayers"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input_is_a_clear_error(case):
+    _, call, needle = case
+    with pytest.raises((ValueError, RuntimeError), match=needle.replace("(", r"\(").replace(")", r"\)")):
+        call()
