@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
-DEPS := $(TORCH) numpy pytest "setuptools>=77" wheel "cmake>=3.26" ninja nvidia-ml-py
+DEPS := $(TORCH) numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja nvidia-ml-py
 DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Microbenchmarks of adaskip.ops.
+
+On a GPU: each op at LLaMA-3.1-8B (4096) and 70B (8192) hidden sizes, 1 to 32k tokens, bf16.
+Times are CUDA-event medians over repeats after warm-up; inputs rotate over enough buffer sets
+that L2 cannot serve them. Achieved bandwidth counts the bytes each op must move (inputs read
+once, outputs written once) and is compared with a device-to-device copy measured in the same
+run. Also: statistics on vs off, and torch's unfused add + rms_norm for context.
+On a CPU machine: the PyTorch reference at small sizes, labelled as such (a smoke run, not a
+performance figure).
+
+    python bench/bench_ops.py [--out FILE.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from adaskip import ops  # noqa: E402
+
+
+def git_commit() -> str:
+    if os.environ.get("ADASKIP_GIT_COMMIT"):
+        return os.environ["ADASKIP_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_info() -> dict:
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
+            "backend": ops.backend()}
+    if not torch.cuda.is_available():
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return info
+    props = torch.cuda.get_device_properties(0)
+    info.update(device=props.name, sm_count=props.multi_processor_count,
+                capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        clk = lambda kind, which: which(h, kind)  # noqa: E731
+        info.update(
+            driver=pynvml.nvmlSystemGetDriverVersion(),
+            sm_clock_mhz=clk(pynvml.NVML_CLOCK_SM, pynvml.nvmlDeviceGetClockInfo),
+            sm_clock_max_mhz=clk(pynvml.NVML_CLOCK_SM, pynvml.nvmlDeviceGetMaxClockInfo),
+            mem_clock_mhz=clk(pynvml.NVML_CLOCK_MEM, pynvml.nvmlDeviceGetClockInfo),
+            mem_clock_max_mhz=clk(pynvml.NVML_CLOCK_MEM, pynvml.nvmlDeviceGetMaxClockInfo),
+            power_limit_w=pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
+        )
+        pynvml.nvmlShutdown()
+    except Exception as e:  # nvidia-ml-py missing or NVML unavailable: say so, keep going
+        info["nvml_error"] = repr(e)
+    return info
+
+
+def time_gpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
+    """Median seconds per call; each repeat times `calls` back-to-back calls over rotating sets."""
+    for i in range(warmup):
+        fn(i % n_sets)
+    torch.cuda.synchronize()
+    samples, k = [], 0
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn(k % n_sets)
+            k += 1
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(samples)
+
+
+def time_cpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
+    for i in range(warmup):
+        fn(i % n_sets)
+    samples, k = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(k % n_sets)
+            k += 1
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(timer, device) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = (1 << 30) if device == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = timer(lambda i: dst.copy_(src), 1, 3, 15 if device == "cuda" else 3, 5 if device == "cuda" else 1)
+    return 2 * n / t
+
+
+def bench_size(hidden, tokens, dtype, device, timer, copy_bw, args) -> list[dict]:
+    elem = torch.finfo(dtype).bits // 8
+    tensor_bytes = tokens * hidden * elem
+    # Rotate over sets covering at least 4x the L2 so every call reads from device memory.
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) if device == "cuda" else 0
+    n_sets = max(1, min(args.max_sets, math.ceil(4 * l2 / (2 * tensor_bytes)))) if device == "cuda" else 1
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(tokens, hidden, generator=g, device=device, dtype=dtype) for _ in range(n_sets)]
+    rs = [torch.randn(tokens, hidden, generator=g, device=device, dtype=dtype) * 4 for _ in range(n_sets)]
+    w = torch.randn(hidden, generator=g, device=device, dtype=dtype)
+    stats = ops.new_stats(2, 1, device)
+    gates = ops.new_gates(2, 1, device, state=ops.GATE_SKIP)
+    scales = torch.full((2, 1), 1.0, device=device)  # scale 1 keeps values bounded over repeats
+    eps = 1e-5
+    # The fused op rewrites its inputs; values stay finite (residual grows by x each call, and
+    # the normalized x has unit RMS), so repeated calls measure real data.
+    cases = {
+        "add_rmsnorm+stats": (lambda i: ops.fused_add_rms_norm(xs[i], rs[i], w, eps, stats=stats, sublayer=0), 4),
+        "add_rmsnorm": (lambda i: ops.fused_add_rms_norm(xs[i], rs[i], w, eps), 4),
+        "io_similarity_stats": (lambda i: ops.io_similarity_stats(xs[i], rs[i], stats, 1), 2),
+        "skip_or_scale(skip)": (lambda i: ops.skip_or_scale(rs[i], gates, scales, 0), 2),
+        "torch add_+rms_norm": (lambda i: xs[i].copy_(F.rms_norm(rs[i].add_(xs[i]), (hidden,), w, eps)), 4),
+    }
+    rows = []
+    for name, (fn, passes) in cases.items():
+        t = timer(fn, n_sets, args.warmup, args.repeats, args.calls)
+        gbps = passes * tensor_bytes / t / 1e9
+        rows.append({"op": name, "dtype": str(dtype).replace("torch.", ""), "hidden": hidden,
+                     "tokens": tokens, "time_us": round(t * 1e6, 3), "bytes": passes * tensor_bytes,
+                     "gbps": round(gbps, 1), "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1),
+                     "buffer_sets": n_sets})
+    on = next(r for r in rows if r["op"] == "add_rmsnorm+stats")["time_us"]
+    off = next(r for r in rows if r["op"] == "add_rmsnorm")["time_us"]
+    rows[0]["stats_overhead_pct"] = round(100 * (on / off - 1), 2)
+    del xs, rs
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/ops-<device>-<date>.json on a GPU, none on CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed repeat")
+    p.add_argument("--max-sets", type=int, default=64, help="most rotating input sets per size")
+    args = p.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu and ops.backend() != "cuda":
+        sys.exit(f"adaskip: a GPU is present but the CUDA extension is not loaded: {ops.extension_error()}")
+    if on_gpu:
+        hiddens = [4096, 8192]
+        token_counts = [1, 16, 128, 1024, 8192, 32768] if not args.quick else [1, 8192]
+        dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
+        timer = time_gpu
+    else:
+        hiddens, token_counts, dtypes = [576], [1, 16, 64], [torch.float32, torch.bfloat16]
+        args.repeats, args.calls, args.warmup = min(args.repeats, 5), min(args.calls, 3), 1
+        timer = time_cpu
+    if args.quick:
+        args.repeats = min(args.repeats, 5)
+
+    info = device_info()
+    path = "CUDA kernels" if on_gpu else "PyTorch reference on CPU (smoke run, not a performance figure)"
+    copy_bw = copy_bandwidth(timer, device)
+    print(f"adaskip ops benchmark: {info['device']} | {path} | torch {info['torch']}")
+    print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
+    rows = []
+    for dtype in dtypes:
+        for hidden in hiddens:
+            for tokens in token_counts:
+                if on_gpu and dtype == torch.float32 and tokens * hidden * 4 > (1 << 30):
+                    continue  # fp32 at 32k x 8192: 1 GiB per tensor, not a case we serve
+                rows += bench_size(hidden, tokens, dtype, device, timer, copy_bw, args)
+
+    hdr = f"{'op':<22}{'dtype':>9}{'hidden':>7}{'tokens':>7}{'time us':>11}{'GB/s':>9}{'% copy':>8}{'stats +%':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        extra = f"{r['stats_overhead_pct']:>9.2f}" if "stats_overhead_pct" in r else ""
+        print(f"{r['op']:<22}{r['dtype']:>9}{r['hidden']:>7}{r['tokens']:>7}{r['time_us']:>11.2f}"
+              f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}{extra}")
+
+    result = {"benchmark": "adaskip.ops", "path": path, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": git_commit(), **info, "copy_gbps": round(copy_bw / 1e9, 1),
+              "timing": {"warmup": args.warmup, "repeats": args.repeats, "calls_per_repeat": args.calls,
+                         "statistic": "median"},
+              "rows": rows}
+    out = args.out
+    if out is None and on_gpu:
+        slug = info["device"].lower().replace("nvidia", "").strip().replace(" ", "-")
+        out = ROOT / "bench" / "results" / f"ops-{slug}-{dt.date.today().isoformat()}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine: build the extension from source against the machine's torch, run
+# the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
+# $OUT (default ./gpu-out). Usage: bash bench/gpu_check.sh [extra bench_ops.py args]
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import cmake; print('cmake (pip)', cmake.__version__)" 2>/dev/null || cmake --version | head -1
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== build"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+start=$(date +%s)
+ADASKIP_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start )) s"
+if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+
+echo "== tests"
+ADASKIP_CUDA=1 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+test_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks"
+$PY bench/bench_ops.py --out "$OUT/ops.json" "$@" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$test_rc bench rc=$bench_rc"
+exit $(( test_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,223 @@
+"""The CUDA kernels against the PyTorch reference (GPU only; skipped without a GPU)."""
+import pytest
+import torch
+
+from adaskip import ops
+from adaskip import _reference as ref
+from helpers import DTYPES, ULP, rand, strided_view
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
+                                reason="needs a CUDA GPU and the compiled extension")
+
+# (shape, note): decode rows, odd hidden sizes (scalar path), LLaMA / SmolLM2 sizes, 16k hidden.
+SHAPES = [(1, 4096), (3, 1, 4096), (2, 37, 576), (1, 300, 4095), (1, 5, 16384), (1, 3, 16383),
+          (2, 64, 8192), (4, 17, 13), (2, 2, 1)]
+LAYOUTS = ["contiguous", "padded", "transposed", "misaligned"]
+
+
+def _tensor(shape, dtype, layout, gen, scale=1.0):
+    """A CUDA tensor with the given layout; returns (view, base) where base holds the view."""
+    if len(shape) == 2 or layout == "contiguous":
+        t = rand(shape, dtype, "cuda", gen, scale)
+        return t, t
+    if layout == "misaligned":  # rows start one element off a 16-byte boundary
+        b, s, h = shape
+        base = rand((b * s * h + 1,), dtype, "cuda", gen, scale)
+        return base[1:].view(b, s, h), base
+    v, base = strided_view(shape, dtype, "cuda", gen, pad=8, transpose=layout == "transposed")
+    return v.mul_(scale), base
+
+
+def _cpu(*ts):
+    return [None if t is None else t.detach().cpu().clone() for t in ts]
+
+
+def _out_tols(dtype):
+    return dict(rtol=2 * ULP[dtype] + 2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_fused_add_rms_norm_matches_reference(dtype, shape, layout, with_stats):
+    g = torch.Generator().manual_seed(11)
+    x, x_base = _tensor(shape, dtype, layout, g)
+    residual, r_base = _tensor(shape, dtype, layout, g, scale=4.0)
+    if layout == "padded" and len(shape) == 3:
+        x_base_before, r_base_before = x_base.clone(), r_base.clone()
+    weight = rand((shape[-1],), dtype, "cuda", g)
+    batch = 1 if len(shape) == 2 else shape[0]
+    seq = shape[-2]
+    lens = torch.tensor([max(seq - i, 0) for i in range(batch)], device="cuda") if batch > 1 else None
+    stats = None
+    if with_stats:  # existing contents must be added to, other sublayers left alone
+        stats = torch.rand(3, batch, 3, generator=g).cuda()
+    xc, rc, wc, sc, lc = _cpu(x, residual, weight, stats, lens)
+
+    ops.fused_add_rms_norm(x, residual, weight, 1e-5, stats=stats, sublayer=1, seq_lens=lens)
+    ref.fused_add_rms_norm(xc, rc, wc, 1e-5, sc, 1, lc)
+
+    assert torch.equal(residual.cpu(), rc)  # the add rounds exactly like torch's
+    torch.testing.assert_close(x.cpu(), xc, **_out_tols(dtype))
+    if with_stats:
+        torch.testing.assert_close(stats.cpu(), sc, rtol=1e-5, atol=1e-5)
+        assert torch.equal(stats[[0, 2]].cpu(), sc[[0, 2]])
+    if layout == "padded" and len(shape) == 3:  # nothing written outside the views
+        assert torch.equal(x_base[..., shape[-1]:], x_base_before[..., shape[-1]:])
+        assert torch.equal(r_base[..., shape[-1]:], r_base_before[..., shape[-1]:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4096), (4, 1, 576), (3, 129, 1000), (1, 2048, 8192), (2, 7, 33)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "misaligned"])
+def test_io_similarity_stats_matches_reference(dtype, shape, layout):
+    g = torch.Generator().manual_seed(12)
+    a, _ = _tensor(shape, dtype, layout, g)
+    noise, _ = _tensor(shape, dtype, layout, g)
+    b = (a.float() * 1.1 + noise.float() * 0.4).to(dtype)
+    batch = 1 if len(shape) == 2 else shape[0]
+    lens = torch.arange(batch, device="cuda", dtype=torch.int32) + shape[-2] // 2
+    stats = torch.full((2, batch, 3), 0.25, device="cuda")
+    ac, bc, sc, lc = _cpu(a, b, stats, lens)
+    a_before, b_before = a.clone(), b.clone()
+    ops.io_similarity_stats(a, b, stats, 0, seq_lens=lens)
+    ref.io_similarity_stats(ac, bc, sc, 0, lc)
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)
+    torch.testing.assert_close(stats.cpu(), sc, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats[1].cpu(), sc[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 4096), (3, 50, 577), (2, 5, 8192)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
+def test_skip_or_scale_matches_reference(dtype, shape, layout):
+    g = torch.Generator().manual_seed(13)
+    residual, _ = _tensor(shape, dtype, layout, g)
+    gates = torch.tensor([[ops.GATE_SKIP, ops.GATE_RUN, ops.GATE_UNDECIDED][: shape[0]],
+                          [ops.GATE_RUN, ops.GATE_SKIP, ops.GATE_SKIP][: shape[0]]],
+                         dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(2, shape[0], generator=g) + 0.5).cuda()
+    rc, gc, scc = _cpu(residual, gates, scales)
+    for sub in (0, 1):
+        ops.skip_or_scale(residual, gates, scales, sub)
+        ref.skip_or_scale(rc, gc, scc, sub)
+        assert torch.equal(residual.cpu(), rc)
+
+
+def test_update_gates_matches_reference():
+    g = torch.Generator().manual_seed(14)
+    layers, batch = 64, 8
+    count = torch.randint(0, 40, (layers, batch), generator=g).float()
+    stats = torch.stack([count * (0.6 + 0.4 * torch.rand(layers, batch, generator=g)),
+                         count * (0.9 + 0.2 * torch.rand(layers, batch, generator=g)), count], -1)
+    gates = torch.randint(0, 3, (layers, batch), generator=g, dtype=torch.uint8)
+    scales = torch.rand(layers, batch, generator=g) + 0.5
+    sc, gc, scc = _cpu(stats, gates, scales)
+    stats, gates, scales = stats.cuda(), gates.cuda(), scales.cuda()
+    ops.update_gates(stats, gates, scales, 20, 0.8)
+    ref.update_gates(sc, gc, scc, 20, 0.8)
+    assert torch.equal(gates.cpu(), gc)
+    assert torch.equal(scales.cpu(), scc)
+    assert (gc == ops.GATE_SKIP).any() and (gc == ops.GATE_RUN).any() and (gc == ops.GATE_UNDECIDED).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_statistics_are_bit_identical_across_runs(dtype):
+    g = torch.Generator().manual_seed(15)
+    x0, r0 = rand((2, 2048, 4096), dtype, "cuda", g), rand((2, 2048, 4096), dtype, "cuda", g)
+    w = rand((4096,), dtype, "cuda", g)
+    runs = []
+    for _ in range(3):
+        stats = ops.new_stats(1, 2, "cuda")
+        ops.fused_add_rms_norm(x0.clone(), r0.clone(), w, stats=stats)
+        ops.io_similarity_stats(x0, r0, stats, 0)
+        runs.append(stats)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_device_mismatch_is_a_clear_error():
+    x, r = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, device="cuda")
+    with pytest.raises((ValueError, RuntimeError), match="'weight'"):
+        ops.fused_add_rms_norm(x, r, torch.ones(8))
+    with pytest.raises((ValueError, RuntimeError), match="'stats'"):
+        ops.fused_add_rms_norm(x, r, torch.ones(8, device="cuda"), stats=ops.new_stats(1, 1))
+    with pytest.raises((ValueError, RuntimeError), match="'seq_lens'"):
+        ops.fused_add_rms_norm(x, r, torch.ones(8, device="cuda"), stats=ops.new_stats(1, 1, "cuda"),
+                               seq_lens=torch.tensor([2]))
+
+
+def _decode_step(x, residual, weight, stats, gates, scales, lens, window, beta, chunk):
+    """A miniature decode step: every op on one token per sequence, plus a prefill-shaped
+    statistics call (several tokens per sequence: the path with a scratch buffer)."""
+    ops.fused_add_rms_norm(x, residual, weight, 1e-6, stats=stats, sublayer=0, seq_lens=lens)
+    ops.io_similarity_stats(x, residual, stats, 1, seq_lens=lens)
+    ops.io_similarity_stats(chunk[0], chunk[1], stats, 2, seq_lens=lens * 4)
+    ops.update_gates(stats, gates, scales, window, beta)
+    ops.skip_or_scale(residual, gates, scales, 0)
+    ops.skip_or_scale(residual, gates, scales, 1)
+
+
+def test_ops_capture_in_a_cuda_graph_and_gates_flip_during_replays():
+    g = torch.Generator().manual_seed(16)
+    batch, hidden, steps, window = 3, 1024, 6, 3
+    inputs = [rand((batch, 1, hidden), torch.bfloat16, "cuda", g) for _ in range(steps)]
+    base_residual = rand((batch, 1, hidden), torch.bfloat16, "cuda", g, scale=8.0)
+    weight = rand((hidden,), torch.bfloat16, "cuda", g)
+    lens = torch.tensor([1, 1, 0], device="cuda")  # the third sequence has finished
+    chunk = (rand((batch, 4, hidden), torch.bfloat16, "cuda", g), rand((batch, 4, hidden), torch.bfloat16, "cuda", g))
+
+    def fresh():
+        return (torch.empty_like(inputs[0]), base_residual.clone(), ops.new_stats(3, batch, "cuda"),
+                ops.new_gates(3, batch, "cuda"), ops.new_scales(3, batch, "cuda"))
+
+    # Eager run.
+    x, residual, stats, gates, scales = fresh()
+    eager = []
+    for step in range(steps):
+        x.copy_(inputs[step])
+        _decode_step(x, residual, weight, stats, gates, scales, lens, window, 0.0, chunk)
+        eager.append((x.clone(), residual.clone(), gates.clone()))
+
+    # Captured once (after a warm-up on a side stream), replayed per step.
+    gx, gres, gstats, ggates, gscales = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = [t.clone() for t in (gx, gres, gstats, ggates, gscales)]
+        _decode_step(*warm[:2], weight, *warm[2:], lens, window, 0.0, chunk)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _decode_step(gx, gres, weight, gstats, ggates, gscales, lens, window, 0.0, chunk)
+    gx.zero_(), gres.copy_(base_residual), gstats.zero_(), ggates.zero_(), gscales.fill_(1.0)
+    for step in range(steps):
+        gx.copy_(inputs[step])
+        graph.replay()
+        ex, eres, egates = eager[step]
+        assert torch.equal(gx, ex) and torch.equal(gres, eres) and torch.equal(ggates, egates)
+    assert torch.equal(gstats, stats)
+    # The window closed inside replays: undecided gates of live sequences were decided there.
+    assert (eager[window - 2][2][:2] == ops.GATE_UNDECIDED).all()
+    assert (ggates[:, :2] != ops.GATE_UNDECIDED).all()
+    assert (ggates[:, 2] == ops.GATE_UNDECIDED).all()  # no tokens counted for the finished one
+    assert (ggates == ops.GATE_SKIP).any()
+
+
+def test_ops_never_sync_with_the_host():
+    g = torch.Generator().manual_seed(17)
+    x, r = rand((2, 33, 4096), torch.bfloat16, "cuda", g), rand((2, 33, 4096), torch.bfloat16, "cuda", g)
+    w = rand((4096,), torch.bfloat16, "cuda", g)
+    stats, gates, scales = ops.new_stats(2, 2, "cuda"), ops.new_gates(2, 2, "cuda"), ops.new_scales(2, 2, "cuda")
+    lens = torch.tensor([33, 10], device="cuda")  # int64: converted on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.fused_add_rms_norm(x, r, w, stats=stats, sublayer=0, seq_lens=lens)
+        ops.fused_add_rms_norm(x[:, :1], r[:, :1], w, stats=stats, sublayer=1)
+        ops.io_similarity_stats(x, r, stats, 1)
+        ops.update_gates(stats, gates, scales, 4, 0.5)
+        ops.skip_or_scale(r, gates, scales, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
