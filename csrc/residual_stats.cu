@@ -90,8 +90,8 @@ residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ sec
       token_similarity(sums[0], sums[1], sums[2], cos, ratio);
       const bool valid = st.seq_lens == nullptr || s_idx < st.seq_lens[b_idx];
       if (st.token_stats != nullptr) {
-        st.token_stats[2 * token] = valid ? cos : 0.f;
-        st.token_stats[2 * token + 1] = valid ? ratio : 0.f;
+        reinterpret_cast<float2*>(st.token_stats)[token] =
+            valid ? make_float2(cos, ratio) : make_float2(0.f, 0.f);
       } else if (valid) {
         float* out = st.slot + 3 * b_idx;
         out[0] += cos;
@@ -119,17 +119,30 @@ residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ sec
 }
 
 // One block per sequence: adds the sequence's valid token values, in a fixed order, to its slot.
-__global__ void __launch_bounds__(512)
+// Each thread issues kReduceUnroll loads before adding any: a plain strided loop would be one
+// dependent memory round trip per step, and this kernel sits on the critical path of the op.
+constexpr int kReduceThreads = 1024;
+constexpr int kReduceUnroll = 8;
+
+__global__ void __launch_bounds__(kReduceThreads)
 reduce_token_stats_kernel(const float* __restrict__ token_stats, int seq,
                           const int* __restrict__ seq_lens, float* __restrict__ slot) {
   const int b = blockIdx.x;
   const int len = seq_lens == nullptr ? seq : min(max(seq_lens[b], 0), seq);
   const float2* ts = reinterpret_cast<const float2*>(token_stats) + static_cast<int64_t>(b) * seq;
   float sums[2] = {0.f, 0.f};
-  for (int s = threadIdx.x; s < len; s += blockDim.x) {
-    const float2 v = ts[s];
-    sums[0] += v.x;
-    sums[1] += v.y;
+  for (int base = 0; base < len; base += kReduceThreads * kReduceUnroll) {
+    float2 v[kReduceUnroll];
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      const int s = base + u * kReduceThreads + threadIdx.x;
+      v[u] = s < len ? ts[s] : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceUnroll; ++u) {
+      sums[0] += v[u].x;
+      sums[1] += v[u].y;
+    }
   }
   block_sum<2>(sums);
   if (threadIdx.x == 0) {
@@ -240,7 +253,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   });
 
   if (st.token_stats != nullptr) {
-    reduce_token_stats_kernel<<<fs.batch, 512, 0, stream>>>(st.token_stats, static_cast<int>(fs.seq),
+    reduce_token_stats_kernel<<<fs.batch, kReduceThreads, 0, stream>>>(st.token_stats, static_cast<int>(fs.seq),
                                                             st.seq_lens, st.slot);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
