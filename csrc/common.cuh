@@ -75,4 +75,19 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
   __syncthreads();
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with launch_dependent() may start
+// while the kernel before it finishes; it must call wait_for_primary_grid() before reading
+// that kernel's results. Both are no-ops on older architectures, where launches serialize.
+__device__ __forceinline__ void wait_for_primary_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 }  // namespace adaskip

@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "launch.h"
 #include "ops.h"
 
 namespace adaskip {
@@ -99,6 +100,7 @@ residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ sec
         out[2] += 1.f;
       }
     }
+    allow_dependent_launch();
   }
 
   if constexpr (ADD_NORM) {
@@ -127,6 +129,7 @@ constexpr int kReduceUnroll = 8;
 __global__ void __launch_bounds__(kReduceThreads)
 reduce_token_stats_kernel(const float* __restrict__ token_stats, int seq,
                           const int* __restrict__ seq_lens, float* __restrict__ slot) {
+  wait_for_primary_grid();
   const int b = blockIdx.x;
   const int len = seq_lens == nullptr ? seq : min(max(seq_lens[b], 0), seq);
   const float2* ts = reinterpret_cast<const float2*>(token_stats) + static_cast<int64_t>(b) * seq;
@@ -253,9 +256,9 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   });
 
   if (st.token_stats != nullptr) {
-    reduce_token_stats_kernel<<<fs.batch, kReduceThreads, 0, stream>>>(st.token_stats, static_cast<int>(fs.seq),
-                                                            st.seq_lens, st.slot);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(reduce_token_stats_kernel, device.index(), dim3(fs.batch), dim3(kReduceThreads),
+                     stream, static_cast<const float*>(st.token_stats), static_cast<int>(fs.seq),
+                     static_cast<const int*>(st.seq_lens), st.slot);
   }
 }
 

@@ -1,0 +1,39 @@
+// Host side of programmatic dependent launch (see common.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace adaskip {
+
+// Whether `device` supports programmatic dependent launch (compute capability 9.0 or newer).
+// Read once per device; cudaDeviceGetAttribute does not synchronize.
+inline bool supports_dependent_launch(int device) {
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  if (device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cached[device] = major >= 9 ? 2 : 1;
+  }
+  return cached[device] == 2;
+}
+
+// Launches `kernel` so that it may overlap the tail of the previous kernel on `stream`.
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), int device, dim3 grid, dim3 block,
+                      cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = supports_dependent_launch(device) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+}  // namespace adaskip
