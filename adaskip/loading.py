@@ -1,0 +1,99 @@
+"""adaskip.load_model: a local HF model directory, a local .gguf file, or the embedded SmolLM2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .config import ModelArgs
+from .model import Transformer
+
+SOURCES_HELP = ("a local Hugging Face model directory (config.json + *.safetensors), a local .gguf "
+                "file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)")
+# Checkpoint entries that are not weights of the computation (older LLaMA exports carry these).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
+               device: Union[str, torch.device, None] = None):
+    """Returns (model, tokenizer). Weights go straight to `device` in `dtype` (default: bf16 on
+    a GPU, fp32 on the CPU), one tensor at a time."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    src = str(source)
+    if src.lower() == "smollm2":
+        from .gguf_loader import find_smollm2_gguf
+        path = find_smollm2_gguf()
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"adaskip: model source {src!r} does not exist; expected {SOURCES_HELP}")
+    if path.is_dir():
+        config, weights, tokenizer = _read_hf_dir(path, dtype, device)
+    elif path.suffix == ".gguf":
+        from .gguf_loader import load_gguf_tokenizer, read_gguf
+        config, weights = read_gguf(path, dtype=dtype, device=device)
+        tokenizer = load_gguf_tokenizer(path)
+    else:
+        raise ValueError(f"adaskip: cannot load {src!r}; expected {SOURCES_HELP}")
+    args = ModelArgs.from_hf_config(config)
+    return build_model(args, weights), tokenizer
+
+
+def build_model(args: ModelArgs, weights: dict) -> Transformer:
+    """A Transformer whose parameters are the given tensors (no initialisation, no copies)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = set(model.state_dict())
+    weights = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"adaskip: the checkpoint does not match a {args.architecture} with this config: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    model.load_state_dict(weights, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+def _read_hf_dir(path: Path, dtype, device):
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"adaskip: {path} has no config.json; expected {SOURCES_HELP}")
+    config = json.loads(cfg_file.read_text())
+    ModelArgs.from_hf_config(config)  # an unsupported architecture fails before any weight is read
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"adaskip: {path} has no *.safetensors weights (other formats are not supported)")
+    where = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+    weights = {}
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"adaskip: weight file {f} named in the index is missing")
+        try:
+            with safe_open(str(f), framework="pt", device=where) as st:
+                for key in st.keys():
+                    weights[key] = st.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"adaskip: cannot read weight file {f}: {e}") from e
+    tokenizer = None  # weights-only directories are fine for the runtime
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return config, weights, tokenizer

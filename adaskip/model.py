@@ -1,0 +1,210 @@
+"""One runtime for the LLaMA family (LLaMA 2/3/3.1, Vicuna, Mistral, Qwen2, InternLM v1).
+
+Every decoder layer is two sublayers, attention (sublayer 2i) and FFN (sublayer 2i + 1). The
+residual stream goes through adaskip.ops.fused_add_rms_norm after each sublayer, which also
+collects the sublayer's IO-similarity statistics when a stats buffer is passed. Parameter names
+follow Hugging Face's, so HF state dicts load as they are.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._reference import rms_norm
+from .config import ModelArgs
+from .rope import apply_rotary, cos_sin, inv_frequencies
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class KVCache(nn.Module):
+    """Static keys and values of one attention layer: [batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Writes k, v [B, kv_heads, T, D] at positions [B, T]; returns the first kv_len slots."""
+        b = k.shape[0]
+        rows = torch.arange(b, device=k.device)[:, None].expand_as(positions)
+        self.k[rows, :, positions] = k.transpose(1, 2)
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        h, d = args.hidden_size, args.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, d
+        self.q_proj = nn.Linear(h, args.num_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * d, h, bias=args.o_bias)
+        self.window = args.sliding_windows[layer] if args.sliding_windows else None
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if positions is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
+                                   "caches with the plan you run (Transformer.setup_caches)")
+            k, v = self.kv_cache.update(positions, k, v, kv_len)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, f = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(h, f, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(f, h, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.cache_batch = 0
+        self.cache_len = 0
+
+    # -- KV cache -------------------------------------------------------------------------
+
+    def setup_caches(self, batch: int, max_len: int, attention_layers=None) -> None:
+        """Static KV caches for `batch` sequences of up to `max_len` tokens, allocated only for
+        `attention_layers` (default: all): layers whose attention a plan skips keep no cache."""
+        if max_len > self.args.max_position_embeddings:
+            raise ValueError(f"adaskip: a cache of {max_len} tokens exceeds the model's context of "
+                             f"{self.args.max_position_embeddings} tokens")
+        keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
+        p = self.lm_head.weight
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            attn.kv_cache = (KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim, p.dtype, p.device)
+                             if i in keep else None)
+        self.cache_batch, self.cache_len = batch, max_len
+
+    def cached_attention_layers(self) -> set:
+        return {i for i, l in enumerate(self.model.layers) if l.self_attn.kv_cache is not None}
+
+    def kv_cache_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for l in self.model.layers if l.self_attn.kv_cache is not None
+                   for b in (l.self_attn.kv_cache.k, l.self_attn.kv_cache.v))
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
+                kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
+                stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None):
+        """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
+
+        Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
+        With `input_pos` [B] (each sequence's position of its first token here) it reads and
+        writes the KV caches; `kv_len` (a host int, >= every input_pos + T) bounds the slots read.
+        seq_lens [B]: valid tokens per sequence (right padding; for statistics and padding).
+        plan: skipped sublayers and their compensation scales (None: the full model).
+        stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
+        """
+        args = self.args
+        b, t = input_ids.shape
+        device = input_ids.device
+        steps = torch.arange(t, device=device)
+        if input_pos is None:
+            q_pos = steps.expand(b, t)
+            positions, kv_len = None, None
+        else:
+            if kv_len is None:
+                raise ValueError("adaskip: pass kv_len (a host int) with input_pos")
+            if b > self.cache_batch or kv_len > self.cache_len:
+                raise ValueError(f"adaskip: batch {b} x {kv_len} tokens does not fit the KV cache "
+                                 f"({self.cache_batch} x {self.cache_len}); call setup_caches first")
+            q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
+            positions = q_pos
+        inv_freq = inv_frequencies(args, seq_len=kv_len or t, device=device)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = cos_sin(inv_freq, q_pos, h.dtype)
+        masks = self._masks(q_pos, kv_len or t, cached=input_pos is not None)
+        skip = plan.skip_scales if plan is not None else {}
+
+        layers = self.model.layers
+        x = layers[0].input_layernorm(h)
+        for i, layer in enumerate(layers):
+            for s, next_norm in ((2 * i, layer.post_attention_layernorm),
+                                 (2 * i + 1, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm)):
+                if s in skip:
+                    # A skipped sublayer is not run at all: its output is the compensated input.
+                    h.mul_(skip[s])
+                    x = next_norm(h)
+                    continue
+                if s % 2 == 0:
+                    attn = layer.self_attn
+                    out = attn(x, cos, sin, masks[attn.window], positions, kv_len)
+                else:
+                    out = layer.mlp(x)
+                ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=stats, sublayer=s,
+                                       seq_lens=seq_lens)
+                x = out
+        if logits_index is not None:
+            x = x[torch.arange(b, device=device), logits_index]
+        return self.lm_head(x)
+
+    def _masks(self, q_pos: torch.Tensor, kv_len: int, cached: bool) -> dict:
+        """Boolean attention masks [B, 1, T, kv_len] per sliding window (None: plain causal)."""
+        masks = {}
+        keys = torch.arange(kv_len, device=q_pos.device)
+        for window in set(self.args.sliding_windows or [None]):
+            if window is None and not cached:
+                masks[None] = None  # SDPA's own causal mask (and its flash path)
+                continue
+            allowed = keys <= q_pos[..., None]
+            if window is not None:
+                allowed &= (q_pos[..., None] - keys) < window
+            masks[window] = allowed[:, None]
+        return masks
