@@ -125,10 +125,15 @@ class Transformer(nn.Module):
                              f"{self.args.max_position_embeddings} tokens")
         keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
         p = self.lm_head.weight
-        for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            attn.kv_cache = (KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim, p.dtype, p.device)
-                             if i in keep else None)
+        # Normal tensors even when called under inference_mode (as generate does), so that the
+        # caches can also be written by forward calls outside it.
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
+        with torch.inference_mode(False):
+            for i, layer in enumerate(self.model.layers):
+                if i in keep:
+                    layer.self_attn.kv_cache = KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
+                                                       p.dtype, p.device)
         self.cache_batch, self.cache_len = batch, max_len
 
     def cached_attention_layers(self) -> set:

@@ -1,0 +1,127 @@
+"""Generation, KV cache and skip plans on the runtime (tiny random LLaMA, fp32, CPU)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
+from adaskip.config import ModelArgs  # noqa: E402
+from adaskip.loading import build_model  # noqa: E402
+
+CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-5, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**CFG)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    d = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    return hf, build_model(ModelArgs.from_hf_config(d), dict(hf.state_dict()))
+
+
+def _prompt(n, seed):
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_greedy_tokens_match_transformers_generate(pair):
+    hf, ours = pair
+    prompt = _prompt(13, 1)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                               attention_mask=torch.ones(1, 13, dtype=torch.long))[0, 13:].tolist()
+    got = generate(ours, [prompt], max_new_tokens=10, eos_token_ids=[])
+    assert got.tokens[0] == expected
+    assert got.decode_steps == 9 and got.prefill_s > 0
+
+
+def test_batch_of_different_lengths_equals_single_runs_and_chunking_does_not_matter(pair):
+    _, ours = pair
+    prompts = [_prompt(5, 2), _prompt(17, 3), _prompt(1, 4)]
+    single = [generate(ours, [p], max_new_tokens=7, eos_token_ids=[]).tokens[0] for p in prompts]
+    batched = generate(ours, prompts, max_new_tokens=7, eos_token_ids=[], prefill_chunk=4).tokens
+    assert batched == single
+
+
+def test_eos_stops_a_sequence_and_others_continue(pair):
+    _, ours = pair
+    prompts = [_prompt(6, 5), _prompt(9, 6)]
+    free = generate(ours, prompts, max_new_tokens=8, eos_token_ids=[]).tokens
+    stop = free[0][2]
+    out = generate(ours, prompts, max_new_tokens=8, eos_token_ids=[stop])
+    assert out.tokens[0] == free[0][: free[0].index(stop) + 1] and out.finished[0]
+    second = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
+    assert out.tokens[1] == second
+
+
+def test_sampling_is_reproducible_with_a_seed(pair):
+    _, ours = pair
+    p = [_prompt(8, 7)]
+    a = generate(ours, p, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=3), eos_token_ids=[])
+    b = generate(ours, p, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=3), eos_token_ids=[])
+    c = generate(ours, p, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=4), eos_token_ids=[])
+    greedy = generate(ours, p, max_new_tokens=12, eos_token_ids=[])
+    top1 = generate(ours, p, max_new_tokens=12, sampling=SamplingParams(temperature=0.7, top_k=1, seed=9), eos_token_ids=[])
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    assert top1.tokens == greedy.tokens
+
+
+def test_kv_cache_is_allocated_only_for_attention_that_runs(pair):
+    _, ours = pair
+    p = [_prompt(10, 8)]
+    ours.setup_caches(1, 14)
+    full = ours.kv_cache_bytes()
+    assert full == 3 * 2 * 14 * 2 * 16 * 4  # layers x (k, v) x tokens x kv heads x head dim x fp32
+    plan = SkipPlan(num_layers=3, skip_scales={2: 1.0, 5: 1.1})  # attention of layer 1, FFN of layer 2
+    out = generate(ours, p, max_new_tokens=4, eos_token_ids=[], plan=plan)
+    assert out.kv_cache_bytes == full * 2 // 3 and ours.cached_attention_layers() == {0, 2}
+    with pytest.raises(RuntimeError, match="no KV cache"), torch.no_grad():
+        ours(torch.tensor([p[0][:3]]), torch.zeros(1, dtype=torch.long), kv_len=3)
+
+
+def test_a_skipped_sublayer_with_scale_one_equals_a_zeroed_sublayer(pair):
+    hf, ours = pair
+    ids = torch.tensor([_prompt(12, 9)])
+    cfg = transformers.LlamaConfig(**CFG)
+    zeroed = build_model(ModelArgs.from_hf_config({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}),
+                         {k: v.clone() for k, v in hf.state_dict().items()})
+    with torch.no_grad():
+        zeroed.model.layers[1].self_attn.o_proj.weight.zero_()
+        zeroed.model.layers[2].mlp.down_proj.weight.zero_()
+        plan = SkipPlan(num_layers=3, skip_scales={2: 1.0, 5: 1.0})
+        torch.testing.assert_close(ours(ids, plan=plan), zeroed(ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(ours(ids, plan=plan), ours(ids), atol=1e-3)
+
+
+def test_forward_collects_statistics_for_run_sublayers_only(pair):
+    _, ours = pair
+    ids = torch.tensor([_prompt(12, 10), _prompt(12, 11)])
+    stats = ops.new_stats(6, 2)
+    plan = SkipPlan(num_layers=3, skip_scales={3: 1.0})
+    with torch.no_grad():
+        ours(ids, plan=plan, stats=stats, seq_lens=torch.tensor([12, 7]))
+    counts = stats[..., 2]
+    assert counts[3].tolist() == [0.0, 0.0]
+    assert all(counts[s].tolist() == [12.0, 7.0] for s in (0, 1, 2, 4, 5))
+    mean_cos, mean_ratio, _ = ops.mean_stats(stats[[0, 1, 2, 4, 5]])
+    assert ((mean_cos > -1) & (mean_cos <= 1)).all() and (mean_ratio > 0).all()
+
+
+def test_bad_requests_are_clear_errors(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="context of 96 tokens"):
+        generate(ours, [_prompt(90, 12)], max_new_tokens=10)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(ours, [[]])
+    with pytest.raises(ValueError, match="plan is for a model with 4 layers"):
+        generate(ours, [_prompt(3, 1)], plan=SkipPlan(num_layers=4, skip_scales={0: 1.0}))
+    with pytest.raises(ValueError, match="out of range"):
+        SkipPlan(num_layers=3, skip_scales={6: 1.0})
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+    ours.setup_caches(1, 16)
+    with pytest.raises(ValueError, match="does not fit the KV cache"):
+        ours(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), kv_len=1)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        ours.setup_caches(1, 97)
