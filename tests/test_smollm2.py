@@ -1,0 +1,73 @@
+"""The embedded SmolLM2-135M-Instruct: our loader + runtime against transformers (fp32, CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+
+import adaskip  # noqa: E402
+from adaskip.chat import chat_prompt  # noqa: E402
+from adaskip.data import essay_paths  # noqa: E402
+from adaskip.evaluate import perplexity  # noqa: E402
+from adaskip.gguf_loader import find_smollm2_gguf  # noqa: E402
+
+try:
+    GGUF = find_smollm2_gguf()
+    ESSAYS = essay_paths()
+except FileNotFoundError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return adaskip.load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32, local_files_only=True).eval()
+
+
+def test_loads_as_the_documented_geometry(ours):
+    model, tokenizer = ours
+    a = model.args
+    assert (a.num_layers, a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim) == (30, 576, 9, 3, 64)
+    assert (a.intermediate_size, a.vocab_size, a.max_position_embeddings) == (1536, 49152, 8192)
+    assert a.rope_theta == 100000.0 and a.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.chat_template is not None
+
+
+def test_greedy_chat_answer_matches_transformers(ours, hf):
+    model, tokenizer = ours
+    prompt = chat_prompt(tokenizer, "What is the capital of France? Answer in one sentence.")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               eos_token_id=None)[0, len(prompt):].tolist()
+    got = adaskip.generate(model, [prompt], max_new_tokens=32, eos_token_ids=[])
+    assert got.tokens[0] == expected
+    assert "Paris" in tokenizer.decode(got.tokens[0])
+
+
+def test_essay_perplexity_within_one_percent_of_transformers(ours, hf):
+    model, tokenizer = ours
+    seqs = [tokenizer(p.read_text())["input_ids"][:1024] for p in ESSAYS[:10]]
+    assert sum(len(s) for s in seqs) > 8000  # a few essays are shorter than 1024 tokens
+    ppl = perplexity(model, seqs)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s])
+            nll += F.cross_entropy(hf(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
+            n += len(s) - 1
+    hf_ppl = math.exp(nll / n)
+    assert abs(ppl / hf_ppl - 1) < 0.01, (ppl, hf_ppl)
+    # Measured 2026-11-22: 21.97 here and 21.97 with transformers (the issue quoted about 14.7;
+    # ADASKIP.md quotes about 22 for one essay, 335 when the Q/K permutation is not undone).
+    assert 18 < ppl < 26, ppl
