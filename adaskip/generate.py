@@ -66,7 +66,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
-             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 2048) -> GenerationResult:
+             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
     Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
@@ -112,7 +112,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         end = min(start + prefill_chunk, longest)
         valid = (lens - start).clamp(0, end - start)
         last = (lens - 1 - start).clamp(0, end - start - 1)
-        out = model(ids[:, start:end], torch.full((batch,), start, device=device), kv_len=end,
+        out = model(ids[:, start:end], start, kv_len=end,
                     seq_lens=valid, plan=plan, stats=stats, logits_index=last)
         # Keep each sequence's logits from the chunk that holds its last prompt token.
         in_chunk = ((lens - 1) >= start) & ((lens - 1) < end)
@@ -123,7 +123,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
 
     generated = [[] for _ in range(batch)]
     finished = [False] * batch
+    # Per-sequence positions; one shared int when all prompts have the same length (lets
+    # attention skip its mask).
     pos = lens.clone()
+    same_length = len(set(lengths)) == 1
     steps = 0
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
@@ -134,8 +137,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 finished[i] = tok in eos
         if all(finished) or step == max_new_tokens - 1:
             break
-        alive = torch.tensor([not f for f in finished], device=device)
-        logits = model(token[:, None], pos, kv_len=longest + step + 1, seq_lens=alive.to(torch.int32),
+        # Statistics leave out sequences that have finished.
+        alive = torch.tensor([not f for f in finished], dtype=torch.int32, device=device) if stats is not None else None
+        logits = model(token[:, None], longest + step if same_length else pos, kv_len=longest + step + 1,
+                       seq_lens=alive,
                        plan=plan, stats=stats, logits_index=torch.zeros(batch, dtype=torch.long, device=device))
         token = sample(logits, sampling, generator)
         pos += 1

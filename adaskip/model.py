@@ -60,6 +60,7 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
+        """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -70,7 +71,8 @@ class Attention(nn.Module):
                 raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
                                    "caches with the plan you run (Transformer.setup_caches)")
             k, v = self.kv_cache.update(positions, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -145,15 +147,16 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
+    def forward(self, input_ids: torch.Tensor, input_pos=None, *,
                 kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
                 stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None):
         """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
 
         Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
-        With `input_pos` [B] (each sequence's position of its first token here) it reads and
-        writes the KV caches; `kv_len` (a host int, >= every input_pos + T) bounds the slots read.
-        seq_lens [B]: valid tokens per sequence (right padding; for statistics and padding).
+        With `input_pos` it reads and writes the KV caches: an int (every sequence's first token
+        here is at that position) or a tensor [B] (per-sequence positions, e.g. decode of prompts
+        of different lengths). `kv_len` (a host int, >= every position + 1) bounds the slots read.
+        seq_lens [B]: valid tokens per sequence (right padding; for statistics).
         plan: skipped sublayers and their compensation scales (None: the full model).
         stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
         """
@@ -161,21 +164,24 @@ class Transformer(nn.Module):
         b, t = input_ids.shape
         device = input_ids.device
         steps = torch.arange(t, device=device)
+        shared_start = None
         if input_pos is None:
-            q_pos = steps.expand(b, t)
-            positions, kv_len = None, None
+            q_pos, positions, kv_len, shared_start = steps.expand(b, t), None, t, 0
         else:
             if kv_len is None:
                 raise ValueError("adaskip: pass kv_len (a host int) with input_pos")
             if b > self.cache_batch or kv_len > self.cache_len:
                 raise ValueError(f"adaskip: batch {b} x {kv_len} tokens does not fit the KV cache "
                                  f"({self.cache_batch} x {self.cache_len}); call setup_caches first")
-            q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
+            if isinstance(input_pos, int):
+                shared_start = input_pos
+                q_pos = (steps + input_pos).expand(b, t)
+            else:
+                q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
             positions = q_pos
-        inv_freq = inv_frequencies(args, seq_len=kv_len or t, device=device)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = cos_sin(inv_freq, q_pos, h.dtype)
-        masks = self._masks(q_pos, kv_len or t, cached=input_pos is not None)
+        cos, sin = cos_sin(self._inv_freq(kv_len, device), q_pos, h.dtype)
+        masks = self._masks(q_pos, kv_len, shared_start)
         skip = plan.skip_scales if plan is not None else {}
 
         layers = self.model.layers
@@ -200,16 +206,31 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=device), logits_index]
         return self.lm_head(x)
 
-    def _masks(self, q_pos: torch.Tensor, kv_len: int, cached: bool) -> dict:
-        """Boolean attention masks [B, 1, T, kv_len] per sliding window (None: plain causal)."""
+    def _inv_freq(self, seq_len: int, device) -> torch.Tensor:
+        scaling = self.args.rope_scaling or {}
+        if scaling.get("rope_type") == "dynamic" and seq_len > self.args.max_position_embeddings:
+            return inv_frequencies(self.args, seq_len, device)  # depends on the length
+        cached = getattr(self, "_inv_freq_cache", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = self._inv_freq_cache = inv_frequencies(self.args, None, device)
+        return cached
+
+    def _masks(self, q_pos: torch.Tensor, kv_len: int, shared_start: Optional[int]) -> dict:
+        """Per sliding window (None: full attention): a boolean mask [B, 1, T, kv_len], or
+        "causal" / None when SDPA can mask by itself (and use its flash kernels): queries that are
+        exactly the keys 0..T-1, or a single query that is the last key."""
+        t = q_pos.shape[1]
         masks = {}
         keys = torch.arange(kv_len, device=q_pos.device)
         for window in set(self.args.sliding_windows or [None]):
-            if window is None and not cached:
-                masks[None] = None  # SDPA's own causal mask (and its flash path)
-                continue
-            allowed = keys <= q_pos[..., None]
-            if window is not None:
-                allowed &= (q_pos[..., None] - keys) < window
-            masks[window] = allowed[:, None]
+            fits_window = window is None or kv_len <= window
+            if fits_window and shared_start == 0 and kv_len == t:
+                masks[window] = "causal"
+            elif fits_window and shared_start is not None and t == 1 and kv_len == shared_start + 1:
+                masks[window] = None
+            else:
+                allowed = keys <= q_pos[..., None]
+                if window is not None:
+                    allowed &= (q_pos[..., None] - keys) < window
+                masks[window] = allowed[:, None]
         return masks

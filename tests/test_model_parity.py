@@ -61,11 +61,12 @@ def test_chunked_prefill_and_decode_match_transformers(name):
     with torch.no_grad():
         expected = hf(ids).logits
         ours.setup_caches(2, 24)
-        pos = lambda p: torch.full((2,), p)  # noqa: E731
-        got = [ours(ids[:, 0:6], pos(0), kv_len=6), ours(ids[:, 6:10], pos(6), kv_len=10)]
-        for t in range(10, 16):
-            got.append(ours(ids[:, t:t + 1], pos(t), kv_len=t + 1))
-    torch.testing.assert_close(torch.cat(got, 1), expected, rtol=1e-4, atol=1e-4)
+        # Positions as per-sequence tensors (explicit masks) and as shared ints (SDPA's masking).
+        for pos in (lambda p: torch.full((2,), p), lambda p: p):
+            got = [ours(ids[:, 0:6], pos(0), kv_len=6), ours(ids[:, 6:10], pos(6), kv_len=10)]
+            for t in range(10, 16):
+                got.append(ours(ids[:, t:t + 1], pos(t), kv_len=t + 1))
+            torch.testing.assert_close(torch.cat(got, 1), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_internlm_is_llama_with_attention_bias():
