@@ -14,13 +14,8 @@ performance figure).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,45 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from adaskip import ops  # noqa: E402
-
-
-def git_commit() -> str:
-    if os.environ.get("ADASKIP_GIT_COMMIT"):
-        return os.environ["ADASKIP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_info() -> dict:
-    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
-            "backend": ops.backend()}
-    if not torch.cuda.is_available():
-        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-        return info
-    props = torch.cuda.get_device_properties(0)
-    info.update(device=props.name, sm_count=props.multi_processor_count,
-                capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        clk = lambda kind, which: which(h, kind)  # noqa: E731
-        info.update(
-            driver=pynvml.nvmlSystemGetDriverVersion(),
-            sm_clock_mhz=clk(pynvml.NVML_CLOCK_SM, pynvml.nvmlDeviceGetClockInfo),
-            sm_clock_max_mhz=clk(pynvml.NVML_CLOCK_SM, pynvml.nvmlDeviceGetMaxClockInfo),
-            mem_clock_mhz=clk(pynvml.NVML_CLOCK_MEM, pynvml.nvmlDeviceGetClockInfo),
-            mem_clock_max_mhz=clk(pynvml.NVML_CLOCK_MEM, pynvml.nvmlDeviceGetMaxClockInfo),
-            power_limit_w=pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
-        )
-        pynvml.nvmlShutdown()
-    except Exception as e:  # nvidia-ml-py missing or NVML unavailable: say so, keep going
-        info["nvml_error"] = repr(e)
-    return info
+from common import default_result_path, device_info, git_commit, now_iso, write_json  # noqa: E402
 
 
 def time_gpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
@@ -172,7 +129,6 @@ def bench_size(hidden, tokens, dtype, device, timer, copy_bw, args) -> list[dict
     on = next(r for r in rows if r["op"] == "add_rmsnorm+stats")["time_us"]
     off = next(r for r in rows if r["op"] == "add_rmsnorm")["time_us"]
     rows[0]["stats_overhead_pct"] = round(100 * (on / off - 1), 2)
-    del xs, rs
     return rows
 
 
@@ -223,19 +179,16 @@ def main() -> None:
         print(f"{r['op']:<22}{r['dtype']:>9}{r['hidden']:>7}{r['tokens']:>7}{r['time_us']:>11.2f}"
               f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}{extra}")
 
-    result = {"benchmark": "adaskip.ops", "path": path, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "adaskip.ops", "path": path, "date": now_iso(),
               "git_commit": git_commit(), **info, "copy_gbps": round(copy_bw / 1e9, 1),
               "timing": {"warmup": args.warmup, "repeats": args.repeats, "calls_per_repeat": args.calls,
                          "statistic": "median"},
               "rows": rows}
     out = args.out
     if out is None and on_gpu:
-        slug = info["device"].lower().replace("nvidia", "").strip().replace(" ", "-")
-        out = ROOT / "bench" / "results" / f"ops-{slug}-{dt.date.today().isoformat()}.json"
+        out = default_result_path("ops", info["device"])
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
+        write_json(out, result)
 
 
 if __name__ == "__main__":

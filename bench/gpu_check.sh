@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
-# $OUT (default ./gpu-out). Usage: bash bench/gpu_check.sh [extra bench_ops.py args]
+# $OUT (default ./gpu-out). Usage: [BENCHES="ops e2e"] bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -25,8 +25,11 @@ echo "== tests"
 ADASKIP_CUDA=1 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
-echo "== benchmarks"
-$PY bench/bench_ops.py --out "$OUT/ops.json" "$@" 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+echo "== benchmarks: ${BENCHES:=ops e2e}"
+bench_rc=0
+for b in $BENCHES; do
+  $PY bench/bench_$b.py --out "$OUT/$b.json" 2>&1 | tee "$OUT/bench_$b.log"
+  rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && bench_rc=$rc
+done
 echo "tests rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc != 0 || bench_rc != 0 ))
