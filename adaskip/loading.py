@@ -60,7 +60,10 @@ def build_model(args: ModelArgs, weights: dict) -> Transformer:
         raise ValueError(f"adaskip: the checkpoint does not match a {args.architecture} with this config: "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    model.load_state_dict(weights, strict=False, assign=True)
+    try:
+        model.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that do not fit the config
+        raise ValueError(f"adaskip: the checkpoint's tensors do not fit the config: {e}") from e
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)

@@ -18,6 +18,13 @@ from ._reference import rms_norm
 from .config import ModelArgs
 from .rope import apply_rotary, cos_sin, inv_frequencies
 
+try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+ATTENTION_BACKENDS = ("sdpa", "flash_attn")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -58,6 +65,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.num_heads * d, h, bias=args.o_bias)
         self.window = args.sliding_windows[layer] if args.sliding_windows else None
         self.kv_cache: Optional[KVCache] = None
+        self.backend = "sdpa"
 
     def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
         """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking."""
@@ -72,6 +80,11 @@ class Attention(nn.Module):
                                    "caches with the plan you run (Transformer.setup_caches)")
             k, v = self.kv_cache.update(positions, k, v, kv_len)
         causal = isinstance(mask, str)
+        if self.backend == "flash_attn" and (causal or mask is None):
+            # flash-attn takes [B, T, heads, D] and grouped KV heads as they are; explicit masks
+            # (padding, per-sequence positions, sliding windows) stay on SDPA.
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            return self.o_proj(y.reshape(b, t, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -117,6 +130,16 @@ class Transformer(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
 
+    def set_attention_backend(self, backend: str) -> None:
+        """"sdpa" (default: torch's scaled_dot_product_attention) or "flash_attn" (needs the
+        flash-attn package; used where no explicit mask is needed, SDPA elsewhere)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"adaskip: unknown attention backend {backend!r}; choose from {ATTENTION_BACKENDS}")
+        if backend == "flash_attn" and flash_attn_func is None:
+            raise ValueError("adaskip: the flash_attn backend needs the flash-attn package, which is not installed")
+        for layer in self.model.layers:
+            layer.self_attn.backend = backend
+
     # -- KV cache -------------------------------------------------------------------------
 
     def setup_caches(self, batch: int, max_len: int, attention_layers=None) -> None:
@@ -160,7 +183,6 @@ class Transformer(nn.Module):
         plan: skipped sublayers and their compensation scales (None: the full model).
         stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
         """
-        args = self.args
         b, t = input_ids.shape
         device = input_ids.device
         steps = torch.arange(t, device=device)

@@ -125,3 +125,40 @@ def test_bad_requests_are_clear_errors(pair):
         ours(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), kv_len=1)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         ours.setup_caches(1, 97)
+
+
+def test_flash_attn_backend_dispatch_and_layout(pair, monkeypatch):
+    """flash-attn cannot be installed here; a stand-in with its calling convention ([B, T, heads,
+    D], grouped KV heads) checks that the backend passes the right layouts and falls back to SDPA
+    where a mask is needed."""
+    from adaskip import model as model_module
+
+    calls = []
+
+    def stand_in(q, k, v, causal=False):
+        calls.append((q.shape, k.shape, causal))
+        rep = q.shape[2] // k.shape[2]
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1), v.transpose(1, 2).repeat_interleave(rep, 1),
+            is_causal=causal)
+        return y.transpose(1, 2)
+
+    _, ours = pair
+    prompts = [_prompt(9, 20)]
+    expected = generate(ours, prompts, max_new_tokens=5, eos_token_ids=[]).tokens
+    with pytest.raises(ValueError, match="flash-attn package"):
+        monkeypatch.setattr(model_module, "flash_attn_func", None)
+        ours.set_attention_backend("flash_attn")
+    monkeypatch.setattr(model_module, "flash_attn_func", stand_in)
+    ours.set_attention_backend("flash_attn")
+    try:
+        assert generate(ours, prompts, max_new_tokens=5, eos_token_ids=[]).tokens == expected
+        assert calls[0] == ((1, 9, 4, 16), (1, 9, 2, 16), True)  # prefill: causal
+        assert calls[-1][0][1] == 1 and calls[-1][2] is False  # decode: one query, no mask
+        n = len(calls)
+        generate(ours, [_prompt(4, 21), _prompt(6, 22)], max_new_tokens=3, eos_token_ids=[])
+        assert len(calls) == n + 3  # prefill of the batch from 0 is causal; per-sequence decode masks use SDPA
+    finally:
+        ours.set_attention_backend("sdpa")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("xformers")
