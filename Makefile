@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test build bench-ops clean
+.PHONY: test build bench-ops bench-e2e clean
 
 test: $(BUILD_STAMP)
 	@# pytest exits 5 when it collects no tests; that is not a failure of the build.
@@ -33,6 +33,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 bench-ops: $(BUILD_STAMP)
 	$(PY) bench/bench_ops.py
+
+bench-e2e: $(BUILD_STAMP)
+	$(PY) bench/bench_e2e.py
 
 clean:
 	rm -rf build $(BUILD_STAMP) adaskip/_C*.so adaskip/_build_info.py
