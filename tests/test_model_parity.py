@@ -21,6 +21,8 @@ CASES = {
     "llama3.1-rope": lambda: _llama(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "llama-linear-rope": lambda: _llama(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # 20 tokens > 16 positions: the dynamic-NTK base grows with the sequence.
+    "llama-dynamic-rope": lambda: _llama(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
     "llama-bias": lambda: _llama(attention_bias=True, mlp_bias=True),
     "mistral-sliding": lambda: transformers.MistralConfig(**BASE, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**BASE),
