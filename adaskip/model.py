@@ -67,18 +67,29 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.backend = "sdpa"
 
-    def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
-        """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking."""
+    def _keys_values(self, x, cos, sin, positions, kv_len):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if positions is not None:
             if self.kv_cache is None:
                 raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
                                    "caches with the plan you run (Transformer.setup_caches)")
             k, v = self.kv_cache.update(positions, k, v, kv_len)
+        return k, v
+
+    def store_kv(self, x, cos, sin, positions, kv_len) -> None:
+        """Only fills the KV cache (for a layer whose attention a plan skips in prefill but runs
+        in decode)."""
+        if positions is not None:
+            self._keys_values(x, cos, sin, positions, kv_len)
+
+    def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
+        """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking."""
+        b, t, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k, v = self._keys_values(x, cos, sin, positions, kv_len)
         causal = isinstance(mask, str)
         if self.backend == "flash_attn" and (causal or mask is None):
             # flash-attn takes [B, T, heads, D] and grouped KV heads as they are; explicit masks
@@ -172,7 +183,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos=None, *,
                 kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
-                stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None):
+                stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None,
+                block_stats: Optional[torch.Tensor] = None, online=None):
         """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
 
         Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
@@ -182,6 +194,8 @@ class Transformer(nn.Module):
         seq_lens [B]: valid tokens per sequence (right padding; for statistics).
         plan: skipped sublayers and their compensation scales (None: the full model).
         stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
+        block_stats: float32 [num_layers, B, 3]: the same for whole layers (ShortGPT's ranking).
+        online: adaskip.online.OnlineGates: FFN sublayers gated per sequence on the device.
         """
         b, t = input_ids.shape
         device = input_ids.device
@@ -205,25 +219,40 @@ class Transformer(nn.Module):
         cos, sin = cos_sin(self._inv_freq(kv_len, device), q_pos, h.dtype)
         masks = self._masks(q_pos, kv_len, shared_start)
         skip = plan.skip_scales if plan is not None else {}
+        kv_only = getattr(plan, "kv_only_attention", ())
 
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
         for i, layer in enumerate(layers):
+            layer_input = h.clone() if block_stats is not None else None
             for s, next_norm in ((2 * i, layer.post_attention_layernorm),
                                  (2 * i + 1, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm)):
-                if s in skip:
-                    # A skipped sublayer is not run at all: its output is the compensated input.
+                is_attention = s % 2 == 0
+                # Where each sublayer's skip decision is taken.
+                if s in skip:  # skipped by the plan: not run; the compensated input stands in
+                    if is_attention and i in kv_only:
+                        layer.self_attn.store_kv(x, cos, sin, positions, kv_len)
                     h.mul_(skip[s])
                     x = next_norm(h)
                     continue
-                if s % 2 == 0:
-                    attn = layer.self_attn
-                    out = attn(x, cos, sin, masks[attn.window], positions, kv_len)
+                if online is not None and s in online.skipped:  # gated off for every sequence
+                    ops.skip_or_scale(h, online.gates, online.scales, s)
+                    x = next_norm(h)
+                    continue
+                if is_attention:
+                    out = layer.self_attn(x, cos, sin, masks[layer.self_attn.window], positions, kv_len)
                 else:
                     out = layer.mlp(x)
-                ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=stats, sublayer=s,
+                sublayer_stats = stats
+                if online is not None and s in online.learning:  # gated per sequence, on the device
+                    out.mul_(online.keep(s, out.dtype))
+                    ops.skip_or_scale(h, online.gates, online.scales, s)
+                    sublayer_stats = online.stats
+                ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=sublayer_stats, sublayer=s,
                                        seq_lens=seq_lens)
                 x = out
+            if block_stats is not None:
+                ops.io_similarity_stats(layer_input, h, block_stats, i, seq_lens=seq_lens)
         if logits_index is not None:
             x = x[torch.arange(b, device=device), logits_index]
         return self.lm_head(x)

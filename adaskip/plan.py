@@ -1,23 +1,52 @@
-"""Which sublayers a forward pass skips, and the compensation scale of each."""
+"""Which sublayers a forward pass skips, when, and the compensation scale of each."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+MODES = ("prefill", "decode", "e2e")
 
 
 @dataclass
 class SkipPlan:
     """Sublayer s = 2 * layer (attention) or 2 * layer + 1 (FFN) -> compensation scale: a
-    skipped sublayer is not run and the residual stream is multiplied by its scale instead."""
+    skipped sublayer is not run and the residual stream is multiplied by its scale instead.
+
+    mode: where the skips apply: "prefill" (prompt only), "decode" (generated tokens only) or
+      "e2e" (both). A layer whose attention is skipped in e2e keeps no KV cache.
+    beta / window: online decode learning (AdaSkip): during the first `window` decoded tokens of a
+      request every FFN not skipped here runs and its IO similarity is measured; FFNs whose window
+      similarity reaches beta are then gated off for that request. beta None: off.
+    ramp: SkipDecode's schedule: in decode the skipped layers grow from the first to all of them.
+    """
 
     num_layers: int
     skip_scales: dict = field(default_factory=dict)
+    mode: str = "e2e"
+    strategy: str = "custom"
+    beta: Optional[float] = None
+    window: int = 20
+    ramp: bool = False
+    predicted_speedup: Optional[float] = None
+    importance_lost: Optional[float] = None
+    explanation: str = ""
+    model_fingerprint: Optional[str] = None
+    # Filled in by phase(): attention layers whose K/V are stored although their attention is skipped.
+    kv_only_attention: frozenset = frozenset()
 
     def __post_init__(self):
         bad = [s for s in self.skip_scales if not 0 <= int(s) < 2 * self.num_layers]
         if bad:
             raise ValueError(f"adaskip: sublayers {bad} are out of range for a model with "
                              f"{self.num_layers} layers ({2 * self.num_layers} sublayers)")
-        self.skip_scales = {int(s): float(v) for s, v in self.skip_scales.items()}
+        if self.mode not in MODES:
+            raise ValueError(f"adaskip: plan mode must be one of {MODES}, got {self.mode!r}")
+        if self.window < 0:
+            raise ValueError(f"adaskip: the online window must be >= 0 tokens, got {self.window}")
+        if self.beta is not None and not -1.0 <= self.beta <= 1.0:
+            raise ValueError(f"adaskip: beta is a cosine similarity in [-1, 1], got {self.beta}")
+        self.skip_scales = {int(s): float(v) for s, v in sorted(self.skip_scales.items())}
 
     @property
     def skipped_attention_layers(self) -> set:
@@ -29,10 +58,61 @@ class SkipPlan:
 
     @property
     def attention_layers(self) -> set:
-        """Layers whose attention runs, and so need a KV cache."""
+        """Layers that need a KV cache under this plan."""
+        if self.mode != "e2e":
+            return set(range(self.num_layers))  # prefill fills every layer's cache, or decode reads it
         return set(range(self.num_layers)) - self.skipped_attention_layers
 
-    def check_model(self, num_layers: int) -> None:
+    @property
+    def online(self) -> bool:
+        return self.beta is not None and self.window > 0 and self.mode in ("decode", "e2e")
+
+    def phase(self, phase: str, step: int = 0, total_steps: int = 1) -> "SkipPlan":
+        """The skips that apply in "prefill" or in decode step `step` of `total_steps`."""
+        if phase == "prefill":
+            active = self.skip_scales if self.mode in ("prefill", "e2e") else {}
+            kv_only = self.skipped_attention_layers if self.mode == "prefill" else set()
+        elif phase == "decode":
+            active = self.skip_scales if self.mode in ("decode", "e2e") else {}
+            if self.ramp and active:
+                layers = sorted({s // 2 for s in active})
+                n = 1 + (len(layers) - 1) * step // max(total_steps - 1, 1)
+                keep = set(layers[:n])
+                active = {s: v for s, v in active.items() if s // 2 in keep}
+            kv_only = set()
+        else:
+            raise ValueError(f"adaskip: phase must be 'prefill' or 'decode', got {phase!r}")
+        return SkipPlan(self.num_layers, dict(active), mode="e2e", strategy=self.strategy,
+                        kv_only_attention=frozenset(kv_only))
+
+    def check_model(self, num_layers: int, fingerprint: Optional[str] = None) -> None:
         if num_layers != self.num_layers:
             raise ValueError(f"adaskip: this plan is for a model with {self.num_layers} layers, "
                              f"the model has {num_layers}")
+        if fingerprint is not None and self.model_fingerprint not in (None, fingerprint):
+            raise ValueError("adaskip: this plan was made from a profile of another model "
+                             f"(fingerprint {self.model_fingerprint}, the model's is {fingerprint})")
+
+    def describe(self) -> str:
+        attn = sorted(self.skipped_attention_layers)
+        ffn = sorted(self.skipped_ffn_layers)
+        lines = [f"strategy {self.strategy}, mode {self.mode}: {len(self.skip_scales)} of "
+                 f"{2 * self.num_layers} sublayers skipped",
+                 f"  attention skipped in layers {attn}", f"  FFN skipped in layers {ffn}"]
+        if self.online:
+            lines.append(f"  online: the first {self.window} decoded tokens measure every other FFN; "
+                         f"those with similarity >= beta = {self.beta:.4f} are then skipped too")
+        if self.predicted_speedup is not None:
+            lines.append(f"  predicted speedup {self.predicted_speedup:.3f}")
+        if self.explanation:
+            lines += ["  " + l for l in self.explanation.splitlines()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("kv_only_attention")
+        d["skip_scales"] = {str(k): v for k, v in self.skip_scales.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)

@@ -1,0 +1,50 @@
+"""Per-request state of online decode learning, kept on the device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+
+@dataclass
+class OnlineGates:
+    """gates / scales: [2 * num_layers, batch]; stats: [2 * num_layers, batch, 3].
+
+    learning: FFN sublayers that run and are gated per sequence from `gates` (their similarity
+    accumulates in `stats` until update_gates decides them). skipped: sublayers gated off for
+    every sequence, which are no longer run at all.
+    """
+
+    gates: torch.Tensor
+    scales: torch.Tensor
+    stats: torch.Tensor
+    learning: set = field(default_factory=set)
+    skipped: set = field(default_factory=set)
+
+    @classmethod
+    def start(cls, num_layers: int, batch: int, candidates, device) -> "OnlineGates":
+        gates = ops.new_gates(2 * num_layers, batch, device, state=ops.GATE_RUN)
+        for s in candidates:
+            gates[s] = ops.GATE_UNDECIDED
+        return cls(gates, ops.new_scales(2 * num_layers, batch, device), ops.new_stats(2 * num_layers, batch, device),
+                   learning=set(candidates))
+
+    def keep(self, sublayer: int, dtype) -> torch.Tensor:
+        """[B, 1, 1]: 1 for sequences that still run this sublayer, 0 for those gated off."""
+        return (self.gates[sublayer] != ops.GATE_SKIP).to(dtype)[:, None, None]
+
+    def update(self, window: int, beta: float) -> None:
+        ops.update_gates(self.stats, self.gates, self.scales, window, beta)
+
+    def settle(self, host_gates: torch.Tensor) -> None:
+        """With a host copy of the gates: stop paying for sublayers decided alike everywhere:
+        skipped by every sequence -> not run; run by every sequence -> no gating."""
+        for s in sorted(self.learning):
+            column = host_gates[s]
+            if bool((column == ops.GATE_SKIP).all()):
+                self.learning.discard(s)
+                self.skipped.add(s)
+            elif bool((column == ops.GATE_RUN).all()):
+                self.learning.discard(s)

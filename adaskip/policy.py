@@ -1,0 +1,122 @@
+"""From a profile and a budget to a SkipPlan: AdaSkip (paper or cost-aware planner) and the
+whole-layer baselines, all at equal budgets (n whole layers <-> 2n sublayers)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .plan import MODES, SkipPlan
+from .profile import ImportanceProfile
+
+STRATEGIES = ("full", "adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
+PLANNERS = ("paper", "cost")
+
+
+def max_alpha(num_layers: int) -> float:
+    """The acceleration ratio of skipping everything but one layer."""
+    return float(num_layers)
+
+
+def sublayers_for_alpha(num_layers: int, alpha: float) -> int:
+    """The paper's rule: alpha = M / (M - m) with a sublayer counted as half a layer."""
+    if not 1.0 <= alpha <= max_alpha(num_layers):
+        raise ValueError(f"adaskip: alpha must be in [1, {max_alpha(num_layers):g}] for a model with "
+                         f"{num_layers} layers (1: nothing skipped; {num_layers}: all but one layer), got {alpha}")
+    m = num_layers - num_layers / alpha
+    return int(round(2 * m))
+
+
+def paper_speedup(num_layers: int, num_sublayers: int) -> float:
+    return num_layers / (num_layers - num_sublayers / 2)
+
+
+def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[int] = None,
+         alpha: Optional[float] = None, num_sublayers: Optional[int] = None, strategy: str = "adaskip",
+         planner: str = "paper", context_len: Optional[int] = None, mode: str = "e2e", window: int = 20,
+         online: bool = True, costs=None, model_args=None) -> SkipPlan:
+    """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers.
+
+    adaskip: the top sublayers by offline similarity, compensated with their mean norm ratio;
+      with mode decode / e2e and online=True, beta = the lowest similarity among them drives the
+      online extra-FFN skipping over the first `window` decoded tokens.
+    planner="cost": instead of counting sublayers, reach the speedup alpha (or the paper speedup of
+      num_sublayers) under a per-sublayer cost model at `context_len` (adaskip.costs, from
+      `model_args`; or pass `costs=` measured ones) while losing the least similarity.
+    Baselines skip whole layers (n = budget / 2) with identity pass-through: early-exit (the last
+      n), skipdecode (layers 1..n; in decode ramping up from 1 layer to n), unified (layers with
+      index % (M // n) == 1), shortgpt (the n layers of highest block similarity in the profile).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"adaskip: unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    if planner not in PLANNERS:
+        raise ValueError(f"adaskip: unknown planner {planner!r}; choose from {PLANNERS}")
+    if mode not in MODES:
+        raise ValueError(f"adaskip: mode must be one of {MODES}, got {mode!r}")
+    if profile is not None:
+        num_layers = profile.num_layers
+    if num_layers is None:
+        raise ValueError("adaskip: pass a profile or num_layers")
+    fingerprint = profile.fingerprint.get("config_hash") if profile is not None else None
+    if strategy == "full":
+        return SkipPlan(num_layers, {}, mode=mode, strategy="full", predicted_speedup=1.0,
+                        model_fingerprint=fingerprint)
+    if (alpha is None) == (num_sublayers is None):
+        raise ValueError("adaskip: give exactly one budget: alpha or num_sublayers")
+    if num_sublayers is not None and not 0 <= num_sublayers <= 2 * num_layers - 2:
+        raise ValueError(f"adaskip: num_sublayers must be in [0, {2 * num_layers - 2}] "
+                         f"(all but one layer), got {num_sublayers}")
+    k = num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
+    if strategy in ("adaskip", "shortgpt") and profile is None:
+        raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
+
+    if strategy == "adaskip":
+        return _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args, fingerprint)
+    if k % 2:
+        raise ValueError(f"adaskip: whole-layer strategy {strategy!r} needs an even number of sublayers "
+                         f"(n layers = 2n sublayers), got {k}")
+    n = k // 2
+    layers = _baseline_layers(strategy, num_layers, n, profile)
+    skip = {s: 1.0 for i in layers for s in (2 * i, 2 * i + 1)}
+    return SkipPlan(num_layers, skip, mode=mode, strategy=strategy, ramp=strategy == "skipdecode",
+                    predicted_speedup=paper_speedup(num_layers, len(skip)), model_fingerprint=fingerprint,
+                    explanation=f"{n} whole layers skipped, identity pass-through")
+
+
+def _baseline_layers(strategy: str, m: int, n: int, profile) -> list:
+    if n == 0:
+        return []
+    if strategy == "early-exit":
+        return list(range(m - n, m))
+    if strategy == "skipdecode":
+        return list(range(1, n + 1))
+    if strategy == "unified":
+        step = max(m // n, 1)
+        picked = [i for i in range(m) if i % step == 1 % step][:n]
+        return picked
+    # shortgpt: the layers whose output is most similar to their input matter least
+    order = sorted(range(m), key=lambda i: (-profile.block_similarity[i], i))
+    return sorted(order[:n])
+
+
+def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args,
+             fingerprint) -> SkipPlan:
+    sim = profile.similarity
+    m = profile.num_layers
+    if planner == "paper":
+        chosen = profile.ranking()[:k]
+        predicted = paper_speedup(m, len(chosen))
+        explanation = f"paper planner: the {k} sublayers of highest similarity (equal-cost assumption)"
+        lost = sum(1 - sim[s] for s in chosen)
+    else:
+        from .costs import select_by_cost, sublayer_costs
+        if costs is None:
+            if context_len is None or model_args is None:
+                raise ValueError("adaskip: the cost planner needs context_len and model_args (or measured costs=)")
+            costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
+        target = alpha if alpha is not None else paper_speedup(m, k)
+        sel = select_by_cost([max(1 - s, 0.0) for s in sim], costs, target)
+        chosen, predicted, lost, explanation = sel.sublayers, sel.predicted_speedup, sel.importance_lost, sel.explanation
+    beta = min(sim[s] for s in chosen) if chosen and online and mode != "prefill" else None
+    return SkipPlan(m, {s: profile.scale[s] for s in chosen}, mode=mode, strategy="adaskip", beta=beta,
+                    window=window, predicted_speedup=predicted, importance_lost=lost, explanation=explanation,
+                    model_fingerprint=fingerprint)
+

@@ -1,0 +1,75 @@
+"""ImportanceProfile: per-sublayer IO similarity and compensation scale learned offline."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT = "adaskip-importance-profile/1"
+
+
+def model_fingerprint(model) -> dict:
+    """What a profile must match: architecture, size, and hashes of the config and of the
+    weights' names and shapes (not values: a fine-tune of the same geometry would pass, a
+    different model would not)."""
+    args = model.args
+    shapes = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return {"architecture": args.architecture, "num_layers": args.num_layers, "hidden_size": args.hidden_size,
+            "config_hash": args.fingerprint(),
+            "weights_hash": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}
+
+
+@dataclass
+class ImportanceProfile:
+    num_layers: int
+    similarity: list  # [2 * num_layers] mean IO cosine similarity (per request, then across requests)
+    scale: list  # [2 * num_layers] mean norm ratio |after| / |before|: the compensation scale
+    similarity_std: list  # spread across requests
+    scale_std: list
+    block_similarity: list  # [num_layers] whole-layer IO similarity (ShortGPT's block influence)
+    fingerprint: dict
+    num_requests: int
+    tokens: int
+    prompt_len: int
+    data: str = ""
+    adaskip_version: str = ""
+    per_request_similarity: list = field(default_factory=list)  # [requests][2 * num_layers]
+
+    def __post_init__(self):
+        n = 2 * self.num_layers
+        for name in ("similarity", "scale", "similarity_std", "scale_std"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"adaskip: profile field {name!r} has {len(getattr(self, name))} values, expected {n}")
+        if len(self.block_similarity) != self.num_layers:
+            raise ValueError("adaskip: profile field 'block_similarity' has the wrong length")
+        if any(not math.isfinite(v) for v in self.similarity + self.scale):
+            raise ValueError("adaskip: the profile holds non-finite similarities or scales")
+
+    def check_model(self, model) -> None:
+        fp = model_fingerprint(model)
+        if fp != self.fingerprint:
+            diff = {k: (self.fingerprint.get(k), fp[k]) for k in fp if self.fingerprint.get(k) != fp[k]}
+            raise ValueError(f"adaskip: this profile was made for another model (profile vs model: {diff}); "
+                             "calibrate this model first")
+
+    def ranking(self) -> list:
+        """Sublayers from least to most important (highest similarity first); ties by index."""
+        return sorted(range(2 * self.num_layers), key=lambda s: (-self.similarity[s], s))
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "ImportanceProfile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"adaskip: cannot read profile {path}: {e}") from e
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"adaskip: {path} is not an adaskip importance profile ({FORMAT})")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"adaskip: profile {path} is malformed: {e}") from e
