@@ -13,13 +13,22 @@ DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test build bench-ops bench-e2e clean
+.PHONY: test build demo bench-ops bench-e2e clean
 
 test: $(BUILD_STAMP)
 	@# pytest exits 5 when it collects no tests; that is not a failure of the build.
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 build: $(BUILD_STAMP)
+
+# The main job: on the embedded SmolLM2, learn sublayer importance from the essays (cached),
+# then answer a question about a ~6k-token essay prompt with the full model and with AdaSkip.
+DEMO_PROFILE := .cache/smollm2-essays-profile.json
+demo: $(BUILD_STAMP)
+	@mkdir -p .cache
+	@test -f $(DEMO_PROFILE) || $(PY) -m adaskip calibrate --model smollm2 --data essays \
+		--num-requests 20 --prompt-len 1024 --out $(DEMO_PROFILE)
+	$(PY) -m adaskip demo --profile $(DEMO_PROFILE) --num-sublayers 8 --max-new-tokens 64
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

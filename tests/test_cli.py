@@ -1,0 +1,68 @@
+"""The command line on the embedded SmolLM2 (CPU): calibrate, run, clear errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from adaskip.data import essay_paths  # noqa: E402
+from adaskip.gguf_loader import find_smollm2_gguf  # noqa: E402
+
+try:
+    find_smollm2_gguf()
+    ESSAY = essay_paths()[0]
+except FileNotFoundError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+
+def _cli(*args, ok=True):
+    proc = subprocess.run([sys.executable, "-m", "adaskip", *args], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "profile.json"
+    _cli("calibrate", "--data", str(ESSAY), "--num-requests", "2", "--prompt-len", "256", "--out", str(out))
+    return out
+
+
+def test_calibrate_writes_a_profile(profile):
+    data = json.loads(profile.read_text())
+    assert data["num_requests"] == 2 and len(data["similarity"]) == 60
+
+
+def test_run_prints_answers_plan_and_timings_as_json(profile):
+    proc = _cli("run", "--profile", str(profile), "--num-sublayers", "8", "--max-new-tokens", "6", "--window", "3",
+                "--prompt", "Name three colours.", "--json")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["plan"]["strategy"] == "adaskip" and len(r["plan"]["skip_scales"]) == 8
+    for run in (r["full"], r["adaskip"]):
+        assert run["answer"] and run["ttft_s"] > 0 and run["tpot_s"] > 0 and run["kv_cache_bytes"] > 0
+    assert r["ttft_speedup"] > 0 and r["tpot_speedup"] > 0
+
+
+def test_run_text_report_and_baseline_without_profile():
+    proc = _cli("run", "--strategy", "early-exit", "--num-sublayers", "4", "--max-new-tokens", "4",
+                "--prompt", "Say hello.")
+    assert "strategy early-exit" in proc.stdout and "time to first token" in proc.stdout
+
+
+def test_errors(profile, tmp_path):
+    proc = _cli("run", "--strategy", "adaskip", "--prompt", "hi", ok=False)
+    assert proc.returncode != 0 and "needs an importance profile" in proc.stderr
+    data = json.loads(profile.read_text())
+    data["fingerprint"]["num_layers"] = 32
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    proc = _cli("run", "--profile", str(other), "--prompt", "hi", ok=False)
+    assert "another model" in proc.stderr
+    proc = _cli("run", "--profile", str(profile), "--alpha", "40", "--prompt", "hi", ok=False)
+    assert "alpha must be in" in proc.stderr
+    proc = _cli("run", "--strategy", "full", "--prompt", "word " * 9000, ok=False)
+    assert "exceeds the model's context" in proc.stderr
