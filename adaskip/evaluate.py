@@ -22,3 +22,27 @@ def perplexity(model, sequences: Iterable[Sequence[int]], plan=None) -> float:
         total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         total_tokens += ids.shape[1] - 1
     return math.exp(total_nll / total_tokens)
+
+
+@torch.inference_mode()
+def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict) -> dict:
+    """For each named plan: perplexity, top-1 agreement with the full model's next-token choice
+    and mean KL(full || plan) per token, over cache-less forwards of `sequences`. The full
+    model's logits are computed once per sequence. Returns {name: {...}} with "full" included."""
+    device = model.lm_head.weight.device
+    sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in ["full", *plans]}
+    tokens = 0
+    for seq in sequences:
+        ids = torch.as_tensor(list(seq), device=device)[None]
+        targets = ids[0, 1:]
+        full = model(ids)[0, :-1].float().log_softmax(-1)
+        full_top = full.argmax(-1)
+        tokens += targets.numel()
+        for name, plan in [("full", None), *plans.items()]:
+            logp = full if plan is None else model(ids, plan=plan)[0, :-1].float().log_softmax(-1)
+            acc = sums[name]
+            acc["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
+            acc["agree"] += (logp.argmax(-1) == full_top).sum().item()
+            acc["kl"] += F.kl_div(logp, full, log_target=True, reduction="sum").item()
+    return {name: {"perplexity": math.exp(a["nll"] / tokens), "top1_agreement": a["agree"] / tokens,
+                   "kl_per_token": a["kl"] / tokens} for name, a in sums.items()}

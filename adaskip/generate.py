@@ -92,7 +92,8 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
-             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192) -> GenerationResult:
+             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
+             forbid_host_sync: bool = False) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
     Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
@@ -100,6 +101,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     decode loop does not wait on the device: end-of-sequence is tracked on the device and read
     back without blocking, so generation may run a step or two past the last EOS (those tokens
     are dropped). With a plan that has online learning, its gates are decided on the device.
+    forbid_host_sync: on a GPU, make any host synchronisation inside the decode loop an error
+    (torch.cuda.set_sync_debug_mode("error")), to check that the loop never waits.
     """
     sampling = sampling or SamplingParams()
     args = model.args
@@ -166,32 +169,40 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     pos = lens.clone()
     same_length = len(set(lengths)) == 1
     steps = 0
+    strict = forbid_host_sync and device.type == "cuda"
+    previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
+    if strict:
+        torch.cuda.set_sync_debug_mode("error")
     t1 = time.perf_counter()
-    for step in range(max_new_tokens):
-        out_tokens[:, step] = token
-        newly = torch.isin(token, eos) & ~finished
-        generated = torch.where(newly, step + 1, generated)
-        finished |= newly
-        if step == max_new_tokens - 1:
-            break
-        if done_flag.ready() and bool(done_flag.host):
-            break  # every sequence had finished a step or two ago
-        done_flag.post(finished.all())
-        if online is not None and online.learning and gates_flag.ready():
-            online.settle(gates_flag.host)
-            gates_flag.host = None
-        step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-        alive = (~finished).to(torch.int32) if stats is not None else None
-        logits = model(token[:, None], longest + step if same_length else pos, kv_len=longest + step + 1,
-                       seq_lens=alive, plan=step_plan, stats=stats, online=online,
-                       logits_index=torch.zeros(batch, dtype=torch.long, device=device))
-        token = sample(logits, sampling, generator)
-        if online is not None and online.learning:
-            online.update(plan.window, plan.beta)
-            if step + 1 == plan.window:  # every gate is decided now: fetch them without waiting
-                gates_flag.post(online.gates)
-        pos += 1
-        steps += 1
+    try:
+        for step in range(max_new_tokens):
+            out_tokens[:, step] = token
+            newly = torch.isin(token, eos) & ~finished
+            generated = torch.where(newly, step + 1, generated)
+            finished |= newly
+            if step == max_new_tokens - 1:
+                break
+            if done_flag.ready() and bool(done_flag.host):
+                break  # every sequence had finished a step or two ago
+            done_flag.post(finished.all())
+            if online is not None and online.learning and gates_flag.ready():
+                online.settle(gates_flag.host)
+                gates_flag.host = None
+            step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
+            alive = (~finished).to(torch.int32) if stats is not None else None
+            logits = model(token[:, None], longest + step if same_length else pos, kv_len=longest + step + 1,
+                           seq_lens=alive, plan=step_plan, stats=stats, online=online,
+                           logits_index=torch.zeros(batch, dtype=torch.long, device=device))
+            token = sample(logits, sampling, generator)
+            if online is not None and online.learning:
+                online.update(plan.window, plan.beta)
+                if step + 1 == plan.window:  # every gate is decided now: fetch them without waiting
+                    gates_flag.post(online.gates)
+            pos += 1
+            steps += 1
+    finally:
+        if strict:
+            torch.cuda.set_sync_debug_mode(previous_mode)
     _sync(device)
     decode_s = time.perf_counter() - t1
 

@@ -1,0 +1,60 @@
+"""The runtime on a GPU: parity with transformers through our CUDA kernels, and a decode loop
+that never waits on the host (GPU only; skipped without one)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
+from adaskip.config import ModelArgs  # noqa: E402
+from adaskip.loading import build_model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
+                                reason="needs a CUDA GPU and the compiled extension")
+
+CFG = dict(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+           num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def pair(request):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**CFG)
+    cfg._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(cfg).eval().to(device="cuda", dtype=request.param)
+    ours = build_model(ModelArgs.from_hf_config({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}),
+                       {k: v.clone() for k, v in hf.state_dict().items()})
+    return hf, ours, request.param
+
+
+def test_logits_match_transformers_on_the_gpu(pair):
+    hf, ours, dtype = pair
+    ids = torch.randint(0, 257, (2, 96), device="cuda")
+    with torch.no_grad():
+        expected, got = hf(ids).logits.float(), ours(ids).float()
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
+def test_decode_never_waits_on_the_host(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (40, 23)]
+    always = SkipPlan(4, {2: 1.0}, beta=-1.0, window=4)  # every candidate FFN gated off after 4 tokens
+    for batch in (prompts, prompts[:1]):
+        for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=3)):
+            strict = generate(ours, batch, max_new_tokens=12, eos_token_ids=[], plan=always, sampling=sampling,
+                              forbid_host_sync=True)
+            relaxed = generate(ours, batch, max_new_tokens=12, eos_token_ids=[], plan=always, sampling=sampling)
+            assert strict.tokens == relaxed.tokens
+            assert strict.online_skipped == [[1, 3, 5, 7]] * len(batch)
+
+
+def test_eos_stops_without_waiting(pair):
+    _, ours, _ = pair
+    prompt = torch.randint(0, 257, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    free = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[]).tokens[0]
+    stop = free[3]
+    out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], forbid_host_sync=True)
+    assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
+    assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
