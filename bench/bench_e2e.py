@@ -87,17 +87,52 @@ class Clock:
 
 
 @torch.inference_mode()
-def run_ours(model, ids, decode_tokens, device):
+def run_ours(model, ids, decode_tokens, device, plan=None):
     length = ids.shape[1]
     last = torch.tensor([length - 1], device=device)
+    prefill_plan = plan.phase("prefill") if plan is not None else None
+    decode_plan = plan.phase("decode") if plan is not None else None
     with Clock(device) as prefill:
-        logits = model(ids, 0, kv_len=length, logits_index=last)
+        logits = model(ids, 0, kv_len=length, logits_index=last, plan=prefill_plan)
         token = logits.argmax(-1)
     zero = torch.zeros(1, dtype=torch.long, device=device)
     with Clock(device) as decode:
         for i in range(decode_tokens):
-            token = model(token[:, None], length + i, kv_len=length + i + 1, logits_index=zero).argmax(-1)
+            token = model(token[:, None], length + i, kv_len=length + i + 1, logits_index=zero,
+                          plan=decode_plan).argmax(-1)
     return prefill.seconds, decode.seconds / decode_tokens
+
+
+def skip_rows(ours, cfg, length, budgets, args, device, full_times):
+    """Measured speed of AdaSkip plans against the full model and against the ideal (the full
+    time minus the measured cost of the skipped sublayers)."""
+    from adaskip.calibrate import calibrate
+    from adaskip.costs import measure_sublayer_costs
+    from adaskip.policy import plan as make_plan
+
+    g = torch.Generator().manual_seed(7)
+    requests = [torch.randint(0, cfg.vocab_size, (1024,), generator=g).tolist() for _ in range(2)]
+    # Random weights: the ranking means nothing for quality, only which sublayers are skipped.
+    profile = calibrate(ours, requests, num_requests=2, prompt_len=1024, progress=False)
+    costs = {m: measure_sublayer_costs(ours, length, m) for m in ("prefill", "decode")}
+    ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
+    rows = []
+    for k in budgets:
+        p = make_plan(profile, num_sublayers=k, mode="e2e", online=False)
+        ours.setup_caches(1, length + args.decode_tokens, p.attention_layers)
+        times = [run_ours(ours, ids, args.decode_tokens, device, p) for _ in range(args.repeats + 1)][1:]
+        pre, dec = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        skipped = list(p.skip_scales)
+        ideal = {m: full_times[i] - sum(costs[m].per_sublayer[s] for s in skipped)
+                 for i, m in enumerate(("prefill", "decode"))}
+        rows.append({"context": length, "num_sublayers": k, "skipped_attention": len(p.skipped_attention_layers),
+                     "skipped_ffn": len(p.skipped_ffn_layers), "paper_predicted_speedup": round(p.predicted_speedup, 4),
+                     "prefill_ms": round(pre * 1e3, 3), "decode_ms_per_token": round(dec * 1e3, 3),
+                     "prefill_speedup": round(full_times[0] / pre, 4), "decode_speedup": round(full_times[1] / dec, 4),
+                     "prefill_ideal_speedup": round(full_times[0] / ideal["prefill"], 4),
+                     "decode_ideal_speedup": round(full_times[1] / ideal["decode"], 4),
+                     "kv_cache_bytes": ours.kv_cache_bytes()})
+    return rows
 
 
 @torch.inference_mode()
@@ -122,6 +157,8 @@ def main() -> None:
     p.add_argument("--contexts", default="8192,32768" if on_gpu else "64,256")
     p.add_argument("--decode-tokens", type=int, default=32 if on_gpu else 8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budgets", help="AdaSkip plans (skipped sublayers) timed against the full model; "
+                   "default 8,16 (2 for configs of fewer than 16 layers); empty: none")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -140,7 +177,7 @@ def main() -> None:
     print(f"logits parity on 64 tokens: |ours - hf| / |hf| = {parity:.2e}")
     if parity > (3e-2 if dtype == torch.bfloat16 else 1e-4):
         sys.exit("adaskip: the runtime does not match transformers on these weights; not timing it")
-    rows = []
+    rows, plan_rows = [], []
     for length in contexts:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
         ours.setup_caches(1, length + args.decode_tokens)
@@ -152,12 +189,17 @@ def main() -> None:
                 samples["ours"].append(o)
                 samples["hf"].append(h)
         med = {k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for k, v in samples.items()}
+        full_times = med["ours"]
+        full_kv = ours.kv_cache_bytes()
+        budget_spec = args.budgets if args.budgets is not None else ("8,16" if cfg.num_hidden_layers >= 16 else "2")
+        budgets = [int(b) for b in budget_spec.split(",") if b]
+        plan_rows += skip_rows(ours, cfg, length, budgets, args, device, full_times) if budgets else []
         rows.append({"context": length, "decode_tokens": args.decode_tokens,
                      "prefill_ms": {k: round(v[0] * 1e3, 3) for k, v in med.items()},
                      "decode_ms_per_token": {k: round(v[1] * 1e3, 3) for k, v in med.items()},
                      "prefill_ratio_ours_over_hf": round(med["ours"][0] / med["hf"][0], 4),
                      "decode_ratio_ours_over_hf": round(med["ours"][1] / med["hf"][1], 4),
-                     "kv_cache_bytes_ours": ours.kv_cache_bytes()})
+                     "kv_cache_bytes_ours": full_kv})
         del ids
         if on_gpu:
             torch.cuda.empty_cache()
@@ -168,11 +210,19 @@ def main() -> None:
         print(f"{r['context']:>8}{r['prefill_ms']['ours']:>17.2f}{r['prefill_ms']['hf']:>15.2f}"
               f"{r['prefill_ratio_ours_over_hf']:>7.3f}{r['decode_ms_per_token']['ours']:>16.3f}"
               f"{r['decode_ms_per_token']['hf']:>14.3f}{r['decode_ratio_ours_over_hf']:>7.3f}")
+    if plan_rows:
+        print(f"\n{'context':>8}{'skipped':>8}{'attn/ffn':>9}{'prefill x':>10}{'ideal':>7}{'decode x':>10}"
+              f"{'ideal':>7}{'paper':>7}")
+        for r in plan_rows:
+            print(f"{r['context']:>8}{r['num_sublayers']:>8}{r['skipped_attention']:>5}/{r['skipped_ffn']:<3}"
+                  f"{r['prefill_speedup']:>10.3f}{r['prefill_ideal_speedup']:>7.3f}{r['decode_speedup']:>10.3f}"
+                  f"{r['decode_ideal_speedup']:>7.3f}{r['paper_predicted_speedup']:>7.3f}")
     import transformers
     result = {"benchmark": "adaskip e2e vs transformers", "config": args.config, "dtype": str(dtype)[6:],
               "weights": "random", "date": now_iso(), "git_commit": git_commit(), **info,
               "transformers": transformers.__version__, "repeats": args.repeats, "statistic": "median",
-              "smoke_run": not on_gpu, "logits_parity_rel_err": parity, "rows": rows}
+              "smoke_run": not on_gpu, "logits_parity_rel_err": parity, "rows": rows,
+              "plans": plan_rows}
     out = args.out or (default_result_path(f"e2e-{args.config}", info["device"]) if on_gpu else None)
     if out is not None:
         write_json(out, result)

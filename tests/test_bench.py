@@ -36,3 +36,4 @@ def test_bench_e2e_runs_and_writes_json(tmp_path):
     assert result["logits_parity_rel_err"] < 3e-2
     for row in result["rows"]:
         assert row["prefill_ms"]["ours"] > 0 and row["decode_ms_per_token"]["hf"] > 0
+    assert result["plans"] and all(r["prefill_speedup"] > 0 and r["decode_ideal_speedup"] > 1 for r in result["plans"])
