@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import adaskip  # noqa: E402
@@ -68,9 +66,9 @@ def main() -> None:
         rows.append({"strategy": s, "budget": k, **metrics[f"{s}@{k}"],
                      "skipped_attention": len(pl.skipped_attention_layers), "skipped_ffn": len(pl.skipped_ffn_layers)})
 
-    print(f"\n| strategy | " + " | ".join(f"ppl @{k}" for k in budgets) + " | " + " | ".join(f"top-1 @{k}" for k in budgets) + " |")
+    print("\n| strategy | " + " | ".join(f"ppl @{k}" for k in budgets) + " | " + " | ".join(f"top-1 @{k}" for k in budgets) + " |")
     print("|---|" + "---|" * (2 * len(budgets)))
-    print(f"| full | " + " | ".join(f"{full['perplexity']:.2f}" for _ in budgets) + " | " +
+    print("| full | " + " | ".join(f"{full['perplexity']:.2f}" for _ in budgets) + " | " +
           " | ".join("1.000" for _ in budgets) + " |")
     for s in a.strategies.split(","):
         r = {k: metrics[f"{s}@{k}"] for k in budgets}
