@@ -38,6 +38,8 @@ class GenerationResult:
     finished: list = field(default_factory=list)  # per sequence: stopped at EOS
     # Online decode learning: per sequence, the FFN sublayers gated off after the window.
     online_skipped: Optional[list] = None
+    graphs_captured: int = 0  # CUDA-graph decode: distinct step graphs captured
+    graph_capture_s: float = 0.0  # their capture time, not counted in decode_s
 
     @property
     def time_per_output_token_s(self) -> float:
@@ -84,6 +86,85 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _DecodeState:
+    """Everything a decode step reads and writes, in fixed device buffers (so that the step can
+    be captured in a CUDA graph): the current token, positions, a device step counter, the
+    output tokens and EOS bookkeeping."""
+
+    def __init__(self, model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan):
+        device = token.device
+        b = token.shape[0]
+        self.model, self.eos, self.sampling, self.generator = model, eos, sampling, generator
+        self.stats, self.online, self.plan = stats, online, plan
+        self.token = token.clone()
+        self.pos = lens.clone()  # position of the token fed next
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.rows = torch.arange(b, device=device)
+        self.zero = torch.zeros(b, dtype=torch.long, device=device)
+        self.out_tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+        self.generated = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def record(self) -> None:
+        """Stores the current token at the current step and notes sequences that just ended."""
+        self.out_tokens[self.rows, self.step.expand_as(self.rows)] = self.token
+        newly = (self.token[:, None] == self.eos[None, :]).any(-1) & ~self.finished
+        self.generated.copy_(torch.where(newly, self.step + 1, self.generated))
+        self.finished |= newly
+
+    def advance(self, step_plan, shared_pos=None, kv_len=None) -> None:
+        """One decode step: the next token from the current one. With shared_pos / kv_len (host
+        ints) attention reads only the filled part of the cache; without, it reads the whole
+        cache under a mask from the device positions (what a captured graph needs)."""
+        model = self.model
+        alive = (~self.finished).to(torch.int32) if self.stats is not None else None
+        logits = model(self.token[:, None], shared_pos if shared_pos is not None else self.pos,
+                       kv_len=kv_len if kv_len is not None else model.cache_len, seq_lens=alive,
+                       plan=step_plan, stats=self.stats, online=self.online, logits_index=self.zero)
+        self.token.copy_(sample(logits, self.sampling, self.generator))
+        if self.online is not None and self.online.learning:
+            self.online.update(self.plan.window, self.plan.beta)
+        self.pos += 1
+        self.step += 1
+
+
+class _StepGraphs:
+    """CUDA graphs of `advance + record`, one per distinct step plan and online-learning state,
+    captured on first use into one shared memory pool."""
+
+    def __init__(self, state: _DecodeState):
+        self.state = state
+        self.graphs = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.capture_s = 0.0
+
+    def empty(self) -> bool:
+        return not self.graphs
+
+    def replay(self, step_plan) -> None:
+        online = self.state.online
+        key = (tuple(sorted(step_plan.skip_scales.items())) if step_plan is not None else (),
+               frozenset(online.learning) if online is not None else frozenset(),
+               frozenset(online.skipped) if online is not None else frozenset())
+        graph = self.graphs.get(key)
+        if graph is None:
+            # Capturing synchronises (once per plan, not per token): allow it even when the
+            # caller forbids host syncs in the decode loop, and keep its time apart.
+            t0 = time.perf_counter()
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.state.advance(step_plan)
+                    self.state.record()
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+            self.graphs[key] = graph
+            self.capture_s += time.perf_counter() - t0
+        graph.replay()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,7 +174,7 @@ def _sync(device: torch.device) -> None:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
              plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
-             forbid_host_sync: bool = False) -> GenerationResult:
+             forbid_host_sync: bool = False, cuda_graph: bool = False) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
     Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
@@ -103,6 +184,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     are dropped). With a plan that has online learning, its gates are decided on the device.
     forbid_host_sync: on a GPU, make any host synchronisation inside the decode loop an error
     (torch.cuda.set_sync_debug_mode("error")), to check that the loop never waits.
+    cuda_graph: on a GPU, capture the decode step (forward, greedy choice, EOS bookkeeping,
+    online-learning update) in a CUDA graph and replay it per token; attention then reads the
+    whole cache under a mask built from device-side positions. A graph is captured per distinct
+    plan (SkipDecode's ramp, online learning settling), each once.
     """
     sampling = sampling or SamplingParams()
     args = model.args
@@ -160,13 +245,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         decode_skips = plan.phase("decode").skip_scales
         candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in decode_skips]
         online = OnlineGates.start(args.num_layers, batch, candidates, device)
-    out_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
-    generated = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    state = _DecodeState(model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan)
     done_flag, gates_flag = _HostFlag(device), _HostFlag(device)
-    # Per-sequence positions; one shared int when all prompts have the same length (lets
-    # attention skip its mask).
-    pos = lens.clone()
+    use_graph = cuda_graph and device.type == "cuda"
+    if use_graph and sampling.temperature != 0:
+        raise ValueError("adaskip: the CUDA-graph decode step supports greedy decoding only for now")
+    graphs = _StepGraphs(state) if use_graph else None
     same_length = len(set(lengths)) == 1
     steps = 0
     strict = forbid_host_sync and device.type == "cuda"
@@ -175,36 +259,31 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         torch.cuda.set_sync_debug_mode("error")
     t1 = time.perf_counter()
     try:
-        for step in range(max_new_tokens):
-            out_tokens[:, step] = token
-            newly = torch.isin(token, eos) & ~finished
-            generated = torch.where(newly, step + 1, generated)
-            finished |= newly
-            if step == max_new_tokens - 1:
-                break
+        state.record()
+        for step in range(max_new_tokens - 1):
             if done_flag.ready() and bool(done_flag.host):
                 break  # every sequence had finished a step or two ago
-            done_flag.post(finished.all())
+            done_flag.post(state.finished.all())
             if online is not None and online.learning and gates_flag.ready():
                 online.settle(gates_flag.host)
                 gates_flag.host = None
             step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-            alive = (~finished).to(torch.int32) if stats is not None else None
-            logits = model(token[:, None], longest + step if same_length else pos, kv_len=longest + step + 1,
-                           seq_lens=alive, plan=step_plan, stats=stats, online=online,
-                           logits_index=torch.zeros(batch, dtype=torch.long, device=device))
-            token = sample(logits, sampling, generator)
-            if online is not None and online.learning:
-                online.update(plan.window, plan.beta)
-                if step + 1 == plan.window:  # every gate is decided now: fetch them without waiting
-                    gates_flag.post(online.gates)
-            pos += 1
+            if graphs is not None and (step > 0 or not graphs.empty()):
+                graphs.replay(step_plan)  # the first step runs eagerly: it is also the warm-up
+            else:
+                shared = longest + step if same_length else None
+                state.advance(step_plan, shared_pos=shared, kv_len=longest + step + 1)
+                state.record()
+            if online is not None and online.learning and step + 1 == plan.window:
+                gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
             steps += 1
     finally:
         if strict:
             torch.cuda.set_sync_debug_mode(previous_mode)
     _sync(device)
-    decode_s = time.perf_counter() - t1
+    capture_s = graphs.capture_s if graphs is not None else 0.0
+    decode_s = time.perf_counter() - t1 - capture_s
+    out_tokens, generated, finished = state.out_tokens, state.generated, state.finished
 
     counts = generated.tolist()
     token_lists = [row[:n] for row, n in zip(out_tokens.tolist(), counts)]
@@ -214,4 +293,5 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
     return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
-                            online_skipped=online_skipped)
+                            online_skipped=online_skipped, graphs_captured=len(graphs.graphs) if graphs else 0,
+                            graph_capture_s=capture_s)

@@ -103,7 +103,18 @@ def run_ours(model, ids, decode_tokens, device, plan=None):
     return prefill.seconds, decode.seconds / decode_tokens
 
 
-def skip_rows(ours, cfg, length, budgets, args, device, full_times):
+def graph_decode_s(model, ids, decode_tokens, plan=None) -> float:
+    """Per-token decode time with the CUDA-graph decode step (capture time excluded); median of
+    3 generations (each also prefills)."""
+    from adaskip.generate import generate
+
+    prompt = ids[0].tolist()
+    times = [generate(model, [prompt], max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
+                      cuda_graph=True).time_per_output_token_s for _ in range(3)]
+    return statistics.median(times)
+
+
+def skip_rows(ours, cfg, length, budgets, args, device, full_times, full_graph):
     """Measured speed of AdaSkip plans against the full model and against the ideal (the full
     time minus the measured cost of the skipped sublayers)."""
     from adaskip.calibrate import calibrate
@@ -122,6 +133,7 @@ def skip_rows(ours, cfg, length, budgets, args, device, full_times):
         ours.setup_caches(1, length + args.decode_tokens, p.attention_layers)
         times = [run_ours(ours, ids, args.decode_tokens, device, p) for _ in range(args.repeats + 1)][1:]
         pre, dec = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        graph = graph_decode_s(ours, ids, args.decode_tokens, p) if full_graph else None
         skipped = list(p.skip_scales)
         ideal = {m: full_times[i] - sum(costs[m].per_sublayer[s] for s in skipped)
                  for i, m in enumerate(("prefill", "decode"))}
@@ -131,7 +143,9 @@ def skip_rows(ours, cfg, length, budgets, args, device, full_times):
                      "prefill_speedup": round(full_times[0] / pre, 4), "decode_speedup": round(full_times[1] / dec, 4),
                      "prefill_ideal_speedup": round(full_times[0] / ideal["prefill"], 4),
                      "decode_ideal_speedup": round(full_times[1] / ideal["decode"], 4),
-                     "kv_cache_bytes": ours.kv_cache_bytes()})
+                     "kv_cache_bytes": ours.kv_cache_bytes(),
+                     **({"decode_ms_per_token_graph": round(graph * 1e3, 3),
+                         "decode_speedup_graph": round(full_graph / graph, 4)} if graph else {})})
     return rows
 
 
@@ -191,15 +205,18 @@ def main() -> None:
         med = {k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for k, v in samples.items()}
         full_times = med["ours"]
         full_kv = ours.kv_cache_bytes()
+        full_graph = graph_decode_s(ours, ids, args.decode_tokens) if on_gpu else None
         budget_spec = args.budgets if args.budgets is not None else ("8,16" if cfg.num_hidden_layers >= 16 else "2")
         budgets = [int(b) for b in budget_spec.split(",") if b]
-        plan_rows += skip_rows(ours, cfg, length, budgets, args, device, full_times) if budgets else []
+        plan_rows += skip_rows(ours, cfg, length, budgets, args, device, full_times, full_graph) if budgets else []
         rows.append({"context": length, "decode_tokens": args.decode_tokens,
                      "prefill_ms": {k: round(v[0] * 1e3, 3) for k, v in med.items()},
                      "decode_ms_per_token": {k: round(v[1] * 1e3, 3) for k, v in med.items()},
                      "prefill_ratio_ours_over_hf": round(med["ours"][0] / med["hf"][0], 4),
                      "decode_ratio_ours_over_hf": round(med["ours"][1] / med["hf"][1], 4),
-                     "kv_cache_bytes_ours": full_kv})
+                     "kv_cache_bytes_ours": full_kv,
+                     **({"decode_ms_per_token_ours_graph": round(full_graph * 1e3, 3),
+                         "decode_ratio_ours_graph_over_hf": round(full_graph / med["hf"][1], 4)} if full_graph else {})})
         del ids
         if on_gpu:
             torch.cuda.empty_cache()
@@ -210,13 +227,18 @@ def main() -> None:
         print(f"{r['context']:>8}{r['prefill_ms']['ours']:>17.2f}{r['prefill_ms']['hf']:>15.2f}"
               f"{r['prefill_ratio_ours_over_hf']:>7.3f}{r['decode_ms_per_token']['ours']:>16.3f}"
               f"{r['decode_ms_per_token']['hf']:>14.3f}{r['decode_ratio_ours_over_hf']:>7.3f}")
+    for r in rows:
+        if "decode_ms_per_token_ours_graph" in r:
+            print(f"{r['context']:>8} decode with the CUDA-graph step: {r['decode_ms_per_token_ours_graph']:.3f} ms/token "
+                  f"({r['decode_ratio_ours_graph_over_hf']:.3f} of HF's)")
     if plan_rows:
         print(f"\n{'context':>8}{'skipped':>8}{'attn/ffn':>9}{'prefill x':>10}{'ideal':>7}{'decode x':>10}"
               f"{'ideal':>7}{'paper':>7}")
         for r in plan_rows:
             print(f"{r['context']:>8}{r['num_sublayers']:>8}{r['skipped_attention']:>5}/{r['skipped_ffn']:<3}"
                   f"{r['prefill_speedup']:>10.3f}{r['prefill_ideal_speedup']:>7.3f}{r['decode_speedup']:>10.3f}"
-                  f"{r['decode_ideal_speedup']:>7.3f}{r['paper_predicted_speedup']:>7.3f}")
+                  f"{r['decode_ideal_speedup']:>7.3f}{r['paper_predicted_speedup']:>7.3f}"
+                  + (f"  graph decode x {r['decode_speedup_graph']:.3f}" if "decode_speedup_graph" in r else ""))
     import transformers
     result = {"benchmark": "adaskip e2e vs transformers", "config": args.config, "dtype": str(dtype)[6:],
               "weights": "random", "date": now_iso(), "git_commit": git_commit(), **info,

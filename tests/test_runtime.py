@@ -162,3 +162,18 @@ def test_flash_attn_backend_dispatch_and_layout(pair, monkeypatch):
         ours.set_attention_backend("sdpa")
     with pytest.raises(ValueError, match="unknown attention backend"):
         ours.set_attention_backend("xformers")
+
+
+def test_decode_over_the_whole_cache_with_device_positions_equals_the_short_path(pair):
+    """What a captured decode step runs: positions from a device tensor and attention over the
+    whole cache under a mask, instead of host ints and the filled part only."""
+    _, ours = pair
+    prompts = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(30))
+    with torch.no_grad():
+        ours.setup_caches(2, 40)
+        ours(prompts, 0, kv_len=12)
+        tok = torch.tensor([[3], [7]])
+        short = ours(tok, 12, kv_len=13)
+        ours(prompts, 0, kv_len=12)  # rewrite the same cache state
+        whole = ours(tok, torch.tensor([12, 12]), kv_len=40)
+    torch.testing.assert_close(whole, short, rtol=1e-5, atol=1e-5)

@@ -58,3 +58,34 @@ def test_eos_stops_without_waiting(pair):
     out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], forbid_host_sync=True)
     assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
     assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
+
+
+@pytest.mark.parametrize("plan_kind", ["none", "online", "ramp"])
+def test_cuda_graph_decode_matches_eager(pair, plan_kind):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(5)
+    plans = {"none": None,
+             "online": SkipPlan(4, {2: 1.0}, beta=-1.0, window=4),
+             "ramp": SkipPlan(4, {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}, ramp=True, mode="decode")}
+    p = plans[plan_kind]
+    for lengths in ((40, 23), (31,)):
+        prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in lengths]
+        eager = generate(ours, prompts, max_new_tokens=12, eos_token_ids=[], plan=p)
+        graph = generate(ours, prompts, max_new_tokens=12, eos_token_ids=[], plan=p, cuda_graph=True,
+                         forbid_host_sync=True)
+        assert graph.tokens == eager.tokens
+        assert graph.online_skipped == eager.online_skipped
+        assert graph.graphs_captured >= 1
+        if plan_kind == "online":  # gated per sequence, then settled: a second graph without those FFNs
+            assert graph.graphs_captured == 2 and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
+        if plan_kind == "ramp":  # one graph per step of the ramp (1, then 2 layers)
+            assert graph.graphs_captured == 2
+
+
+def test_cuda_graph_decode_stops_at_eos(pair):
+    _, ours, _ = pair
+    prompt = torch.randint(0, 257, (30,), generator=torch.Generator().manual_seed(6)).tolist()
+    free = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[]).tokens[0]
+    stop = free[4]
+    out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], cuda_graph=True)
+    assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
