@@ -76,8 +76,11 @@ def test_cuda_graph_decode_matches_eager(pair, plan_kind):
         assert graph.tokens == eager.tokens
         assert graph.online_skipped == eager.online_skipped
         assert graph.graphs_captured >= 1
-        if plan_kind == "online":  # gated per sequence, then settled: a second graph without those FFNs
-            assert graph.graphs_captured == 2 and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
+        if plan_kind == "online":
+            # Gated per sequence inside the replays. Settling (a second graph that no longer runs
+            # those FFNs) waits for a non-blocking read of the gates, which may land after the
+            # last token when the host runs ahead of the GPU: one or two graphs.
+            assert graph.graphs_captured in (1, 2) and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
         if plan_kind == "ramp":  # one graph per step of the ramp (1, then 2 layers)
             assert graph.graphs_captured == 2
 
