@@ -193,3 +193,53 @@ def update_gates(stats, gates, scales, window, beta) -> None:
     skip = ready & (mean_cos >= torch.tensor(beta, dtype=torch.float32))
     scales.copy_(torch.where(skip, stats[..., 1] / safe, scales))
     gates.copy_(torch.where(skip, GATE_SKIP, torch.where(ready, GATE_RUN, gates)).to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated decode GEMVs: the whole call is skipped when every token's sequence is gated off.
+
+def _check_gemv(x, weights, gates, sublayer, out):
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        _fail(f"'x' must be float16 or bfloat16 (the gated decode GEMV), got {x.dtype}")
+    if x.dim() != 2:
+        _fail(f"'x' must be [tokens, in_features], got shape {tuple(x.shape)}")
+    tokens, k = x.shape
+    if not 1 <= tokens <= 8:
+        _fail(f"the gated GEMV takes 1 to 8 tokens, got {tokens}")
+    rows = None
+    for name, w in weights:
+        check_same_device(name, w, x.device)
+        if w.dtype != x.dtype:
+            _fail(f"'{name}' has dtype {w.dtype} but 'x' has {x.dtype}")
+        if w.dim() != 2 or w.shape[1] != k:
+            _fail(f"'{name}' must be [out_features, {k}], got shape {tuple(w.shape)}")
+        if rows is not None and w.shape[0] != rows:
+            _fail(f"'{name}' has {w.shape[0]} rows but the other weight has {rows}")
+        rows = w.shape[0]
+    check_same_device("out", out, x.device)
+    if out.dtype != x.dtype or tuple(out.shape) != (tokens, rows):
+        _fail(f"'out' must be {x.dtype} [{tokens}, {rows}], got {out.dtype} {tuple(out.shape)}")
+    if gates is None:
+        return False
+    check_same_device("gates", gates, x.device)
+    if gates.dtype != torch.uint8 or gates.dim() != 2:
+        _fail("'gates' must be contiguous uint8 [num_sublayers, batch]")
+    if gates.shape[1] != tokens:
+        _fail(f"'gates' holds {gates.shape[1]} sequences but 'x' has {tokens} tokens (one per sequence)")
+    if not 0 <= sublayer < gates.shape[0]:
+        _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
+    return bool((gates[sublayer] == GATE_SKIP).all())
+
+
+def gated_linear(x, weight, gates=None, sublayer=0, out=None) -> None:
+    if _check_gemv(x, [("weight", weight)], gates, sublayer, out):
+        return
+    out.copy_((x.float() @ weight.float().t()).to(x.dtype))
+
+
+def gated_swiglu_up(x, w_gate, w_up, gates=None, sublayer=0, out=None) -> None:
+    if _check_gemv(x, [("w_gate", w_gate), ("w_up", w_up)], gates, sublayer, out):
+        return
+    g = (x.float() @ w_gate.float().t()).to(x.dtype)
+    u = (x.float() @ w_up.float().t()).to(x.dtype)
+    out.copy_(torch.nn.functional.silu(g) * u)

@@ -25,10 +25,11 @@ from ._reference import GATE_RUN, GATE_SKIP, GATE_UNDECIDED
 __all__ = [
     "GATE_UNDECIDED", "GATE_SKIP", "GATE_RUN", "backend", "extension_error",
     "fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
-    "new_stats", "new_gates", "new_scales", "mean_stats",
+    "new_stats", "new_gates", "new_scales", "mean_stats", "gated_linear", "gated_swiglu_up",
 ]
 
-_OP_NAMES = ("fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates")
+_OP_NAMES = ("fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
+             "gated_swiglu_up")
 
 
 def _load_extension():
@@ -133,6 +134,23 @@ def update_gates(stats: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
     Decided gates never change. Returns gates."""
     _op("update_gates", stats, gates, scales)(stats, gates, scales, int(window), float(beta))
     return gates
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, gates: Optional[torch.Tensor], sublayer: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Decode GEMV for 1..8 tokens (one per sequence), fp16/bf16: out = x @ weight.T, unless
+    every sequence's gate of `sublayer` is GATE_SKIP: then nothing is read or written (decided
+    on the device). Returns out."""
+    _op("gated_linear", x, weight, gates, out)(x, weight, gates, int(sublayer), out)
+    return out
+
+
+def gated_swiglu_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gates: Optional[torch.Tensor],
+                    sublayer: int, out: torch.Tensor) -> torch.Tensor:
+    """The first half of a SwiGLU FFN in one pass over both weights: out = silu(x @ w_gate.T) *
+    (x @ w_up.T), with the same gating as gated_linear. Returns out."""
+    _op("gated_swiglu_up", x, w_gate, w_up, gates, out)(x, w_gate, w_up, gates, int(sublayer), out)
+    return out
 
 
 def new_stats(num_sublayers: int, batch: int = 1, device=None) -> torch.Tensor:

@@ -132,6 +132,36 @@ def bench_size(hidden, tokens, dtype, device, timer, copy_bw, args) -> list[dict
     return rows
 
 
+def bench_gated_ffn(hidden, ffn, tokens, dtype, copy_bw, args) -> list[dict]:
+    """The decode FFN through the gated GEMVs (gated on / off) against cuBLAS (F.linear)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g, device="cuda", dtype=dtype)
+    wg, wu = (torch.randn(ffn, hidden, generator=g, device="cuda", dtype=dtype) * 0.02 for _ in range(2))
+    wd = torch.randn(hidden, ffn, generator=g, device="cuda", dtype=dtype) * 0.02
+    act = torch.empty(tokens, ffn, device="cuda", dtype=dtype)
+    out = torch.empty(tokens, hidden, device="cuda", dtype=dtype)
+    on, off = ops.new_gates(1, tokens, "cuda"), ops.new_gates(1, tokens, "cuda", state=ops.GATE_SKIP)
+
+    def ours(gates):
+        def fn(i):
+            ops.gated_swiglu_up(x, wg, wu, gates, 0, act)
+            ops.gated_linear(act, wd, gates, 0, out)
+        return fn
+
+    def cublas(i):
+        F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    weight_bytes = 3 * hidden * ffn * x.element_size()
+    rows = []
+    for name, fn in (("ffn gated on", ours(on)), ("ffn gated off", ours(off)), ("ffn cuBLAS", cublas)):
+        t = time_gpu(fn, 1, args.warmup, args.repeats, args.calls)
+        gbps = weight_bytes / t / 1e9
+        rows.append({"op": name, "dtype": str(dtype).replace("torch.", ""), "hidden": hidden, "ffn": ffn,
+                     "tokens": tokens, "time_us": round(t * 1e6, 3), "bytes": weight_bytes,
+                     "gbps": round(gbps, 1), "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write the JSON here (default: bench/results/ops-<device>-<date>.json on a GPU, none on CPU)")
@@ -140,6 +170,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed repeat")
     p.add_argument("--max-sets", type=int, default=64, help="most rotating input sets per size")
+    p.add_argument("--no-ffn", dest="ffn", action="store_false", help="skip the gated decode FFN (GPU)")
+    p.add_argument("--only-ffn", action="store_true", help="only the gated decode FFN (GPU)")
     args = p.parse_args()
 
     on_gpu = torch.cuda.is_available()
@@ -164,13 +196,18 @@ def main() -> None:
     print(f"adaskip ops benchmark: {info['device']} | {path} | torch {info['torch']}")
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     rows = []
-    for dtype in dtypes:
+    for dtype in ([] if args.only_ffn else dtypes):
         for hidden in hiddens:
             for tokens in token_counts:
                 if on_gpu and dtype == torch.float32 and tokens * hidden * 4 > (1 << 30):
                     continue  # fp32 at 32k x 8192: 1 GiB per tensor, not a case we serve
                 rows += bench_size(hidden, tokens, dtype, device, timer, copy_bw, args)
 
+    ffn_rows = []
+    if on_gpu and args.ffn:
+        for hidden, ffn in ((4096, 14336), (8192, 28672)):
+            for tokens in (1, 2, 4, 8):
+                ffn_rows += bench_gated_ffn(hidden, ffn, tokens, torch.bfloat16, copy_bw, args)
     hdr = f"{'op':<22}{'dtype':>9}{'hidden':>7}{'tokens':>7}{'time us':>11}{'GB/s':>9}{'% copy':>8}{'stats +%':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -179,7 +216,12 @@ def main() -> None:
         print(f"{r['op']:<22}{r['dtype']:>9}{r['hidden']:>7}{r['tokens']:>7}{r['time_us']:>11.2f}"
               f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}{extra}")
 
-    result = {"benchmark": "adaskip.ops", "path": path, "date": now_iso(),
+    if ffn_rows:
+        print(f"\n{'decode FFN':<16}{'hidden':>7}{'ffn':>7}{'tokens':>7}{'time us':>10}{'GB/s':>9}{'% copy':>8}")
+        for r in ffn_rows:
+            print(f"{r['op']:<16}{r['hidden']:>7}{r['ffn']:>7}{r['tokens']:>7}{r['time_us']:>10.2f}{r['gbps']:>9.1f}"
+                  f"{r['pct_copy_bw']:>8.1f}")
+    result = {"benchmark": "adaskip.ops", "path": path, "date": now_iso(), "ffn_rows": ffn_rows,
               "git_commit": git_commit(), **info, "copy_gbps": round(copy_bw / 1e9, 1),
               "timing": {"warmup": args.warmup, "repeats": args.repeats, "calls_per_repeat": args.calls,
                          "statistic": "median"},

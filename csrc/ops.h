@@ -20,4 +20,11 @@ void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tens
 void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales, int64_t window,
                   double beta);
 
+// Gated decode GEMVs (1..8 tokens, fp16/bf16): out = x W^T, and out = silu(x Wg^T) * (x Wu^T).
+void gated_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& gates,
+                  int64_t sublayer, at::Tensor& out);
+
+void gated_swiglu_up(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                     const std::optional<at::Tensor>& gates, int64_t sublayer, at::Tensor& out);
+
 }  // namespace adaskip

@@ -17,6 +17,11 @@ TORCH_LIBRARY(adaskip, m) {
   m.def(
       "update_gates(Tensor stats, Tensor(a!) gates, Tensor(b!) scales, int window, float beta) "
       "-> ()");
+  m.def(
+      "gated_linear(Tensor x, Tensor weight, Tensor? gates, int sublayer, Tensor(a!) out) -> ()");
+  m.def(
+      "gated_swiglu_up(Tensor x, Tensor w_gate, Tensor w_up, Tensor? gates, int sublayer, "
+      "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
@@ -24,4 +29,6 @@ TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
   m.impl("io_similarity_stats", &adaskip::io_similarity_stats);
   m.impl("skip_or_scale", &adaskip::skip_or_scale);
   m.impl("update_gates", &adaskip::update_gates);
+  m.impl("gated_linear", &adaskip::gated_linear);
+  m.impl("gated_swiglu_up", &adaskip::gated_swiglu_up);
 }

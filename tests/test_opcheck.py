@@ -18,13 +18,20 @@ def _samples(device, dtype):
     gates = torch.tensor([[1, 0], [2, 1], [0, 0]], dtype=torch.uint8, device=device)
     scales = torch.rand(3, 2, generator=g).to(device) + 0.5
     acc = torch.tensor([[[18.0, 20.0, 20.0], [5.0, 20.0, 20.0]]] * 3, device=device)
-    return [
+    samples = [
         ("fused_add_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, stats.clone(), 1, lens)),
         ("fused_add_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, None, 0, None)),
         ("io_similarity_stats", (r(2, 5, 24), r(2, 5, 24), stats.clone(), 2, None)),
         ("skip_or_scale", (r(2, 3, 16), gates, scales, 1)),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),
     ]
+    if dtype != torch.float32:  # the gated GEMVs take fp16 / bf16
+        samples += [
+            ("gated_linear", (r(2, 64), r(24, 64), gates, 1, torch.empty(2, 24, device=device, dtype=dtype))),
+            ("gated_swiglu_up", (r(2, 64), r(24, 64), r(24, 64), None, 0,
+                                 torch.empty(2, 24, device=device, dtype=dtype))),
+        ]
+    return samples
 
 
 @pytest.mark.parametrize("device", DEVICES)

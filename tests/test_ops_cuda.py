@@ -221,3 +221,52 @@ def test_ops_never_sync_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+@pytest.mark.parametrize("shape", [(576, 1536), (4096, 1000), (130, 77)], ids=str)  # (hidden, ffn); odd: scalar path
+def test_gated_gemvs_match_reference(dtype, tokens, shape):
+    g = torch.Generator().manual_seed(41)
+    h, f = shape
+    x = rand((tokens, h), dtype, "cuda", g)
+    wg, wu = rand((f, h), dtype, "cuda", g, 0.05), rand((f, h), dtype, "cuda", g, 0.05)
+    wd = rand((h, f), dtype, "cuda", g, 0.05)
+    gates = ops.new_gates(3, tokens, "cuda")
+    gates[2] = ops.GATE_SKIP
+    if tokens > 1:
+        gates[1, 0] = ops.GATE_SKIP
+    act = torch.full((tokens, f), float("nan"), dtype=dtype, device="cuda")  # poisoned: must be overwritten
+    ops.gated_swiglu_up(x, wg, wu, gates, 1, act)
+    act_ref = torch.empty(tokens, f, dtype=dtype)
+    ref.gated_swiglu_up(*_cpu(x, wg, wu, gates), 1, act_ref)
+    assert not act.isnan().any()
+    torch.testing.assert_close(act.cpu(), act_ref, rtol=2e-2, atol=2e-3)
+    out = torch.full((tokens, h), float("nan"), dtype=dtype, device="cuda")
+    ops.gated_linear(act, wd, gates, 1, out)
+    out_ref = torch.empty(tokens, h, dtype=dtype)
+    ref.gated_linear(*_cpu(act, wd, gates), 1, out_ref)
+    torch.testing.assert_close(out.cpu(), out_ref, rtol=2e-2, atol=2e-3)
+    skipped = torch.full((tokens, h), float("nan"), dtype=dtype, device="cuda")
+    ops.gated_linear(act, wd, gates, 2, skipped)
+    ops.gated_swiglu_up(x, wg, wu, gates, 2, act)
+    assert skipped.isnan().all()  # every sequence gated off: the kernel wrote nothing
+
+
+def test_gated_gemvs_flip_inside_a_cuda_graph():
+    g = torch.Generator().manual_seed(42)
+    x, w = rand((2, 512), torch.bfloat16, "cuda", g), rand((256, 512), torch.bfloat16, "cuda", g, 0.05)
+    gates = ops.new_gates(1, 2, "cuda")
+    out = torch.zeros(2, 256, dtype=torch.bfloat16, device="cuda")
+    ops.gated_linear(x, w, gates, 0, out)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gated_linear(x, w, gates, 0, out)
+    out.zero_()
+    graph.replay()
+    computed = out.clone()
+    assert computed.abs().sum() > 0
+    out.zero_()
+    gates.fill_(ops.GATE_SKIP)  # flipped on the device; the same graph now skips the GEMV
+    graph.replay()
+    assert out.abs().sum() == 0

@@ -195,3 +195,45 @@ def test_bad_input_is_a_clear_error(case):
     _, call, needle = case
     with pytest.raises((ValueError, RuntimeError), match=needle.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_gated_gemvs_match_float64_and_skip_when_every_sequence_is_gated(dtype, tokens):
+    g = torch.Generator().manual_seed(40)
+    x = rand((tokens, 72), dtype, gen=g)
+    wg, wu, wd = rand((48, 72), dtype, gen=g, scale=0.2), rand((48, 72), dtype, gen=g, scale=0.2), rand((72, 48), dtype, gen=g, scale=0.2)
+    gates = ops.new_gates(4, tokens)
+    gates[3] = ops.GATE_SKIP
+    if tokens > 1:
+        gates[1, 0] = ops.GATE_SKIP  # only some sequences: the GEMV still runs for all
+    act = torch.empty(tokens, 48, dtype=dtype)
+    ops.gated_swiglu_up(x, wg, wu, gates, 1, act)
+    gd, ud = x.double() @ wg.double().t(), x.double() @ wu.double().t()
+    expected = torch.nn.functional.silu(gd) * ud
+    torch.testing.assert_close(act.double(), expected, rtol=3 * ULP[dtype], atol=3 * ULP[dtype])
+    out = torch.empty(tokens, 72, dtype=dtype)
+    ops.gated_linear(act, wd, gates, 1, out)
+    torch.testing.assert_close(out.double(), act.double() @ wd.double().t(), rtol=2 * ULP[dtype], atol=2 * ULP[dtype])
+    poisoned = torch.full((tokens, 72), float("nan"), dtype=dtype)
+    ops.gated_linear(act, wd, gates, 3, poisoned)  # every sequence gated off: nothing written
+    assert poisoned.isnan().all()
+    ops.gated_linear(act, wd, None, 0, poisoned)  # no gates: always computed
+    assert not poisoned.isnan().any()
+
+
+def test_gated_gemv_errors():
+    x, w = torch.randn(2, 16).half(), torch.randn(8, 16).half()
+    out = torch.empty(2, 8).half()
+    cases = [
+        (lambda: ops.gated_linear(x.float(), w.float(), None, 0, out.float()), "'x'"),
+        (lambda: ops.gated_linear(torch.randn(9, 16).half(), w, None, 0, torch.empty(9, 8).half()), "1 to 8 tokens"),
+        (lambda: ops.gated_linear(x, torch.randn(8, 15).half(), None, 0, out), "'weight'"),
+        (lambda: ops.gated_linear(x, w, None, 0, torch.empty(2, 7).half()), "'out'"),
+        (lambda: ops.gated_linear(x, w, ops.new_gates(2, 3), 0, out), "'gates'"),
+        (lambda: ops.gated_linear(x, w, ops.new_gates(2, 2), 2, out), "'sublayer'"),
+        (lambda: ops.gated_swiglu_up(x, w, torch.randn(7, 16).half(), None, 0, out), "'w_up'"),
+    ]
+    for call, needle in cases:
+        with pytest.raises((ValueError, RuntimeError), match=needle):
+            call()

@@ -1,0 +1,190 @@
+// Gated GEMV for the decode FFN: y[b] = W x[b] for 1..8 tokens, skipped on the device.
+//
+// Every block first reads this sublayer's gate of each sequence; when all of them say SKIP the
+// block returns before touching the weights, so a gated-off FFN costs one tiny read per block
+// and no host ever looks at the gate. Outputs of skipped sequences are left unwritten: the
+// fused add + norm that follows (with the same gates) replaces the sublayer by its scale.
+//
+// One warp per output row: each lane streams 16-byte chunks of the row, keeps a partial dot
+// product per token, and the warp sums them with shuffles (a fixed order: deterministic).
+// The tokens' inputs are re-read from L1/L2 for every row; the weights are read exactly once.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "checks.h"
+#include "common.cuh"
+#include "ops.h"
+
+namespace adaskip {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxTokens = 8;
+
+template <typename T, int VEC, int NT>
+__device__ __forceinline__ void row_dot(const T* __restrict__ w_row, const T* __restrict__ x,
+                                        int64_t x_stride, int k, float (&acc)[NT]) {
+  const int lane = threadIdx.x & 31;
+  for (int c = lane; c < k / VEC; c += 32) {
+    const Vec<T, VEC> wv = load_vec<T, VEC>(w_row + c * VEC);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const Vec<T, VEC> xv = load_vec<T, VEC>(x + t * x_stride + c * VEC);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[t] += static_cast<float>(wv.v[j]) * static_cast<float>(xv.v[j]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
+  }
+}
+
+// True when every one of the NT sequences is gated off for this sublayer.
+template <int NT>
+__device__ __forceinline__ bool all_skipped(const uint8_t* __restrict__ gates) {
+  bool all = true;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) all &= gates[t] == GATE_SKIP;
+  return all;
+}
+
+// SWIGLU: out[t, r] = silu(Wg[r] . x[t]) * (Wu[r] . x[t]); otherwise out[t, r] = W[r] . x[t].
+template <typename T, int VEC, int NT, bool SWIGLU>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
+                  const T* __restrict__ w_up, int rows, int k, const uint8_t* __restrict__ gates,
+                  T* __restrict__ out, int64_t out_stride) {
+  if (gates != nullptr && all_skipped<NT>(gates)) return;
+  const int row = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  float acc[NT] = {};
+  row_dot<T, VEC, NT>(w + static_cast<int64_t>(row) * k, x, x_stride, k, acc);
+  float acc_up[NT] = {};
+  if constexpr (SWIGLU) row_dot<T, VEC, NT>(w_up + static_cast<int64_t>(row) * k, x, x_stride, k, acc_up);
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      float y = acc[t];
+      if constexpr (SWIGLU) {
+        // Rounded like torch: silu(g) and u are each rounded to T before their product.
+        const float g = static_cast<float>(static_cast<T>(y));
+        const float silu = static_cast<float>(static_cast<T>(g / (1.f + __expf(-g))));
+        y = silu * static_cast<float>(static_cast<T>(acc_up[t]));
+      }
+      out[t * out_stride + row] = static_cast<T>(y);
+    }
+  }
+}
+
+template <typename T, int VEC, bool SWIGLU>
+void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, int rows, int k,
+                 const uint8_t* gates, T* out, int64_t os, cudaStream_t stream) {
+  const dim3 grid((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), block(kWarpsPerBlock * 32);
+  switch (tokens) {
+#define ADASKIP_GEMV_CASE(N)                                                                    \
+  case N:                                                                                       \
+    gated_gemv_kernel<T, VEC, N, SWIGLU><<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, \
+                                                                      gates, out, os);          \
+    break;
+    ADASKIP_GEMV_CASE(1)
+    ADASKIP_GEMV_CASE(2)
+    ADASKIP_GEMV_CASE(3)
+    ADASKIP_GEMV_CASE(4)
+    ADASKIP_GEMV_CASE(5)
+    ADASKIP_GEMV_CASE(6)
+    ADASKIP_GEMV_CASE(7)
+    ADASKIP_GEMV_CASE(8)
+#undef ADASKIP_GEMV_CASE
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void run_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* w_up,
+              const std::optional<at::Tensor>& gates, int64_t sublayer, at::Tensor& out,
+              const char* w_name) {
+  const at::Device device = x.device();
+  check_cuda(x, "x", device);
+  check_cuda(w, w_name, device);
+  check_cuda(out, "out", device);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'x' must be float16 or bfloat16 ",
+                    "(the gated decode GEMV), got ", dt);
+  TORCH_CHECK_VALUE(x.dim() == 2, "adaskip: 'x' must be [tokens, in_features], got shape ", x.sizes());
+  const int64_t tokens = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(tokens >= 1 && tokens <= kMaxTokens, "adaskip: the gated GEMV takes 1 to ", kMaxTokens,
+                    " tokens, got ", tokens);
+  TORCH_CHECK_VALUE(x.stride(1) == 1, "adaskip: 'x' must be contiguous in its last dimension");
+  for (const at::Tensor* m : {&w, w_up}) {
+    if (m == nullptr) continue;
+    const char* name = m == &w ? w_name : "w_up";
+    check_cuda(*m, name, device);
+    TORCH_CHECK_VALUE(m->scalar_type() == dt, "adaskip: '", name, "' has dtype ", m->scalar_type(),
+                      " but 'x' has ", dt);
+    TORCH_CHECK_VALUE(m->dim() == 2 && m->size(1) == k, "adaskip: '", name, "' must be [out_features, ", k,
+                      "], got shape ", m->sizes());
+    TORCH_CHECK_VALUE(m->is_contiguous(), "adaskip: '", name, "' must be contiguous");
+  }
+  const int64_t rows = w.size(0);
+  if (w_up != nullptr) {
+    TORCH_CHECK_VALUE(w_up->size(0) == rows, "adaskip: 'w_up' has ", w_up->size(0), " rows but '", w_name,
+                      "' has ", rows);
+  }
+  TORCH_CHECK_VALUE(out.scalar_type() == dt && out.dim() == 2 && out.size(0) == tokens && out.size(1) == rows,
+                    "adaskip: 'out' must be ", dt, " [", tokens, ", ", rows, "], got ", out.scalar_type(), " ",
+                    out.sizes());
+  TORCH_CHECK_VALUE(out.stride(1) == 1, "adaskip: 'out' must be contiguous in its last dimension");
+  const uint8_t* g = nullptr;
+  if (gates.has_value()) {
+    check_cuda(*gates, "gates", device);
+    TORCH_CHECK_VALUE(gates->scalar_type() == at::kByte && gates->dim() == 2 && gates->is_contiguous(),
+                      "adaskip: 'gates' must be contiguous uint8 [num_sublayers, batch]");
+    TORCH_CHECK_VALUE(gates->size(1) == tokens, "adaskip: 'gates' holds ", gates->size(1),
+                      " sequences but 'x' has ", tokens, " tokens (one per sequence)");
+    TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
+                      " is out of range for 'gates' with ", gates->size(0), " sublayers");
+    g = gates->data_ptr<uint8_t>() + sublayer * tokens;
+  }
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = k % kVec == 0 && x.stride(0) % kVec == 0 && aligned16(x.data_ptr()) &&
+                     aligned16(w.data_ptr()) && (w_up == nullptr || aligned16(w_up->data_ptr()));
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+    const T* wp = reinterpret_cast<const T*>(w.data_ptr());
+    const T* up = w_up != nullptr ? reinterpret_cast<const T*>(w_up->data_ptr()) : nullptr;
+    T* op = reinterpret_cast<T*>(out.data_ptr());
+    const int r = static_cast<int>(rows), kk = static_cast<int>(k), nt = static_cast<int>(tokens);
+    if (w_up != nullptr) {
+      if (vec) launch_gemv<T, kVec, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+      else launch_gemv<T, 1, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+    } else {
+      if (vec) launch_gemv<T, kVec, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+      else launch_gemv<T, 1, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+    }
+  };
+  if (dt == at::kHalf) go(c10::Half{});
+  else go(c10::BFloat16{});
+}
+
+}  // namespace
+
+void gated_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& gates,
+                  int64_t sublayer, at::Tensor& out) {
+  run_gemv(x, weight, nullptr, gates, sublayer, out, "weight");
+}
+
+void gated_swiglu_up(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                     const std::optional<at::Tensor>& gates, int64_t sublayer, at::Tensor& out) {
+  run_gemv(x, w_gate, &w_up, gates, sublayer, out, "w_gate");
+}
+
+}  // namespace adaskip
