@@ -138,9 +138,6 @@ class _StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_s = 0.0
 
-    def empty(self) -> bool:
-        return not self.graphs
-
     def replay(self, step_plan) -> None:
         online = self.state.online
         key = (tuple(sorted(step_plan.skip_scales.items())) if step_plan is not None else (),
@@ -199,6 +196,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
     if plan is not None:
         plan.check_model(args.num_layers)
+    if cuda_graph and sampling.temperature != 0:
+        raise ValueError("adaskip: the CUDA-graph decode step supports greedy decoding only for now")
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     needed = longest + max_new_tokens
@@ -247,10 +246,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         online = OnlineGates.start(args.num_layers, batch, candidates, device)
     state = _DecodeState(model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan)
     done_flag, gates_flag = _HostFlag(device), _HostFlag(device)
-    use_graph = cuda_graph and device.type == "cuda"
-    if use_graph and sampling.temperature != 0:
-        raise ValueError("adaskip: the CUDA-graph decode step supports greedy decoding only for now")
-    graphs = _StepGraphs(state) if use_graph else None
+    graphs = _StepGraphs(state) if cuda_graph and device.type == "cuda" else None
     same_length = len(set(lengths)) == 1
     steps = 0
     strict = forbid_host_sync and device.type == "cuda"
@@ -268,7 +264,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 online.settle(gates_flag.host)
                 gates_flag.host = None
             step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-            if graphs is not None and (step > 0 or not graphs.empty()):
+            if graphs is not None and step > 0:
                 graphs.replay(step_plan)  # the first step runs eagerly: it is also the warm-up
             else:
                 shared = longest + step if same_length else None
