@@ -112,6 +112,22 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def can_gate(self, x: torch.Tensor) -> bool:
+        """Whether the gated decode GEMVs serve this input: one token per sequence, at most two
+        sequences (beyond that cuBLAS is faster, bench/results), fp16/bf16, no biases."""
+        return (x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 2 and self.gate_proj.bias is None
+                and x.dtype in (torch.float16, torch.bfloat16) and (ops.HAS_EXTENSION or not x.is_cuda))
+
+    def gated(self, x: torch.Tensor, gates: torch.Tensor, sublayer: int) -> torch.Tensor:
+        """The FFN through the gated GEMVs: when every sequence's gate of `sublayer` is SKIP the
+        kernels return at once (decided on the device) and the output stays zero."""
+        b, _, h = x.shape
+        act = torch.zeros(b, self.gate_proj.out_features, dtype=x.dtype, device=x.device)
+        ops.gated_swiglu_up(x.reshape(b, h), self.gate_proj.weight, self.up_proj.weight, gates, sublayer, act)
+        out = torch.zeros(b, h, dtype=x.dtype, device=x.device)
+        ops.gated_linear(act, self.down_proj.weight, gates, sublayer, out)
+        return out.view(b, 1, h)
+
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -239,12 +255,15 @@ class Transformer(nn.Module):
                     ops.skip_or_scale(h, online.gates, online.scales, s)
                     x = next_norm(h)
                     continue
+                gated = online is not None and s in online.learning  # decided per sequence, on the device
                 if is_attention:
                     out = layer.self_attn(x, cos, sin, masks[layer.self_attn.window], positions, kv_len)
+                elif gated and layer.mlp.can_gate(x):
+                    out = layer.mlp.gated(x, online.gates, s)
                 else:
                     out = layer.mlp(x)
                 sublayer_stats = stats
-                if online is not None and s in online.learning:  # gated per sequence, on the device
+                if gated:
                     out.mul_(online.keep(s, out.dtype))
                     ops.skip_or_scale(h, online.gates, online.scales, s)
                     sublayer_stats = online.stats

@@ -179,3 +179,34 @@ def test_decode_over_the_whole_cache_with_device_positions_equals_the_short_path
         ours(prompts, 0, kv_len=12)  # rewrite the same cache state
         whole = ours(tok, torch.tensor([12, 12]), kv_len=40)
     torch.testing.assert_close(whole, short, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_ffn_through_the_gated_gemvs(pair):
+    """bf16, one token per sequence: the FFN of an online-learning sublayer goes through the gated
+    GEMVs (here their PyTorch reference), equal to the plain FFN while gated on, zero when every
+    sequence is gated off."""
+    _, ours = pair
+    mlp = ours.model.layers[1].mlp
+    saved = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    try:
+        mlp.to(torch.bfloat16)
+        x = torch.randn(2, 1, 64).bfloat16()
+        gates = ops.new_gates(6, 2)
+        assert mlp.can_gate(x) and not mlp.can_gate(x.float()) and not mlp.can_gate(torch.randn(3, 1, 64).bfloat16())
+        torch.testing.assert_close(mlp.gated(x, gates, 3).float(), mlp(x).float(), rtol=2e-2, atol=2e-2)
+        gates[3] = ops.GATE_SKIP
+        assert mlp.gated(x, gates, 3).abs().sum() == 0
+    finally:
+        for n, p in mlp.named_parameters():
+            p.data = saved[n]
+
+
+def test_online_learning_in_bf16_uses_the_gated_ffn(pair):
+    hf, _ = pair
+    cfg = transformers.LlamaConfig(**CFG)
+    model = build_model(ModelArgs.from_hf_config({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}),
+                        {k: v.clone().bfloat16() for k, v in hf.state_dict().items()})
+    p = SkipPlan(3, {2: 1.0}, beta=-1.0, window=3)
+    out = generate(model, [_prompt(10, 31), _prompt(7, 32)], max_new_tokens=8, eos_token_ids=[], plan=p)
+    assert out.online_skipped == [[1, 3, 5], [1, 3, 5]]
+    assert all(len(t) == 8 for t in out.tokens)
