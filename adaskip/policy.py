@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .costs import paper_num_skipped, paper_speedup
 from .plan import MODES, SkipPlan
 from .profile import ImportanceProfile
 
@@ -21,12 +22,7 @@ def sublayers_for_alpha(num_layers: int, alpha: float) -> int:
     if not 1.0 <= alpha <= max_alpha(num_layers):
         raise ValueError(f"adaskip: alpha must be in [1, {max_alpha(num_layers):g}] for a model with "
                          f"{num_layers} layers (1: nothing skipped; {num_layers}: all but one layer), got {alpha}")
-    m = num_layers - num_layers / alpha
-    return int(round(2 * m))
-
-
-def paper_speedup(num_layers: int, num_sublayers: int) -> float:
-    return num_layers / (num_layers - num_sublayers / 2)
+    return paper_num_skipped(num_layers, alpha)
 
 
 def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[int] = None,
