@@ -52,20 +52,26 @@ class _HostFlag:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.event = None
-        self.host = None
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.buffer = None  # pinned, allocated once and reused: copies into it are stream-ordered
+        self.pending = False  # a posted copy has not been seen to land yet
+        self.host = None  # the value once it has landed; the caller sets None when consumed
 
     def post(self, value: torch.Tensor) -> None:
+        self.host = None
         if not self.cuda:
             self.host = value.clone()
             return
-        self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        self.host.copy_(value, non_blocking=True)
-        self.event = torch.cuda.Event()
+        if self.buffer is None:
+            self.buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self.buffer.copy_(value, non_blocking=True)
         self.event.record()
+        self.pending = True
 
     def ready(self) -> bool:
-        return self.host is not None and (not self.cuda or self.event.query())
+        if self.pending and self.event.query():
+            self.host, self.pending = self.buffer, False
+        return self.host is not None
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -50,14 +50,17 @@ def test_decode_never_waits_on_the_host(pair):
             assert strict.online_skipped == [[1, 3, 5, 7]] * len(batch)
 
 
-def test_eos_stops_without_waiting(pair):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_eos_stops_without_waiting(pair, cuda_graph):
     _, ours, _ = pair
     prompt = torch.randint(0, 257, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     free = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[]).tokens[0]
     stop = free[3]
-    out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], forbid_host_sync=True)
+    out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], forbid_host_sync=True,
+                   cuda_graph=cuda_graph)
     assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
-    assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
+    if not cuda_graph:  # replays run ahead of the GPU, so the graph path may notice later
+        assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
 
 
 @pytest.mark.parametrize("plan_kind", ["none", "online", "ramp"])
@@ -83,12 +86,3 @@ def test_cuda_graph_decode_matches_eager(pair, plan_kind):
             assert graph.graphs_captured in (1, 2) and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
         if plan_kind == "ramp":  # one graph per step of the ramp (1, then 2 layers)
             assert graph.graphs_captured == 2
-
-
-def test_cuda_graph_decode_stops_at_eos(pair):
-    _, ours, _ = pair
-    prompt = torch.randint(0, 257, (30,), generator=torch.Generator().manual_seed(6)).tolist()
-    free = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[]).tokens[0]
-    stop = free[4]
-    out = generate(ours, [prompt], max_new_tokens=16, eos_token_ids=[stop], cuda_graph=True)
-    assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
