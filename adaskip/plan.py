@@ -61,7 +61,17 @@ class SkipPlan:
         """Layers that need a KV cache under this plan."""
         if self.mode != "e2e":
             return set(range(self.num_layers))  # prefill fills every layer's cache, or decode reads it
-        return set(range(self.num_layers)) - self.skipped_attention_layers
+        return set(range(self.num_layers)) - self._attention_skipped_throughout()
+
+    def _attention_skipped_throughout(self) -> set:
+        """Attention layers skipped in prefill and in every decode step. SkipDecode's ramp starts
+        decode with only its first layer skipped, so the others run attention over the prompt
+        there: they keep a cache, filled in prefill although their attention is skipped."""
+        layers = self.skipped_attention_layers
+        if self.ramp and layers:
+            first = min({s // 2 for s in self.skip_scales})
+            return layers & {first}
+        return layers
 
     @property
     def online(self) -> bool:
@@ -71,7 +81,11 @@ class SkipPlan:
         """The skips that apply in "prefill" or in decode step `step` of `total_steps`."""
         if phase == "prefill":
             active = self.skip_scales if self.mode in ("prefill", "e2e") else {}
-            kv_only = self.skipped_attention_layers if self.mode == "prefill" else set()
+            kv_only = self.skipped_attention_layers  # mode "prefill": decode runs every attention
+            if self.mode == "e2e":
+                kv_only = kv_only - self._attention_skipped_throughout()
+            elif self.mode == "decode":
+                kv_only = set()
         elif phase == "decode":
             active = self.skip_scales if self.mode in ("decode", "e2e") else {}
             if self.ramp and active:

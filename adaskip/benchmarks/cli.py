@@ -1,0 +1,76 @@
+"""`adaskip bench kernels|e2e`. adaskip.cli calls `register(subparsers)`; this module also runs on
+its own (`python -m adaskip.benchmarks.cli bench e2e ...`), with the same error handling."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_OUT_DIR = Path("bench-results")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds `bench` with `kernels` and `e2e` under it; each sets `func` to its command."""
+    from . import e2e, kernels
+
+    bench = subparsers.add_parser("bench", help="speed benchmarks: kernels, end to end",
+                                  description="Speed benchmarks. Results go to JSON (and a PNG plot for e2e): "
+                                  "--out FILE, or a dated name in --out-dir (default ./bench-results).")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
+    k = sub.add_parser("kernels", help="microbenchmarks of adaskip.ops against the copy-bandwidth ceiling",
+                       description=kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kernels.add_arguments(k)
+    k.set_defaults(func=cmd_kernels)
+    e = sub.add_parser("e2e", help="TTFT / TPOT of the full model, every strategy and budget, the ideal, and "
+                       "HF transformers", description=e2e.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e2e.add_arguments(e)
+    e.set_defaults(func=cmd_e2e)
+    return bench
+
+
+def _out_path(args, prefix: str, device: str) -> Path:
+    from .common import output_path
+
+    return output_path(args.out, args.out_dir, prefix, device, DEFAULT_OUT_DIR)
+
+
+def cmd_kernels(args) -> dict:
+    from . import kernels
+    from .common import write_json
+
+    result = kernels.run(args)
+    write_json(_out_path(args, kernels.result_prefix(args), result["device"]), result)
+    return result
+
+
+def cmd_e2e(args) -> dict:
+    from . import e2e, report
+    from .common import write_json
+
+    result = e2e.run(args)
+    out = _out_path(args, e2e.result_prefix(result), result["device"])
+    if args.plot:
+        result["plot"] = str(report.plot(result, out.with_suffix(".png")))
+    print()
+    print(report.markdown_tables(result))
+    write_json(out, result)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaskip", description="adaskip benchmarks")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,170 @@
+"""What every benchmark result carries so that it can be trusted later: the device (with the
+driver and clocks from NVML on a GPU, since clocks and drivers move timings), the software
+versions, the git commit and the date; plus the JSON writer and the timing helpers the
+benchmarks share."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# The checkout this package was imported from, when it is one (an editable install); a wheel
+# install has no git history to ask.
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def git_commit() -> str:
+    """ADASKIP_GIT_COMMIT when set (a copied tree has no .git), else `git rev-parse HEAD` of the
+    checkout the package lives in, else "unknown"."""
+    if os.environ.get("ADASKIP_GIT_COMMIT"):
+        return os.environ["ADASKIP_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_ROOT, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def device_info(device: Optional[torch.device] = None) -> dict:
+    """Device and software facts. On a GPU: torch's view of it, then NVML's (name, driver, memory,
+    current and max clocks, power limit); an NVML failure is recorded, not raised."""
+    from adaskip import ops
+
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
+            "backend": ops.backend()}
+    if device.type != "cuda":
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        info["torch_threads"] = torch.get_num_threads()
+        return info
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    info.update(device=props.name, sm_count=props.multi_processor_count,
+                capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
+                l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1))
+    try:
+        info.update(_nvml_info(index, props))
+    except Exception as e:  # nvidia-ml-py missing or NVML unavailable: say so, keep going
+        info["nvml_error"] = repr(e)
+    return info
+
+
+def _nvml_info(index: int, props) -> dict:
+    import pynvml
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    pynvml.nvmlInit()
+    try:
+        handle = None
+        uuid = getattr(props, "uuid", None)
+        if uuid is not None:  # the same GPU whatever CUDA_VISIBLE_DEVICES renumbers
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            except pynvml.NVMLError:
+                handle = None
+        if handle is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return {
+            "nvml_name": text(pynvml.nvmlDeviceGetName(handle)),
+            "driver": text(pynvml.nvmlSystemGetDriverVersion()),
+            "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion(),
+            "memory_total_gib": round(mem.total / 2**30, 1),
+            "memory_used_gib": round(mem.used / 2**30, 1),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "mem_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "power_limit_w": pynvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000,
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def result_name(prefix: str, device: str, suffix: str = ".json") -> str:
+    """<prefix>-<device slug>-<date><suffix>, the naming of bench/results."""
+    slug = device.lower().replace("nvidia", "").strip()
+    slug = "-".join("".join(c if c.isalnum() or c in "-." else " " for c in slug).split())
+    return f"{prefix}-{slug}-{dt.date.today().isoformat()}{suffix}"
+
+
+def default_result_path(prefix: str, device: str, out_dir) -> Path:
+    return Path(out_dir) / result_name(prefix, device)
+
+
+def output_path(out, out_dir, prefix: str, device: str, fallback_dir=None) -> Optional[Path]:
+    """--out as given; else a result name in --out-dir, else in `fallback_dir`; else None."""
+    if out is not None:
+        return Path(out)
+    folder = out_dir if out_dir is not None else fallback_dir
+    return None if folder is None else default_result_path(prefix, device, folder)
+
+
+def clean(value):
+    """JSON has no inf / nan: they become None (json.dumps would write non-standard Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+def write_json(path, result: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(result), indent=1, allow_nan=False) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall time of a block, synchronising a GPU on both ends so that the block's kernels are
+    inside it (perf_counter on a CPU, where calls are synchronous anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.seconds = float("nan")
+
+    def __enter__(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+
+
+def median(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: Optional[float], b: Optional[float], digits: int = 4) -> Optional[float]:
+    """a / b rounded, or None when either is missing or b is not positive."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return None
+    return round(a / b, digits)

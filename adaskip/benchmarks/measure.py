@@ -1,0 +1,155 @@
+"""The measurements behind `adaskip bench e2e`: one plan's TTFT and TPOT through
+adaskip.generate (and transformers' in the same rounds), its ideal speedup from the measured
+sublayer times, and the rows of the result. Kept apart from the setup in e2e.py so that what is
+timed, and how, reads in one place."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .common import Clock, median, ratio
+
+DEFINITIONS = {
+    "ttft": "time to first token: the whole prompt in one prefill pass plus the first greedy token",
+    "tpot": "decode time per output token (eager; tpot_graph: with the CUDA-graph decode step, capture excluded)",
+    "speedup": "our full model's time over the plan's, same prompt length, same run",
+    "ideal": "full time / (full time - measured time of the skipped sublayers, each timed alone, eagerly); "
+             "decode: the mean over the decode steps' skip sets",
+    "of_ideal": "measured speedup / ideal speedup",
+    "paper_alpha": "M / (M - k/2): the paper's equal-cost speedup of skipping k sublayers of M layers",
+    "kv_cache_bytes": "our static KV cache for prompt + output tokens (HF: its DynamicCache at the end of the run)",
+}
+
+
+def _generate(model, prompt, plan, decode_tokens: int, graph: bool):
+    from adaskip.generate import generate
+
+    # eos none: every run decodes the same number of tokens; one prefill pass, as HF does it.
+    return generate(model, [prompt], max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
+                    prefill_chunk=len(prompt), cuda_graph=graph)
+
+
+@torch.inference_mode()
+def _hf_run(hf, cfg, ids, decode_tokens: int, device) -> tuple:
+    """(TTFT s, TPOT s, KV-cache bytes at the end) of transformers with its DynamicCache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=cfg)
+    with Clock(device) as prefill:
+        out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1)
+    with Clock(device) as decode:
+        for _ in range(decode_tokens):
+            out = hf(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1)
+    return prefill.seconds, decode.seconds / decode_tokens, _cache_bytes(cache)
+
+
+def _cache_bytes(cache) -> Optional[int]:
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total or None
+
+
+def measure(model, prompt, plan, args, graph: bool, hf=None) -> dict:
+    """Medians of TTFT and TPOT (eager, and graph decode when `graph`) over args.repeats runs after
+    args.warmup untimed ones; with `hf` = (model, config, ids), transformers is run in the same
+    rounds, interleaved, so that drifts of the machine hit both alike."""
+    ttft, tpot, tpot_graph, hf_samples = [], [], [], []
+    last = None
+    for rnd in range(args.warmup + args.repeats):
+        runs = [_generate(model, prompt, plan, args.decode_tokens, False)]
+        if graph:
+            runs.append(_generate(model, prompt, plan, args.decode_tokens, True))
+        h = _hf_run(hf[0], hf[1], hf[2], args.decode_tokens, hf[2].device) if hf is not None else None
+        if rnd < args.warmup:
+            continue
+        ttft += [r.prefill_s for r in runs]  # prefill is the same code with or without graphs
+        tpot.append(runs[0].time_per_output_token_s)
+        if graph:
+            tpot_graph.append(runs[1].time_per_output_token_s)
+        if h is not None:
+            hf_samples.append(h)
+        last = runs[0]
+    out = {"ttft_s": median(ttft), "tpot_s": median(tpot), "tpot_graph_s": median(tpot_graph) if graph else None,
+           "kv_cache_bytes": last.kv_cache_bytes,
+           "online_skipped": last.online_skipped[0] if last.online_skipped else []}
+    if hf_samples:
+        out["hf"] = {"ttft_s": median(s[0] for s in hf_samples), "tpot_s": median(s[1] for s in hf_samples),
+                     "kv_cache_bytes": hf_samples[-1][2]}
+    return out
+
+
+def ideal_speedup(full_s: float, costs, skip_sets: list) -> Optional[float]:
+    """full / (full - the mean over `skip_sets` of the skipped sublayers' measured time): one set
+    for prefill; one per decode step (SkipDecode's ramp changes the set as it goes)."""
+    if not skip_sets or not math.isfinite(full_s):
+        return None
+    saving = sum(costs.saving(s) for s in skip_sets) / len(skip_sets)
+    left = full_s - saving
+    return round(full_s / left, 4) if left > 0 else None
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None or not math.isfinite(seconds) else round(seconds * 1e3, 4)
+
+
+def plan_row(length: int, strategy: str, k: int, plan, m: dict, full: dict, costs: dict, args,
+             num_layers: int) -> dict:
+    from adaskip.costs import paper_speedup
+
+    if plan is None:
+        prefill_sets, decode_sets, attn, ffn, skipped = [], [], 0, 0, []
+    else:
+        steps = args.decode_tokens
+        prefill_sets = [set(plan.phase("prefill").skip_scales)]
+        decode_sets = [set(plan.phase("decode", i, steps).skip_scales) for i in range(steps)]
+        attn, ffn, skipped = len(plan.skipped_attention_layers), len(plan.skipped_ffn_layers), sorted(plan.skip_scales)
+    ttft_x, tpot_x = ratio(full["ttft_s"], m["ttft_s"]), ratio(full["tpot_s"], m["tpot_s"])
+    ideal_ttft = ideal_speedup(full["ttft_s"], costs["prefill"], prefill_sets) if plan is not None else 1.0
+    ideal_tpot = ideal_speedup(full["tpot_s"], costs["decode"], decode_sets) if plan is not None else 1.0
+    row = {"prompt_len": length, "strategy": strategy, "num_sublayers": k,
+           "paper_alpha": round(paper_speedup(num_layers, k), 4), "skipped_attention": attn, "skipped_ffn": ffn,
+           "skipped_sublayers": skipped,
+           "ttft_ms": _ms(m["ttft_s"]), "ttft_speedup": ttft_x, "ideal_ttft_speedup": ideal_ttft,
+           "ttft_of_ideal": ratio(ttft_x, ideal_ttft),
+           "tpot_ms": _ms(m["tpot_s"]), "tpot_speedup": tpot_x, "ideal_tpot_speedup": ideal_tpot,
+           "tpot_of_ideal": ratio(tpot_x, ideal_tpot),
+           "kv_cache_bytes": m["kv_cache_bytes"], "kv_cache_ratio": ratio(m["kv_cache_bytes"], full["kv_cache_bytes"])}
+    if m.get("tpot_graph_s") is not None:
+        row["tpot_graph_ms"] = _ms(m["tpot_graph_s"])
+        row["tpot_graph_speedup"] = ratio(full["tpot_graph_s"], m["tpot_graph_s"])
+    if m.get("online_skipped"):
+        row["online_skipped"] = m["online_skipped"]
+    return row
+
+
+def cost_summary(length: int, costs) -> dict:
+    per = costs.per_sublayer
+    attn, ffn = per[0::2], per[1::2]
+    return {"prompt_len": length, "mode": costs.mode, "attention_ms_mean": round(1e3 * sum(attn) / len(attn), 4),
+            "ffn_ms_mean": round(1e3 * sum(ffn) / len(ffn), 4), "fixed_ms": round(1e3 * costs.fixed, 4),
+            "sum_ms": round(1e3 * costs.total, 4), "per_sublayer_ms": [round(1e3 * c, 5) for c in per]}
+
+
+def baseline_row(length: int, full: dict, args) -> dict:
+    """Our full model against transformers' at one prompt length."""
+    row = {"prompt_len": length, "decode_tokens": args.decode_tokens,
+           "ttft_ms": {"ours": _ms(full["ttft_s"])}, "tpot_ms": {"ours": _ms(full["tpot_s"])},
+           "kv_cache_bytes": {"ours": full["kv_cache_bytes"]}}
+    if full.get("tpot_graph_s") is not None:
+        row["tpot_ms"]["ours_graph"] = _ms(full["tpot_graph_s"])
+    hf = full.get("hf")
+    if hf is not None:
+        row["ttft_ms"]["hf"], row["tpot_ms"]["hf"] = _ms(hf["ttft_s"]), _ms(hf["tpot_s"])
+        row["kv_cache_bytes"]["hf"] = hf["kv_cache_bytes"]
+        row["ttft_ratio_ours_over_hf"] = ratio(full["ttft_s"], hf["ttft_s"])
+        row["tpot_ratio_ours_over_hf"] = ratio(full["tpot_s"], hf["tpot_s"])
+        if full.get("tpot_graph_s") is not None:
+            row["tpot_ratio_ours_graph_over_hf"] = ratio(full["tpot_graph_s"], hf["tpot_s"])
+    return row

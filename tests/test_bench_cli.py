@@ -1,0 +1,189 @@
+"""`adaskip bench kernels|e2e` through the parser `register` builds, on CPU at tiny sizes: the
+JSON carries what makes a result trustworthy later (device, torch, commit, date), every
+strategy at every budget is timed with an ideal above 1 where something is skipped, plans that
+skip attention shrink the KV cache, the plot is written, and bad requests fail clearly."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from adaskip.benchmarks import e2e, measure, register
+from adaskip.benchmarks.cli import main
+from adaskip.benchmarks.common import clean, device_info, git_commit, output_path
+from adaskip.costs import SublayerCosts
+from adaskip.plan import SkipPlan
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU machines running the tests are shared: one thread keeps the timings sane."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(*argv):
+    p = argparse.ArgumentParser(prog="adaskip")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def test_kernels_quick_writes_json(tmp_path):
+    out = tmp_path / "ops.json"
+    _run("kernels", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    for key in ("device", "torch", "git_commit", "date", "copy_gbps", "rows", "timing"):
+        assert key in result
+    assert {"add_rmsnorm+stats", "add_rmsnorm", "io_similarity_stats", "skip_or_scale(skip)",
+            "torch add_+rms_norm"} <= {r["op"] for r in result["rows"]}
+    assert all(r["time_us"] > 0 and r["bytes"] > 0 and r["gbps"] >= 0 for r in result["rows"])
+    if not torch.cuda.is_available():
+        assert "reference on CPU" in result["path"] and result["ffn_rows"] == []
+
+
+@pytest.fixture(scope="module")
+def e2e_result(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path_factory.mktemp("e2e")
+    torch.set_num_threads(1)
+    _run("e2e", "--config", "tiny", "--prompt-lens", "32", "--decode-tokens", "3", "--repeats", "2",
+         "--budgets", "2,4", "--out-dir", str(out_dir))
+    (path,) = out_dir.glob("e2e-tiny-*.json")
+    return json.loads(path.read_text()), path
+
+
+def test_e2e_json_header(e2e_result):
+    result, _ = e2e_result
+    for key in ("device", "torch", "git_commit", "date", "dtype", "rows", "baseline", "sublayer_costs"):
+        assert result[key] is not None, key
+    assert result["weights"] == "random" and result["num_layers"] == 4
+    assert result["profile"] == "calibrated on random tokens (speed only)"
+    assert result["prompt_lens"] == [32] and result["budgets"] == [2, 4]
+    assert result["smoke_run"] == (not torch.cuda.is_available())
+    assert {c["mode"] for c in result["sublayer_costs"]} == {"prefill", "decode"}
+    assert all(len(c["per_sublayer_ms"]) == 8 and min(c["per_sublayer_ms"]) > 0 for c in result["sublayer_costs"])
+
+
+def test_e2e_hf_side_by_side(e2e_result):
+    result, _ = e2e_result
+    # Same weights: equal up to rounding (fp32 on a CPU; bf16 by default on a GPU)
+    assert result["logits_parity_rel_err"] < (1e-4 if result["dtype"] == "float32" else 3e-2)
+    (row,) = result["baseline"]
+    assert row["ttft_ms"]["ours"] > 0 and row["ttft_ms"]["hf"] > 0 and row["tpot_ms"]["hf"] > 0
+    assert row["kv_cache_bytes"]["ours"] > 0 and row["ttft_ratio_ours_over_hf"] > 0
+
+
+def test_e2e_every_strategy_at_every_budget(e2e_result):
+    result, _ = e2e_result
+    rows = result["rows"]
+    full = next(r for r in rows if r["strategy"] == "full")
+    assert full["ttft_speedup"] == full["ideal_ttft_speedup"] == 1.0 and full["kv_cache_ratio"] == 1.0
+    seen = {(r["strategy"], r["num_sublayers"]) for r in rows if r["strategy"] != "full"}
+    assert seen == {(s, k) for s in e2e.STRATEGIES for k in (2, 4)}
+    for r in rows:
+        if r["strategy"] == "full":
+            continue
+        assert r["skipped_attention"] + r["skipped_ffn"] == r["num_sublayers"] == len(r["skipped_sublayers"])
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["paper_alpha"] > 1
+        assert r["ideal_ttft_speedup"] > 1 and r["ideal_tpot_speedup"] > 1, r
+        assert r["ttft_of_ideal"] == pytest.approx(r["ttft_speedup"] / r["ideal_ttft_speedup"], rel=1e-3)
+        if r["skipped_attention"]:  # layers whose attention never runs keep no KV cache
+            assert r["kv_cache_bytes"] < full["kv_cache_bytes"], r
+        else:
+            assert r["kv_cache_bytes"] == full["kv_cache_bytes"]
+
+
+def test_e2e_plot_and_tables(e2e_result, capsys):
+    result, path = e2e_result
+    png = path.with_suffix(".png")
+    assert result["plot"] == str(png) and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ideal_speedup_counts_the_skipped_sublayers():
+    costs = SublayerCosts(per_sublayer=[1.0, 2.0, 3.0, 4.0], fixed=0.5, context_len=8, mode="decode",
+                          source="measured")
+    assert measure.ideal_speedup(10.0, costs, [{0, 1}]) == pytest.approx(10 / 7, abs=1e-4)
+    # SkipDecode's ramp: the mean saving over the decode steps
+    assert measure.ideal_speedup(10.0, costs, [{0}, {0, 1}]) == pytest.approx(10 / 8, abs=1e-4)
+    assert measure.ideal_speedup(2.0, costs, [{2, 3}]) is None  # noise made the skipped part the whole
+
+
+def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():
+    # Layers 1 and 2 skipped in prefill; decode starts with only layer 1 skipped, so layer 2's
+    # attention runs over the prompt: its cache is kept and filled in prefill.
+    p = SkipPlan(4, {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}, ramp=True, mode="e2e")
+    assert p.attention_layers == {0, 2, 3}
+    assert p.phase("prefill").kv_only_attention == {2}
+    plain = SkipPlan(4, {2: 1.0, 3: 1.0}, mode="e2e")
+    assert plain.attention_layers == {0, 2, 3} and plain.phase("prefill").kv_only_attention == frozenset()
+    assert SkipPlan(4, {2: 1.0}, mode="prefill").phase("prefill").kv_only_attention == {1}
+
+
+def test_device_info_and_commit(monkeypatch):
+    monkeypatch.setenv("ADASKIP_GIT_COMMIT", "abc123")
+    assert git_commit() == "abc123"  # a copied tree without .git says where it came from
+    info = device_info(torch.device("cpu"))
+    assert info["device"].startswith("CPU") and info["torch"] == torch.__version__ and "backend" in info
+
+
+def test_result_paths_and_json_cleaning(tmp_path):
+    assert output_path(tmp_path / "x.json", None, "e2e", "CPU", None) == tmp_path / "x.json"
+    assert output_path(None, None, "e2e", "CPU", None) is None
+    name = output_path(None, tmp_path, "ops", "NVIDIA H100 80GB HBM3", None).name
+    assert name.startswith("ops-h100-80gb-hbm3-") and name.endswith(".json")
+    assert clean({"a": [float("inf"), 1.0], "b": float("nan")}) == {"a": [None, 1.0], "b": None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-lens", "4000"], "exceeds the model's context of 2048"),
+    (["--budgets", "7"], "out of range"),
+    (["--strategies", "adaskip,bogus"], "unknown strategies ['bogus']"),
+    (["--model", "smollm2", "--layers", "2"], "--layers shrinks a random-weight config"),
+])
+def test_e2e_errors_are_clear(argv, message, capsys):
+    argv = (["--config", "tiny"] if "--model" not in argv else []) + argv
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "e2e", *argv])
+    assert message in str(e.value)
+
+
+def test_e2e_unknown_config_and_foreign_profile(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--config", "llama-9"])
+    assert "invalid choice: 'llama-9'" in capsys.readouterr().err
+    from adaskip.benchmarks.models import random_model
+    from adaskip.calibrate import calibrate
+
+    other = random_model("tiny", 2, torch.float32, "cpu").model  # 2 layers, not 4
+    calibrate(other, [list(range(16))], num_requests=1, prompt_len=16, progress=False).save(tmp_path / "p.json")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "e2e", "--config", "tiny", "--profile", str(tmp_path / "p.json"), "--out-dir", str(tmp_path)])
+    assert "made for another model" in str(e.value)
+
+
+def test_e2e_real_weights_from_an_hf_directory(tmp_path):
+    """--model DIR: real weights through adaskip.load_model, and transformers on the same tensors."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from adaskip.benchmarks.models import hf_config_dict, model_args, random_weights
+
+    model_dir = tmp_path / "tiny-hf"
+    model_dir.mkdir()
+    cfg = {**hf_config_dict("tiny", 2), "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    save_file(random_weights(model_args("tiny", 2), torch.float32, "cpu", seed=5), str(model_dir / "model.safetensors"))
+    out = tmp_path / "real.json"
+    result = _run("e2e", "--model", str(model_dir), "--device", "cpu", "--prompt-lens", "16", "--decode-tokens", "2",
+                  "--repeats", "1", "--warmup", "0", "--budgets", "2", "--strategies", "adaskip,early-exit",
+                  "--out", str(out), "--no-plot")
+    assert json.loads(out.read_text())["weights"] == "real" and not out.with_suffix(".png").exists()
+    assert result["num_layers"] == 2 and result["logits_parity_rel_err"] < 1e-4
+    assert result["baseline"][0]["tpot_ms"]["hf"] > 0
+    assert any("random token ids" in n for n in result["notes"])
+    assert {r["strategy"] for r in result["rows"]} == {"full", "adaskip", "early-exit"}
