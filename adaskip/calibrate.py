@@ -10,21 +10,25 @@ from .profile import ImportanceProfile, model_fingerprint
 
 
 def calibration_requests(texts: Iterable[str], tokenizer, *, num_requests: int, prompt_len: int,
-                         min_len: Optional[int] = None) -> list:
+                         min_len: Optional[int] = None, with_sources: bool = False) -> list:
     """Token lists of up to prompt_len tokens: consecutive windows of each text in order (a
     long text gives several requests), skipping windows shorter than min_len (default half of
-    prompt_len), until num_requests are collected."""
+    prompt_len), until num_requests are collected. with_sources: return (requests, the index of
+    the text each request came from) instead."""
     min_len = prompt_len // 2 if min_len is None else min_len
-    requests = []
-    for text in texts:
+    requests, sources = [], []
+    for index, text in enumerate(texts):
+        if len(requests) == num_requests:
+            break
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), prompt_len):
             window = ids[start:start + prompt_len]
             if len(window) >= max(min_len, 2):
                 requests.append(window)
+                sources.append(index)
             if len(requests) == num_requests:
-                return requests
-    return requests
+                break
+    return (requests, sources) if with_sources else requests
 
 
 @torch.inference_mode()

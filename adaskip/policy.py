@@ -8,7 +8,10 @@ from .costs import paper_num_skipped, paper_speedup
 from .plan import MODES, SkipPlan
 from .profile import ImportanceProfile
 
-STRATEGIES = ("full", "adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
+STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit", "skipdecode", "unified",
+              "shortgpt")
+# Strategies that take any number of sublayers (the others skip whole layers: even budgets only).
+SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss")
 PLANNERS = ("paper", "cost")
 
 
@@ -37,6 +40,9 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     planner="cost": instead of counting sublayers, reach the speedup alpha (or the paper speedup of
       num_sublayers) under a per-sublayer cost model at `context_len` (adaskip.costs, from
       `model_args`; or pass `costs=` measured ones) while losing the least similarity.
+    greedy-similarity / greedy-loss: the first k choices of the profile's greedy search
+      (adaskip.search: re-measured similarities; loss-aware among the most similar), with the
+      compensation scales measured during the search; online learning as for adaskip.
     Baselines skip whole layers (n = budget / 2) with identity pass-through: early-exit (the last
       n), skipdecode (layers 1..n; in decode ramping up from 1 layer to n), unified (layers with
       index % (M // n) == 1), shortgpt (the n layers of highest block similarity in the profile).
@@ -61,9 +67,11 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError(f"adaskip: num_sublayers must be in [0, {2 * num_layers - 2}] "
                          f"(all but one layer), got {num_sublayers}")
     k = num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
-    if strategy in ("adaskip", "shortgpt") and profile is None:
+    if strategy not in ("early-exit", "skipdecode", "unified") and profile is None:
         raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
 
+    if strategy.startswith("greedy-"):
+        return _greedy(profile, strategy, k, mode, window, online, fingerprint)
     if strategy == "adaskip":
         return _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args, fingerprint)
     if k % 2:
@@ -116,3 +124,48 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
                     window=window, predicted_speedup=predicted, importance_lost=lost, explanation=explanation,
                     model_fingerprint=fingerprint)
 
+
+
+def _greedy(profile, strategy, k, mode, window, online, fingerprint) -> SkipPlan:
+    result = profile.search_result(strategy[len("greedy-"):])
+    skip = result.skip_scales(k)
+    m = profile.num_layers
+    beta = min(result.similarity[:k]) if k and online and mode != "prefill" else None
+    loss = result.loss[k] if k < len(result.loss) and result.loss[k] is not None else None
+    note = f"; calibration loss {result.loss[0]:.4f} -> {loss:.4f}" if loss is not None and result.loss[0] else ""
+    return SkipPlan(m, skip, mode=mode, strategy=strategy, beta=beta, window=window,
+                    predicted_speedup=paper_speedup(m, k), model_fingerprint=fingerprint,
+                    explanation=f"greedy {result.method} search: its first {k} choices{note}")
+
+
+def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target: float, costs, *,
+                    num_layers: Optional[int] = None, mode: str = "e2e", window: int = 20,
+                    online: bool = True) -> SkipPlan:
+    """Equal-time planning: the plan of `strategy` that reaches `target` speedup under `costs`
+    (adaskip.costs.SublayerCosts: attention and FFN sublayers do not cost the same) with the
+    fewest skipped sublayers. adaskip uses its cost planner (the least similarity lost for the
+    target); every other strategy grows its own budget until the target is reached."""
+    if target < 1.0:
+        raise ValueError(f"adaskip: a target speedup must be >= 1, got {target}")
+    m = profile.num_layers if profile is not None else num_layers
+    if m is None:
+        raise ValueError("adaskip: pass a profile or num_layers")
+    if costs.num_layers != m:
+        raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {m}")
+    common = dict(num_layers=m, mode=mode, window=window, online=online)
+    if strategy == "adaskip":
+        p = plan(profile, strategy="adaskip", planner="cost", alpha=target, costs=costs, **common)
+        p.predicted_speedup = costs.speedup(p.skip_scales)
+        return p
+    step = 1 if strategy in SUBLAYER_STRATEGIES else 2
+    limit = 2 * m - 2
+    if strategy.startswith("greedy-") and profile is not None:
+        limit = min(limit, len(profile.search_result(strategy[len("greedy-"):]).order))
+    for k in range(0, limit + 1, step):
+        p = plan(profile, strategy=strategy, num_sublayers=k, **common)
+        speed = costs.speedup(p.skip_scales)
+        if speed >= target - 1e-9:
+            p.predicted_speedup = speed
+            return p
+    raise ValueError(f"adaskip: strategy {strategy!r} cannot reach a predicted speedup of {target} "
+                     f"(within {limit} sublayers)")

@@ -36,6 +36,9 @@ class ImportanceProfile:
     data: str = ""
     adaskip_version: str = ""
     per_request_similarity: list = field(default_factory=list)  # [requests][2 * num_layers]
+    sources: list = field(default_factory=list)  # names of the texts calibration read (to hold them out)
+    # Greedy searches (adaskip.search), by method: {"order", "scales", "similarity", "loss", ...}
+    search: dict = field(default_factory=dict)
 
     def __post_init__(self):
         n = 2 * self.num_layers
@@ -46,6 +49,19 @@ class ImportanceProfile:
             raise ValueError("adaskip: profile field 'block_similarity' has the wrong length")
         if any(not math.isfinite(v) for v in self.similarity + self.scale):
             raise ValueError("adaskip: the profile holds non-finite similarities or scales")
+        for method, result in self.search.items():
+            if not isinstance(result, dict) or len(result.get("order", [])) != len(result.get("scales", ())) \
+                    or any(not 0 <= int(s) < n for s in result["order"]):
+                raise ValueError(f"adaskip: the profile's {method!r} search is malformed")
+
+    def search_result(self, method: str):
+        """The stored greedy search of `method` (adaskip.search.SearchResult)."""
+        from .search import SearchResult
+
+        if method not in self.search:
+            raise ValueError(f"adaskip: this profile has no {method!r} search; run `adaskip calibrate --search "
+                             f"{method}` (or adaskip.search.search) to add it")
+        return SearchResult.from_dict(self.search[method])
 
     def check_model(self, model) -> None:
         fp = model_fingerprint(model)

@@ -66,3 +66,46 @@ def test_errors(profile, tmp_path):
     assert "alpha must be in" in proc.stderr
     proc = _cli("run", "--strategy", "full", "--prompt", "word " * 9000, ok=False)
     assert "exceeds the model's context" in proc.stderr
+
+
+def test_calibrate_with_search_records_sources_and_searches(tmp_path):
+    out = tmp_path / "p.json"
+    proc = _cli("calibrate", "--data", str(ESSAY), "--num-requests", "1", "--prompt-len", "128", "--search",
+                "similarity", "--search-max", "3", "--search-requests", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["sources"] == [ESSAY.name]
+    assert len(data["search"]["similarity"]["order"]) == 3 and "similarity search" in proc.stdout
+
+
+def test_eval_writes_table_json_and_plots(tmp_path):
+    out = tmp_path / "eval"
+    proc = _cli("eval", "--calibration-data", "essays", "--num-requests", "2", "--prompt-len", "256",
+                "--strategies", "adaskip,shortgpt,greedy-loss,early-exit", "--budgets", "2,3",
+                "--speedups", "1.05", "--context-len", "2048", "--search-requests", "1", "--search-candidates", "2",
+                "--window-len", "128", "--windows", "2", "--out", str(out))
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["rows"]
+    assert rows[0]["strategy"] == "full" and rows[0]["metrics"]["top1_agreement"] == 1.0
+    by = {(r["strategy"], r["budget"], r["target_speedup"]): r for r in rows}
+    assert ("early-exit", 3, None) not in by and any("odd" in n for n in report["notes"])
+    for s in ("adaskip", "shortgpt", "greedy-loss"):
+        r = by[(s, 2, None)]
+        assert len(r["skipped"]) == 2
+        assert r["metrics"]["perplexity"] > 0 and 0 <= r["metrics"]["top1_agreement"] <= 1
+        speed = [x for x in rows if x["strategy"] == s and x["target_speedup"] == 1.05]
+        assert speed and speed[0]["predicted_speedup"] >= 1.05 - 1e-9
+    # Calibration read the first essays; the ppl documents leave them out.
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["sources"] and "greedy" not in profile["search"] and "loss" in profile["search"]
+    assert any("left out because calibration read them" in n for n in report["notes"])
+    for name in ("eval.md", "quality.png", "similarity-heatmap.png"):
+        assert (out / name).stat().st_size > 200
+    assert (out / "eval.md").read_text().splitlines()[2].startswith("| full |")
+    assert "| shortgpt |" in proc.stdout and report["git_commit"] and report["date"]
+
+
+def test_eval_errors(tmp_path):
+    proc = _cli("eval", "--tasks", "ppl,quiz", "--out", str(tmp_path), ok=False)
+    assert "unknown eval tasks ['quiz']" in proc.stderr
+    proc = _cli("eval", "--tasks", "longbench", "--out", str(tmp_path), ok=False)
+    assert "--longbench-dir" in proc.stderr

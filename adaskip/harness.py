@@ -1,0 +1,165 @@
+"""`adaskip eval`: quality of skipping strategies at equal budgets (sublayer counts) or at equal
+predicted speedups, on one model, with the full model measured alongside.
+
+Tasks:
+  ppl        long-document perplexity, top-1 next-token agreement with the full model and
+             KL(full || plan) per token, over windows of held-out documents;
+  passkey,   retrieval of a fact inserted into the essays at several context lengths and depths
+  needle     (adaskip.retrieval), generated with each plan;
+  longbench  LongBench-format jsonl datasets (adaskip.longbench), generated with each plan.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .evaluate import compare_with_full
+from .policy import SUBLAYER_STRATEGIES, plan, plan_at_speedup
+
+TASKS = ("ppl", "passkey", "needle", "longbench")
+
+
+@dataclass
+class EvalSettings:
+    strategies: Sequence[str] = ("adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
+    budgets: Sequence[int] = (4, 8, 12, 16)
+    speedups: Sequence[float] = ()  # equal-time comparison: predicted speedups under `costs`
+    tasks: Sequence[str] = ("ppl",)
+    # ppl
+    window_len: int = 2048
+    max_windows: int = 4
+    # passkey / needle
+    retrieval_lengths: Sequence[int] = (1024, 2048, 4096)
+    retrieval_depths: Sequence[float] = (0.1, 0.5, 0.9)
+    retrieval_samples: int = 2
+    seed: int = 0
+    # longbench
+    longbench_dir: Optional[str] = None
+    longbench_datasets: Sequence[str] = ("multifieldqa_en", "triviaqa", "trec", "gov_report", "multi_news")
+    longbench_limit: Optional[int] = None
+    notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"adaskip: unknown eval tasks {bad}; choose from {TASKS}")
+        if any(b < 0 for b in self.budgets):
+            raise ValueError(f"adaskip: budgets are numbers of sublayers >= 0, got {list(self.budgets)}")
+        if any(s < 1 for s in self.speedups):
+            raise ValueError(f"adaskip: target speedups must be >= 1, got {list(self.speedups)}")
+        if "longbench" in self.tasks and not self.longbench_dir:
+            raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
+
+
+def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windows: int) -> list:
+    """Consecutive windows of `window_len` tokens over the concatenated documents (a window
+    never straddles two documents' boundary without the separator the model would see)."""
+    if window_len < 2:
+        raise ValueError(f"adaskip: window_len must be >= 2, got {window_len}")
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    windows = [ids[i:i + window_len] for i in range(0, len(ids) - window_len + 1, window_len)][:max_windows]
+    if not windows:
+        raise ValueError(f"adaskip: the evaluation documents have {len(ids)} tokens, fewer than one window "
+                         f"of {window_len}")
+    return windows
+
+
+def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None) -> list:
+    """(row description, SkipPlan or None) for the full model and every strategy x budget (and
+    x target speedup when `costs` are given). Odd budgets are not offered to whole-layer
+    strategies; a target a strategy cannot reach is noted and left out."""
+    out = [({"strategy": "full", "budget": 0, "target_speedup": None}, None)]
+    for s in settings.strategies:
+        for k in settings.budgets:
+            if k % 2 and s not in SUBLAYER_STRATEGIES:
+                settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
+                continue
+            p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k)
+            if costs is not None:
+                p.predicted_speedup = costs.speedup(p.skip_scales)
+            out.append(({"strategy": s, "budget": k, "target_speedup": None}, p))
+        for target in settings.speedups:
+            if costs is None:
+                raise ValueError("adaskip: equal-speedup plans need a cost model (costs=)")
+            try:
+                p = plan_at_speedup(profile, s, target, costs, num_layers=num_layers)
+            except ValueError as e:
+                settings.notes.append(str(e))
+                continue
+            out.append(({"strategy": s, "budget": len(p.skip_scales), "target_speedup": target}, p))
+    return out
+
+
+def _key(desc: dict) -> str:
+    if desc["strategy"] == "full":
+        return "full"
+    if desc["target_speedup"] is not None:
+        return f"{desc['strategy']}@x{desc['target_speedup']:g}"
+    return f"{desc['strategy']}@{desc['budget']}"
+
+
+def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Sequence[str] = (),
+             costs=None, progress: bool = True) -> dict:
+    """Every task for every plan. Returns {"rows": [...], "timings_s": {...}, "notes": [...]};
+    each row has strategy, budget, target_speedup, predicted_speedup, the skipped attention /
+    FFN counts, the skipped sublayers and a metrics dict."""
+    plans = build_plans(profile, model.args.num_layers, settings, costs)
+    named = {_key(d): p for d, p in plans}
+    metrics = {k: {} for k in named}
+    timings = {}
+
+    if "ppl" in settings.tasks:
+        if not documents:
+            raise ValueError("adaskip: the ppl task needs documents")
+        start = time.perf_counter()
+        windows = document_windows(documents, tokenizer, settings.window_len, settings.max_windows)
+        res = compare_with_full(model, windows, {k: p for k, p in named.items() if p is not None},
+                                progress=progress)
+        for k, v in res.items():
+            metrics[k].update(v)
+        timings["ppl"] = time.perf_counter() - start
+        settings.notes.append(f"ppl: {len(windows)} windows x {settings.window_len} tokens")
+
+    for kind in ("passkey", "needle"):
+        if kind not in settings.tasks:
+            continue
+        from .retrieval import evaluate_retrieval, make_tasks
+
+        start = time.perf_counter()
+        tasks = make_tasks(tokenizer, kind, settings.retrieval_lengths, settings.retrieval_depths,
+                           samples_per_cell=settings.retrieval_samples, seed=settings.seed)
+        res = evaluate_retrieval(model, tokenizer, tasks, named, progress=progress)
+        for k, v in res.items():
+            metrics[k][f"{kind}_accuracy"] = v["accuracy"]
+        timings[kind] = time.perf_counter() - start
+
+    if "longbench" in settings.tasks:
+        from .longbench import evaluate_longbench
+
+        start = time.perf_counter()
+        res = evaluate_longbench(model, tokenizer, settings.longbench_dir, list(settings.longbench_datasets) or None,
+                                 named, limit=settings.longbench_limit, progress=progress)
+        for k, per_dataset in res.items():
+            for name, value in per_dataset.items():
+                metrics[k][f"longbench/{name}"] = value
+        timings["longbench"] = time.perf_counter() - start
+
+    rows = []
+    for desc, p in plans:
+        row = dict(desc)
+        if p is None:
+            row.update(predicted_speedup=1.0, skipped_attention=0, skipped_ffn=0, skipped=[])
+        else:
+            row.update(predicted_speedup=p.predicted_speedup, skipped_attention=len(p.skipped_attention_layers),
+                       skipped_ffn=len(p.skipped_ffn_layers), skipped=sorted(p.skip_scales))
+        row["metrics"] = metrics[_key(desc)]
+        rows.append(row)
+    return {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
+
+
+def held_out(paths: Sequence[Path], profile) -> list:
+    """The documents a profile's calibration did not read (by file name)."""
+    used = set(getattr(profile, "sources", []) or [])
+    return [p for p in paths if p.name not in used]

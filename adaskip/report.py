@@ -1,0 +1,140 @@
+"""Tables and plots of `adaskip eval` results: a markdown table (full model first), JSON, quality
+vs budget per strategy, and a per-layer heatmap of a profile's sublayer IO similarity."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+# Metrics where lower is better; every other metric is higher-is-better.
+LOWER_IS_BETTER = ("perplexity", "kl_per_token")
+
+
+def _fmt(name: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if name == "perplexity":
+        return f"{value:.2f}" if value < 1e4 else f"{value:.2e}"
+    if name == "kl_per_token":
+        return f"{value:.3f}"
+    if name.endswith("accuracy") or name == "top1_agreement":
+        return f"{value:.3f}"
+    return f"{value:.1f}"
+
+
+def row_label(row: dict) -> str:
+    if row["strategy"] == "full":
+        return "full"
+    if row.get("target_speedup") is not None:
+        return f"x{row['target_speedup']:g} ({row['budget']} sublayers)"
+    return str(row["budget"])
+
+
+def markdown_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None) -> str:
+    """One line per (strategy, budget), the full model first, a column per metric, plus the
+    skipped attention / FFN counts and the predicted speedup."""
+    if metrics is None:
+        metrics = []
+        for r in rows:
+            metrics += [m for m in r["metrics"] if m not in metrics]
+    head = ["strategy", "budget", "attn / FFN skipped", "predicted speedup", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ordered = sorted(rows, key=lambda r: r["strategy"] != "full")
+    for r in ordered:
+        skipped = "" if r["strategy"] == "full" else f"{r['skipped_attention']} / {r['skipped_ffn']}"
+        speed = "" if r.get("predicted_speedup") is None else f"{r['predicted_speedup']:.3f}"
+        cells = [r["strategy"], row_label(r) if r["strategy"] != "full" else "", skipped, speed,
+                 *(_fmt(m, r["metrics"].get(m)) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_quality(rows: Sequence[dict], path, metrics: Sequence[str] = ("perplexity", "top1_agreement"),
+                 title: str = "") -> Optional[Path]:
+    """Quality against the number of skipped sublayers, one line per strategy, the full model
+    as a dashed line. Rows at a target speedup go into a second row of panels against it."""
+    metrics = [m for m in metrics if any(m in r["metrics"] for r in rows)]
+    if not metrics:
+        return None
+    plt = _pyplot()
+    by_count = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is None]
+    by_speed = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is not None]
+    panels = [("budget", "skipped sublayers", by_count), ("target_speedup", "predicted speedup", by_speed)]
+    panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
+    full = next((r for r in rows if r["strategy"] == "full"), None)
+    fig, axes = plt.subplots(len(panels), len(metrics), figsize=(5.2 * len(metrics), 3.8 * len(panels)),
+                             squeeze=False)
+    for i, (key, xlabel, subset) in enumerate(panels):
+        strategies = list(dict.fromkeys(r["strategy"] for r in subset))
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for s in strategies:
+                pts = sorted((r[key], r["metrics"][metric]) for r in subset
+                             if r["strategy"] == s and r["metrics"].get(metric) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            if full is not None and full["metrics"].get(metric) is not None:
+                ax.axhline(full["metrics"][metric], color="black", linestyle="--", linewidth=1, label="full")
+            if metric == "perplexity":
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+            ax.grid(alpha=0.3)
+        axes[i][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_profile_heatmap(profile, path, title: str = "") -> Path:
+    """Attention and FFN IO similarity of every layer (rows: sublayer type; columns: layer),
+    drawn as 1 - similarity on a log scale: the similarities crowd near 1, and what matters
+    for skipping is how far below 1 each one is. Each cell is labelled with the similarity."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    m = profile.num_layers
+    sim = np.array([[profile.similarity[2 * i] for i in range(m)], [profile.similarity[2 * i + 1] for i in range(m)]])
+    distance = np.clip(1.0 - sim, 1e-4, None)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * m + 2), 2.8))
+    im = ax.imshow(distance, aspect="auto", cmap="magma_r", norm=LogNorm(vmin=distance.min(), vmax=distance.max()))
+    for (row, col), value in np.ndenumerate(sim):
+        ax.text(col, row, f"{value:.2f}"[1:] if 0 <= value < 1 else f"{value:.1f}", ha="center", va="center",
+                fontsize=6, color="white" if distance[row, col] > np.sqrt(distance.min() * distance.max()) else "black")
+    ax.set_yticks([0, 1], ["attention", "FFN"])
+    ax.set_xticks(range(0, m, max(1, m // 16)))
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label="1 - IO cosine similarity")
+    ax.set_title(title or f"sublayer IO similarity ({profile.num_requests} requests, {profile.tokens} tokens)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,180 @@
+"""Greedy sublayer search (issue 7), its strategies, equal-time planning and the eval report, on a
+tiny random LLaMA (fp32, CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from adaskip import ops  # noqa: E402
+from adaskip.calibrate import calibrate  # noqa: E402
+from adaskip.config import ModelArgs  # noqa: E402
+from adaskip.costs import SublayerCosts  # noqa: E402
+from adaskip.loading import build_model  # noqa: E402
+from adaskip.plan import SkipPlan  # noqa: E402
+from adaskip.policy import plan, plan_at_speedup  # noqa: E402
+from adaskip.profile import ImportanceProfile  # noqa: E402
+from adaskip.report import markdown_table, plot_profile_heatmap, plot_quality  # noqa: E402
+from adaskip.search import search  # noqa: E402
+
+CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**CFG)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    return build_model(ModelArgs.from_hf_config({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}),
+                       dict(hf.state_dict()))
+
+
+@pytest.fixture(scope="module")
+def requests():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 101, (40,), generator=g).tolist() for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def searches(model, requests):
+    return {m: search(model, requests, max_sublayers=5, method=m, candidates=3, progress=False)
+            for m in ("similarity", "loss")}
+
+
+@pytest.fixture(scope="module")
+def profile(model, requests, searches):
+    p = calibrate(model, requests, num_requests=3, prompt_len=40, progress=False)
+    p.search = {m: r.to_dict() for m, r in searches.items()}
+    return p
+
+
+@torch.inference_mode()
+def _measured(model, requests, skip):
+    """Independent of the search: mean NLL, similarity and norm ratio with `skip` applied."""
+    plan_ = SkipPlan(6, skip) if skip else None
+    nll, n, sims, scales = 0.0, 0, [], []
+    for r in requests:
+        x = torch.tensor([r])
+        stats = ops.new_stats(12, 1, "cpu")
+        logits = model(x, plan=plan_, stats=stats)[0, :-1]
+        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        n += len(r) - 1
+        sim, scale, _ = ops.mean_stats(stats)
+        sims.append(sim[:, 0].double())
+        scales.append(scale[:, 0].double())
+    return nll / n, torch.stack(sims).mean(0), torch.stack(scales).mean(0)
+
+
+def test_similarity_search_re_measures_with_earlier_choices_applied(model, requests, searches):
+    r = searches["similarity"]
+    assert len(r.order) == len(set(r.order)) == 5 and r.candidates == 1
+    assert r.forward_passes == (5 + 1) * 3 and r.requests == 3 and r.tokens == 120
+    chosen = {}
+    for k, s in enumerate(r.order):
+        loss, sim, scale = _measured(model, requests, chosen)
+        remaining = [i for i in range(12) if i not in chosen]
+        assert s == max(remaining, key=lambda i: (sim[i].item(), -i))
+        assert math.isclose(r.similarity[k], sim[s].item(), rel_tol=1e-6)
+        assert math.isclose(r.scales[k], scale[s].item(), rel_tol=1e-6)
+        assert math.isclose(r.loss[k], loss, rel_tol=1e-6)
+        chosen[s] = r.scales[k]
+    assert math.isclose(r.loss[5], _measured(model, requests, chosen)[0], rel_tol=1e-6)
+
+
+def test_loss_search_keeps_the_shortlisted_candidate_that_hurts_least(model, requests, searches):
+    r = searches["loss"]
+    assert r.forward_passes == 5 * (1 + 3) * 3
+    chosen = {}
+    for k, s in enumerate(r.order):
+        _, sim, scale = _measured(model, requests, chosen)
+        remaining = sorted((i for i in range(12) if i not in chosen), key=lambda i: (-sim[i].item(), i))[:3]
+        assert s in remaining
+        trial = {c: _measured(model, requests, {**chosen, c: scale[c].item()})[0] for c in remaining}
+        assert trial[s] == pytest.approx(min(trial.values()), rel=1e-9)
+        assert math.isclose(r.loss[k + 1], trial[s], rel_tol=1e-6)
+        chosen[s] = scale[s].item()
+    # On its own search data the loss search is never worse than re-measured similarity alone.
+    assert r.loss[-1] <= searches["similarity"].loss[-1] + 1e-9
+
+
+def test_search_rejects_bad_arguments(model, requests):
+    with pytest.raises(ValueError, match="method"):
+        search(model, requests, max_sublayers=2, method="random", progress=False)
+    with pytest.raises(ValueError, match=r"max_sublayers must be in \[1, 10\]"):
+        search(model, requests, max_sublayers=11, progress=False)
+    with pytest.raises(ValueError, match="only 2 sublayers are allowed"):
+        search(model, requests, max_sublayers=3, allowed=[1, 3], progress=False)
+    r = search(model, requests[:1], max_sublayers=2, method="similarity", allowed=[1, 3, 5], progress=False)
+    assert set(r.order) <= {1, 3, 5}
+
+
+def test_greedy_strategies_plan_from_the_stored_search(tmp_path, model, profile, searches):
+    for method, r in searches.items():
+        p = plan(profile, strategy=f"greedy-{method}", num_sublayers=3, mode="e2e")
+        assert p.skip_scales == {s: c for s, c in zip(r.order[:3], r.scales[:3])}
+        assert p.beta == min(r.similarity[:3]) and p.strategy == f"greedy-{method}"
+        with pytest.raises(ValueError, match="up to 5 sublayers"):
+            plan(profile, strategy=f"greedy-{method}", num_sublayers=6)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert ImportanceProfile.load(path).search == profile.search
+    bare = calibrate(model, [[1, 2, 3, 4]], num_requests=1, prompt_len=4, progress=False)
+    with pytest.raises(ValueError, match="--search loss"):
+        plan(bare, strategy="greedy-loss", num_sublayers=2)
+    broken = dict(profile.__dict__, search={"loss": {"order": [1, 99], "scales": [1.0, 1.0]}})
+    with pytest.raises(ValueError, match="malformed"):
+        ImportanceProfile(**broken)
+
+
+def test_online_learning_runs_with_a_greedy_plan(model, profile):
+    from adaskip import generate
+
+    p = plan(profile, strategy="greedy-loss", num_sublayers=2, mode="e2e", window=2)
+    out = generate(model, [[3, 4, 5, 6, 7]], max_new_tokens=6, plan=p)
+    assert len(out.tokens[0]) == 6 and p.online
+
+
+def test_plan_at_speedup_picks_the_fewest_sublayers_reaching_the_target(profile):
+    # Attention costs 2, FFN 1, fixed part 4: total 22.
+    costs = SublayerCosts([2.0, 1.0] * 6, 4.0, 1024, "prefill", "test")
+    target = 22 / (22 - 4)  # e.g. two attentions
+    for strategy in ("greedy-similarity", "shortgpt", "early-exit", "adaskip"):
+        p = plan_at_speedup(profile, strategy, target, costs)
+        assert costs.speedup(p.skip_scales) >= target - 1e-9
+        assert p.predicted_speedup == pytest.approx(costs.speedup(p.skip_scales))
+        if strategy == "greedy-similarity":
+            order = profile.search["similarity"]["order"]
+            k = len(p.skip_scales)
+            assert costs.speedup(order[:k - 1]) < target <= costs.speedup(order[:k]) + 1e-9
+        if strategy in ("shortgpt", "early-exit"):
+            assert len(p.skip_scales) == 4  # whole layers: 2 x (2 + 1) >= 4 > 3
+    with pytest.raises(ValueError, match="cannot reach"):
+        plan_at_speedup(profile, "greedy-loss", 22 / 4.5, costs)
+    with pytest.raises(ValueError, match="costs are for 2 layers"):
+        plan_at_speedup(profile, "shortgpt", 1.1, SublayerCosts([1.0] * 4, 1.0, 1024, "prefill", "test"))
+    with pytest.raises(ValueError, match=">= 1"):
+        plan_at_speedup(profile, "shortgpt", 0.5, costs)
+
+
+def test_report_table_and_plots(tmp_path, profile):
+    rows = [
+        {"strategy": "shortgpt", "budget": 4, "target_speedup": None, "predicted_speedup": 1.2,
+         "skipped_attention": 2, "skipped_ffn": 2, "metrics": {"perplexity": 40.0, "top1_agreement": 0.6}},
+        {"strategy": "full", "budget": 0, "target_speedup": None, "predicted_speedup": 1.0,
+         "skipped_attention": 0, "skipped_ffn": 0, "metrics": {"perplexity": 20.0, "top1_agreement": 1.0}},
+        {"strategy": "shortgpt", "budget": 8, "target_speedup": None, "predicted_speedup": 1.4,
+         "skipped_attention": 4, "skipped_ffn": 4, "metrics": {"perplexity": 80.0, "top1_agreement": 0.5}},
+        {"strategy": "greedy-loss", "budget": 5, "target_speedup": 1.3, "predicted_speedup": 1.31,
+         "skipped_attention": 3, "skipped_ffn": 2, "metrics": {"perplexity": 30.0}},
+    ]
+    table = markdown_table(rows).splitlines()
+    assert table[0].startswith("| strategy | budget |") and "perplexity" in table[0] and "top1_agreement" in table[0]
+    assert table[2].startswith("| full |") and "20.00" in table[2]
+    assert "x1.3 (5 sublayers)" in table[5] and table[5].endswith("| 30.00 | – |")
+    png = plot_quality(rows, tmp_path / "q.png")
+    assert png.stat().st_size > 10_000
+    heat = plot_profile_heatmap(profile, tmp_path / "h.png")
+    assert heat.stat().st_size > 5_000
