@@ -43,7 +43,7 @@ def _texts(spec: list) -> list:
 
 
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
-               search_max: int = 16, search_candidates: int = 6, search_requests: int = 4, progress: bool = True):
+               search_max: int = 16, search_candidates: int = 4, search_requests: int = 2, progress: bool = True):
     """An ImportanceProfile from the texts in `data` (recording which files it read), plus the
     greedy searches asked for, run on the first `search_requests` calibration requests."""
     from .calibrate import calibrate, calibration_requests
@@ -298,9 +298,9 @@ def main(argv=None) -> None:
         q.add_argument("--device", help="default: cuda if available, else cpu")
 
     def search_args(q):
-        q.add_argument("--search-candidates", type=int, default=6,
+        q.add_argument("--search-candidates", type=int, default=4,
                        help="loss search: candidates tried per step (the most similar ones)")
-        q.add_argument("--search-requests", type=int, default=4,
+        q.add_argument("--search-requests", type=int, default=2,
                        help="calibration requests the searches run on")
 
     c = sub.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")

@@ -84,7 +84,7 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 
 @torch.inference_mode()
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
-           candidates: int = 6, allowed: Optional[Sequence[int]] = None, progress: bool = True) -> SearchResult:
+           candidates: int = 4, allowed: Optional[Sequence[int]] = None, progress: bool = True) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     Forward passes: (max_sublayers + 1) * len(requests) for "similarity", plus
