@@ -58,7 +58,7 @@ def calibrate(model, data: Sequence[Union[str, Sequence[int]]], *, tokenizer=Non
     device = model.lm_head.weight.device
     n_sub = 2 * args.num_layers
     per_request_sim, per_request_scale, per_request_block = [], [], []
-    bar = _progress(len(requests), progress)
+    bar = progress_bar(len(requests), progress)
     for ids in requests:
         stats = ops.new_stats(n_sub, 1, device)
         block = ops.new_stats(args.num_layers, 1, device)
@@ -84,13 +84,14 @@ def calibrate(model, data: Sequence[Union[str, Sequence[int]]], *, tokenizer=Non
         data=description, adaskip_version=__version__, per_request_similarity=sim.tolist())
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "calibrating", unit: str = "request"):
+    """A tqdm bar, or a silent stand-in when disabled or tqdm is missing."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         enabled = False
     if enabled:
-        return tqdm(total=total, desc="calibrating", unit="request")
+        return tqdm(total=total, desc=desc, unit=unit)
 
     class _Quiet:
         def update(self, n):

@@ -118,7 +118,8 @@ def cmd_eval(a) -> None:
                             tasks=_split(a.tasks, str), window_len=a.window_len, max_windows=a.windows,
                             retrieval_lengths=_split(a.retrieval_lengths, int),
                             retrieval_depths=_split(a.retrieval_depths, float),
-                            retrieval_samples=a.retrieval_samples, seed=a.seed, longbench_dir=a.longbench_dir,
+                            retrieval_samples=a.retrieval_samples, retrieval_batch=a.retrieval_batch, seed=a.seed,
+                            longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     if tokenizer is None:
@@ -366,6 +367,7 @@ def main(argv=None) -> None:
     e.add_argument("--retrieval-lengths", default="1024,2048,4096", help="passkey/needle: context lengths")
     e.add_argument("--retrieval-depths", default="0.1,0.5,0.9", help="passkey/needle: depths of the fact")
     e.add_argument("--retrieval-samples", type=int, default=2, help="passkey/needle: samples per cell")
+    e.add_argument("--retrieval-batch", type=int, default=1, help="passkey/needle: prompts generated together")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
     e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")

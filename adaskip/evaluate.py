@@ -32,7 +32,9 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *,
     device = model.lm_head.weight.device
     sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in ["full", *plans]}
     tokens = 0
-    bar = _progress(len(sequences) * (1 + len(plans)), progress, "perplexity")
+    from .calibrate import progress_bar
+
+    bar = progress_bar(len(sequences) * (1 + len(plans)), progress, "perplexity", "forward")
     for seq in sequences:
         ids = torch.as_tensor(list(seq), device=device)[None]
         targets = ids[0, 1:]
@@ -50,11 +52,3 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *,
     return {name: {"perplexity": math.exp(a["nll"] / tokens), "top1_agreement": a["agree"] / tokens,
                    "kl_per_token": a["kl"] / tokens} for name, a in sums.items()}
 
-
-def _progress(total: int, enabled: bool, desc: str):
-    from .calibrate import _progress as make_bar
-
-    bar = make_bar(total, enabled)
-    if hasattr(bar, "set_description"):
-        bar.set_description(desc)
-    return bar

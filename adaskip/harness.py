@@ -34,6 +34,7 @@ class EvalSettings:
     retrieval_lengths: Sequence[int] = (1024, 2048, 4096)
     retrieval_depths: Sequence[float] = (0.1, 0.5, 0.9)
     retrieval_samples: int = 2
+    retrieval_batch: int = 1  # prompts generated together (faster on CPU; 1 = one request at a time)
     seed: int = 0
     # longbench
     longbench_dir: Optional[str] = None
@@ -108,6 +109,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     plans = build_plans(profile, model.args.num_layers, settings, costs)
     named = {_key(d): p for d, p in plans}
     metrics = {k: {} for k in named}
+    details: dict = {}
     timings = {}
 
     if "ppl" in settings.tasks:
@@ -129,10 +131,13 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
 
         start = time.perf_counter()
         tasks = make_tasks(tokenizer, kind, settings.retrieval_lengths, settings.retrieval_depths,
-                           samples_per_cell=settings.retrieval_samples, seed=settings.seed)
-        res = evaluate_retrieval(model, tokenizer, tasks, named, progress=progress)
+                           samples_per_cell=settings.retrieval_samples, seed=settings.seed,
+                           max_context=model.args.max_position_embeddings)
+        res = evaluate_retrieval(model, tokenizer, tasks, named, progress=progress,
+                                 batch_size=settings.retrieval_batch)
         for k, v in res.items():
             metrics[k][f"{kind}_accuracy"] = v["accuracy"]
+            details.setdefault(k, {})[kind] = {"by_cell": v["by_cell"], "correct": v["correct"], "total": v["total"]}
         timings[kind] = time.perf_counter() - start
 
     if "longbench" in settings.tasks:
@@ -155,6 +160,8 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
             row.update(predicted_speedup=p.predicted_speedup, skipped_attention=len(p.skipped_attention_layers),
                        skipped_ffn=len(p.skipped_ffn_layers), skipped=sorted(p.skip_scales))
         row["metrics"] = metrics[_key(desc)]
+        if _key(desc) in details:
+            row["details"] = details[_key(desc)]
         rows.append(row)
     return {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .calibrate import progress_bar
 from .plan import SkipPlan
 
 METHODS = ("similarity", "loss")
@@ -107,7 +108,7 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
 
     start = time.perf_counter()
-    bar = _progress(max_sublayers, progress, f"search ({method})")
+    bar = progress_bar(max_sublayers, progress, f"search ({method})", "sublayer")
     chosen: dict = {}
     order, scales, sims = [], [], []
     losses: list = [None] * (max_sublayers + 1)  # losses[k]: with the first k choices skipped
@@ -140,11 +141,3 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
                         tokens=sum(len(r) for r in requests), forward_passes=passes,
                         wall_s=time.perf_counter() - start)
 
-
-def _progress(total: int, enabled: bool, desc: str):
-    from .calibrate import _progress as calibrate_progress
-
-    bar = calibrate_progress(total, enabled)
-    if hasattr(bar, "set_description"):
-        bar.set_description(desc)
-    return bar
