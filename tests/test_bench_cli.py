@@ -4,6 +4,7 @@ strategy at every budget is timed with an ideal above 1 where something is skipp
 skip attention shrink the KV cache, the plot is written, and bad requests fail clearly."""
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +112,19 @@ def test_ideal_speedup_counts_the_skipped_sublayers():
     # SkipDecode's ramp: the mean saving over the decode steps
     assert measure.ideal_speedup(10.0, costs, [{0}, {0, 1}]) == pytest.approx(10 / 8, abs=1e-4)
     assert measure.ideal_speedup(2.0, costs, [{2, 3}]) is None  # noise made the skipped part the whole
+
+
+def test_ideal_decode_of_an_online_plan_adds_the_gated_ffns_after_the_window():
+    costs = SublayerCosts(per_sublayer=[1.0, 2.0, 3.0, 4.0], fixed=0.5, context_len=8, mode="decode",
+                          source="measured")
+    plan_ = SkipPlan(2, {0: 1.0}, beta=0.9, window=2, mode="e2e")
+    timing = {"ttft_s": 1.0, "tpot_s": 1.0, "kv_cache_bytes": 1, "online_skipped": [3]}
+    args = SimpleNamespace(decode_tokens=4)
+    # Steps 0, 1 save sublayer 0 (1 s); steps 2, 3 also FFN 3 (4 s more): a mean saving of 3 s.
+    full = {"ttft_s": 20.0, "tpot_s": 20.0, "kv_cache_bytes": 1}
+    row = measure.plan_row(8, "adaskip", 1, plan_, timing, full, {"prefill": costs, "decode": costs}, args, 2)
+    assert row["ideal_tpot_speedup"] == pytest.approx(20 / 17, abs=1e-4)
+    assert row["online_skipped"] == [3]
 
 
 def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():

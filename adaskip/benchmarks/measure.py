@@ -16,7 +16,8 @@ DEFINITIONS = {
     "tpot": "decode time per output token (eager; tpot_graph: with the CUDA-graph decode step, capture excluded)",
     "speedup": "our full model's time over the plan's, same prompt length, same run",
     "ideal": "full time / (full time - measured time of the skipped sublayers, each timed alone, eagerly); "
-             "decode: the mean over the decode steps' skip sets",
+             "decode: the mean over the decode steps' skip sets (with online learning: plus the FFNs it gated "
+             "off, from the step after the window)",
     "of_ideal": "measured speedup / ideal speedup",
     "paper_alpha": "M / (M - k/2): the paper's equal-cost speedup of skipping k sublayers of M layers",
     "kv_cache_bytes": "our static KV cache for prompt + output tokens (HF: its DynamicCache at the end of the run)",
@@ -109,6 +110,9 @@ def plan_row(length: int, strategy: str, k: int, plan, m: dict, full: dict, cost
         steps = args.decode_tokens
         prefill_sets = [set(plan.phase("prefill").skip_scales)]
         decode_sets = [set(plan.phase("decode", i, steps).skip_scales) for i in range(steps)]
+        if plan.online and m.get("online_skipped"):
+            # Online learning: after the window, the FFNs it gated off are skipped too.
+            decode_sets = [s | set(m["online_skipped"]) if i >= plan.window else s for i, s in enumerate(decode_sets)]
         attn, ffn, skipped = len(plan.skipped_attention_layers), len(plan.skipped_ffn_layers), sorted(plan.skip_scales)
     ttft_x, tpot_x = ratio(full["ttft_s"], m["ttft_s"]), ratio(full["tpot_s"], m["tpot_s"])
     ideal_ttft = ideal_speedup(full["ttft_s"], costs["prefill"], prefill_sets) if plan is not None else 1.0
