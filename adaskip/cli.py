@@ -151,15 +151,15 @@ def cmd_eval(a) -> None:
     if settings.speedups:
         costs = _cost_model(a, model)
         settings.notes.append(f"equal-time plans: roofline model of {costs.device}, {a.phase} at {a.context_len} tokens")
-    started = time.time()
+    from .benchmarks.common import device_info, git_commit, now_iso
+
+    started, commit, date = time.time(), git_commit(), now_iso()  # the code that runs, not the code at the end
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
     table = markdown_table(result["rows"])
     print("\n" + table + "\n")
     for note in result["notes"]:
         print("note:", note)
-    from .benchmarks.common import device_info, git_commit, now_iso
-
-    report = {"command": "adaskip eval", "model": a.model, "date": now_iso(), "git_commit": git_commit(),
+    report = {"command": "adaskip eval", "model": a.model, "date": date, "git_commit": commit,
               **device_info(), "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
               "profile": {"data": profile.data, "sources": profile.sources, "requests": profile.num_requests,
                           "tokens": profile.tokens, "searches": {m: {k: r[k] for k in ("forward_passes", "wall_s")}

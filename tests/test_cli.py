@@ -82,10 +82,14 @@ def test_eval_writes_table_json_and_plots(tmp_path):
     proc = _cli("eval", "--calibration-data", "essays", "--num-requests", "2", "--prompt-len", "256",
                 "--strategies", "adaskip,shortgpt,greedy-loss,early-exit", "--budgets", "2,3",
                 "--speedups", "1.05", "--context-len", "2048", "--search-requests", "1", "--search-candidates", "2",
-                "--window-len", "128", "--windows", "2", "--out", str(out))
+                "--window-len", "128", "--windows", "2", "--tasks", "ppl,passkey", "--retrieval-lengths", "256",
+                "--retrieval-depths", "0.5", "--retrieval-samples", "2", "--retrieval-batch", "2", "--out", str(out))
     report = json.loads((out / "eval.json").read_text())
     rows = report["rows"]
     assert rows[0]["strategy"] == "full" and rows[0]["metrics"]["top1_agreement"] == 1.0
+    # The full model finds both pass keys; every row has a passkey accuracy with its per-cell split.
+    assert rows[0]["metrics"]["passkey_accuracy"] == 1.0
+    assert all(r["details"]["passkey"]["total"] == 2 and 0 <= r["metrics"]["passkey_accuracy"] <= 1 for r in rows)
     by = {(r["strategy"], r["budget"], r["target_speedup"]): r for r in rows}
     assert ("early-exit", 3, None) not in by and any("odd" in n for n in report["notes"])
     for s in ("adaskip", "shortgpt", "greedy-loss"):

@@ -73,16 +73,30 @@ def test_essay_perplexity_within_one_percent_of_transformers(ours, hf):
     assert 18 < ppl < 26, ppl
 
 
-def test_online_learning_gates_extra_ffns_on_the_real_model(ours):
-    """The artifact's extra-FFN skipping never fires after calibration; ours must: FFN similarity
-    is higher in decode than in prefill, so some FFNs reach beta within the window."""
-    from adaskip.calibrate import calibrate
-    from adaskip.policy import plan
+@pytest.fixture(scope="module")
+def essay_profile(ours):
+    """A profile calibrated on the first essays, with a greedy similarity search added."""
+    from adaskip.calibrate import calibrate, calibration_requests
+    from adaskip.search import search
 
     model, tokenizer = ours
     texts = [p.read_text() for p in ESSAYS[:12]]
     profile = calibrate(model, texts, tokenizer=tokenizer, num_requests=8, prompt_len=1024, progress=False)
-    p = plan(profile, num_sublayers=16, window=10)
+    requests = calibration_requests(texts, tokenizer, num_requests=1, prompt_len=512)
+    profile.search["similarity"] = search(model, requests, max_sublayers=16, method="similarity",
+                                          progress=False).to_dict()
+    return profile
+
+
+@pytest.mark.parametrize("strategy", ["adaskip", "greedy-similarity"])
+def test_online_learning_gates_extra_ffns_on_the_real_model(ours, essay_profile, strategy):
+    """The artifact's extra-FFN skipping never fires after calibration; ours must: FFN similarity
+    is higher in decode than in prefill, so some FFNs reach beta within the window. It must keep
+    working with the greedy selection too."""
+    from adaskip.policy import plan
+
+    model, tokenizer = ours
+    p = plan(essay_profile, strategy=strategy, num_sublayers=16, window=10)
     prompt = chat_prompt(tokenizer, tokenizer.decode(tokenizer(ESSAYS[-3].read_text())["input_ids"][:1500])
                          + "\n\nWhat is this essay about?")
     out = adaskip.generate(model, [prompt], max_new_tokens=16, plan=p, eos_token_ids=[])
