@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 # Metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("perplexity", "kl_per_token")
+OFF_SCALE = 10.0  # perplexity plots stop at this multiple of the full model's
 
 
 def _fmt(name: str, value) -> str:
@@ -92,11 +93,19 @@ def plot_quality(rows: Sequence[dict], path, metrics: Sequence[str] = ("perplexi
             if full is not None and full["metrics"].get(metric) is not None:
                 ax.axhline(full["metrics"][metric], color="black", linestyle="--", linewidth=1, label="full")
             if metric == "perplexity":
-                from matplotlib.ticker import NullFormatter, ScalarFormatter
+                from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_formatter(NullFormatter())
+                if full is not None and full["metrics"].get(metric):
+                    # Baselines that break the model reach 1e7; keep the useful range readable.
+                    values = [r["metrics"][metric] for r in subset if r["metrics"].get(metric) is not None]
+                    top = min(max(values, default=1.0), OFF_SCALE * full["metrics"][metric])
+                    ax.set_ylim(full["metrics"][metric] * 0.95, top * 1.05)
+                    if max(values, default=0.0) > top * 1.05:
+                        ax.set_title(f"points above {top:.0f} are off scale", fontsize=8)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
             ax.grid(alpha=0.3)
