@@ -124,6 +124,7 @@ def cmd_eval(a) -> None:
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     if tokenizer is None:
         raise SystemExit("adaskip: eval needs the model's tokenizer")
+    settings.check_model(model.args)
     searches = sorted({s[len("greedy-"):] for s in strategies if s.startswith("greedy-")})
     if a.profile:
         profile = ImportanceProfile.load(a.profile)

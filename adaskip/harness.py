@@ -54,6 +54,17 @@ class EvalSettings:
             raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
 
 
+    def check_model(self, args) -> None:
+        """Fails before any work when a length does not fit the model's context."""
+        context = args.max_position_embeddings
+        if "ppl" in self.tasks and self.window_len > context:
+            raise ValueError(f"adaskip: ppl windows of {self.window_len} tokens exceed the model's context of "
+                             f"{context} tokens")
+        if {"passkey", "needle"} & set(self.tasks) and max(self.retrieval_lengths, default=0) > context:
+            raise ValueError(f"adaskip: a retrieval length of {max(self.retrieval_lengths)} tokens exceeds the "
+                             f"model's context of {context} tokens")
+
+
 def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windows: int) -> list:
     """Consecutive windows of `window_len` tokens over the concatenated documents (a window
     never straddles two documents' boundary without the separator the model would see)."""
@@ -73,6 +84,8 @@ def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None) ->
     strategies; a target a strategy cannot reach is noted and left out."""
     out = [({"strategy": "full", "budget": 0, "target_speedup": None}, None)]
     for s in settings.strategies:
+        if s == "full":  # always the first row
+            continue
         for k in settings.budgets:
             if k % 2 and s not in SUBLAYER_STRATEGIES:
                 settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
@@ -106,6 +119,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     """Every task for every plan. Returns {"rows": [...], "timings_s": {...}, "notes": [...]};
     each row has strategy, budget, target_speedup, predicted_speedup, the skipped attention /
     FFN counts, the skipped sublayers and a metrics dict."""
+    settings.check_model(model.args)
     plans = build_plans(profile, model.args.num_layers, settings, costs)
     named = {_key(d): p for d, p in plans}
     metrics = {k: {} for k in named}

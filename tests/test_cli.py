@@ -113,3 +113,6 @@ def test_eval_errors(tmp_path):
     assert "unknown eval tasks ['quiz']" in proc.stderr
     proc = _cli("eval", "--tasks", "longbench", "--out", str(tmp_path), ok=False)
     assert "--longbench-dir" in proc.stderr
+    proc = _cli("eval", "--strategies", "full", "--budgets", "0", "--window-len", "9000", "--out", str(tmp_path),
+                ok=False)
+    assert "exceed the model's context of 8192" in proc.stderr
