@@ -158,6 +158,10 @@ class _StepGraphs:
             torch.cuda.set_sync_debug_mode(0)
             try:
                 graph = torch.cuda.CUDAGraph()
+                if self.state.generator is not None:
+                    # A seeded generator's Philox offset then advances on the device with every
+                    # replay, as it does eagerly (the default generator is registered by torch).
+                    graph.register_generator_state(self.state.generator)
                 with torch.cuda.graph(graph, pool=self.pool):
                     self.state.advance(step_plan)
                     self.state.record()
@@ -187,8 +191,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     are dropped). With a plan that has online learning, its gates are decided on the device.
     forbid_host_sync: on a GPU, make any host synchronisation inside the decode loop an error
     (torch.cuda.set_sync_debug_mode("error")), to check that the loop never waits.
-    cuda_graph: on a GPU, capture the decode step (forward, greedy choice, EOS bookkeeping,
-    online-learning update) in a CUDA graph and replay it per token; attention then reads the
+    cuda_graph: on a GPU, capture the decode step (forward, token choice (greedy or sampled, the
+    seeded generator's state registered with the graph), EOS bookkeeping, online-learning update)
+    in a CUDA graph and replay it per token; attention then reads the
     whole cache under a mask built from device-side positions. A graph is captured per distinct
     plan (SkipDecode's ramp, online learning settling), each once.
     """
@@ -202,8 +207,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
     if plan is not None:
         plan.check_model(args.num_layers)
-    if cuda_graph and sampling.temperature != 0:
-        raise ValueError("adaskip: the CUDA-graph decode step supports greedy decoding only for now")
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     needed = longest + max_new_tokens

@@ -120,8 +120,10 @@ def test_bad_requests_are_clear_errors(pair):
         SkipPlan(num_layers=3, skip_scales={6: 1.0})
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="greedy decoding only"):
-        generate(ours, [_prompt(3, 1)], sampling=SamplingParams(temperature=1.0), cuda_graph=True)
+    # Graphs apply on a GPU only; elsewhere cuda_graph=True is the eager path, sampling included.
+    seeded = SamplingParams(temperature=1.0, top_k=20, seed=4)
+    assert generate(ours, [_prompt(3, 1)], sampling=seeded, cuda_graph=True).tokens == \
+        generate(ours, [_prompt(3, 1)], sampling=seeded).tokens
     ours.setup_caches(1, 16)
     with pytest.raises(ValueError, match="does not fit the KV cache"):
         ours(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), kv_len=1)

@@ -86,3 +86,24 @@ def test_cuda_graph_decode_matches_eager(pair, plan_kind):
             assert graph.graphs_captured in (1, 2) and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
         if plan_kind == "ramp":  # one graph per step of the ramp (1, then 2 layers)
             assert graph.graphs_captured == 2
+
+
+def test_cuda_graph_decode_samples_on_the_device(pair):
+    """Sampling inside the captured step: seeded runs repeat exactly, top_k=1 is the greedy
+    choice, and no replay waits on the host."""
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (33, 20)]
+    sampled = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    first = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], sampling=sampled, cuda_graph=True,
+                     forbid_host_sync=True)
+    again = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], sampling=sampled, cuda_graph=True)
+    assert first.tokens == again.tokens and first.graphs_captured >= 1
+    assert all(0 <= t < 257 for seq in first.tokens for t in seq)
+    other = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], sampling=SamplingParams(
+        temperature=1.0, top_p=0.95, seed=12), cuda_graph=True)
+    assert other.tokens != first.tokens
+    greedy = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], cuda_graph=True)
+    top1 = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], cuda_graph=True,
+                    sampling=SamplingParams(temperature=1.0, top_k=1, seed=1))
+    assert top1.tokens == greedy.tokens
