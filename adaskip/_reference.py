@@ -132,7 +132,8 @@ def rms_norm(b: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed
 
 
-def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None) -> None:
+def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
+                       scales=None) -> None:
     x3, a3 = _check_pair(x, "x", residual, "residual")
     device = x.device
     check_same_device("weight", weight, device)
@@ -150,6 +151,18 @@ def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_len
         check_stats(stats, a3.shape[0], sublayer, device)
     check_seq_lens(seq_lens, a3.shape[0], device)
     b3 = a3 + x3  # rounded to the storage dtype, like the kernel
+    if (gates is None) != (scales is None):
+        _fail("pass 'gates' and 'scales' together")
+    if gates is not None:
+        check_gates_scales(gates, scales, device)
+        if gates.shape[1] != a3.shape[0]:
+            _fail(f"'gates' holds {gates.shape[1]} sequences but 'residual' has batch {a3.shape[0]}")
+        if not 0 <= sublayer < gates.shape[0]:
+            _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
+        # Gated off: the sublayer did not run (x holds nothing); the compensation stands in.
+        skip = (gates[sublayer] == GATE_SKIP)[:, None, None]
+        scaled = (a3.float() * scales[sublayer][:, None, None]).to(a3.dtype)
+        b3 = torch.where(skip, scaled, b3)
     if stats is not None:
         _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
     x3.copy_(rms_norm(b3, weight, eps))

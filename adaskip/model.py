@@ -120,11 +120,12 @@ class FeedForward(nn.Module):
 
     def gated(self, x: torch.Tensor, gates: torch.Tensor, sublayer: int) -> torch.Tensor:
         """The FFN through the gated GEMVs: when every sequence's gate of `sublayer` is SKIP the
-        kernels return at once (decided on the device) and the output stays zero."""
+        kernels return at once (decided on the device) and write nothing. The rows of gated-off
+        sequences are undefined: the gated add+norm that follows does not read them."""
         b, _, h = x.shape
-        act = torch.zeros(b, self.gate_proj.out_features, dtype=x.dtype, device=x.device)
+        act = torch.empty(b, self.gate_proj.out_features, dtype=x.dtype, device=x.device)
         ops.gated_swiglu_up(x.reshape(b, h), self.gate_proj.weight, self.up_proj.weight, gates, sublayer, act)
-        out = torch.zeros(b, h, dtype=x.dtype, device=x.device)
+        out = torch.empty(b, h, dtype=x.dtype, device=x.device)
         ops.gated_linear(act, self.down_proj.weight, gates, sublayer, out)
         return out.view(b, 1, h)
 
@@ -262,13 +263,12 @@ class Transformer(nn.Module):
                     out = layer.mlp.gated(x, online.gates, s)
                 else:
                     out = layer.mlp(x)
-                sublayer_stats = stats
-                if gated:
-                    out.mul_(online.keep(s, out.dtype))
-                    ops.skip_or_scale(h, online.gates, online.scales, s)
-                    sublayer_stats = online.stats
-                ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=sublayer_stats, sublayer=s,
-                                       seq_lens=seq_lens)
+                if gated:  # gated-off sequences: the compensation instead of the add, in the same pass
+                    ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=online.stats, sublayer=s,
+                                           seq_lens=seq_lens, gates=online.gates, scales=online.scales)
+                else:
+                    ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=stats, sublayer=s,
+                                           seq_lens=seq_lens)
                 x = out
             if block_stats is not None:
                 ops.io_similarity_stats(layer_input, h, block_stats, i, seq_lens=seq_lens)

@@ -31,10 +31,6 @@ class OnlineGates:
         return cls(gates, ops.new_scales(2 * num_layers, batch, device), ops.new_stats(2 * num_layers, batch, device),
                    learning=set(candidates))
 
-    def keep(self, sublayer: int, dtype) -> torch.Tensor:
-        """[B, 1, 1]: 1 for sequences that still run this sublayer, 0 for those gated off."""
-        return (self.gates[sublayer] != ops.GATE_SKIP).to(dtype)[:, None, None]
-
     def update(self, window: int, beta: float) -> None:
         ops.update_gates(self.stats, self.gates, self.scales, window, beta)
 

@@ -94,17 +94,21 @@ def _op(name: str, *tensors: Optional[torch.Tensor]):
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     stats: Optional[torch.Tensor] = None, sublayer: int = 0,
-    seq_lens: Optional[torch.Tensor] = None,
+    seq_lens: Optional[torch.Tensor] = None, gates: Optional[torch.Tensor] = None,
+    scales: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """In place: residual <- residual + x, then x <- RMSNorm(residual) * weight.
 
     x is the sublayer's output, residual the stream it adds to; [tokens, hidden] or
     [batch, seq, hidden], same shape and dtype (fp32/fp16/bf16), rows contiguous in hidden.
     With `stats`, adds each sequence's IO-similarity sums for `sublayer` (tokens at positions
-    >= seq_lens[b] are left out; seq_lens is clamped to [0, seq]). Returns (x, residual).
+    >= seq_lens[b] are left out; seq_lens is clamped to [0, seq]).
+    With `gates` and `scales` (online learning): a sequence whose gates[sublayer] is GATE_SKIP
+    gets residual *= scales[sublayer] instead of the add, and its rows of x are not read (the
+    gated-off sublayer wrote nothing there). Returns (x, residual).
     """
-    _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens)(
-        x, residual, weight, float(eps), stats, int(sublayer), seq_lens)
+    _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens, gates, scales)(
+        x, residual, weight, float(eps), stats, int(sublayer), seq_lens, gates, scales)
     return x, residual
 
 

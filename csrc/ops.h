@@ -7,9 +7,13 @@
 
 namespace adaskip {
 
+// gates / scales (both or neither): a sequence whose gate of `sublayer` is SKIP gets
+// residual *= scale instead of residual += x (x is not read there).
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
                         const std::optional<at::Tensor>& stats, int64_t sublayer,
-                        const std::optional<at::Tensor>& seq_lens);
+                        const std::optional<at::Tensor>& seq_lens,
+                        const std::optional<at::Tensor>& gates,
+                        const std::optional<at::Tensor>& scales);
 
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,
                          int64_t sublayer, const std::optional<at::Tensor>& seq_lens);

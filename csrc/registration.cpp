@@ -9,7 +9,8 @@
 TORCH_LIBRARY(adaskip, m) {
   m.def(
       "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
-      "Tensor(c!)? stats=None, int sublayer=0, Tensor? seq_lens=None) -> ()");
+      "Tensor(c!)? stats=None, int sublayer=0, Tensor? seq_lens=None, Tensor? gates=None, "
+      "Tensor? scales=None) -> ()");
   m.def(
       "io_similarity_stats(Tensor before, Tensor after, Tensor(a!) stats, int sublayer, "
       "Tensor? seq_lens=None) -> ()");

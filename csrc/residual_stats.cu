@@ -6,6 +6,10 @@
 // and, when statistics are on, cos(a, b) and |b| / |a| of the token, from one fused block
 // reduction of (a.a, b.b, a.b); b.b is the same sum the norm needs.
 //
+// With gates (online decode learning), a sequence whose gate of this sublayer says SKIP takes
+// b = a * scale instead: the sublayer was not run, x holds nothing (it is not read), and the
+// compensation is folded into the same pass, so a gated-off FFN costs no extra kernel.
+//
 // Statistics are deterministic: each token's values go to a scratch buffer and a second kernel
 // sums each sequence's tokens in a fixed order (no float atomics). With one token per sequence
 // (decode) the token block adds its values directly: it is the only writer of its slot.
@@ -31,6 +35,11 @@ struct StatsArgs {
   float* slot;          // stats[sublayer] : [batch, 3]
 };
 
+struct GateArgs {
+  const uint8_t* gates;  // gates[sublayer] : [batch], or null: every sequence ran the sublayer
+  const float* scales;   // scales[sublayer] : [batch]
+};
+
 // Per-token cosine and norm ratio from the three sums; both are 0 for a zero `a`.
 __device__ __forceinline__ void token_similarity(float aa, float bb, float ab, float& cos,
                                                  float& ratio) {
@@ -45,24 +54,29 @@ template <typename T, int VEC, bool ADD_NORM, bool STATS>
 __global__ void __launch_bounds__(1024)
 residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ second,
                      Rows second_rows, const T* __restrict__ weight, int hidden, int seq,
-                     float eps, StatsArgs st) {
+                     float eps, StatsArgs st, GateArgs gate) {
   const int64_t token = blockIdx.x;
   const int64_t b_idx = token / seq;
   const int64_t s_idx = token % seq;
   T* first_row = first + row_offset(first_rows, b_idx, s_idx);
   T* second_row = second + row_offset(second_rows, b_idx, s_idx);
   const int num_vec = hidden / VEC;
+  // Uniform per block: one token belongs to one sequence.
+  const bool skipped = ADD_NORM && gate.gates != nullptr && gate.gates[b_idx] == GATE_SKIP;
+  const float scale = skipped ? gate.scales[b_idx] : 1.f;
 
   float sums[3] = {0.f, 0.f, 0.f};  // a.a, b.b, a.b
   for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
-    const Vec<T, VEC> fv = load_vec<T, VEC>(first_row + i * VEC);
+    Vec<T, VEC> fv;
+    if (!skipped) fv = load_vec<T, VEC>(first_row + i * VEC);
     Vec<T, VEC> sv = load_vec<T, VEC>(second_row + i * VEC);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float a, b;
       if constexpr (ADD_NORM) {
         a = static_cast<float>(sv.v[j]);
-        sv.v[j] = static_cast<T>(a + static_cast<float>(fv.v[j]));
+        // Rounded like torch's a + x, and like skip_or_scale's a * scale.
+        sv.v[j] = static_cast<T>(skipped ? a * scale : a + static_cast<float>(fv.v[j]));
         b = static_cast<float>(sv.v[j]);
       } else {
         a = static_cast<float>(fv.v[j]);
@@ -162,7 +176,8 @@ int threads_for(int64_t num_vec) {
 
 template <typename T, bool ADD_NORM, bool STATS>
 void launch_rows(T* first, const RowShape& fs, T* second, const RowShape& ss, const T* weight,
-                 float eps, const StatsArgs& st, bool vectorize, cudaStream_t stream) {
+                 float eps, const StatsArgs& st, const GateArgs& gate, bool vectorize,
+                 cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t tokens = fs.batch * fs.seq;
   const int hidden = static_cast<int>(fs.hidden);
@@ -170,10 +185,10 @@ void launch_rows(T* first, const RowShape& fs, T* second, const RowShape& ss, co
   if (vectorize) {
     residual_rows_kernel<T, kVec, ADD_NORM, STATS>
         <<<tokens, threads_for(hidden / kVec), 0, stream>>>(first, fs.rows, second, ss.rows,
-                                                           weight, hidden, seq, eps, st);
+                                                           weight, hidden, seq, eps, st, gate);
   } else {
     residual_rows_kernel<T, 1, ADD_NORM, STATS><<<tokens, threads_for(hidden), 0, stream>>>(
-        first, fs.rows, second, ss.rows, weight, hidden, seq, eps, st);
+        first, fs.rows, second, ss.rows, weight, hidden, seq, eps, st, gate);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -194,7 +209,9 @@ template <bool ADD_NORM>
 void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
               const char* second_name, const at::Tensor* weight, double eps,
               const std::optional<at::Tensor>& stats, int64_t sublayer,
-              const std::optional<at::Tensor>& seq_lens) {
+              const std::optional<at::Tensor>& seq_lens,
+              const std::optional<at::Tensor>& gates = std::nullopt,
+              const std::optional<at::Tensor>& scales = std::nullopt) {
   const at::Device device = first.device();
   check_cuda(first, first_name, device);
   check_cuda(second, second_name, device);
@@ -223,6 +240,18 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   TORCH_CHECK_VALUE(fs.hidden <= (int64_t{1} << 24), "adaskip: hidden size ", fs.hidden,
                     " is too large");
   if (stats.has_value()) check_stats(*stats, fs.batch, sublayer, device);
+  TORCH_CHECK_VALUE(gates.has_value() == scales.has_value(),
+                    "adaskip: pass 'gates' and 'scales' together");
+  GateArgs gate{nullptr, nullptr};
+  if (gates.has_value()) {
+    check_gates_scales(*gates, *scales, device);
+    TORCH_CHECK_VALUE(gates->size(1) == fs.batch, "adaskip: 'gates' holds ", gates->size(1),
+                      " sequences but '", second_name, "' has batch ", fs.batch);
+    TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
+                      " is out of range for 'gates' with ", gates->size(0), " sublayers");
+    gate.gates = gates->data_ptr<uint8_t>() + sublayer * fs.batch;
+    gate.scales = scales->data_ptr<float>() + sublayer * fs.batch;
+  }
   const std::optional<at::Tensor> lens = prepare_seq_lens(seq_lens, fs.batch, device);
 
   const int64_t tokens = fs.batch * fs.seq;
@@ -249,9 +278,11 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
     T* s = second.data_ptr<T>();
     const T* w = weight != nullptr ? weight->data_ptr<T>() : nullptr;
     if (stats.has_value()) {
-      launch_rows<T, ADD_NORM, true>(f, fs, s, ss, w, static_cast<float>(eps), st, vectorize, stream);
+      launch_rows<T, ADD_NORM, true>(f, fs, s, ss, w, static_cast<float>(eps), st, gate, vectorize,
+                                     stream);
     } else if constexpr (ADD_NORM) {  // the no-statistics variant, to measure what they cost
-      launch_rows<T, true, false>(f, fs, s, ss, w, static_cast<float>(eps), st, vectorize, stream);
+      launch_rows<T, true, false>(f, fs, s, ss, w, static_cast<float>(eps), st, gate, vectorize,
+                                  stream);
     }
   });
 
@@ -266,8 +297,11 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
                         const std::optional<at::Tensor>& stats, int64_t sublayer,
-                        const std::optional<at::Tensor>& seq_lens) {
-  run_rows<true>(x, "x", residual, "residual", &weight, eps, stats, sublayer, seq_lens);
+                        const std::optional<at::Tensor>& seq_lens,
+                        const std::optional<at::Tensor>& gates,
+                        const std::optional<at::Tensor>& scales) {
+  run_rows<true>(x, "x", residual, "residual", &weight, eps, stats, sublayer, seq_lens, gates,
+                 scales);
 }
 
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,

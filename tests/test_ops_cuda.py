@@ -69,6 +69,33 @@ def test_fused_add_rms_norm_matches_reference(dtype, shape, layout, with_stats):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 4096), (3, 1, 577), (3, 40, 576)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_gated_fused_add_rms_norm_matches_reference(dtype, shape, layout, with_stats):
+    """Sequence 0 gated off with NaN in its x (never read), 1 run, 2 undecided."""
+    g = torch.Generator().manual_seed(12)
+    x, _ = _tensor(shape, dtype, layout, g)
+    residual, _ = _tensor(shape, dtype, layout, g, scale=3.0)
+    x[0] = float("nan")
+    weight = rand((shape[-1],), dtype, "cuda", g)
+    gates = ops.new_gates(3, 3, "cuda")
+    gates[2] = torch.tensor([ops.GATE_SKIP, ops.GATE_RUN, ops.GATE_UNDECIDED], dtype=torch.uint8)
+    scales = (torch.rand(3, 3, generator=g) + 0.5).cuda()
+    stats = torch.rand(3, 3, 3, generator=g).cuda() if with_stats else None
+    xc, rc, wc, sc, gc, scc = _cpu(x, residual, weight, stats, gates, scales)
+
+    ops.fused_add_rms_norm(x, residual, weight, 1e-5, stats=stats, sublayer=2, gates=gates, scales=scales)
+    ref.fused_add_rms_norm(xc, rc, wc, 1e-5, sc, 2, None, gc, scc)
+
+    assert torch.equal(residual.cpu(), rc)
+    torch.testing.assert_close(x.cpu(), xc, **_out_tols(dtype))
+    assert not x.isnan().any()
+    if with_stats:
+        torch.testing.assert_close(stats.cpu(), sc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 4096), (4, 1, 576), (3, 129, 1000), (1, 2048, 8192), (2, 7, 33)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "misaligned"])
 def test_io_similarity_stats_matches_reference(dtype, shape, layout):

@@ -36,6 +36,44 @@ def test_fused_add_rms_norm_matches_oracle(dtype, shape, with_stats):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_gated_fused_add_rms_norm_compensates_gated_off_sequences(dtype, with_stats):
+    """Sequence 0 is gated off (its x is garbage the kernel must not read: NaN here), 1 decided
+    to run, 2 still undecided: 0 gets residual * scale, the others the plain add; all rows are
+    normalized. Statistics compare the stream before and after, whichever way it changed."""
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 2, 48)
+    x, residual = rand(shape, dtype, gen=g), rand(shape, dtype, gen=g, scale=2.0)
+    x[0] = float("nan")
+    weight = rand((48,), dtype, gen=g)
+    gates = ops.new_gates(4, 3)
+    gates[1] = torch.tensor([ops.GATE_SKIP, ops.GATE_RUN, ops.GATE_UNDECIDED], dtype=torch.uint8)
+    scales = ops.new_scales(4, 3)
+    scales[1] = torch.tensor([0.75, 3.0, 5.0])
+    a_before = residual.clone()
+    expected = residual.clone()
+    expected[0] = (a_before[0].float() * 0.75).to(dtype)
+    expected[1:] = a_before[1:] + x[1:]
+    stats = ops.new_stats(4, 3) if with_stats else None
+
+    ops.fused_add_rms_norm(x, residual, weight, 1e-5, stats=stats, sublayer=1, gates=gates, scales=scales)
+
+    assert torch.equal(residual, expected)
+    _, out_true = oracle_add_norm(torch.zeros_like(expected), expected, weight, 1e-5)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+    assert not x.isnan().any()
+    if with_stats:
+        torch.testing.assert_close(stats.double(), oracle_stats(a_before, residual, 4, 1), rtol=1e-5, atol=1e-5)
+        assert stats[1, 0, 0].item() == pytest.approx(2.0, abs=1e-3)  # two tokens, cosine 1
+    with pytest.raises(ValueError, match="'gates' and 'scales' together"):
+        ops.fused_add_rms_norm(x, residual, weight, 1e-5, gates=gates)
+    with pytest.raises(ValueError, match="holds 3 sequences"):
+        ops.fused_add_rms_norm(x[:2], residual[:2], weight, 1e-5, gates=gates, scales=scales)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.fused_add_rms_norm(x, residual, weight, 1e-5, sublayer=4, gates=gates, scales=scales)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_stats_accumulate_over_calls_and_respect_seq_lens(dtype):
     g = torch.Generator().manual_seed(1)
     shape = (3, 6, 40)
