@@ -169,9 +169,10 @@ def cmd_eval(a) -> None:
               "wall_s": time.time() - started, **result}
     write_json(out / "eval.json", report)
     (out / "eval.md").write_text(table + "\n")
-    plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping")
-    plot_profile_heatmap(profile, out / "similarity-heatmap.png")
-    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'quality.png'}, {out / 'similarity-heatmap.png'}")
+    written = [out / "eval.json", out / "eval.md"]
+    written.append(plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping"))
+    written.append(plot_profile_heatmap(profile, out / "similarity-heatmap.png"))
+    print("wrote " + ", ".join(str(p) for p in written if p is not None))
 
 
 def _build_plan(a, model):

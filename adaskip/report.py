@@ -64,10 +64,13 @@ def _pyplot():
     return plt
 
 
-def plot_quality(rows: Sequence[dict], path, metrics: Sequence[str] = ("perplexity", "top1_agreement"),
+def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = None,
                  title: str = "") -> Optional[Path]:
     """Quality against the number of skipped sublayers, one line per strategy, the full model
-    as a dashed line. Rows at a target speedup go into a second row of panels against it."""
+    as a dashed line. Rows at a target speedup go into a second row of panels against it.
+    metrics: default every metric the rows have but KL (perplexity and agreement tell it)."""
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for r in rows for m in r["metrics"] if m != "kl_per_token"))
     metrics = [m for m in metrics if any(m in r["metrics"] for r in rows)]
     if not metrics:
         return None
