@@ -64,6 +64,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path, plt) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = None,
                  title: str = "") -> Optional[Path]:
     """Quality against the number of skipped sublayers, one line per strategy, the full model
@@ -115,12 +124,7 @@ def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = 
         axes[i][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def plot_profile_heatmap(profile, path, title: str = "") -> Path:
@@ -144,9 +148,4 @@ def plot_profile_heatmap(profile, path, title: str = "") -> Path:
     ax.set_xlabel("layer")
     fig.colorbar(im, ax=ax, label="1 - IO cosine similarity")
     ax.set_title(title or f"sublayer IO similarity ({profile.num_requests} requests, {profile.tokens} tokens)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, plt)
