@@ -40,6 +40,8 @@ class GenerationResult:
     online_skipped: Optional[list] = None
     graphs_captured: int = 0  # CUDA-graph decode: distinct step graphs captured
     graph_capture_s: float = 0.0  # their capture time, not counted in decode_s
+    # With step_timing=True: seconds of each decode step (a step that captured a graph includes it).
+    step_times_s: Optional[list] = None
 
     @property
     def time_per_output_token_s(self) -> float:
@@ -172,6 +174,29 @@ class _StepGraphs:
         graph.replay()
 
 
+class _StepMarks:
+    """Time stamps between decode steps: CUDA events on a GPU (recorded without waiting, read
+    once the loop is over), the host clock elsewhere (CPU ops finish before they return)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stamps.append(event)
+        else:
+            self.stamps.append(time.perf_counter())
+
+    def durations(self) -> list:
+        pairs = zip(self.stamps, self.stamps[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in pairs]  # after the final synchronize
+        return [b - a for a, b in pairs]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -181,7 +206,8 @@ def _sync(device: torch.device) -> None:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
              plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
-             forbid_host_sync: bool = False, cuda_graph: bool = False) -> GenerationResult:
+             forbid_host_sync: bool = False, cuda_graph: bool = False,
+             step_timing: bool = False) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
     Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
@@ -194,7 +220,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     cuda_graph: on a GPU, capture the decode step (forward, token choice (greedy or sampled, the
     seeded generator's state registered with the graph), EOS bookkeeping, online-learning update)
     in a CUDA graph and replay it per token; attention then reads the
-    whole cache under a mask built from device-side positions. A graph is captured per distinct
+    whole cache under a mask built from device-side positions.
+    step_timing: also time every decode step (CUDA events recorded between steps and read after
+    the loop, so the loop still never waits), e.g. to see time per token drop once online
+    learning has gated FFNs off. A graph is captured per distinct
     plan (SkipDecode's ramp, online learning settling), each once.
     """
     sampling = sampling or SamplingParams()
@@ -262,9 +291,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
     if strict:
         torch.cuda.set_sync_debug_mode("error")
+    marks = _StepMarks(device) if step_timing else None
     t1 = time.perf_counter()
     try:
         state.record()
+        if marks is not None:
+            marks.mark()
         for step in range(max_new_tokens - 1):
             if done_flag.ready() and bool(done_flag.host):
                 break  # every sequence had finished a step or two ago
@@ -281,6 +313,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 state.record()
             if online is not None and online.learning and step + 1 == plan.window:
                 gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
+            if marks is not None:
+                marks.mark()
             steps += 1
     finally:
         if strict:
@@ -299,4 +333,4 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
                             online_skipped=online_skipped, graphs_captured=len(graphs.graphs) if graphs else 0,
-                            graph_capture_s=capture_s)
+                            graph_capture_s=capture_s, step_times_s=marks.durations() if marks else None)

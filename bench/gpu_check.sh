@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
-# $OUT (default ./gpu-out). Usage: [BENCHES="ops e2e"] bash bench/gpu_check.sh
+# $OUT (default ./gpu-out). Usage: [BENCHES="ops e2e online"] bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,7 +28,13 @@ test_rc=${PIPESTATUS[0]}
 echo "== benchmarks: ${BENCHES:=ops e2e}"
 bench_rc=0
 for b in $BENCHES; do
-  $PY bench/bench_$b.py --out "$OUT/$b.json" 2>&1 | tee "$OUT/bench_$b.log"
+  case $b in
+    # Issue 5: offline plans plus online FFN skipping, graph decode, time per token in and after the window.
+    online) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
+                 --budgets 8,16 --online --decode-tokens 64 --out "$OUT/e2e-online.json") ;;
+    *) cmd=($PY bench/bench_$b.py --out "$OUT/$b.json") ;;
+  esac
+  "${cmd[@]}" 2>&1 | tee "$OUT/bench_$b.log"
   rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && bench_rc=$rc
 done
 echo "tests rc=$test_rc bench rc=$bench_rc"

@@ -127,6 +127,19 @@ def test_ideal_decode_of_an_online_plan_adds_the_gated_ffns_after_the_window():
     assert row["online_skipped"] == [3]
 
 
+def test_online_window_effect_compares_steps_before_and_after_the_window():
+    costs = SublayerCosts(per_sublayer=[1.0, 2.0, 3.0, 4.0], fixed=0.5, context_len=8, mode="decode",
+                          source="measured")
+    plan_ = SkipPlan(2, {0: 1.0}, beta=0.9, window=3, mode="e2e")
+    # step 0 (warm-up) is left out, steps 1-2 learn, 3-5 settle, then 4 s less per step.
+    m = {"step_times_s": [50.0, 10.0, 10.0, 9.0, 8.0, 7.0, 6.0, 6.0], "online_skipped": [3]}
+    effect = measure.online_window_effect(plan_, m, costs)
+    assert effect["tpot_before_window_ms"] == 10_000 and effect["tpot_after_window_ms"] == 6_000
+    assert effect["online_drop_ms"] == 4_000 and effect["online_drop_predicted_ms"] == 4_000
+    assert effect["online_drop_of_predicted"] == 1.0
+    assert "too few" in measure.online_window_effect(plan_, {"step_times_s": [1.0] * 5}, costs)["online_note"]
+
+
 def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():
     # Layers 1 and 2 skipped in prefill; decode starts with only layer 1 skipped, so layer 2's
     # attention runs over the prompt: its cache is kept and filled in prefill.

@@ -219,3 +219,12 @@ def test_online_learning_in_bf16_uses_the_gated_ffn(pair):
     out = generate(model, [_prompt(10, 31), _prompt(7, 32)], max_new_tokens=8, eos_token_ids=[], plan=p)
     assert out.online_skipped == [[1, 3, 5], [1, 3, 5]]
     assert all(len(t) == 8 for t in out.tokens)
+
+
+def test_step_timing_covers_every_decode_step(pair):
+    _, ours = pair
+    out = generate(ours, [_prompt(7, 2)], max_new_tokens=9, eos_token_ids=[], step_timing=True)
+    assert len(out.step_times_s) == out.decode_steps == 8
+    assert all(t > 0 for t in out.step_times_s)
+    assert sum(out.step_times_s) <= out.decode_s * 1.01
+    assert generate(ours, [_prompt(7, 2)], max_new_tokens=3).step_times_s is None

@@ -44,7 +44,8 @@ def test_decode_never_waits_on_the_host(pair):
     for batch in (prompts, prompts[:1]):
         for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=3)):
             strict = generate(ours, batch, max_new_tokens=12, eos_token_ids=[], plan=always, sampling=sampling,
-                              forbid_host_sync=True)
+                              forbid_host_sync=True, step_timing=True)
+            assert len(strict.step_times_s) == strict.decode_steps
             relaxed = generate(ours, batch, max_new_tokens=12, eos_token_ids=[], plan=always, sampling=sampling)
             assert strict.tokens == relaxed.tokens
             assert strict.online_skipped == [[1, 3, 5, 7]] * len(batch)

@@ -20,6 +20,8 @@ DEFINITIONS = {
              "off, from the step after the window)",
     "of_ideal": "measured speedup / ideal speedup",
     "paper_alpha": "M / (M - k/2): the paper's equal-cost speedup of skipping k sublayers of M layers",
+    "tpot_before/after_window": "online plans: median step time during the learning window and after it "
+                                "(graph decode on a GPU); online_drop_predicted: measured time of the FFNs gated off",
     "kv_cache_bytes": "our static KV cache for prompt + output tokens (HF: its DynamicCache at the end of the run)",
 }
 
@@ -29,7 +31,7 @@ def _generate(model, prompt, plan, decode_tokens: int, graph: bool):
 
     # eos none: every run decodes the same number of tokens; one prefill pass, as HF does it.
     return generate(model, [prompt], max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
-                    prefill_chunk=len(prompt), cuda_graph=graph)
+                    prefill_chunk=len(prompt), cuda_graph=graph, step_timing=True)
 
 
 @torch.inference_mode()
@@ -62,6 +64,7 @@ def measure(model, prompt, plan, args, graph: bool, hf=None) -> dict:
     args.warmup untimed ones; with `hf` = (model, config, ids), transformers is run in the same
     rounds, interleaved, so that drifts of the machine hit both alike."""
     ttft, tpot, tpot_graph, hf_samples = [], [], [], []
+    steps = []  # per repeat: each decode step's time (graph decode when `graph`, else eager)
     last = None
     for rnd in range(args.warmup + args.repeats):
         runs = [_generate(model, prompt, plan, args.decode_tokens, False)]
@@ -74,12 +77,14 @@ def measure(model, prompt, plan, args, graph: bool, hf=None) -> dict:
         tpot.append(runs[0].time_per_output_token_s)
         if graph:
             tpot_graph.append(runs[1].time_per_output_token_s)
+        steps.append(runs[-1].step_times_s)
         if h is not None:
             hf_samples.append(h)
         last = runs[0]
     out = {"ttft_s": median(ttft), "tpot_s": median(tpot), "tpot_graph_s": median(tpot_graph) if graph else None,
            "kv_cache_bytes": last.kv_cache_bytes,
-           "online_skipped": last.online_skipped[0] if last.online_skipped else []}
+           "online_skipped": last.online_skipped[0] if last.online_skipped else [],
+           "step_times_s": [median(column) for column in zip(*steps)] if steps else []}
     if hf_samples:
         out["hf"] = {"ttft_s": median(s[0] for s in hf_samples), "tpot_s": median(s[1] for s in hf_samples),
                      "kv_cache_bytes": hf_samples[-1][2]}
@@ -130,7 +135,26 @@ def plan_row(length: int, strategy: str, k: int, plan, m: dict, full: dict, cost
         row["tpot_graph_speedup"] = ratio(full["tpot_graph_s"], m["tpot_graph_s"])
     if m.get("online_skipped"):
         row["online_skipped"] = m["online_skipped"]
+    if plan is not None and plan.online:
+        row.update(online_window_effect(plan, m, costs["decode"]))
     return row
+
+
+def online_window_effect(plan, m: dict, decode_costs) -> dict:
+    """Time per token before the online window closes and after it (medians over steps, each
+    step's time the median over repeats), against the drop predicted from the measured time of
+    the FFNs it gated off. Steps right after the window are left out: the host sees the gates a
+    step or two late (a non-blocking read), and a CUDA-graph run captures its settled step then."""
+    times = m.get("step_times_s") or []
+    before = times[1:plan.window]  # step 0 also warms up (and runs eagerly under graphs)
+    after = times[plan.window + 3:]
+    if not before or not after:
+        return {"online_note": f"too few decode steps to compare before / after a window of {plan.window}"}
+    measured = median(before) - median(after)
+    predicted = decode_costs.saving(m.get("online_skipped") or [])
+    return {"tpot_before_window_ms": _ms(median(before)), "tpot_after_window_ms": _ms(median(after)),
+            "online_drop_ms": _ms(measured), "online_drop_predicted_ms": _ms(predicted),
+            "online_drop_of_predicted": ratio(measured, predicted) if predicted > 0 else None}
 
 
 def cost_summary(length: int, costs) -> dict:

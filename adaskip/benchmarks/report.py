@@ -41,6 +41,17 @@ def markdown_tables(result: dict) -> str:
                      f"| {_f(r['tpot_ms'])} | {_f(r['tpot_speedup'])} | {_f(r['ideal_tpot_speedup'])} "
                      f"| {_f(r['tpot_of_ideal'])} | {_f(r.get('tpot_graph_speedup'))} | {_mib(r['kv_cache_bytes'])} "
                      f"| {_f(r['kv_cache_ratio'])} |")
+    online = [r for r in result["rows"] if "tpot_before_window_ms" in r]
+    if online:
+        lines += ["", "Online learning: time per decode step during the window and after it (medians), the "
+                  "drop against the measured time of the FFNs it gated off:", "",
+                  "| prompt | strategy | skipped | FFNs gated off | step in window (ms) | step after (ms) "
+                  "| drop (ms) | predicted drop (ms) | drop / predicted |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in online:
+            lines.append(f"| {r['prompt_len']} | {r['strategy']} | {r['num_sublayers']} "
+                         f"| {len(r.get('online_skipped', []))} | {_f(r['tpot_before_window_ms'])} "
+                         f"| {_f(r['tpot_after_window_ms'])} | {_f(r['online_drop_ms'])} "
+                         f"| {_f(r['online_drop_predicted_ms'])} | {_f(r.get('online_drop_of_predicted'))} |")
     return "\n".join(lines)
 
 
