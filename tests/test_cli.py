@@ -116,3 +116,19 @@ def test_eval_errors(tmp_path):
     proc = _cli("eval", "--strategies", "full", "--budgets", "0", "--window-len", "9000", "--out", str(tmp_path),
                 ok=False)
     assert "exceed the model's context of 8192" in proc.stderr
+
+
+def test_eval_longbench_on_the_fixtures(tmp_path):
+    """The longbench task through the command: every plan scores every dataset asked for."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures" / "longbench"
+    out = tmp_path / "lb"
+    _cli("eval", "--calibration-data", str(ESSAY), "--num-requests", "1", "--prompt-len", "128",
+         "--strategies", "shortgpt", "--budgets", "2", "--tasks", "longbench", "--longbench-dir", str(fixtures),
+         "--longbench-datasets", "trec,triviaqa", "--limit", "1", "--out", str(out))
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["full", "shortgpt"]
+    for r in rows:
+        assert set(r["metrics"]) == {"longbench/trec", "longbench/triviaqa"}
+        assert all(0 <= v <= 100 for v in r["metrics"].values())
