@@ -377,12 +377,9 @@ def main(argv=None) -> None:
     e.add_argument("--out", default="eval-out", help="folder for eval.json, eval.md and the plots")
     e.set_defaults(func=cmd_eval)
 
-    try:
-        from .benchmarks.cli import register
-    except ImportError:  # pragma: no cover - the benchmarks ship with the package
-        register = None
-    if register is not None:
-        register(sub)
+    from .benchmarks import register
+
+    register(sub)
 
     a = p.parse_args(argv)
     try:

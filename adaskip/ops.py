@@ -53,7 +53,7 @@ HAS_EXTENSION = _EXTENSION_ERROR is None
 
 if HAS_EXTENSION:
     # The reference is the CPU kernel; fake implementations let torch.compile / FakeTensor trace
-    # the ops. All four ops only mutate their arguments, so the fakes have nothing to return.
+    # the ops. Every op only mutates its arguments, so the fakes have nothing to return.
     _lib = torch.library.Library("adaskip", "IMPL")
     for _name in _OP_NAMES:
         _lib.impl(_name, getattr(_ref, _name), "CPU")

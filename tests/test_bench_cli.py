@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaskip.benchmarks import e2e, measure, register
-from adaskip.benchmarks.cli import main
+from adaskip.cli import main
 from adaskip.benchmarks.common import clean, device_info, git_commit, output_path
 from adaskip.costs import SublayerCosts
 from adaskip.plan import SkipPlan

@@ -8,12 +8,6 @@ ideal speedup, result rows), report (tables, plot), cli (`register`).
 """
 
 
-def register(subparsers):
-    """adaskip.benchmarks.cli.register, imported on use (so `python -m adaskip.benchmarks.cli` runs
-    the module once)."""
-    from .cli import register as _register
-
-    return _register(subparsers)
-
+from .cli import register
 
 __all__ = ["register"]

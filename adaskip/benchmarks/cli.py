@@ -1,9 +1,7 @@
-"""`adaskip bench kernels|e2e`. adaskip.cli calls `register(subparsers)`; this module also runs on
-its own (`python -m adaskip.benchmarks.cli bench e2e ...`), with the same error handling."""
+"""`adaskip bench kernels|e2e`: adaskip.cli calls `register(subparsers)`."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 DEFAULT_OUT_DIR = Path("bench-results")
@@ -57,20 +55,3 @@ def cmd_e2e(args) -> dict:
     write_json(out, result)
     return result
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaskip", description="adaskip benchmarks")
-    register(p.add_subparsers(dest="command", required=True))
-    return p
-
-
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
