@@ -190,8 +190,15 @@ def skip_or_scale(residual, gates, scales, sublayer) -> None:
     r3.copy_(torch.where(skip[:, None, None], scaled, r3))
 
 
-def update_gates(stats, gates, scales, window, beta) -> None:
+def update_gates(stats, gates, scales, window, beta, running=None) -> None:
     check_gates_scales(gates, scales, gates.device)
+    if running is not None:
+        check_same_device("running", running, gates.device)
+        if running.dtype != torch.bool:
+            _fail(f"'running' must be bool, got {running.dtype}")
+        if tuple(running.shape) != (gates.shape[0],) or not running.is_contiguous():
+            _fail(f"'running' must be [num_sublayers] = [{gates.shape[0]}] and contiguous, got shape "
+                  f"{tuple(running.shape)}")
     check_stats(stats, gates.shape[1], 0, gates.device)
     if stats.shape[0] != gates.shape[0]:
         _fail(f"'stats' has {stats.shape[0]} sublayers but 'gates' has {gates.shape[0]}")
@@ -206,6 +213,8 @@ def update_gates(stats, gates, scales, window, beta) -> None:
     skip = ready & (mean_cos >= torch.tensor(beta, dtype=torch.float32))
     scales.copy_(torch.where(skip, stats[..., 1] / safe, scales))
     gates.copy_(torch.where(skip, GATE_SKIP, torch.where(ready, GATE_RUN, gates)).to(torch.uint8))
+    if running is not None:
+        running.copy_((gates != GATE_SKIP).any(dim=1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import ops
+from . import conditional, ops
 from .model import Transformer
 from .online import OnlineGates
 
@@ -206,7 +206,7 @@ def _sync(device: torch.device) -> None:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
              plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
-             forbid_host_sync: bool = False, cuda_graph: bool = False,
+             forbid_host_sync: bool = False, cuda_graph: bool = False, graph_conditionals: bool = False,
              step_timing: bool = False) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
@@ -221,6 +221,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     seeded generator's state registered with the graph), EOS bookkeeping, online-learning update)
     in a CUDA graph and replay it per token; attention then reads the
     whole cache under a mask built from device-side positions.
+    graph_conditionals: with cuda_graph and online learning, FFNs that the gated GEMVs do not
+    serve (more than two sequences, fp32, biases) are captured inside CUDA-graph conditional
+    nodes, so that replays skip their cuBLAS GEMMs once every sequence has gated them off (needs
+    CUDA >= 12.4 and a torch with conditional-node capture; see adaskip.conditional).
     step_timing: also time every decode step (CUDA events recorded between steps and read after
     the loop, so the loop still never waits), e.g. to see time per token drop once online
     learning has gated FFNs off. A graph is captured per distinct
@@ -236,6 +240,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
     if plan is not None:
         plan.check_model(args.num_layers)
+    if graph_conditionals:
+        if not cuda_graph:
+            raise ValueError("adaskip: graph_conditionals puts sublayers in CUDA-graph conditional nodes; "
+                             "it needs cuda_graph=True")
+        conditional.check_supported()
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     needed = longest + max_new_tokens
@@ -281,7 +290,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if plan is not None and plan.online:
         decode_skips = plan.phase("decode").skip_scales
         candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in decode_skips]
-        online = OnlineGates.start(args.num_layers, batch, candidates, device)
+        online = OnlineGates.start(args.num_layers, batch, candidates, device,
+                                   conditional=graph_conditionals and device.type == "cuda")
     state = _DecodeState(model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan)
     done_flag, gates_flag = _HostFlag(device), _HostFlag(device)
     graphs = _StepGraphs(state) if cuda_graph and device.type == "cuda" else None

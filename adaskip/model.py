@@ -15,6 +15,7 @@ from torch import nn
 
 from . import ops
 from ._reference import rms_norm
+from .conditional import capturing, only_if
 from .config import ModelArgs
 from .rope import apply_rotary, cos_sin, inv_frequencies
 
@@ -128,6 +129,19 @@ class FeedForward(nn.Module):
         out = torch.empty(b, h, dtype=x.dtype, device=x.device)
         ops.gated_linear(act, self.down_proj.weight, gates, sublayer, out)
         return out.view(b, 1, h)
+
+    def run_if(self, x: torch.Tensor, predicate: torch.Tensor) -> torch.Tensor:
+        """The FFN inside a conditional node of the CUDA graph being captured: replays run it
+        only while `predicate` (a bool on the device) is true, and skip its GEMMs otherwise (the
+        output is then undefined; the gated add+norm that follows does not read it)."""
+        out = torch.empty_like(x)  # allocated outside the node: read after it either way
+        with only_if(predicate):
+            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            if self.down_proj.bias is None:
+                torch.matmul(act, self.down_proj.weight.t(), out=out)
+            else:
+                out.copy_(self.down_proj(act))
+        return out
 
 
 class Block(nn.Module):
@@ -261,6 +275,8 @@ class Transformer(nn.Module):
                     out = layer.self_attn(x, cos, sin, masks[layer.self_attn.window], positions, kv_len)
                 elif gated and layer.mlp.can_gate(x):
                     out = layer.mlp.gated(x, online.gates, s)
+                elif gated and online.conditional and capturing():
+                    out = layer.mlp.run_if(x, online.running[s])
                 else:
                     out = layer.mlp(x)
                 if gated:  # gated-off sequences: the compensation instead of the add, in the same pass

@@ -10,29 +10,36 @@ from . import ops
 
 @dataclass
 class OnlineGates:
-    """gates / scales: [2 * num_layers, batch]; stats: [2 * num_layers, batch, 3].
+    """gates / scales: [2 * num_layers, batch]; stats: [2 * num_layers, batch, 3]; running: bool
+    [2 * num_layers], whether any sequence still runs each sublayer (kept by update_gates).
 
     learning: FFN sublayers that run and are gated per sequence from `gates` (their similarity
     accumulates in `stats` until update_gates decides them). skipped: sublayers gated off for
     every sequence, which are no longer run at all.
+    conditional: while a CUDA graph is captured, put each learning FFN that the gated GEMVs do
+    not serve (batch > 2, fp32, biases) in a conditional node on `running`, so that replays skip
+    its cuBLAS GEMMs once every sequence has gated it off.
     """
 
     gates: torch.Tensor
     scales: torch.Tensor
     stats: torch.Tensor
+    running: torch.Tensor
     learning: set = field(default_factory=set)
     skipped: set = field(default_factory=set)
+    conditional: bool = False
 
     @classmethod
-    def start(cls, num_layers: int, batch: int, candidates, device) -> "OnlineGates":
+    def start(cls, num_layers: int, batch: int, candidates, device, conditional: bool = False) -> "OnlineGates":
         gates = ops.new_gates(2 * num_layers, batch, device, state=ops.GATE_RUN)
         for s in candidates:
             gates[s] = ops.GATE_UNDECIDED
+        running = torch.ones(2 * num_layers, dtype=torch.bool, device=device)
         return cls(gates, ops.new_scales(2 * num_layers, batch, device), ops.new_stats(2 * num_layers, batch, device),
-                   learning=set(candidates))
+                   running, learning=set(candidates), conditional=conditional)
 
     def update(self, window: int, beta: float) -> None:
-        ops.update_gates(self.stats, self.gates, self.scales, window, beta)
+        ops.update_gates(self.stats, self.gates, self.scales, window, beta, self.running)
 
     def settle(self, host_gates: torch.Tensor) -> None:
         """With a host copy of the gates: stop paying for sublayers decided alike everywhere:

@@ -132,11 +132,13 @@ def skip_or_scale(residual: torch.Tensor, gates: torch.Tensor, scales: torch.Ten
 
 
 def update_gates(stats: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, window: int,
-                 beta: float) -> torch.Tensor:
+                 beta: float, running: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decides, on the device, every GATE_UNDECIDED gate whose statistics count >= window
     tokens: GATE_SKIP with scale = mean norm ratio if mean similarity >= beta, else GATE_RUN.
-    Decided gates never change. Returns gates."""
-    _op("update_gates", stats, gates, scales)(stats, gates, scales, int(window), float(beta))
+    Decided gates never change. running (bool [num_sublayers], optional) is then set to
+    whether any sequence's gate of each sublayer is not GATE_SKIP: the device-side predicate of
+    a CUDA-graph conditional node around that sublayer. Returns gates."""
+    _op("update_gates", stats, gates, scales, running)(stats, gates, scales, int(window), float(beta), running)
     return gates
 
 

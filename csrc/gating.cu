@@ -35,23 +35,32 @@ skip_or_scale_kernel(T* __restrict__ residual, Rows rows, int hidden, int seq,
   }
 }
 
-// One thread per (sublayer, sequence). An UNDECIDED gate whose statistics cover at least
-// `window` tokens is decided once: SKIP (with the window's mean norm ratio as its scale) when
-// the window's mean cosine similarity reaches beta, RUN otherwise.
+// One thread per sublayer, looping over its sequences. An UNDECIDED gate whose statistics
+// cover at least `window` tokens is decided once: SKIP (with the window's mean norm ratio as its
+// scale) when the window's mean cosine similarity reaches beta, RUN otherwise. With `running`,
+// the thread also notes whether any sequence still runs the sublayer.
 __global__ void update_gates_kernel(const float* __restrict__ stats, uint8_t* __restrict__ gates,
-                                    float* __restrict__ scales, int64_t n, float window,
-                                    float beta) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n || gates[i] != GATE_UNDECIDED) return;
-  const float count = stats[3 * i + 2];
-  if (count < window) return;
-  const float mean_cos = stats[3 * i] / count;
-  if (mean_cos >= beta) {
-    gates[i] = GATE_SKIP;
-    scales[i] = stats[3 * i + 1] / count;
-  } else {
-    gates[i] = GATE_RUN;
+                                    float* __restrict__ scales, int64_t sublayers, int64_t batch,
+                                    float window, float beta, bool* __restrict__ running) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= sublayers) return;
+  bool any_runs = false;
+  for (int64_t i = s * batch; i < (s + 1) * batch; ++i) {
+    uint8_t gate = gates[i];
+    const float count = stats[3 * i + 2];
+    if (gate == GATE_UNDECIDED && count >= window) {
+      const float mean_cos = stats[3 * i] / count;
+      if (mean_cos >= beta) {
+        gate = GATE_SKIP;
+        scales[i] = stats[3 * i + 1] / count;
+      } else {
+        gate = GATE_RUN;
+      }
+      gates[i] = gate;
+    }
+    any_runs |= gate != GATE_SKIP;
   }
+  if (running != nullptr) running[s] = any_runs;
 }
 
 }  // namespace
@@ -95,7 +104,7 @@ void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tens
 }
 
 void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales, int64_t window,
-                  double beta) {
+                  double beta, const std::optional<at::Tensor>& running) {
   const at::Device device = gates.device();
   check_gates_scales(gates, scales, device);
   check_stats(stats, gates.size(1), 0, device);
@@ -104,14 +113,24 @@ void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales
   TORCH_CHECK_VALUE(window >= 1, "adaskip: 'window' must be at least 1 token, got ", window);
   TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= -1.0 && beta <= 1.0,
                     "adaskip: 'beta' is a cosine-similarity threshold in [-1, 1], got ", beta);
-  const int64_t n = gates.numel();
-  if (n == 0) return;
+  const int64_t sublayers = gates.size(0), batch = gates.size(1);
+  if (running.has_value()) {
+    check_cuda(*running, "running", device);
+    TORCH_CHECK_VALUE(running->scalar_type() == at::kBool, "adaskip: 'running' must be bool, got ",
+                      running->scalar_type());
+    TORCH_CHECK_VALUE(running->dim() == 1 && running->size(0) == sublayers,
+                      "adaskip: 'running' must be [num_sublayers] = [", sublayers, "], got shape ",
+                      running->sizes());
+    TORCH_CHECK_VALUE(running->is_contiguous(), "adaskip: 'running' must be contiguous");
+  }
+  if (sublayers == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = 256;
-  update_gates_kernel<<<(n + threads - 1) / threads, threads, 0, stream>>>(
-      stats.data_ptr<float>(), gates.data_ptr<uint8_t>(), scales.data_ptr<float>(), n,
-      static_cast<float>(window), static_cast<float>(beta));
+  const int threads = 128;
+  update_gates_kernel<<<(sublayers + threads - 1) / threads, threads, 0, stream>>>(
+      stats.data_ptr<float>(), gates.data_ptr<uint8_t>(), scales.data_ptr<float>(), sublayers, batch,
+      static_cast<float>(window), static_cast<float>(beta),
+      running.has_value() ? running->data_ptr<bool>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -21,8 +21,10 @@ void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::
 void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tensor& scales,
                    int64_t sublayer);
 
+// running (optional, bool [num_sublayers]): afterwards, whether any sequence's gate of each
+// sublayer is not SKIP (the predicate of a CUDA-graph conditional node around that sublayer).
 void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales, int64_t window,
-                  double beta);
+                  double beta, const std::optional<at::Tensor>& running);
 
 // Gated decode GEMVs (1..8 tokens, fp16/bf16): out = x W^T, and out = silu(x Wg^T) * (x Wu^T).
 void gated_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& gates,

@@ -16,8 +16,8 @@ TORCH_LIBRARY(adaskip, m) {
       "Tensor? seq_lens=None) -> ()");
   m.def("skip_or_scale(Tensor(a!) residual, Tensor gates, Tensor scales, int sublayer) -> ()");
   m.def(
-      "update_gates(Tensor stats, Tensor(a!) gates, Tensor(b!) scales, int window, float beta) "
-      "-> ()");
+      "update_gates(Tensor stats, Tensor(a!) gates, Tensor(b!) scales, int window, float beta, "
+      "Tensor(c!)? running=None) -> ()");
   m.def(
       "gated_linear(Tensor x, Tensor weight, Tensor? gates, int sublayer, Tensor(a!) out) -> ()");
   m.def(

@@ -25,6 +25,7 @@ def _samples(device, dtype):
         ("io_similarity_stats", (r(2, 5, 24), r(2, 5, 24), stats.clone(), 2, None)),
         ("skip_or_scale", (r(2, 3, 16), gates, scales, 1)),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),
+        ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8, torch.ones(3, dtype=torch.bool, device=device))),
     ]
     if dtype != torch.float32:  # the gated GEMVs take fp16 / bf16
         samples += [

@@ -140,12 +140,15 @@ def test_update_gates_matches_reference():
                          count * (0.9 + 0.2 * torch.rand(layers, batch, generator=g)), count], -1)
     gates = torch.randint(0, 3, (layers, batch), generator=g, dtype=torch.uint8)
     scales = torch.rand(layers, batch, generator=g) + 0.5
+    gates[:3] = ops.GATE_SKIP  # sublayers no sequence runs
     sc, gc, scc = _cpu(stats, gates, scales)
     stats, gates, scales = stats.cuda(), gates.cuda(), scales.cuda()
-    ops.update_gates(stats, gates, scales, 20, 0.8)
-    ref.update_gates(sc, gc, scc, 20, 0.8)
+    running, rc = torch.ones(layers, dtype=torch.bool, device="cuda"), torch.ones(layers, dtype=torch.bool)
+    ops.update_gates(stats, gates, scales, 20, 0.8, running)
+    ref.update_gates(sc, gc, scc, 20, 0.8, rc)
     assert torch.equal(gates.cpu(), gc)
     assert torch.equal(scales.cpu(), scc)
+    assert torch.equal(running.cpu(), rc) and not rc[:3].any() and rc[3:].any()
     assert (gc == ops.GATE_SKIP).any() and (gc == ops.GATE_RUN).any() and (gc == ops.GATE_UNDECIDED).any()
 
 

@@ -181,6 +181,23 @@ def test_update_gates_decides_once_after_the_window():
     assert gates[1, 0] == s
 
 
+def test_update_gates_reports_which_sublayers_still_run():
+    """running[s]: does any sequence still run sublayer s (the predicate a CUDA-graph
+    conditional node reads). It follows the gates as they are decided."""
+    u, s, r = ops.GATE_UNDECIDED, ops.GATE_SKIP, ops.GATE_RUN
+    gates = torch.tensor([[u, u], [s, r], [s, s], [u, s]], dtype=torch.uint8)
+    scales = ops.new_scales(4, 2)
+    stats = ops.new_stats(4, 2)
+    running = torch.zeros(4, dtype=torch.bool)
+    ops.update_gates(stats, gates, scales, window=4, beta=0.9, running=running)  # nothing decided yet
+    assert running.tolist() == [True, True, False, True]
+    stats[0] = torch.tensor([4.0, 4.0, 4.0])  # both sequences similar: gated off everywhere
+    stats[3, 0] = torch.tensor([1.0, 4.0, 4.0])  # not similar: runs
+    ops.update_gates(stats, gates, scales, window=4, beta=0.9, running=running)
+    assert gates.tolist() == [[s, s], [s, r], [s, s], [r, s]]
+    assert running.tolist() == [False, True, False, True]
+
+
 def test_statistics_are_deterministic():
     g = torch.Generator().manual_seed(5)
     x0, r0 = rand((2, 50, 96), torch.bfloat16, gen=g), rand((2, 50, 96), torch.bfloat16, gen=g)
@@ -225,6 +242,8 @@ def _bad_calls():
         ("beta range", lambda: ops.update_gates(st, gates, scales, 20, 1.5), "'beta'"),
         ("beta nan", lambda: ops.update_gates(st, gates, scales, 20, float("nan")), "'beta'"),
         ("stats/gates", lambda: ops.update_gates(ops.new_stats(3, 2), gates, scales, 20, 0.9), "sublayers"),
+        ("running dtype", lambda: ops.update_gates(st, gates, scales, 20, 0.9, torch.ones(2, dtype=torch.uint8)), "'running'"),
+        ("running shape", lambda: ops.update_gates(st, gates, scales, 20, 0.9, torch.ones(3, dtype=torch.bool)), "'running'"),
     ]
 
 

@@ -1,4 +1,6 @@
 """Generation, KV cache and skip plans on the runtime (tiny random LLaMA, fp32, CPU)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ transformers = pytest.importorskip("transformers")
 from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
 from adaskip.config import ModelArgs  # noqa: E402
 from adaskip.loading import build_model  # noqa: E402
+from adaskip.model import FeedForward  # noqa: E402
+from adaskip.online import OnlineGates  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-5, eos_token_id=None)
@@ -208,6 +212,37 @@ def test_decode_ffn_through_the_gated_gemvs(pair):
     finally:
         for n, p in mlp.named_parameters():
             p.data = saved[n]
+
+
+def test_ffn_run_if_outside_a_capture_is_the_ffn(pair):
+    """Outside a CUDA-graph capture the conditional FFN simply runs (the node only exists in a
+    graph); with biases too. A bad predicate is refused."""
+    _, ours = pair
+    mlp = ours.model.layers[0].mlp
+    x = torch.randn(3, 1, 64)
+    torch.testing.assert_close(mlp.run_if(x, torch.tensor(False)), mlp(x), rtol=1e-6, atol=1e-6)
+    biased = FeedForward(dataclasses.replace(ours.args, mlp_bias=True))
+    torch.testing.assert_close(biased.run_if(x, torch.tensor(True)), biased(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="predicate"):
+        mlp.run_if(x, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="predicate"):
+        mlp.run_if(x, torch.tensor(1))
+
+
+def test_online_gates_track_which_sublayers_still_run():
+    online = OnlineGates.start(3, 2, [1, 3, 5], "cpu", conditional=True)
+    assert online.running.tolist() == [True] * 6 and online.conditional
+    online.stats[1] = torch.tensor([4.0, 4.0, 4.0])  # both sequences: similar
+    online.stats[3, 0] = torch.tensor([4.0, 4.0, 4.0])  # one sequence only
+    online.stats[3, 1] = torch.tensor([0.0, 4.0, 4.0])
+    online.update(window=4, beta=0.5)
+    assert online.running.tolist() == [True, False, True, True, True, True]
+
+
+def test_graph_conditionals_need_graph_decode(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(ours, [_prompt(5, 1)], max_new_tokens=2, graph_conditionals=True)
 
 
 def test_online_learning_in_bf16_uses_the_gated_ffn(pair):

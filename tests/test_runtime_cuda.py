@@ -6,6 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
+from adaskip.conditional import only_if  # noqa: E402
 from adaskip.config import ModelArgs  # noqa: E402
 from adaskip.loading import build_model  # noqa: E402
 
@@ -108,3 +109,46 @@ def test_cuda_graph_decode_samples_on_the_device(pair):
     top1 = generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], cuda_graph=True,
                     sampling=SamplingParams(temperature=1.0, top_k=1, seed=1))
     assert top1.tokens == greedy.tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conditional_node_runs_its_cublas_body_only_while_the_predicate_holds(dtype):
+    """adaskip.conditional.only_if in a captured graph: the GEMM inside runs at replay only while
+    the device bool is true; otherwise its output is left as it was (poisoned here)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    a = torch.randn(3, 1, 256, generator=g, device="cuda").to(dtype)
+    w = torch.randn(512, 256, generator=g, device="cuda").to(dtype)
+    out = torch.empty(3, 1, 512, device="cuda", dtype=dtype)
+    pred = torch.tensor(False, device="cuda")
+    torch.matmul(a, w.t(), out=out)  # warm-up outside the capture
+    expected = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with only_if(pred):
+            torch.matmul(a, w.t(), out=out)
+    for run, poison in ((False, 7.0), (True, 7.0), (False, -3.0), (True, -3.0)):
+        out.fill_(poison)
+        pred.fill_(run)
+        graph.replay()
+        torch.cuda.synchronize()
+        if run:
+            assert torch.equal(out, expected)
+        else:
+            assert (out == poison).all()
+
+
+@pytest.mark.parametrize("beta", [-1.0, 1.0], ids=["all-gated-off", "none-gated-off"])
+def test_graph_decode_with_conditional_ffns_matches_eager(pair, beta):
+    """Three sequences (beyond the gated GEMVs; fp32 never uses them): the learning FFNs are
+    captured in conditional nodes on whether any sequence still runs them. Tokens and gates equal
+    the eager path's, and no replay waits on the host."""
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (40, 23, 31)]
+    p = SkipPlan(4, {2: 1.0}, beta=beta, window=4)
+    eager = generate(ours, prompts, max_new_tokens=12, eos_token_ids=[], plan=p)
+    graph = generate(ours, prompts, max_new_tokens=12, eos_token_ids=[], plan=p, cuda_graph=True,
+                     graph_conditionals=True, forbid_host_sync=True)
+    assert graph.tokens == eager.tokens
+    assert graph.online_skipped == eager.online_skipped
+    assert eager.online_skipped == ([[1, 3, 5, 7]] if beta < 0 else [[]]) * 3

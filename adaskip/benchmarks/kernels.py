@@ -6,7 +6,8 @@ calls, after warm-up; the calls rotate over enough input sets that L2 cannot ser
 Achieved bandwidth counts the bytes each op must move (inputs read once, outputs written once)
 and is compared with a device-to-device copy measured in the same run: the ceiling that says
 how good a memory-bound op is. Also: statistics on vs off, torch's unfused add + rms_norm for
-context, and the decode FFN through the gated GEMVs against cuBLAS (`--only-ffn`).
+context, and the decode FFN through the gated GEMVs against cuBLAS, and cuBLAS inside a CUDA-graph
+conditional node (`--only-ffn`).
 On a CPU machine: the PyTorch reference at small sizes, labelled as such (a smoke run, not a
 performance figure).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaskip import ops
+from adaskip import conditional, ops
 
 from .common import device_info, git_commit, now_iso
 
@@ -147,7 +148,9 @@ def bench_size(hidden, tokens, dtype, device, timer, copy_bw, args) -> list[dict
 
 
 def bench_gated_ffn(hidden, ffn, tokens, dtype, copy_bw, args) -> list[dict]:
-    """The decode FFN through the gated GEMVs (gated on / off) against cuBLAS (F.linear)."""
+    """The decode FFN through the gated GEMVs (gated on / off; up to 8 tokens) against cuBLAS
+    (F.linear), and cuBLAS inside a CUDA-graph conditional node (predicate true / false: what
+    skipping from the device costs where the gated GEMVs do not serve)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, hidden, generator=g, device="cuda", dtype=dtype)
     wg, wu = (torch.randn(ffn, hidden, generator=g, device="cuda", dtype=dtype) * 0.02 for _ in range(2))
@@ -165,9 +168,23 @@ def bench_gated_ffn(hidden, ffn, tokens, dtype, copy_bw, args) -> list[dict]:
     def cublas(i):
         F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
+    def cublas_if(run: bool):
+        predicate = torch.tensor(run, device="cuda")
+
+        def fn(i):
+            with conditional.only_if(predicate):
+                torch.matmul(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd.t(), out=out)
+        return fn
+
+    cases = []
+    if tokens <= 8:
+        cases += [("ffn gated on", ours(on)), ("ffn gated off", ours(off))]
+    cases.append(("ffn cuBLAS", cublas))
+    if conditional.supported():
+        cases += [("ffn cuBLAS if on", cublas_if(True)), ("ffn cuBLAS if off", cublas_if(False))]
     weight_bytes = 3 * hidden * ffn * x.element_size()
     rows = []
-    for name, fn in (("ffn gated on", ours(on)), ("ffn gated off", ours(off)), ("ffn cuBLAS", cublas)):
+    for name, fn in cases:
         t = time_gpu(fn, 1, args.warmup, args.repeats, args.calls)
         gbps = weight_bytes / t / 1e9
         rows.append({"op": name, "dtype": str(dtype).replace("torch.", ""), "hidden": hidden, "ffn": ffn,
@@ -210,7 +227,7 @@ def run(args) -> dict:
     ffn_rows = []
     if on_gpu and args.ffn:
         for hidden, ffn in ((4096, 14336), (8192, 28672)):
-            for tokens in (1, 2, 4, 8):
+            for tokens in (1, 2, 4, 8, 32):
                 ffn_rows += bench_gated_ffn(hidden, ffn, tokens, torch.bfloat16, copy_bw, args)
     elif args.only_ffn:
         print("the gated decode FFN runs on a GPU only: nothing to measure here")
@@ -233,7 +250,7 @@ def print_tables(rows: list, ffn_rows: list) -> None:
             print(f"{r['op']:<22}{r['dtype']:>9}{r['hidden']:>7}{r['tokens']:>7}{r['time_us']:>11.2f}"
                   f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}{extra}")
     if ffn_rows:
-        print(f"\n{'decode FFN':<16}{'hidden':>7}{'ffn':>7}{'tokens':>7}{'time us':>10}{'GB/s':>9}{'% copy':>8}")
+        print(f"\n{'decode FFN':<18}{'hidden':>7}{'ffn':>7}{'tokens':>7}{'time us':>10}{'GB/s':>9}{'% copy':>8}")
         for r in ffn_rows:
-            print(f"{r['op']:<16}{r['hidden']:>7}{r['ffn']:>7}{r['tokens']:>7}{r['time_us']:>10.2f}"
+            print(f"{r['op']:<18}{r['hidden']:>7}{r['ffn']:>7}{r['tokens']:>7}{r['time_us']:>10.2f}"
                   f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}")
