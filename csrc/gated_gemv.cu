@@ -5,9 +5,10 @@
 // and no host ever looks at the gate. Outputs of skipped sequences are left unwritten: the
 // fused add + norm that follows (with the same gates) replaces the sublayer by its scale.
 //
-// One warp per output row: each lane streams 16-byte chunks of the row, keeps a partial dot
-// product per token, and the warp sums them with shuffles (a fixed order: deterministic).
-// The tokens' inputs are re-read from L1/L2 for every row; the weights are read exactly once.
+// One warp per output row (several rows from 3 tokens on): each lane streams 16-byte chunks of
+// the rows, keeps a partial dot product per row and token, and the warp sums them with shuffles
+// (a fixed order: deterministic). The weights are read exactly once; the tokens' inputs are
+// re-read from L1/L2 by every warp.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -25,24 +26,12 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxTokens = 8;
 
-template <typename T, int VEC, int NT>
-__device__ __forceinline__ void row_dot(const T* __restrict__ w_row, const T* __restrict__ x,
-                                        int64_t x_stride, int k, float (&acc)[NT]) {
-  const int lane = threadIdx.x & 31;
-  for (int c = lane; c < k / VEC; c += 32) {
-    const Vec<T, VEC> wv = load_vec<T, VEC>(w_row + c * VEC);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(x + t * x_stride + c * VEC);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[t] += static_cast<float>(wv.v[j]) * static_cast<float>(xv.v[j]);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
-  }
+// Rows per warp: from 3 tokens on, the tokens' inputs (re-read from L1 for every row, NT loads
+// per weight load) rather than the weights limit a one-row warp, so a warp takes several rows
+// and reuses each input chunk across them. Fewer for SwiGLU, which already streams two rows.
+template <int NT, bool SWIGLU>
+constexpr int rows_per_warp() {
+  return NT <= 2 ? 1 : (SWIGLU ? 2 : 4);
 }
 
 // True when every one of the NT sequences is gated off for this sublayer.
@@ -54,30 +43,81 @@ __device__ __forceinline__ bool all_skipped(const uint8_t* __restrict__ gates) {
   return all;
 }
 
+template <int R, int NT>
+__device__ __forceinline__ void warp_sum(float (&acc)[R][NT]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], off);
+    }
+  }
+}
+
 // SWIGLU: out[t, r] = silu(Wg[r] . x[t]) * (Wu[r] . x[t]); otherwise out[t, r] = W[r] . x[t].
+// Each warp computes R consecutive rows; each lane streams 16-byte chunks of them with the
+// matching chunks of the NT inputs, and the warp sums its partials with shuffles (a fixed
+// order: deterministic, and the same sums whatever R is).
 template <typename T, int VEC, int NT, bool SWIGLU>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
                   const T* __restrict__ w_up, int rows, int k, const uint8_t* __restrict__ gates,
                   T* __restrict__ out, int64_t out_stride) {
+  constexpr int R = rows_per_warp<NT, SWIGLU>();
   if (gates != nullptr && all_skipped<NT>(gates)) return;
-  const int row = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  float acc[NT] = {};
-  row_dot<T, VEC, NT>(w + static_cast<int64_t>(row) * k, x, x_stride, k, acc);
-  float acc_up[NT] = {};
-  if constexpr (SWIGLU) row_dot<T, VEC, NT>(w_up + static_cast<int64_t>(row) * k, x, x_stride, k, acc_up);
-  if ((threadIdx.x & 31) == 0) {
+  const int first = (blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5)) * R;
+  if (first >= rows) return;
+  const int lane = threadIdx.x & 31;
+  // Rows past the end (the last warp only) re-read the last row and are not stored.
+  const T* w_rows[R];
+  const T* u_rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = min(first + r, rows - 1);
+    w_rows[r] = w + row * k;
+    u_rows[r] = SWIGLU ? w_up + row * k : nullptr;
+  }
+  float acc[R][NT] = {};
+  float acc_up[R][NT] = {};
+  for (int c = lane; c < k / VEC; c += 32) {
+    Vec<T, VEC> xv[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xv[t] = load_vec<T, VEC>(x + t * x_stride + c * VEC);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const Vec<T, VEC> wv = load_vec<T, VEC>(w_rows[r] + c * VEC);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[r][t] += static_cast<float>(wv.v[j]) * static_cast<float>(xv[t].v[j]);
+      }
+      if constexpr (SWIGLU) {
+        const Vec<T, VEC> uv = load_vec<T, VEC>(u_rows[r] + c * VEC);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc_up[r][t] += static_cast<float>(uv.v[j]) * static_cast<float>(xv[t].v[j]);
+        }
+      }
+    }
+  }
+  warp_sum<R, NT>(acc);
+  if constexpr (SWIGLU) warp_sum<R, NT>(acc_up);
+  // Every lane holds every sum now: lane r * NT + t stores out[t, first + r].
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      float y = acc[t];
+      if (lane != (r * NT + t) % 32 || first + r >= rows) continue;
+      float y = acc[r][t];
       if constexpr (SWIGLU) {
         // Rounded like torch: silu(g) and u are each rounded to T before their product.
         const float g = static_cast<float>(static_cast<T>(y));
         const float silu = static_cast<float>(static_cast<T>(g / (1.f + __expf(-g))));
-        y = silu * static_cast<float>(static_cast<T>(acc_up[t]));
+        y = silu * static_cast<float>(static_cast<T>(acc_up[r][t]));
       }
-      out[t * out_stride + row] = static_cast<T>(y);
+      out[t * out_stride + first + r] = static_cast<T>(y);
     }
   }
 }
@@ -85,13 +125,16 @@ gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict
 template <typename T, int VEC, bool SWIGLU>
 void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, int rows, int k,
                  const uint8_t* gates, T* out, int64_t os, cudaStream_t stream) {
-  const dim3 grid((rows + kWarpsPerBlock - 1) / kWarpsPerBlock), block(kWarpsPerBlock * 32);
+  const dim3 block(kWarpsPerBlock * 32);
   switch (tokens) {
-#define ADASKIP_GEMV_CASE(N)                                                                    \
-  case N:                                                                                       \
-    gated_gemv_kernel<T, VEC, N, SWIGLU><<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, \
-                                                                      gates, out, os);          \
-    break;
+#define ADASKIP_GEMV_CASE(N)                                                                         \
+  case N: {                                                                                          \
+    constexpr int rows_per_block = kWarpsPerBlock * rows_per_warp<N, SWIGLU>();                      \
+    const dim3 grid((rows + rows_per_block - 1) / rows_per_block);                                   \
+    gated_gemv_kernel<T, VEC, N, SWIGLU><<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, \
+                                                                      out, os);                      \
+    break;                                                                                           \
+  }
     ADASKIP_GEMV_CASE(1)
     ADASKIP_GEMV_CASE(2)
     ADASKIP_GEMV_CASE(3)

@@ -254,8 +254,9 @@ def test_ops_never_sync_with_the_host():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
-@pytest.mark.parametrize("shape", [(576, 1536), (4096, 1000), (130, 77)], ids=str)  # (hidden, ffn); odd: scalar path
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8])  # a warp takes several rows from 3 tokens on
+# (hidden, ffn). Odd sizes: the scalar path; few rows: warps and blocks past the last row.
+@pytest.mark.parametrize("shape", [(576, 1536), (4096, 1000), (130, 77), (512, 10), (64, 3)], ids=str)
 def test_gated_gemvs_match_reference(dtype, tokens, shape):
     g = torch.Generator().manual_seed(41)
     h, f = shape
