@@ -216,11 +216,12 @@ def _compare(a, model, tokenizer, text: str) -> dict:
         generate(model, [ids[:256]], max_new_tokens=4)
     runs = {}
     for name, p in (("full", None), ("plan", skip_plan)):
-        out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p)
+        out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p, cuda_graph=a.cuda_graph)
         runs[name] = {"answer": tokenizer.decode(out.tokens[0], skip_special_tokens=True),
                       "ttft_s": out.prefill_s, "tpot_s": out.time_per_output_token_s,
                       "new_tokens": len(out.tokens[0]), "kv_cache_bytes": out.kv_cache_bytes,
-                      "online_skipped": out.online_skipped[0] if out.online_skipped else []}
+                      "online_skipped": out.online_skipped[0] if out.online_skipped else [],
+                      "graph_capture_s": out.graph_capture_s}
     f, p = runs["full"], runs["plan"]
     return {"model": a.model, "prompt_tokens": len(ids), "device": str(model.lm_head.weight.device),
             "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""), "plan": skip_plan.to_dict(),
@@ -329,6 +330,8 @@ def main(argv=None) -> None:
         q.add_argument("--mode", choices=["prefill", "decode", "e2e"], default="e2e")
         q.add_argument("--window", type=int, default=20, help="online learning window (decoded tokens)")
         q.add_argument("--max-new-tokens", type=int, default=64)
+        q.add_argument("--cuda-graph", action="store_true",
+                       help="GPU: decode with the CUDA-graph step (captured per plan, replayed per token)")
         q.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
         q.add_argument("--json", action="store_true", help="print one JSON object")
 

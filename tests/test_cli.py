@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -39,11 +40,15 @@ def test_calibrate_writes_a_profile(profile):
 
 def test_run_prints_answers_plan_and_timings_as_json(profile):
     proc = _cli("run", "--profile", str(profile), "--num-sublayers", "8", "--max-new-tokens", "6", "--window", "3",
-                "--prompt", "Name three colours.", "--json")
+                "--prompt", "Name three colours.", "--json", "--cuda-graph")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["plan"]["strategy"] == "adaskip" and len(r["plan"]["skip_scales"]) == 8
     for run in (r["full"], r["adaskip"]):
         assert run["answer"] and run["ttft_s"] > 0 and run["tpot_s"] > 0 and run["kv_cache_bytes"] > 0
+        if torch.cuda.is_available():  # one graph captured per plan
+            assert run["graph_capture_s"] > 0
+        else:  # without a GPU, --cuda-graph decodes eagerly
+            assert run["graph_capture_s"] == 0
     assert r["ttft_speedup"] > 0 and r["tpot_speedup"] > 0
 
 
