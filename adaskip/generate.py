@@ -38,7 +38,8 @@ class GenerationResult:
     finished: list = field(default_factory=list)  # per sequence: stopped at EOS
     # Online decode learning: per sequence, the FFN sublayers gated off after the window.
     online_skipped: Optional[list] = None
-    graphs_captured: int = 0  # CUDA-graph decode: distinct step graphs captured
+    graphs_captured: int = 0  # CUDA-graph decode: step graphs captured by this call
+    graphs_reused: int = 0  # step graphs this call replayed that an earlier call had captured
     graph_capture_s: float = 0.0  # their capture time, not counted in decode_s
     # With step_timing=True: seconds of each decode step (a step that captured a graph includes it).
     step_times_s: Optional[list] = None
@@ -95,23 +96,55 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
 
 
 class _DecodeState:
-    """Everything a decode step reads and writes, in fixed device buffers (so that the step can
-    be captured in a CUDA graph): the current token, positions, a device step counter, the
-    output tokens and EOS bookkeeping."""
+    """Everything a decode step reads and writes, in fixed device buffers: the current token,
+    positions, a device step counter, the output tokens, EOS bookkeeping, the online-learning
+    gates and the seeded generator. Kept on the model per batch size (model.decode_states) and
+    refilled in place by each generate call, so that the CUDA graphs captured on these buffers
+    stay valid from one call to the next."""
 
-    def __init__(self, model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan):
-        device = token.device
-        b = token.shape[0]
-        self.model, self.eos, self.sampling, self.generator = model, eos, sampling, generator
-        self.stats, self.online, self.plan = stats, online, plan
-        self.token = token.clone()
-        self.pos = lens.clone()  # position of the token fed next
-        self.step = torch.zeros((), dtype=torch.long, device=device)
-        self.rows = torch.arange(b, device=device)
-        self.zero = torch.zeros(b, dtype=torch.long, device=device)
-        self.out_tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-        self.generated = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
-        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
+    def __init__(self, model, batch: int, num_eos: int, device: torch.device):
+        self.model = model
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, **long)
+        self.pos = torch.zeros(batch, **long)  # position of the token fed next
+        self.step = torch.zeros((), **long)
+        self.rows = torch.arange(batch, device=device)
+        self.zero = torch.zeros(batch, **long)
+        # Room for as many tokens as the cache holds: any call on this cache fits.
+        self.out_tokens = torch.zeros(batch, model.cache_len, **long)
+        self.generated = torch.zeros(batch, **long)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.zeros(num_eos, **long)
+        self.seeded = None  # a seeded generator, created on first use and re-seeded per call
+        self.online_gates = None  # OnlineGates buffers, likewise
+        self.graphs = _StepGraphs(self) if device.type == "cuda" else None
+        # Per call (what the captured steps were captured with is part of their key).
+        self.sampling, self.generator, self.stats, self.online, self.plan = SamplingParams(), None, None, None, None
+
+    def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        if self.seeded is None:
+            self.seeded = torch.Generator(device=self.token.device)
+        return self.seeded.manual_seed(seed)
+
+    def online_for(self, num_layers: int, candidates, conditional: bool) -> OnlineGates:
+        if self.online_gates is None:
+            self.online_gates = OnlineGates.start(num_layers, self.token.shape[0], candidates, self.token.device,
+                                                  conditional=conditional)
+        else:
+            self.online_gates.restart(candidates, conditional=conditional)
+        return self.online_gates
+
+    def start(self, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan) -> None:
+        self.token.copy_(token)
+        self.pos.copy_(lens)
+        self.step.zero_()
+        self.out_tokens.zero_()
+        self.generated.fill_(max_new_tokens)
+        self.finished.zero_()
+        self.eos.copy_(eos)
+        self.sampling, self.generator, self.stats, self.online, self.plan = sampling, generator, stats, online, plan
 
     def record(self) -> None:
         """Stores the current token at the current step and notes sequences that just ended."""
@@ -135,25 +168,41 @@ class _DecodeState:
         self.pos += 1
         self.step += 1
 
+    def step_key(self, step_plan) -> tuple:
+        """What a captured step bakes in besides the buffers: the skips, the online-learning
+        state, the update's window and beta, the sampling settings."""
+        online, plan, sp = self.online, self.plan, self.sampling
+        return ((tuple(sorted(step_plan.skip_scales.items())) if step_plan is not None else (),
+                 tuple(sorted(getattr(step_plan, "kv_only_attention", ()) or ())),
+                 None if online is None else (frozenset(online.learning), frozenset(online.skipped),
+                                              online.conditional, plan.window, plan.beta),
+                 (sp.temperature, sp.top_k, sp.top_p, self.generator is not None)))
+
 
 class _StepGraphs:
-    """CUDA graphs of `advance + record`, one per distinct step plan and online-learning state,
-    captured on first use into one shared memory pool."""
+    """CUDA graphs of `advance + record` on one _DecodeState, one per step key, captured on first
+    use into one memory pool (every graph's temporaries are dead once its replay ends, and
+    replays never overlap, so they can share it) and replayed by later calls too."""
+
+    MAX_GRAPHS = 32  # beyond this many keys, the oldest graph is dropped
 
     def __init__(self, state: _DecodeState):
         self.state = state
         self.graphs = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_s = 0.0
+        self.captures = 0
+
+    def has(self, step_plan) -> bool:
+        return self.state.step_key(step_plan) in self.graphs
 
     def replay(self, step_plan) -> None:
-        online = self.state.online
-        key = (tuple(sorted(step_plan.skip_scales.items())) if step_plan is not None else (),
-               frozenset(online.learning) if online is not None else frozenset(),
-               frozenset(online.skipped) if online is not None else frozenset())
+        key = self.state.step_key(step_plan)
         graph = self.graphs.get(key)
         if graph is None:
-            # Capturing synchronises (once per plan, not per token): allow it even when the
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                del self.graphs[next(iter(self.graphs))]
+            # Capturing synchronises (once per key, not per token): allow it even when the
             # caller forbids host syncs in the decode loop, and keep its time apart.
             t0 = time.perf_counter()
             mode = torch.cuda.get_sync_debug_mode()
@@ -171,7 +220,23 @@ class _StepGraphs:
                 torch.cuda.set_sync_debug_mode(mode)
             self.graphs[key] = graph
             self.capture_s += time.perf_counter() - t0
+            self.captures += 1
         graph.replay()
+
+
+def _decode_state(model, batch: int, num_eos: int, device: torch.device, reuse: bool) -> _DecodeState:
+    """The model's decode state for this batch size (new when the weights moved since: graphs
+    hold their addresses). reuse False: a state of its own for this call."""
+    if not reuse:
+        return _DecodeState(model, batch, num_eos, device)
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    states = model.decode_states
+    for key in [k for k in states if k[0] != weights]:
+        del states[key]
+    key = (weights, batch, num_eos, device)
+    if key not in states:
+        states[key] = _DecodeState(model, batch, num_eos, device)
+    return states[key]
 
 
 class _StepMarks:
@@ -227,8 +292,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     CUDA >= 12.4 and a torch with conditional-node capture; see adaskip.conditional).
     step_timing: also time every decode step (CUDA events recorded between steps and read after
     the loop, so the loop still never waits), e.g. to see time per token drop once online
-    learning has gated FFNs off. A graph is captured per distinct
-    plan (SkipDecode's ramp, online learning settling), each once.
+    learning has gated FFNs off.
+    A graph is captured per distinct step (SkipDecode's ramp, online learning settling, sampling
+    settings), each once per batch size and KV cache: the graphs and the buffers they were
+    captured on are kept on the model (model.decode_states), so later calls of the same shape
+    replay them; new caches (setup_caches), another attention backend or moved weights drop them.
     """
     sampling = sampling or SamplingParams()
     args = model.args
@@ -265,9 +333,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
     ids = ids.to(device)
     lens = torch.tensor(lengths, device=device)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    # Decode buffers (and the graphs captured on them) are kept for the next call of this batch
+    # size, unless a statistics buffer of the caller's is written (its address would be baked in).
+    state = _decode_state(model, batch, eos.numel(), device, reuse=stats is None)
+    generator = state.generator_for(sampling.seed)
 
     _sync(device)
     t0 = time.perf_counter()
@@ -290,11 +359,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     if plan is not None and plan.online:
         decode_skips = plan.phase("decode").skip_scales
         candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in decode_skips]
-        online = OnlineGates.start(args.num_layers, batch, candidates, device,
-                                   conditional=graph_conditionals and device.type == "cuda")
-    state = _DecodeState(model, token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan)
+        online = state.online_for(args.num_layers, candidates, conditional=graph_conditionals and device.type == "cuda")
+    state.start(token, lens, max_new_tokens, eos, sampling, generator, stats, online, plan)
     done_flag, gates_flag = _HostFlag(device), _HostFlag(device)
-    graphs = _StepGraphs(state) if cuda_graph and device.type == "cuda" else None
+    graphs = state.graphs if cuda_graph else None
+    captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
+    existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
     same_length = len(set(lengths)) == 1
     steps = 0
     strict = forbid_host_sync and device.type == "cuda"
@@ -315,8 +385,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 online.settle(gates_flag.host)
                 gates_flag.host = None
             step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-            if graphs is not None and step > 0:
-                graphs.replay(step_plan)  # the first step runs eagerly: it is also the warm-up
+            if graphs is not None and (step > 0 or graphs.has(step_plan)):
+                # Without a graph yet, the first step runs eagerly: it is also the warm-up.
+                if state.step_key(step_plan) in existing:
+                    reused.add(state.step_key(step_plan))
+                graphs.replay(step_plan)
             else:
                 shared = longest + step if same_length else None
                 state.advance(step_plan, shared_pos=shared, kv_len=longest + step + 1)
@@ -330,17 +403,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if strict:
             torch.cuda.set_sync_debug_mode(previous_mode)
     _sync(device)
-    capture_s = graphs.capture_s if graphs is not None else 0.0
+    capture_s = graphs.capture_s - capture_s_before if graphs is not None else 0.0
     decode_s = time.perf_counter() - t1 - capture_s
     out_tokens, generated, finished = state.out_tokens, state.generated, state.finished
 
     counts = generated.tolist()
-    token_lists = [row[:n] for row, n in zip(out_tokens.tolist(), counts)]
+    token_lists = [row[:n] for row, n in zip(out_tokens[:, :max_new_tokens].tolist(), counts)]
     online_skipped = None
     if online is not None:
         g = online.gates.cpu()
         online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
     return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
-                            online_skipped=online_skipped, graphs_captured=len(graphs.graphs) if graphs else 0,
-                            graph_capture_s=capture_s, step_times_s=marks.durations() if marks else None)
+                            online_skipped=online_skipped,
+                            graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
+                            graphs_reused=len(reused), graph_capture_s=capture_s, step_times_s=marks.durations() if marks else None)

@@ -171,6 +171,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.cache_batch = 0
         self.cache_len = 0
+        # adaskip.generate's decode buffers and CUDA graphs per batch size; they hold the KV
+        # caches' addresses, so new caches (or another attention backend) drop them.
+        self.decode_states = {}
 
     def set_attention_backend(self, backend: str) -> None:
         """"sdpa" (default: torch's scaled_dot_product_attention) or "flash_attn" (needs the
@@ -181,6 +184,7 @@ class Transformer(nn.Module):
             raise ValueError("adaskip: the flash_attn backend needs the flash-attn package, which is not installed")
         for layer in self.model.layers:
             layer.self_attn.backend = backend
+        self.decode_states.clear()
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -194,6 +198,7 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         # Normal tensors even when called under inference_mode (as generate does), so that the
         # caches can also be written by forward calls outside it.
+        self.decode_states.clear()
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
         with torch.inference_mode(False):

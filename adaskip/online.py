@@ -38,6 +38,16 @@ class OnlineGates:
         return cls(gates, ops.new_scales(2 * num_layers, batch, device), ops.new_stats(2 * num_layers, batch, device),
                    running, learning=set(candidates), conditional=conditional)
 
+    def restart(self, candidates, conditional: bool = False) -> None:
+        """The same buffers, refilled in place for a new request (captured graphs read them)."""
+        self.gates.fill_(ops.GATE_RUN)
+        for s in candidates:
+            self.gates[s] = ops.GATE_UNDECIDED
+        self.scales.fill_(1.0)
+        self.stats.zero_()
+        self.running.fill_(True)
+        self.learning, self.skipped, self.conditional = set(candidates), set(), conditional
+
     def update(self, window: int, beta: float) -> None:
         ops.update_gates(self.stats, self.gates, self.scales, window, beta, self.running)
 

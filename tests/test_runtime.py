@@ -237,6 +237,14 @@ def test_online_gates_track_which_sublayers_still_run():
     online.stats[3, 1] = torch.tensor([0.0, 4.0, 4.0])
     online.update(window=4, beta=0.5)
     assert online.running.tolist() == [True, False, True, True, True, True]
+    buffers = (online.gates, online.scales, online.stats, online.running)
+    online.learning.clear()
+    online.skipped.add(1)
+    online.restart([3, 5])  # a new request on the same buffers (graphs read them)
+    assert all(a is b for a, b in zip(buffers, (online.gates, online.scales, online.stats, online.running)))
+    assert online.gates[:, 0].tolist() == [ops.GATE_RUN] * 3 + [ops.GATE_UNDECIDED, ops.GATE_RUN, ops.GATE_UNDECIDED]
+    assert online.running.all() and not online.stats.any() and (online.scales == 1).all()
+    assert online.learning == {3, 5} and not online.skipped and not online.conditional
 
 
 def test_graph_conditionals_need_graph_decode(pair):
@@ -263,3 +271,46 @@ def test_step_timing_covers_every_decode_step(pair):
     assert all(t > 0 for t in out.step_times_s)
     assert sum(out.step_times_s) <= out.decode_s * 1.01
     assert generate(ours, [_prompt(7, 2)], max_new_tokens=3).step_times_s is None
+
+
+def test_decode_state_is_reused_and_refilled_between_calls(pair):
+    """The decode buffers (what CUDA graphs are captured on) are kept per batch size and refilled
+    by each call: a call after other calls gives what it gives on its own. (Plans that skip no
+    attention: the KV caches, which the buffers go with, stay the same.)"""
+    _, ours = pair
+    prompts, others = [_prompt(9, 40), _prompt(5, 41)], [_prompt(7, 42), _prompt(11, 43)]
+    online = SkipPlan(3, {3: 1.0}, beta=-1.0, window=3)
+    sampled = SamplingParams(temperature=0.9, top_k=20, seed=5)
+    # An EOS that ends the other prompts' runs early, so that their finished flags are set.
+    eos = [generate(ours, others, max_new_tokens=3, eos_token_ids=[]).tokens[0][1]]
+    first = [generate(ours, prompts, max_new_tokens=8, plan=online, eos_token_ids=eos),
+             generate(ours, prompts, max_new_tokens=8, sampling=sampled, eos_token_ids=eos)]
+    states = dict(ours.decode_states)
+    assert [k[1:3] for k in states].count((2, 1)) == 1  # one state for batch 2 and one EOS id
+    cut = generate(ours, others, max_new_tokens=6, plan=SkipPlan(3, {3: 1.0}, beta=1.0, window=2),
+                   eos_token_ids=eos)
+    assert cut.finished[0] and len(cut.tokens[0]) == 2
+    generate(ours, others, max_new_tokens=6, sampling=SamplingParams(temperature=0.9, seed=6), eos_token_ids=eos)
+    again = [generate(ours, prompts, max_new_tokens=8, plan=online, eos_token_ids=eos),
+             generate(ours, prompts, max_new_tokens=8, sampling=sampled, eos_token_ids=eos)]
+    assert ours.decode_states == states  # the same buffers served every call
+    for a, b in zip(first, again):
+        assert a.tokens == b.tokens and a.online_skipped == b.online_skipped and a.finished == b.finished
+    assert first[0].online_skipped == [[1, 5]] * 2
+
+
+def test_decode_state_is_dropped_with_the_caches_or_moved_weights(pair):
+    _, ours = pair
+    generate(ours, [_prompt(5, 1)], max_new_tokens=3)
+    assert ours.decode_states
+    ours.setup_caches(1, 50)
+    assert not ours.decode_states  # the graphs held the old caches' addresses
+    generate(ours, [_prompt(5, 1)], max_new_tokens=3)
+    (key,) = ours.decode_states
+    saved = ours.lm_head.weight
+    try:
+        ours.lm_head.weight = torch.nn.Parameter(saved.detach().clone())
+        generate(ours, [_prompt(5, 1)], max_new_tokens=3)
+        assert list(ours.decode_states) != [key]
+    finally:
+        ours.lm_head.weight = saved

@@ -152,3 +152,23 @@ def test_graph_decode_with_conditional_ffns_matches_eager(pair, beta):
     assert graph.tokens == eager.tokens
     assert graph.online_skipped == eager.online_skipped
     assert eager.online_skipped == ([[1, 3, 5, 7]] if beta < 0 else [[]]) * 3
+
+
+def test_cuda_graph_decode_reuses_its_graphs_in_later_calls(pair):
+    """Captured once per batch size and cache: a later request of the same shape replays the
+    graphs an earlier one captured (from its first step on, without waiting on the host) and
+    gets the eager path's tokens."""
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(23)
+    earlier = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (30, 17)]
+    later = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (25, 28)]
+    online = SkipPlan(4, {3: 1.0}, beta=-1.0, window=4)  # an FFN skip: the KV caches stay as they are
+    for plan in (None, online):
+        generate(ours, earlier, max_new_tokens=10, eos_token_ids=[], plan=plan, cuda_graph=True)
+        again = generate(ours, later, max_new_tokens=10, eos_token_ids=[], plan=plan, cuda_graph=True,
+                         forbid_host_sync=True)
+        eager = generate(ours, later, max_new_tokens=10, eos_token_ids=[], plan=plan)
+        assert again.tokens == eager.tokens and again.online_skipped == eager.online_skipped
+        assert again.graphs_reused >= 1
+        if plan is None:
+            assert again.graphs_captured == 0
