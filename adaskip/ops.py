@@ -154,7 +154,8 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, gates: Optional[torch.Te
 def gated_swiglu_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gates: Optional[torch.Tensor],
                     sublayer: int, out: torch.Tensor) -> torch.Tensor:
     """The first half of a SwiGLU FFN in one pass over both weights: out = silu(x @ w_gate.T) *
-    (x @ w_up.T), with the same gating as gated_linear. Returns out."""
+    (x @ w_up.T), with the same gating as gated_linear. w_gate and w_up may be the two halves of
+    one fused [2 * ffn, hidden] matrix (views: fused[:ffn], fused[ffn:]). Returns out."""
     _op("gated_swiglu_up", x, w_gate, w_up, gates, out)(x, w_gate, w_up, gates, int(sublayer), out)
     return out
 

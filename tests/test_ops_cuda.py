@@ -284,6 +284,17 @@ def test_gated_gemvs_match_reference(dtype, tokens, shape):
     assert skipped.isnan().all()  # every sequence gated off: the kernel wrote nothing
 
 
+def test_gated_swiglu_up_reads_the_halves_of_a_fused_gate_up_matrix():
+    g = torch.Generator().manual_seed(43)
+    fused = rand((2 * 1000, 576), torch.bfloat16, "cuda", g, 0.05)  # [gate; up], as some checkpoints store it
+    x = rand((3, 576), torch.bfloat16, "cuda", g)
+    from_views = torch.full((3, 1000), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.gated_swiglu_up(x, fused[:1000], fused[1000:], None, 0, from_views)
+    separate = torch.empty_like(from_views)
+    ops.gated_swiglu_up(x, fused[:1000].clone(), fused[1000:].clone(), None, 0, separate)
+    assert torch.equal(from_views, separate)
+
+
 def test_gated_gemvs_flip_inside_a_cuda_graph():
     g = torch.Generator().manual_seed(42)
     x, w = rand((2, 512), torch.bfloat16, "cuda", g), rand((256, 512), torch.bfloat16, "cuda", g, 0.05)
