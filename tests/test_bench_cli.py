@@ -140,6 +140,17 @@ def test_online_window_effect_compares_steps_before_and_after_the_window():
     assert "too few" in measure.online_window_effect(plan_, {"step_times_s": [1.0] * 5}, costs)["online_note"]
 
 
+def test_online_beta_replaces_the_threshold_of_online_plans_only():
+    from adaskip.benchmarks.e2e import _plans
+    from adaskip.profile import ImportanceProfile
+
+    sim = [0.9, 0.8, 0.95, 0.7, 0.85, 0.6, 0.5, 0.4]
+    profile = ImportanceProfile(4, sim, [1.0] * 8, [0.0] * 8, [1.0] * 8, [0.5] * 4, {}, 1, 8, 8)
+    plans = _plans(profile, ["adaskip", "early-exit"], [2], 4, True, [], online_beta=-1.0)
+    betas = {s: p.beta for s, _, p in plans}
+    assert betas["adaskip"] == -1.0 and betas["early-exit"] is None
+
+
 def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():
     # Layers 1 and 2 skipped in prefill; decode starts with only layer 1 skipped, so layer 2's
     # attention runs over the prompt: its cache is kept and filled in prefill.
@@ -171,6 +182,8 @@ def test_result_paths_and_json_cleaning(tmp_path):
     (["--budgets", "7"], "out of range"),
     (["--strategies", "adaskip,bogus"], "unknown strategies ['bogus']"),
     (["--model", "smollm2", "--layers", "2"], "--layers shrinks a random-weight config"),
+    (["--online-beta", "-1"], "it needs --online"),
+    (["--online", "--online-beta", "1.5"], "cosine similarity in [-1, 1]"),
 ])
 def test_e2e_errors_are_clear(argv, message, capsys):
     argv = (["--config", "tiny"] if "--model" not in argv else []) + argv

@@ -19,6 +19,7 @@ attention vs FFN), meaningless for quality.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -66,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, default=1024, help="random-token calibration prompt length")
     p.add_argument("--online", action="store_true", help="AdaSkip plans with online decode learning "
                    "(extra FFN skips the ideal does not count)")
+    p.add_argument("--online-beta", type=float, help="with --online: this similarity threshold instead of the "
+                   "plan's; -1 gates every remaining FFN off after the window (times the gated path when "
+                   "random weights would gate nothing)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="do not time HF transformers")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="no CUDA-graph decode (GPU)")
     p.add_argument("--out", type=Path, help="write the JSON here (the plot next to it, .png)")
@@ -193,7 +197,8 @@ def _check_profile(profile, model, weights: str) -> None:
         raise ValueError(f"this profile was made for another model (profile vs model: {diff})")
 
 
-def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes: list) -> list:
+def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes: list,
+           online_beta: Optional[float] = None) -> list:
     from adaskip.policy import plan as make_plan
 
     plans = []
@@ -204,6 +209,8 @@ def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes:
                 continue
             p = make_plan(profile if needs_profile(s) else None, num_layers=num_layers, strategy=s,
                           num_sublayers=k, mode="e2e", online=online)
+            if online_beta is not None and p.online:
+                p = dataclasses.replace(p, beta=online_beta)
             plans.append((s, k, p))
     return plans
 
@@ -246,6 +253,11 @@ def run(args) -> dict:
     if decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --decode-tokens >= 1, --repeats >= 1 and --warmup >= 0")
     args.decode_tokens = decode_tokens
+    if args.online_beta is not None:
+        if not args.online:
+            raise ValueError("--online-beta sets online learning's threshold: it needs --online")
+        if not -1.0 <= args.online_beta <= 1.0:
+            raise ValueError(f"--online-beta is a cosine similarity in [-1, 1], got {args.online_beta}")
     names = strategies(args.strategies)
     if args.model is not None and args.layers is not None:
         raise ValueError("--layers shrinks a random-weight config (--config); it does not apply to --model")
@@ -262,7 +274,9 @@ def run(args) -> dict:
     lengths = prompt_lengths(args.prompt_lens, margs.max_position_embeddings, decode_tokens, on_gpu)
     ks = budgets(args.budgets, margs.num_layers)
     profile, profile_label = _profile(args, model, bench.weights, names, ks, notes)
-    plans = _plans(profile, names, ks, margs.num_layers, args.online, notes)
+    plans = _plans(profile, names, ks, margs.num_layers, args.online, notes, args.online_beta)
+    if args.online_beta is not None:
+        notes.append(f"online learning with beta = {args.online_beta} instead of the plans' own")
     hf, hf_cfg, parity = _hf_pair(bench, device, dtype, notes) if args.hf else (None, None, None)
     graph = on_gpu and args.graph
     info = device_info(device)
@@ -301,6 +315,7 @@ def run(args) -> dict:
             "num_layers": margs.num_layers, "layers_override": args.layers, "model_args": asdict(margs),
             "dtype": str(dtype)[6:], "date": now_iso(), "git_commit": git_commit(), **info,
             "transformers": transformers_version, "profile": profile_label, "online": args.online,
+            "online_beta": args.online_beta,
             "prompt_lens": lengths, "decode_tokens": decode_tokens, "budgets": ks, "strategies": names,
             "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
             "timing": "perf_counter around CUDA synchronisations" if on_gpu else "perf_counter",
