@@ -140,7 +140,7 @@ def test_online_window_effect_compares_steps_before_and_after_the_window():
     assert "too few" in measure.online_window_effect(plan_, {"step_times_s": [1.0] * 5}, costs)["online_note"]
 
 
-def test_online_beta_replaces_the_threshold_of_online_plans_only():
+def test_online_plans_run_beside_their_offline_twins_with_the_given_beta():
     from adaskip.benchmarks.e2e import _plans
     from adaskip.profile import ImportanceProfile
 
@@ -148,7 +148,24 @@ def test_online_beta_replaces_the_threshold_of_online_plans_only():
     profile = ImportanceProfile(4, sim, [1.0] * 8, [0.0] * 8, [1.0] * 8, [0.5] * 4, {}, 1, 8, 8)
     plans = _plans(profile, ["adaskip", "early-exit"], [2], 4, True, [], online_beta=-1.0)
     betas = {s: p.beta for s, _, p in plans}
-    assert betas["adaskip"] == -1.0 and betas["early-exit"] is None
+    assert betas == {"adaskip": None, "adaskip+online": -1.0, "early-exit": None}  # offline and online side by side
+    by_name = {s: p for s, _, p in plans}
+    assert by_name["adaskip"].skip_scales == by_name["adaskip+online"].skip_scales
+
+
+def test_online_rows_are_compared_with_their_offline_twin():
+    rows = [{"strategy": "adaskip", "prompt_len": 64, "num_sublayers": 8, "tpot_ms": 12.0, "tpot_graph_ms": 10.0},
+            {"strategy": "adaskip", "prompt_len": 64, "num_sublayers": 16, "tpot_ms": 9.0},
+            {"strategy": "adaskip+online", "prompt_len": 64, "num_sublayers": 8, "tpot_before_window_ms": 10.5,
+             "tpot_after_window_ms": 8.0, "online_drop_predicted_ms": 2.5},
+            {"strategy": "adaskip+online", "prompt_len": 64, "num_sublayers": 16, "tpot_before_window_ms": 9.2,
+             "tpot_after_window_ms": 9.0, "online_drop_predicted_ms": 0.0}]
+    measure.compare_with_offline(rows)
+    assert rows[2]["offline_tpot_ms"] == 10.0  # graph decode, like the step times
+    assert rows[2]["drop_vs_offline_ms"] == 2.0 and rows[2]["drop_vs_offline_of_predicted"] == 0.8
+    assert rows[2]["window_overhead_ms"] == 0.5
+    assert rows[3]["offline_tpot_ms"] == 9.0 and rows[3]["drop_vs_offline_of_predicted"] is None
+    assert "offline_tpot_ms" not in rows[0]
 
 
 def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():

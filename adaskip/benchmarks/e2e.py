@@ -29,7 +29,7 @@ import torch
 from adaskip import ops
 
 from .common import device_info, git_commit, now_iso
-from .measure import DEFINITIONS, baseline_row, cost_summary, measure, plan_row
+from .measure import DEFINITIONS, baseline_row, compare_with_offline, cost_summary, measure, plan_row
 from .models import CONFIGS, BenchModel, hf_twin, model_args, random_model, real_model
 
 # The default set: AdaSkip and the paper's baselines. Any other strategy of adaskip.policy can be
@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "shortgpt; without one they are calibrated on random token ids, for speed only")
     p.add_argument("--calib-requests", type=int, default=2, help="random-token calibration requests")
     p.add_argument("--calib-len", type=int, default=1024, help="random-token calibration prompt length")
-    p.add_argument("--online", action="store_true", help="AdaSkip plans with online decode learning "
-                   "(extra FFN skips the ideal does not count)")
+    p.add_argument("--online", action="store_true", help="also each AdaSkip plan with online decode learning "
+                   "(strategy 'adaskip+online'), timed in the same run as the plan without it")
     p.add_argument("--online-beta", type=float, help="with --online: this similarity threshold instead of the "
                    "plan's; -1 gates every remaining FFN off after the window (times the gated path when "
                    "random weights would gate nothing)")
@@ -207,11 +207,15 @@ def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes:
             if k % 2 and not takes_odd_budgets(s):
                 notes.append(f"{s} skips whole layers: budget {k} (odd) not run for it")
                 continue
-            p = make_plan(profile if needs_profile(s) else None, num_layers=num_layers, strategy=s,
-                          num_sublayers=k, mode="e2e", online=online)
-            if online_beta is not None and p.online:
-                p = dataclasses.replace(p, beta=online_beta)
-            plans.append((s, k, p))
+            for learn in (False, True) if online else (False,):
+                p = make_plan(profile if needs_profile(s) else None, num_layers=num_layers, strategy=s,
+                              num_sublayers=k, mode="e2e", online=learn)
+                if not learn:
+                    plans.append((s, k, p))
+                elif p.online:  # the same offline skips plus online learning, side by side
+                    if online_beta is not None:
+                        p = dataclasses.replace(p, beta=online_beta)
+                    plans.append((f"{s}+online", k, p))
     return plans
 
 
@@ -307,6 +311,7 @@ def run(args) -> dict:
         if on_gpu:
             torch.cuda.empty_cache()
 
+    compare_with_offline(rows)
     transformers_version = None
     if hf is not None:
         import transformers

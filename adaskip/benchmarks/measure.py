@@ -22,6 +22,8 @@ DEFINITIONS = {
     "paper_alpha": "M / (M - k/2): the paper's equal-cost speedup of skipping k sublayers of M layers",
     "tpot_before/after_window": "online plans: median step time during the learning window and after it "
                                 "(graph decode on a GPU); online_drop_predicted: measured time of the FFNs gated off",
+    "drop_vs_offline": "online plans: the same plan without online learning (offline_tpot) minus the steps after "
+                       "the window; window_overhead: the steps in the window minus offline_tpot",
     "kv_cache_bytes": "our static KV cache for prompt + output tokens (HF: its DynamicCache at the end of the run)",
 }
 
@@ -155,6 +157,29 @@ def online_window_effect(plan, m: dict, decode_costs) -> dict:
     return {"tpot_before_window_ms": _ms(median(before)), "tpot_after_window_ms": _ms(median(after)),
             "online_drop_ms": _ms(measured), "online_drop_predicted_ms": _ms(predicted),
             "online_drop_of_predicted": ratio(measured, predicted) if predicted > 0 else None}
+
+
+def compare_with_offline(rows: list) -> None:
+    """Online rows ("<strategy>+online") against the same plan without online learning, timed in
+    the same run: the offline plan's time per token (graph decode when measured, as the step
+    times are) minus the steps after the window is what the gated-off FFNs saved; the steps in
+    the window minus it is what learning costs while it runs."""
+    for r in rows:
+        if not r["strategy"].endswith("+online") or "tpot_after_window_ms" not in r:
+            continue
+        name = r["strategy"][: -len("+online")]
+        twin = next((o for o in rows if o["strategy"] == name and o["prompt_len"] == r["prompt_len"]
+                     and o["num_sublayers"] == r["num_sublayers"]), None)
+        if twin is None:
+            continue
+        offline = twin.get("tpot_graph_ms") or twin["tpot_ms"]
+        if offline is None:
+            continue
+        drop = round(offline - r["tpot_after_window_ms"], 4)
+        predicted = r.get("online_drop_predicted_ms")
+        r.update({"offline_tpot_ms": offline, "drop_vs_offline_ms": drop,
+                  "drop_vs_offline_of_predicted": ratio(drop, predicted) if predicted else None,
+                  "window_overhead_ms": round(r["tpot_before_window_ms"] - offline, 4)})
 
 
 def cost_summary(length: int, costs) -> dict:
