@@ -52,7 +52,7 @@ class SublayerCosts:
     fixed: float  # seconds of the part no plan skips
     context_len: int
     mode: str
-    source: str  # "model" (FLOP/byte model) or "measured"
+    source: str  # "model" (FLOP/byte model), "measured" or "measured in CUDA graphs"
     device: str = ""
     batch: int = 1
     # Only for source "model": the work behind each sublayer's time.
@@ -205,8 +205,40 @@ def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callabl
     return time_it
 
 
+def _graph_timer(device: torch.device, repeats: int, warmup: int,
+                 calls: int = 16) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call with `calls` calls captured in one CUDA graph and its replays timed:
+    what a sublayer costs inside the graph decode step, without host launch overhead."""
+    def time_it(fn) -> float:
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch advises
+                for _ in range(max(warmup, 1)):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+            graph.replay()
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / calls)
+            del graph
+        return statistics.median(times)
+
+    return time_it
+
+
 def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int = 5,
-                           warmup: int = 2) -> SublayerCosts:
+                           warmup: int = 2, graphs: bool = False,
+                           cache_len: Optional[int] = None) -> SublayerCosts:
     """Times each sublayer of an adaskip Transformer, batch 1, on its own device and dtype.
 
     prefill: `context_len` random hidden states through each layer's attention (causal, writing
@@ -220,6 +252,10 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
     Unlike the FLOP/byte model these timings include what the eager runtime spends launching
     kernels, which dominates batch-1 decode on a fast GPU (an H100 with LLaMA-3.1-8B geometry:
     about 0.55 ms per attention sublayer at 8k to 128k tokens, 0.16 ms per FFN).
+
+    graphs (decode on a GPU): time each sublayer as the CUDA-graph decode step runs it: calls
+    captured in a graph and replayed (no launch overhead), attention over the whole cache of
+    `cache_len` slots (default context_len + 1) under the mask of the token's position.
     """
     from .rope import cos_sin
 
@@ -233,19 +269,27 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
     n = int(context_len)
-    time_it = _timer(device, repeats, warmup)
+    if graphs:
+        if mode != "decode" or device.type != "cuda":
+            raise ValueError("adaskip: graphs=True times the CUDA-graph decode step: mode 'decode' on a GPU")
+        if cache_len is not None and cache_len < n + 1:
+            raise ValueError(f"adaskip: cache_len {cache_len} does not hold the {n + 1} tokens of the context")
+    elif cache_len is not None:
+        raise ValueError("adaskip: cache_len applies to graphs=True (whole-cache attention) only")
+    time_it = _graph_timer(device, repeats, warmup) if graphs else _timer(device, repeats, warmup)
     gen = torch.Generator(device=device).manual_seed(0)
 
     with torch.inference_mode():
         if mode == "prefill":
             t, start, kv_len = n, 0, n
         else:
-            t, start, kv_len = 1, n, n + 1
+            t, start, kv_len = 1, n, (cache_len or n + 1) if graphs else n + 1
         model.setup_caches(1, kv_len)  # raises a clear error beyond the model's context
         try:
             q_pos = (torch.arange(t, device=device) + start)[None]
             cos, sin = cos_sin(model._inv_freq(kv_len, device), q_pos, dtype)
-            masks = model._masks(q_pos, kv_len, start)
+            # The graph step reads the whole cache under a mask of the positions (no shared start).
+            masks = model._masks(q_pos, kv_len, None if graphs else start)
             x = torch.randn(1, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
             # Every sublayer is timed, not one per kind: layers differ in sliding window (mask
             # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
@@ -259,7 +303,8 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         finally:
             # Our caches are of no use to anyone: free them (setup_caches with no layers).
             model.setup_caches(1, 1, attention_layers=[])
-    return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode, source="measured",
+    return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
+                         source="measured in CUDA graphs" if graphs else "measured",
                          device=_device_name(device), batch=1)
 
 

@@ -125,6 +125,23 @@ def test_ideal_decode_of_an_online_plan_adds_the_gated_ffns_after_the_window():
     row = measure.plan_row(8, "adaskip", 1, plan_, timing, full, {"prefill": costs, "decode": costs}, args, 2)
     assert row["ideal_tpot_speedup"] == pytest.approx(20 / 17, abs=1e-4)
     assert row["online_skipped"] == [3]
+    assert "ideal_tpot_graph_speedup" not in row  # no graph decode measured
+
+
+def test_graph_decode_has_its_own_ideal_from_graph_timed_sublayers():
+    eager = SublayerCosts([1.0, 2.0, 3.0, 4.0], 0.5, 8, "decode", "measured")
+    in_graph = SublayerCosts([0.5, 1.0, 1.5, 2.0], 0.2, 8, "decode", "measured in CUDA graphs")
+    plan_ = SkipPlan(2, {0: 1.0}, beta=0.9, window=2, mode="e2e")
+    timing = {"ttft_s": 1.0, "tpot_s": 1.0, "tpot_graph_s": 8.0, "kv_cache_bytes": 1, "online_skipped": [3],
+              "step_times_s": [9.0, 9.0, 9.0, 9.0, 9.0, 7.0, 7.0]}
+    full = {"ttft_s": 20.0, "tpot_s": 20.0, "tpot_graph_s": 10.0, "kv_cache_bytes": 1}
+    costs = {"prefill": eager, "decode": eager, "decode_graph": in_graph}
+    row = measure.plan_row(8, "adaskip+online", 1, plan_, timing, full, costs, SimpleNamespace(decode_tokens=4), 2)
+    # Steps 0, 1 save 0.5 s in a graph, steps 2, 3 also FFN 3's 2 s: a mean saving of 1.5 s of 10.
+    assert row["ideal_tpot_graph_speedup"] == pytest.approx(10 / 8.5, abs=1e-4)
+    assert row["tpot_graph_speedup"] == 1.25
+    assert row["tpot_graph_of_ideal"] == pytest.approx(1.25 / (10 / 8.5), abs=1e-3)
+    assert row["online_drop_predicted_ms"] == 2_000  # graph-timed FFN 3, like the graph step times
 
 
 def test_online_window_effect_compares_steps_before_and_after_the_window():

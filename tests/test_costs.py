@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from adaskip import ops
 from adaskip.config import ModelArgs
 from adaskip.costs import (H100_SPEC, L20_SPEC, DeviceSpec, SublayerCosts, measure_sublayer_costs,
                            paper_speedup, select_by_cost, sublayer_costs)
@@ -255,3 +256,23 @@ def test_measure_with_sliding_windows_and_errors():
         measure_sublayer_costs(model, 8, "train")
     with pytest.raises(ValueError, match="exceeds the model's context"):
         measure_sublayer_costs(model, 96, "decode")  # needs 97 cache slots
+
+
+
+def test_graph_timing_is_for_gpu_decode_only():
+    model = _tiny()
+    with pytest.raises(ValueError, match="mode 'decode' on a GPU"):
+        measure_sublayer_costs(model, 8, "decode", graphs=True)  # this model is on the CPU
+    with pytest.raises(ValueError, match="cache_len applies to graphs=True"):
+        measure_sublayer_costs(model, 8, "decode", cache_len=20)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION), reason="needs a CUDA GPU")
+def test_graph_timing_of_decode_sublayers_on_the_gpu():
+    model = _tiny().to(device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="does not hold"):
+        measure_sublayer_costs(model, 32, "decode", graphs=True, cache_len=32)
+    c = measure_sublayer_costs(model, 32, "decode", repeats=3, warmup=1, graphs=True, cache_len=48)
+    assert c.source == "measured in CUDA graphs" and len(c.per_sublayer) == 6
+    assert all(t > 0 for t in c.per_sublayer) and c.fixed > 0
+    assert model.cached_attention_layers() == set()

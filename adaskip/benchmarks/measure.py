@@ -19,6 +19,8 @@ DEFINITIONS = {
              "decode: the mean over the decode steps' skip sets (with online learning: plus the FFNs it gated "
              "off, from the step after the window)",
     "of_ideal": "measured speedup / ideal speedup",
+    "ideal_tpot_graph": "the ideal of CUDA-graph decode: full graph TPOT against the skipped sublayers' time inside "
+                        "a CUDA graph (attention over the whole cache under a position mask, as the graph step runs it)",
     "paper_alpha": "M / (M - k/2): the paper's equal-cost speedup of skipping k sublayers of M layers",
     "tpot_before/after_window": "online plans: median step time during the learning window and after it "
                                 "(graph decode on a GPU); online_drop_predicted: measured time of the FFNs gated off",
@@ -135,10 +137,15 @@ def plan_row(length: int, strategy: str, k: int, plan, m: dict, full: dict, cost
     if m.get("tpot_graph_s") is not None:
         row["tpot_graph_ms"] = _ms(m["tpot_graph_s"])
         row["tpot_graph_speedup"] = ratio(full["tpot_graph_s"], m["tpot_graph_s"])
+        if "decode_graph" in costs:
+            ideal = ideal_speedup(full["tpot_graph_s"], costs["decode_graph"], decode_sets) if plan is not None else 1.0
+            row["ideal_tpot_graph_speedup"] = ideal
+            row["tpot_graph_of_ideal"] = ratio(row["tpot_graph_speedup"], ideal)
     if m.get("online_skipped"):
         row["online_skipped"] = m["online_skipped"]
     if plan is not None and plan.online:
-        row.update(online_window_effect(plan, m, costs["decode"]))
+        # The step times are graph decode when it ran: predict with the costs timed the same way.
+        row.update(online_window_effect(plan, m, costs.get("decode_graph", costs["decode"])))
     return row
 
 
@@ -185,7 +192,7 @@ def compare_with_offline(rows: list) -> None:
 def cost_summary(length: int, costs) -> dict:
     per = costs.per_sublayer
     attn, ffn = per[0::2], per[1::2]
-    return {"prompt_len": length, "mode": costs.mode, "attention_ms_mean": round(1e3 * sum(attn) / len(attn), 4),
+    return {"prompt_len": length, "mode": costs.mode, "source": costs.source, "attention_ms_mean": round(1e3 * sum(attn) / len(attn), 4),
             "ffn_ms_mean": round(1e3 * sum(ffn) / len(ffn), 4), "fixed_ms": round(1e3 * costs.fixed, 4),
             "sum_ms": round(1e3 * costs.total, 4), "per_sublayer_ms": [round(1e3 * c, 5) for c in per]}
 

@@ -32,14 +32,16 @@ def markdown_tables(result: dict) -> str:
     lines += [f"Skipping plans (profile: {result.get('profile') or 'none needed'}); speedups against our full "
               "model, ideal = full time over (full time - measured time of the skipped sublayers):", "",
               "| prompt | strategy | skipped | attn / FFN | paper alpha | TTFT (ms) | TTFT x | ideal | of ideal "
-              "| TPOT (ms) | TPOT x | ideal | of ideal | graph TPOT x | KV (MiB) | KV / full |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| TPOT (ms) | TPOT x | ideal | of ideal | graph TPOT x | graph ideal | of ideal | KV (MiB) | KV / full |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['prompt_len']} | {r['strategy']} | {r['num_sublayers']} | {r['skipped_attention']} / "
                      f"{r['skipped_ffn']} | {_f(r['paper_alpha'])} | {_f(r['ttft_ms'], '.2f')} "
                      f"| {_f(r['ttft_speedup'])} | {_f(r['ideal_ttft_speedup'])} | {_f(r['ttft_of_ideal'])} "
                      f"| {_f(r['tpot_ms'])} | {_f(r['tpot_speedup'])} | {_f(r['ideal_tpot_speedup'])} "
-                     f"| {_f(r['tpot_of_ideal'])} | {_f(r.get('tpot_graph_speedup'))} | {_mib(r['kv_cache_bytes'])} "
+                     f"| {_f(r['tpot_of_ideal'])} | {_f(r.get('tpot_graph_speedup'))} "
+                     f"| {_f(r.get('ideal_tpot_graph_speedup'))} | {_f(r.get('tpot_graph_of_ideal'))} "
+                     f"| {_mib(r['kv_cache_bytes'])} "
                      f"| {_f(r['kv_cache_ratio'])} |")
     online = [r for r in result["rows"] if "tpot_before_window_ms" in r]
     if online:
