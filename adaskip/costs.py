@@ -238,8 +238,8 @@ def _graph_timer(device: torch.device, repeats: int, warmup: int,
 
 def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int = 5,
                            warmup: int = 2, graphs: bool = False,
-                           cache_len: Optional[int] = None) -> SublayerCosts:
-    """Times each sublayer of an adaskip Transformer, batch 1, on its own device and dtype.
+                           cache_len: Optional[int] = None, batch: int = 1) -> SublayerCosts:
+    """Times each sublayer of an adaskip Transformer, `batch` sequences, on its own device and dtype.
 
     prefill: `context_len` random hidden states through each layer's attention (causal, writing
     its KV cache as the runtime's prefill does) and through its FFN.
@@ -265,6 +265,8 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         raise ValueError(f"adaskip: context_len must be an integer >= 1, got {context_len!r}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"adaskip: need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+        raise ValueError(f"adaskip: batch must be an integer >= 1, got {batch!r}")
     args = model.args
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
@@ -284,13 +286,13 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
             t, start, kv_len = n, 0, n
         else:
             t, start, kv_len = 1, n, (cache_len or n + 1) if graphs else n + 1
-        model.setup_caches(1, kv_len)  # raises a clear error beyond the model's context
+        model.setup_caches(batch, kv_len)  # raises a clear error beyond the model's context
         try:
-            q_pos = (torch.arange(t, device=device) + start)[None]
+            q_pos = (torch.arange(t, device=device) + start)[None].expand(batch, t)
             cos, sin = cos_sin(model._inv_freq(kv_len, device), q_pos, dtype)
             # The graph step reads the whole cache under a mask of the positions (no shared start).
             masks = model._masks(q_pos, kv_len, None if graphs else start)
-            x = torch.randn(1, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            x = torch.randn(batch, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
             # Every sublayer is timed, not one per kind: layers differ in sliding window (mask
             # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
             per = []
@@ -299,23 +301,24 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
                 mask = masks[attn.window]
                 per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len)))
                 per.append(time_it(lambda: layer.mlp(x)))
-            fixed = _measure_fixed(model, t, time_it, gen)
+            fixed = _measure_fixed(model, batch, t, time_it, gen)
         finally:
             # Our caches are of no use to anyone: free them (setup_caches with no layers).
             model.setup_caches(1, 1, attention_layers=[])
     return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
                          source="measured in CUDA graphs" if graphs else "measured",
-                         device=_device_name(device), batch=1)
+                         device=_device_name(device), batch=int(batch))
 
 
-def _measure_fixed(model, tokens: int, time_it, gen) -> float:
+def _measure_fixed(model, batch: int, tokens: int, time_it, gen) -> float:
     from . import ops
 
     args = model.args
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    ids = torch.randint(0, args.vocab_size, (1, tokens), generator=gen, device=device)
-    last = torch.randn(1, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    out = torch.randn(1, tokens, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    ids = torch.randint(0, args.vocab_size, (batch, tokens), generator=gen, device=device)
+    last = torch.randn(batch, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    out = torch.randn(batch, tokens, args.hidden_size, generator=gen, device=device,
+                      dtype=torch.float32).to(dtype)
     h = out.clone()
     norm = model.model.norm
 

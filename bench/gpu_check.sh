@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
-# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [BENCHES="ops ffn e2e online online-forced"] bash bench/gpu_check.sh
+# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [BENCHES="ops ffn e2e online online-forced conditional"] bash bench/gpu_check.sh
 # The build always runs (incremental: quick when nothing changed). A device call is limited to
 # 10 minutes: run the stages in separate calls on the warm machine, e.g. STAGES=tests first, then
 # STAGES=bench BENCHES="ffn online".
@@ -50,6 +50,11 @@ for b in $BENCHES; do
     online-forced) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
                  --budgets 8 --online --online-beta -1 --decode-tokens 64 --no-hf
                  --out "$OUT/e2e-online-forced.json") ;;
+    # Four sequences (beyond the gated GEMVs): online FFN gating with and without CUDA-graph
+    # conditional nodes around the cuBLAS FFNs, against the offline plan, same run.
+    conditional) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192 --batch 4 --strategies adaskip
+                 --budgets 8 --online --online-beta -1 --graph-conditionals --decode-tokens 64 --no-hf
+                 --out "$OUT/e2e-conditional.json") ;;
     *) cmd=($PY bench/bench_$b.py --out "$OUT/$b.json") ;;
   esac
   "${cmd[@]}" 2>&1 | tee "$OUT/bench_$b.log"

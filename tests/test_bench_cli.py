@@ -164,10 +164,13 @@ def test_online_plans_run_beside_their_offline_twins_with_the_given_beta():
     sim = [0.9, 0.8, 0.95, 0.7, 0.85, 0.6, 0.5, 0.4]
     profile = ImportanceProfile(4, sim, [1.0] * 8, [0.0] * 8, [1.0] * 8, [0.5] * 4, {}, 1, 8, 8)
     plans = _plans(profile, ["adaskip", "early-exit"], [2], 4, True, [], online_beta=-1.0)
-    betas = {s: p.beta for s, _, p in plans}
+    betas = {s: p.beta for s, _, p, _ in plans}
     assert betas == {"adaskip": None, "adaskip+online": -1.0, "early-exit": None}  # offline and online side by side
-    by_name = {s: p for s, _, p in plans}
+    by_name = {s: p for s, _, p, _ in plans}
     assert by_name["adaskip"].skip_scales == by_name["adaskip+online"].skip_scales
+    with_cond = _plans(profile, ["adaskip"], [2], 4, True, [], conditional=True)
+    assert [(s, c) for s, _, _, c in with_cond] == [("adaskip", False), ("adaskip+online", False),
+                                                  ("adaskip+online+cond", True)]
 
 
 def test_online_rows_are_compared_with_their_offline_twin():
@@ -183,6 +186,11 @@ def test_online_rows_are_compared_with_their_offline_twin():
     assert rows[2]["window_overhead_ms"] == 0.5
     assert rows[3]["offline_tpot_ms"] == 9.0 and rows[3]["drop_vs_offline_of_predicted"] is None
     assert "offline_tpot_ms" not in rows[0]
+    cond = {**rows[2], "strategy": "adaskip+online+cond"}
+    for key in ("offline_tpot_ms", "drop_vs_offline_ms"):
+        del cond[key]
+    measure.compare_with_offline(rows + [cond])
+    assert cond["offline_tpot_ms"] == 10.0  # the conditional-node run has the same offline twin
 
 
 def test_skipdecode_e2e_plan_keeps_the_caches_its_ramp_reads():
@@ -218,6 +226,8 @@ def test_result_paths_and_json_cleaning(tmp_path):
     (["--model", "smollm2", "--layers", "2"], "--layers shrinks a random-weight config"),
     (["--online-beta", "-1"], "it needs --online"),
     (["--online", "--online-beta", "1.5"], "cosine similarity in [-1, 1]"),
+    (["--graph-conditionals"], "it needs --online"),
+    (["--batch", "0"], "--batch must be >= 1"),
 ])
 def test_e2e_errors_are_clear(argv, message, capsys):
     argv = (["--config", "tiny"] if "--model" not in argv else []) + argv

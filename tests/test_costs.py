@@ -245,6 +245,10 @@ def test_measure_sublayer_costs_on_a_tiny_model(mode):
     again = measure_sublayer_costs(model, 8, mode, repeats=1, warmup=0)
     assert len(again.per_sublayer) == 6 and model.cached_attention_layers() == set()
     assert len(generate(model, [[1, 2, 3]], max_new_tokens=3, eos_token_ids=[]).tokens[0]) == 3
+    four = measure_sublayer_costs(model, 16, mode, repeats=1, warmup=0, batch=4)  # decode of 4 sequences
+    assert four.batch == 4 and len(four.per_sublayer) == 6 and all(t > 0 for t in four.per_sublayer)
+    with pytest.raises(ValueError, match="batch"):
+        measure_sublayer_costs(model, 16, mode, batch=0)
 
 
 def test_measure_with_sliding_windows_and_errors():

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-len", type=int, default=1024, help="random-token calibration prompt length")
     p.add_argument("--online", action="store_true", help="also each AdaSkip plan with online decode learning "
                    "(strategy 'adaskip+online'), timed in the same run as the plan without it")
+    p.add_argument("--graph-conditionals", action="store_true", help="with --online, on a GPU: also each online "
+                   "plan with its learning FFNs in CUDA-graph conditional nodes (strategy '...+online+cond'; what "
+                   "skips their GEMMs beyond 2 sequences, see --batch)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (random prompts of one length)")
     p.add_argument("--online-beta", type=float, help="with --online: this similarity threshold instead of the "
                    "plan's; -1 gates every remaining FFN off after the window (times the gated path when "
                    "random weights would gate nothing)")
@@ -200,7 +204,10 @@ def _check_profile(profile, model, weights: str) -> None:
 
 
 def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes: list,
-           online_beta: Optional[float] = None) -> list:
+           online_beta: Optional[float] = None, conditional: bool = False) -> list:
+    """(label, budget, plan, conditional) per plan to time: each strategy at each budget; with
+    `online`, also its online-learning twin ("+online"), and with `conditional` a third run of
+    that twin with CUDA-graph conditional FFNs ("+online+cond")."""
     from adaskip.policy import plan as make_plan
 
     plans = []
@@ -213,11 +220,13 @@ def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes:
                 p = make_plan(profile if needs_profile(s) else None, num_layers=num_layers, strategy=s,
                               num_sublayers=k, mode="e2e", online=learn)
                 if not learn:
-                    plans.append((s, k, p))
+                    plans.append((s, k, p, False))
                 elif p.online:  # the same offline skips plus online learning, side by side
                     if online_beta is not None:
                         p = dataclasses.replace(p, beta=online_beta)
-                    plans.append((f"{s}+online", k, p))
+                    plans.append((f"{s}+online", k, p, False))
+                    if conditional:
+                        plans.append((f"{s}+online+cond", k, p, True))
     return plans
 
 
@@ -259,6 +268,10 @@ def run(args) -> dict:
     if decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --decode-tokens >= 1, --repeats >= 1 and --warmup >= 0")
     args.decode_tokens = decode_tokens
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.graph_conditionals and not args.online:
+        raise ValueError("--graph-conditionals gates the FFNs online learning decides: it needs --online")
     if args.online_beta is not None:
         if not args.online:
             raise ValueError("--online-beta sets online learning's threshold: it needs --online")
@@ -280,11 +293,14 @@ def run(args) -> dict:
     lengths = prompt_lengths(args.prompt_lens, margs.max_position_embeddings, decode_tokens, on_gpu)
     ks = budgets(args.budgets, margs.num_layers)
     profile, profile_label = _profile(args, model, bench.weights, names, ks, notes)
-    plans = _plans(profile, names, ks, margs.num_layers, args.online, notes, args.online_beta)
+    graph = on_gpu and args.graph
+    if args.graph_conditionals and not graph:
+        notes.append("--graph-conditionals needs CUDA-graph decode (a GPU, no --no-graph): no '+cond' plans")
+    plans = _plans(profile, names, ks, margs.num_layers, args.online, notes, args.online_beta,
+                   conditional=args.graph_conditionals and graph)
     if args.online_beta is not None:
         notes.append(f"online learning with beta = {args.online_beta} instead of the plans' own")
     hf, hf_cfg, parity = _hf_pair(bench, device, dtype, notes) if args.hf else (None, None, None)
-    graph = on_gpu and args.graph
     info = device_info(device)
     print(f"adaskip e2e benchmark: {info['device']} | {bench.name} ({margs.num_layers} layers), {str(dtype)[6:]}, "
           f"{bench.weights} weights | torch {info['torch']}"
@@ -299,19 +315,19 @@ def run(args) -> dict:
     for length in lengths:
         print(f"prompt {length}: sublayer costs, full model{', transformers' if hf is not None else ''}, "
               f"{len(plans)} plans")
-        prompt = torch.randint(0, margs.vocab_size, (length,), generator=gen).tolist()
-        costs = {mode: measure_sublayer_costs(model, length, mode) for mode in ("prefill", "decode")}
+        prompts = torch.randint(0, margs.vocab_size, (args.batch, length), generator=gen).tolist()
+        costs = {mode: measure_sublayer_costs(model, length, mode, batch=args.batch) for mode in ("prefill", "decode")}
         if graph:  # the ideal of graph decode: each sublayer timed inside a graph, as the step runs it
-            costs["decode_graph"] = measure_sublayer_costs(model, length, "decode", graphs=True,
+            costs["decode_graph"] = measure_sublayer_costs(model, length, "decode", graphs=True, batch=args.batch,
                                                            cache_len=length + decode_tokens + 1)
         cost_rows += [cost_summary(length, c) for c in costs.values()]
-        ids = torch.tensor([prompt], device=device)
-        full = measure(model, prompt, None, args, graph, hf=(hf, hf_cfg, ids) if hf is not None else None)
+        ids = torch.tensor(prompts, device=device)
+        full = measure(model, prompts, None, args, graph, hf=(hf, hf_cfg, ids) if hf is not None else None)
         baseline.append(baseline_row(length, full, args))
         rows.append(plan_row(length, "full", 0, None, full, full, costs, args, margs.num_layers))
-        for s, k, p in plans:
-            rows.append(plan_row(length, s, k, p, measure(model, prompt, p, args, graph), full, costs, args,
-                                 margs.num_layers))
+        for s, k, p, conditional in plans:
+            m = measure(model, prompts, p, args, graph, conditional=conditional)
+            rows.append(plan_row(length, s, k, p, m, full, costs, args, margs.num_layers))
         del ids
         if on_gpu:
             torch.cuda.empty_cache()
@@ -325,7 +341,7 @@ def run(args) -> dict:
             "num_layers": margs.num_layers, "layers_override": args.layers, "model_args": asdict(margs),
             "dtype": str(dtype)[6:], "date": now_iso(), "git_commit": git_commit(), **info,
             "transformers": transformers_version, "profile": profile_label, "online": args.online,
-            "online_beta": args.online_beta,
+            "online_beta": args.online_beta, "batch": args.batch, "graph_conditionals": args.graph_conditionals,
             "prompt_lens": lengths, "decode_tokens": decode_tokens, "budgets": ks, "strategies": names,
             "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
             "timing": "perf_counter around CUDA synchronisations" if on_gpu else "perf_counter",

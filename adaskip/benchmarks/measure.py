@@ -30,12 +30,13 @@ DEFINITIONS = {
 }
 
 
-def _generate(model, prompt, plan, decode_tokens: int, graph: bool):
+def _generate(model, prompts, plan, decode_tokens: int, graph: bool, conditional: bool = False):
     from adaskip.generate import generate
 
     # eos none: every run decodes the same number of tokens; one prefill pass, as HF does it.
-    return generate(model, [prompt], max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
-                    prefill_chunk=len(prompt), cuda_graph=graph, step_timing=True)
+    return generate(model, prompts, max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
+                    prefill_chunk=len(prompts[0]), cuda_graph=graph, graph_conditionals=graph and conditional,
+                    step_timing=True)
 
 
 @torch.inference_mode()
@@ -63,17 +64,18 @@ def _cache_bytes(cache) -> Optional[int]:
     return total or None
 
 
-def measure(model, prompt, plan, args, graph: bool, hf=None) -> dict:
-    """Medians of TTFT and TPOT (eager, and graph decode when `graph`) over args.repeats runs after
-    args.warmup untimed ones; with `hf` = (model, config, ids), transformers is run in the same
-    rounds, interleaved, so that drifts of the machine hit both alike."""
+def measure(model, prompts, plan, args, graph: bool, hf=None, conditional: bool = False) -> dict:
+    """Medians of TTFT and TPOT (eager, and graph decode when `graph`) of a batch of prompts of one
+    length over args.repeats runs after args.warmup untimed ones; with `hf` = (model, config,
+    ids), transformers is run in the same rounds, interleaved, so that drifts of the machine hit
+    both alike. conditional: graph decode with CUDA-graph conditional FFNs (graph_conditionals)."""
     ttft, tpot, tpot_graph, hf_samples = [], [], [], []
     steps = []  # per repeat: each decode step's time (graph decode when `graph`, else eager)
     last = None
     for rnd in range(args.warmup + args.repeats):
-        runs = [_generate(model, prompt, plan, args.decode_tokens, False)]
+        runs = [_generate(model, prompts, plan, args.decode_tokens, False)]
         if graph:
-            runs.append(_generate(model, prompt, plan, args.decode_tokens, True))
+            runs.append(_generate(model, prompts, plan, args.decode_tokens, True, conditional))
         h = _hf_run(hf[0], hf[1], hf[2], args.decode_tokens, hf[2].device) if hf is not None else None
         if rnd < args.warmup:
             continue
@@ -87,7 +89,8 @@ def measure(model, prompt, plan, args, graph: bool, hf=None) -> dict:
         last = runs[0]
     out = {"ttft_s": median(ttft), "tpot_s": median(tpot), "tpot_graph_s": median(tpot_graph) if graph else None,
            "kv_cache_bytes": last.kv_cache_bytes,
-           "online_skipped": last.online_skipped[0] if last.online_skipped else [],
+           # FFNs gated off for every sequence: only those save work in a batch.
+           "online_skipped": sorted(set.intersection(*map(set, last.online_skipped))) if last.online_skipped else [],
            "step_times_s": [median(column) for column in zip(*steps)] if steps else []}
     if hf_samples:
         out["hf"] = {"ttft_s": median(s[0] for s in hf_samples), "tpot_s": median(s[1] for s in hf_samples),
@@ -167,14 +170,14 @@ def online_window_effect(plan, m: dict, decode_costs) -> dict:
 
 
 def compare_with_offline(rows: list) -> None:
-    """Online rows ("<strategy>+online") against the same plan without online learning, timed in
+    """Online rows ("<strategy>+online...") against the same plan without online learning, timed in
     the same run: the offline plan's time per token (graph decode when measured, as the step
     times are) minus the steps after the window is what the gated-off FFNs saved; the steps in
     the window minus it is what learning costs while it runs."""
     for r in rows:
-        if not r["strategy"].endswith("+online") or "tpot_after_window_ms" not in r:
+        if "+online" not in r["strategy"] or "tpot_after_window_ms" not in r:
             continue
-        name = r["strategy"][: -len("+online")]
+        name = r["strategy"].split("+online")[0]
         twin = next((o for o in rows if o["strategy"] == name and o["prompt_len"] == r["prompt_len"]
                      and o["num_sublayers"] == r["num_sublayers"]), None)
         if twin is None:

@@ -29,7 +29,9 @@ def markdown_tables(result: dict) -> str:
                          f"| {_f(d.get('hf'))} | {_f(r.get('tpot_ratio_ours_over_hf'))} | {_mib(kv['ours'])} "
                          f"| {_mib(kv.get('hf'))} |")
         lines.append("")
-    lines += [f"Skipping plans (profile: {result.get('profile') or 'none needed'}); speedups against our full "
+    batch = result.get("batch", 1)
+    lines += [f"Skipping plans (profile: {result.get('profile') or 'none needed'}"
+              + (f"; batch of {batch} sequences" if batch > 1 else "") + "); speedups against our full "
               "model, ideal = full time over (full time - measured time of the skipped sublayers):", "",
               "| prompt | strategy | skipped | attn / FFN | paper alpha | TTFT (ms) | TTFT x | ideal | of ideal "
               "| TPOT (ms) | TPOT x | ideal | of ideal | graph TPOT x | graph ideal | of ideal | KV (MiB) | KV / full |",
