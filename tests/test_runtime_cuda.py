@@ -131,8 +131,9 @@ def test_conditional_node_runs_its_cublas_body_only_while_the_predicate_holds(dt
         pred.fill_(run)
         graph.replay()
         torch.cuda.synchronize()
-        if run:
-            assert torch.equal(out, expected)
+        if run:  # the body may run on another stream with its own cuBLAS workspace: allow rounding
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
         else:
             assert (out == poison).all()
 
