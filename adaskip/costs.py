@@ -205,33 +205,40 @@ def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callabl
     return time_it
 
 
+def time_in_graph(fn: Callable[[int], object], calls: int, warmup: int, repeats: int) -> float:
+    """Median seconds per call of fn(0), ..., fn(calls - 1) captured in one CUDA graph (after
+    `warmup` eager calls on a side stream, as torch advises) and replayed `repeats` times: the
+    device time of the work, without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(samples)
+
+
 def _graph_timer(device: torch.device, repeats: int, warmup: int,
                  calls: int = 16) -> Callable[[Callable[[], object]], float]:
-    """Seconds per call with `calls` calls captured in one CUDA graph and its replays timed:
-    what a sublayer costs inside the graph decode step, without host launch overhead."""
+    """What a sublayer costs inside the graph decode step: `calls` calls per graph."""
     def time_it(fn) -> float:
         with torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch advises
-                for _ in range(max(warmup, 1)):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
-            graph.replay()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / calls)
-            del graph
-        return statistics.median(times)
+            return time_in_graph(lambda i: fn(), calls, max(warmup, 1), repeats)
 
     return time_it
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from adaskip import conditional, ops
+from adaskip.costs import time_in_graph
 
 from .common import device_info, git_commit, now_iso
 
@@ -48,29 +49,7 @@ def time_gpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
     """Median seconds per call. The calls (cycling over every input set) are captured in one
     CUDA graph and its replays are timed, so host launch overhead does not hide kernel time
     at small sizes; decode runs our ops inside graphs too."""
-    calls = max(calls, n_sets)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(warmup):
-            fn(i % n_sets)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k in range(calls):
-            fn(k % n_sets)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / calls)
-    del graph
-    return statistics.median(samples)
+    return time_in_graph(lambda k: fn(k % n_sets), max(calls, n_sets), warmup, repeats)
 
 
 def time_cpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
