@@ -193,11 +193,8 @@ class _StepGraphs:
         self.capture_s = 0.0
         self.captures = 0
 
-    def has(self, step_plan) -> bool:
-        return self.state.step_key(step_plan) in self.graphs
-
-    def replay(self, step_plan) -> None:
-        key = self.state.step_key(step_plan)
+    def replay(self, step_plan, key: tuple) -> None:
+        """Replays the graph of `key` (state.step_key(step_plan)), capturing it first if new."""
         graph = self.graphs.get(key)
         if graph is None:
             if len(self.graphs) >= self.MAX_GRAPHS:
@@ -385,11 +382,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 online.settle(gates_flag.host)
                 gates_flag.host = None
             step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-            if graphs is not None and (step > 0 or graphs.has(step_plan)):
+            key = state.step_key(step_plan) if graphs is not None else None
+            if graphs is not None and (step > 0 or key in graphs.graphs):
                 # Without a graph yet, the first step runs eagerly: it is also the warm-up.
-                if state.step_key(step_plan) in existing:
-                    reused.add(state.step_key(step_plan))
-                graphs.replay(step_plan)
+                if key in existing:
+                    reused.add(key)
+                graphs.replay(step_plan, key)
             else:
                 shared = longest + step if same_length else None
                 state.advance(step_plan, shared_pos=shared, kv_len=longest + step + 1)
