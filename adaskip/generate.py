@@ -197,8 +197,6 @@ class _StepGraphs:
         """Replays the graph of `key` (state.step_key(step_plan)), capturing it first if new."""
         graph = self.graphs.get(key)
         if graph is None:
-            if len(self.graphs) >= self.MAX_GRAPHS:
-                del self.graphs[next(iter(self.graphs))]
             # Capturing synchronises (once per key, not per token): allow it even when the
             # caller forbids host syncs in the decode loop, and keep its time apart.
             t0 = time.perf_counter()
@@ -216,6 +214,8 @@ class _StepGraphs:
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
             self.graphs[key] = graph
+            if len(self.graphs) > self.MAX_GRAPHS:  # after the capture's device sync: no replay in flight
+                del self.graphs[next(iter(self.graphs))]
             self.capture_s += time.perf_counter() - t0
             self.captures += 1
         graph.replay()
