@@ -415,4 +415,5 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
                             online_skipped=online_skipped,
                             graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
-                            graphs_reused=len(reused), graph_capture_s=capture_s, step_times_s=marks.durations() if marks else None)
+                            graphs_reused=len(reused), graph_capture_s=capture_s,
+                            step_times_s=marks.durations() if marks else None)

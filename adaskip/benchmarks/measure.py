@@ -195,7 +195,8 @@ def compare_with_offline(rows: list) -> None:
 def cost_summary(length: int, costs) -> dict:
     per = costs.per_sublayer
     attn, ffn = per[0::2], per[1::2]
-    return {"prompt_len": length, "mode": costs.mode, "source": costs.source, "attention_ms_mean": round(1e3 * sum(attn) / len(attn), 4),
+    return {"prompt_len": length, "mode": costs.mode, "source": costs.source,
+            "attention_ms_mean": round(1e3 * sum(attn) / len(attn), 4),
             "ffn_ms_mean": round(1e3 * sum(ffn) / len(ffn), 4), "fixed_ms": round(1e3 * costs.fixed, 4),
             "sum_ms": round(1e3 * costs.total, 4), "per_sublayer_ms": [round(1e3 * c, 5) for c in per]}
 
