@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
-# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [BENCHES="ops ffn e2e online online-forced conditional"] bash bench/gpu_check.sh
+# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."] [BENCHES="ops ffn e2e online online-forced conditional"] bash bench/gpu_check.sh
 # The build always runs (incremental: quick when nothing changed). A device call is limited to
 # 10 minutes: run the stages in separate calls on the warm machine, e.g. STAGES=tests first, then
 # STAGES=bench BENCHES="ffn online".
@@ -31,7 +31,7 @@ if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
 
 if has tests; then
   echo "== tests"
-  ADASKIP_CUDA=1 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+  ADASKIP_CUDA=1 $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} 2>&1 | tee "$OUT/pytest.log" | tail -25
   test_rc=${PIPESTATUS[0]}
 fi
 
