@@ -111,6 +111,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=args.mlp_bias)
 
     def forward(self, x):
+        if x.is_cuda and not torch.is_grad_enabled() and self.can_gate(x):
+            # One token per sequence: our GEMVs beat cuBLAS here (H100, 8B FFN: 123 vs 132 us,
+            # bench/results), so ungated decode uses them too.
+            return self.gated(x, None, 0)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def can_gate(self, x: torch.Tensor) -> bool:
@@ -119,10 +123,11 @@ class FeedForward(nn.Module):
         return (x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 2 and self.gate_proj.bias is None
                 and x.dtype in (torch.float16, torch.bfloat16) and (ops.HAS_EXTENSION or not x.is_cuda))
 
-    def gated(self, x: torch.Tensor, gates: torch.Tensor, sublayer: int) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, gates: Optional[torch.Tensor], sublayer: int) -> torch.Tensor:
         """The FFN through the gated GEMVs: when every sequence's gate of `sublayer` is SKIP the
         kernels return at once (decided on the device) and write nothing. The rows of gated-off
-        sequences are undefined: the gated add+norm that follows does not read them."""
+        sequences are undefined: the gated add+norm that follows does not read them. gates None:
+        every row is computed."""
         b, _, h = x.shape
         act = torch.empty(b, self.gate_proj.out_features, dtype=x.dtype, device=x.device)
         ops.gated_swiglu_up(x.reshape(b, h), self.gate_proj.weight, self.up_proj.weight, gates, sublayer, act)

@@ -6,12 +6,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
+from adaskip import conditional  # noqa: E402
 from adaskip.conditional import only_if  # noqa: E402
 from adaskip.config import ModelArgs  # noqa: E402
 from adaskip.loading import build_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
                                 reason="needs a CUDA GPU and the compiled extension")
+# torch 2.11 (the GPU machines' image) has no CUDAGraph.begin_capture_to_if_node.
+needs_conditional_nodes = pytest.mark.skipif(not conditional.supported(),
+                                             reason="this torch / CUDA has no CUDA-graph conditional nodes")
 
 CFG = dict(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -111,6 +115,7 @@ def test_cuda_graph_decode_samples_on_the_device(pair):
     assert top1.tokens == greedy.tokens
 
 
+@needs_conditional_nodes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_conditional_node_runs_its_cublas_body_only_while_the_predicate_holds(dtype):
     """adaskip.conditional.only_if in a captured graph: the GEMM inside runs at replay only while
@@ -138,6 +143,7 @@ def test_conditional_node_runs_its_cublas_body_only_while_the_predicate_holds(dt
             assert (out == poison).all()
 
 
+@needs_conditional_nodes
 @pytest.mark.parametrize("beta", [-1.0, 1.0], ids=["all-gated-off", "none-gated-off"])
 def test_graph_decode_with_conditional_ffns_matches_eager(pair, beta):
     """Three sequences (beyond the gated GEMVs; fp32 never uses them): the learning FFNs are
@@ -173,3 +179,30 @@ def test_cuda_graph_decode_reuses_its_graphs_in_later_calls(pair):
         assert again.graphs_reused >= 1
         if plan is None:
             assert again.graphs_captured == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_decode_ffn_runs_through_our_gemvs_when_they_serve_it(batch, monkeypatch):
+    """FeedForward.forward on one bf16 token per sequence, without autograd, takes the (ungated)
+    GEMVs for up to two sequences and cuBLAS beyond; both agree with the fp32 math. With autograd
+    on it stays on cuBLAS (the GEMVs have no backward)."""
+    from adaskip.model import FeedForward
+
+    torch.manual_seed(4)
+    ffn = FeedForward(ModelArgs.from_hf_config({**CFG, "architectures": ["LlamaForCausalLM"]}))
+    ffn = ffn.to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, 1, CFG["hidden_size"], device="cuda").to(torch.bfloat16)
+    calls = []
+    real = ops.gated_swiglu_up
+    monkeypatch.setattr(ops, "gated_swiglu_up", lambda *a: calls.append(a[3]) or real(*a))
+    w = {k: v.float() for k, v in ffn.state_dict().items()}
+    xf = x.float()
+    expected = (torch.nn.functional.silu(xf @ w["gate_proj.weight"].t()) * (xf @ w["up_proj.weight"].t())
+                ) @ w["down_proj.weight"].t()
+    with torch.no_grad():
+        got = ffn(x)
+    assert calls == ([None] if batch <= 2 else [])
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    calls.clear()
+    trained = ffn(x)
+    assert calls == [] and trained.requires_grad
