@@ -23,15 +23,19 @@
 namespace adaskip {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
+// 8 warps per block and two SwiGLU rows per warp keep the grid small: a gated-off FFN is two
+// nodes of blocks that only read the gate and exit, and each of those blocks costs launch time.
+constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxTokens = 8;
 
 // Rows per warp: from 3 tokens on, the tokens' inputs (re-read from L1 for every row, NT loads
 // per weight load) rather than the weights limit a one-row warp, so a warp takes several rows
-// and reuses each input chunk across them. Fewer for SwiGLU, which already streams two rows.
+// and reuses each input chunk across them. SwiGLU takes two rows at any size (its wide up
+// projection still has enough warps to cover the SMs); the down projection has fewer rows, and
+// one per warp keeps enough warps in flight there at 1-2 tokens.
 template <int NT, bool SWIGLU>
 constexpr int rows_per_warp() {
-  return NT <= 2 ? 1 : (SWIGLU ? 2 : 4);
+  return SWIGLU ? 2 : (NT <= 2 ? 1 : 4);
 }
 
 // True when every one of the NT sequences is gated off for this sublayer.
