@@ -112,7 +112,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if x.is_cuda and not torch.is_grad_enabled() and self.can_gate(x):
-            # One token per sequence: our GEMVs beat cuBLAS here (H100, 8B FFN: 123 vs 132 us,
+            # One token per sequence: our GEMVs beat cuBLAS here (H100, 8B FFN: 124 vs 132 us,
             # bench/results), so ungated decode uses them too.
             return self.gated(x, None, 0)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -31,15 +31,15 @@ class OnlineGates:
 
     @classmethod
     def start(cls, num_layers: int, batch: int, candidates, device, conditional: bool = False) -> "OnlineGates":
-        gates = ops.new_gates(2 * num_layers, batch, device, state=ops.GATE_RUN)
-        for s in candidates:
-            gates[s] = ops.GATE_UNDECIDED
-        running = torch.ones(2 * num_layers, dtype=torch.bool, device=device)
-        return cls(gates, ops.new_scales(2 * num_layers, batch, device), ops.new_stats(2 * num_layers, batch, device),
-                   running, learning=set(candidates), conditional=conditional)
+        n = 2 * num_layers
+        online = cls(ops.new_gates(n, batch, device), ops.new_scales(n, batch, device), ops.new_stats(n, batch, device),
+                     torch.ones(n, dtype=torch.bool, device=device))
+        online.restart(candidates, conditional)
+        return online
 
     def restart(self, candidates, conditional: bool = False) -> None:
-        """The same buffers, refilled in place for a new request (captured graphs read them)."""
+        """Fills the buffers in place for a new request (captured graphs read them): the
+        candidates undecided, every other sublayer run, scales 1, statistics zero."""
         self.gates.fill_(ops.GATE_RUN)
         for s in candidates:
             self.gates[s] = ops.GATE_UNDECIDED
