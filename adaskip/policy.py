@@ -12,6 +12,8 @@ STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit
               "shortgpt")
 # Strategies that take any number of sublayers (the others skip whole layers: even budgets only).
 SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss")
+# Strategies with fixed layer choices: no importance profile needed.
+PROFILE_FREE_STRATEGIES = ("early-exit", "skipdecode", "unified")
 PLANNERS = ("paper", "cost")
 
 
@@ -67,7 +69,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError(f"adaskip: num_sublayers must be in [0, {2 * num_layers - 2}] "
                          f"(all but one layer), got {num_sublayers}")
     k = num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
-    if strategy not in ("early-exit", "skipdecode", "unified") and profile is None:
+    if strategy not in PROFILE_FREE_STRATEGIES and profile is None:
         raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
 
     if strategy.startswith("greedy-"):
@@ -123,7 +125,6 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
     return SkipPlan(m, {s: profile.scale[s] for s in chosen}, mode=mode, strategy="adaskip", beta=beta,
                     window=window, predicted_speedup=predicted, importance_lost=lost, explanation=explanation,
                     model_fingerprint=fingerprint)
-
 
 
 def _greedy(profile, strategy, k, mode, window, online, fingerprint) -> SkipPlan:

@@ -37,7 +37,6 @@ from .models import CONFIGS, BenchModel, hf_twin, model_args, random_model, real
 # The default set: AdaSkip and the paper's baselines. Any other strategy of adaskip.policy can be
 # asked for by name; which ones need a profile or take odd budgets follows the policy module.
 STRATEGIES = ("adaskip", "shortgpt", "early-exit", "skipdecode", "unified")
-PROFILE_FREE = ("early-exit", "skipdecode", "unified")  # fixed layer choices, no ranking
 GPU_PROMPT_LENS = (2048, 8192, 32768)
 CPU_PROMPT_LENS = (64, 256)
 RANDOM_PROFILE_LABEL = "calibrated on random tokens (speed only)"
@@ -139,13 +138,15 @@ def known_strategies() -> tuple:
 
 
 def needs_profile(strategy: str) -> bool:
-    return strategy not in PROFILE_FREE
+    from adaskip import policy
+
+    return strategy not in policy.PROFILE_FREE_STRATEGIES
 
 
 def takes_odd_budgets(strategy: str) -> bool:
     from adaskip import policy
 
-    return strategy in getattr(policy, "SUBLAYER_STRATEGIES", ("adaskip",))
+    return strategy in policy.SUBLAYER_STRATEGIES
 
 
 def strategies(spec: str) -> list:
@@ -156,7 +157,6 @@ def strategies(spec: str) -> list:
         raise ValueError(f"unknown strategies {bad}; choose from {', '.join(known)} (the full model is "
                          "always timed)")
     return list(dict.fromkeys(names))
-
 
 
 # -- setup -----------------------------------------------------------------------------------------
