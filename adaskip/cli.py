@@ -38,10 +38,6 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
     return paths
 
 
-def _texts(spec: list) -> list:
-    return [p.read_text(errors="replace") for p in _text_paths(spec)]
-
-
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates: int = 4, search_requests: int = 2, progress: bool = True):
     """An ImportanceProfile from the texts in `data` (recording which files it read), plus the

@@ -104,16 +104,12 @@ def result_name(prefix: str, device: str, suffix: str = ".json") -> str:
     return f"{prefix}-{slug}-{dt.date.today().isoformat()}{suffix}"
 
 
-def default_result_path(prefix: str, device: str, out_dir) -> Path:
-    return Path(out_dir) / result_name(prefix, device)
-
-
 def output_path(out, out_dir, prefix: str, device: str, fallback_dir=None) -> Optional[Path]:
     """--out as given; else a result name in --out-dir, else in `fallback_dir`; else None."""
     if out is not None:
         return Path(out)
     folder = out_dir if out_dir is not None else fallback_dir
-    return None if folder is None else default_result_path(prefix, device, folder)
+    return None if folder is None else Path(folder) / result_name(prefix, device)
 
 
 def clean(value):
