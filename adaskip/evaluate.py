@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .calibrate import progress_bar
+
 
 @torch.inference_mode()
 def perplexity(model, sequences: Iterable[Sequence[int]], plan=None) -> float:
@@ -32,8 +34,6 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *,
     device = model.lm_head.weight.device
     sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in ["full", *plans]}
     tokens = 0
-    from .calibrate import progress_bar
-
     bar = progress_bar(len(sequences) * (1 + len(plans)), progress, "perplexity", "forward")
     for seq in sequences:
         ids = torch.as_tensor(list(seq), device=device)[None]
@@ -51,4 +51,3 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *,
     bar.close()
     return {name: {"perplexity": math.exp(a["nll"] / tokens), "top1_agreement": a["agree"] / tokens,
                    "kl_per_token": a["kl"] / tokens} for name, a in sums.items()}
-

@@ -472,4 +472,3 @@ def evaluate_longbench(model, tokenizer, data_dir: PathLike, datasets: Optional[
                                                  len(ids), truncated[i], (ex.extra or {}).get("_id")))
             scores[plan_name][name] = 100.0 * total / len(examples)
     return scores
-

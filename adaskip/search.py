@@ -140,4 +140,3 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
                         candidates=1 if method == "similarity" else candidates, requests=len(requests),
                         tokens=sum(len(r) for r in requests), forward_passes=passes,
                         wall_s=time.perf_counter() - start)
-

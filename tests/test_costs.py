@@ -262,7 +262,6 @@ def test_measure_with_sliding_windows_and_errors():
         measure_sublayer_costs(model, 96, "decode")  # needs 97 cache slots
 
 
-
 def test_graph_timing_is_for_gpu_decode_only():
     model = _tiny()
     with pytest.raises(ValueError, match="mode 'decode' on a GPU"):

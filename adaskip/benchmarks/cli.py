@@ -54,4 +54,3 @@ def cmd_e2e(args) -> dict:
     print(report.markdown_tables(result))
     write_json(out, result)
     return result
-
