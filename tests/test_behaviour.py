@@ -1,0 +1,46 @@
+"""The restructured runtime computes exactly what it computed before (tests/behaviour_cases.py)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from behaviour_cases import compute
+
+FIXTURE = Path(__file__).parent / "fixtures" / "behaviour.pt"
+
+
+@pytest.fixture(scope="module")
+def now():
+    return compute()
+
+
+def test_behaviour_is_bit_identical_to_the_fixtures(now):
+    if os.environ.get("ADASKIP_REGENERATE_BEHAVIOUR") == "1":
+        torch.save(now, FIXTURE)
+        pytest.skip(f"regenerated {FIXTURE}")
+    before = torch.load(FIXTURE, weights_only=False)
+    assert sorted(now) == sorted(before), "the set of cases changed"
+    different = []
+    for name, value in before.items():
+        got = now[name]
+        if isinstance(value, torch.Tensor):
+            same = (isinstance(got, torch.Tensor) and got.dtype == value.dtype and got.shape == value.shape
+                    and torch.equal(got.view(torch.uint8) if got.dtype != torch.bool else got,
+                                    value.view(torch.uint8) if value.dtype != torch.bool else value))
+        else:
+            same = got == value
+        if not same:
+            different.append(name)
+    assert not different, f"{len(different)} cases changed: {different[:20]}"
+
+
+def test_the_cases_cover_what_the_refactor_touches(now):
+    names = set(now)
+    from adaskip.policy import STRATEGIES
+    for strategy in STRATEGIES:
+        for mode in ("prefill", "decode", "e2e"):
+            assert f"llama/generate/{strategy}/{mode}" in names
+    # Online learning really gated FFNs off in some case, and not in others.
+    skipped = [now[n]["online_skipped"] for n in names if n.startswith("llama/generate/online-beta/")]
+    assert any(any(s) for s in skipped) and any(not any(s) for s in skipped)
