@@ -41,10 +41,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	touch $@
 
 bench-ops: $(BUILD_STAMP)
-	$(PY) bench/bench_ops.py
+	$(PY) -m adaskip bench kernels
 
 bench-e2e: $(BUILD_STAMP)
-	$(PY) bench/bench_e2e.py
+	$(PY) -m adaskip bench e2e
 
 clean:
 	rm -rf build $(BUILD_STAMP) adaskip/_C*.so adaskip/_build_info.py

@@ -1,11 +1,18 @@
-"""adaskip: adaptive sublayer skipping (AdaSkip, AAAI 2025) for long-context LLM inference."""
-from . import ops
-from .config import ModelArgs
-from .generate import GenerationResult, SamplingParams, generate
-from .loading import load_model
-from .model import Transformer
-from .plan import SkipPlan
+"""adaskip: adaptive sublayer skipping (AdaSkip, AAAI 2025) for long-context LLM inference.
 
-__version__ = "0.1.0"
-__all__ = ["ops", "ModelArgs", "Transformer", "SkipPlan", "SamplingParams", "GenerationResult",
-           "generate", "load_model", "__version__"]
+    model, tokenizer = adaskip.load_model("smollm2")
+    profile = adaskip.calibrate(model, texts, tokenizer=tokenizer)     # -> ImportanceProfile
+    plan = adaskip.plan(profile, num_sublayers=8)                      # -> SkipPlan
+    out = adaskip.generate(model, [prompt_ids], plan=plan)
+
+Layers, each importing only from those before it: ops (kernels and their references) <- runtime
+(model, loading, plans, schedules, generation) <- skipping (calibration, profiles, search,
+strategies, costs) <- evaluation <- benchmarks <- cli.
+"""
+from . import ops
+from ._version import __version__
+from .runtime import GenerationResult, ModelArgs, SamplingParams, SkipPlan, Transformer, generate, load_model
+from .skipping import STRATEGIES, ImportanceProfile, calibrate, plan, search
+
+__all__ = ["ops", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "SkipPlan", "STRATEGIES",
+           "generate", "SamplingParams", "GenerationResult", "ModelArgs", "Transformer", "__version__"]

@@ -40,27 +40,18 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates: int = 4, search_requests: int = 2, progress: bool = True):
-    """An ImportanceProfile from the texts in `data` (recording which files it read), plus the
-    greedy searches asked for, run on the first `search_requests` calibration requests."""
-    from .calibrate import calibrate, calibration_requests
-    from .search import search
+    """adaskip.calibrate on the files that `data` (command-line items) names."""
+    from .skipping.calibration import calibrate
 
-    paths = _text_paths(data)
-    texts = [p.read_text(errors="replace") for p in paths]
-    requests, sources = calibration_requests(texts, tokenizer, num_requests=num_requests, prompt_len=prompt_len,
-                                             with_sources=True)
-    profile = calibrate(model, requests, num_requests=num_requests, prompt_len=prompt_len, progress=progress,
-                        description=f"{', '.join(data)}: {num_requests} requests x <= {prompt_len} tokens")
-    profile.sources = sorted({paths[i].name for i in sources})
-    for method in search_methods:
-        result = search(model, requests[:search_requests], max_sublayers=min(search_max, 2 * model.args.num_layers - 2),
-                        method=method, candidates=search_candidates, progress=progress)
-        profile.search[method] = result.to_dict()
-    return profile
+    description = f"{', '.join(data)}: {num_requests} requests x <= {prompt_len} tokens"
+    return calibrate(model, _text_paths(data), tokenizer=tokenizer, num_requests=num_requests, prompt_len=prompt_len,
+                     progress=progress, description=description, search=search_methods,
+                     search_max_sublayers=search_max, search_candidates=search_candidates,
+                     search_requests=search_requests)
 
 
 def cmd_calibrate(a) -> None:
-    from .loading import load_model
+    from .runtime.loading import load_model
 
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, _split(a.search, str),
@@ -82,7 +73,7 @@ def _split(text, kind):
 
 
 def _cost_model(a, model):
-    from .costs import H100_SPEC, L20_SPEC, sublayer_costs
+    from .skipping.costs import H100_SPEC, L20_SPEC, sublayer_costs
 
     spec = {"l20": L20_SPEC, "h100": H100_SPEC}[a.device_spec]
     return sublayer_costs(model.args, a.context_len, a.phase, spec=spec)
@@ -102,10 +93,11 @@ def _sublayers_for_targets(a, model, targets) -> int:
 
 
 def cmd_eval(a) -> None:
-    from .harness import EvalSettings, held_out, run_eval
-    from .loading import load_model
-    from .profile import ImportanceProfile
-    from .report import markdown_table, plot_profile_heatmap, plot_quality, write_json
+    from .evaluation.harness import EvalSettings, held_out, run_eval
+    from .runtime.loading import load_model
+    from .skipping.profile import ImportanceProfile
+    from ._util import write_json
+    from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +164,8 @@ def cmd_eval(a) -> None:
 
 
 def _build_plan(a, model):
-    from .policy import plan
-    from .profile import ImportanceProfile
+    from .skipping.strategies import plan
+    from .skipping.profile import ImportanceProfile
 
     profile = None
     if a.profile:
@@ -190,7 +182,7 @@ def _build_plan(a, model):
 
 
 def _prompt_ids(a, tokenizer, text: str):
-    from .chat import chat_prompt
+    from .runtime.chat import chat_prompt
 
     if tokenizer is None:
         raise SystemExit("adaskip: this model has no tokenizer; give a model directory with tokenizer files")
@@ -201,7 +193,7 @@ def _prompt_ids(a, tokenizer, text: str):
 
 def _compare(a, model, tokenizer, text: str) -> dict:
     """Generates for one prompt with the full model and with the plan, timed in the same run."""
-    from .generate import generate
+    from .runtime.generation import generate
 
     skip_plan = _build_plan(a, model)
     ids = _prompt_ids(a, tokenizer, text)
@@ -239,7 +231,7 @@ def _print_report(r: dict) -> None:
 
 
 def cmd_run(a) -> None:
-    from .loading import load_model
+    from .runtime.loading import load_model
 
     if a.prompt is None and a.prompt_file is None:
         raise SystemExit("adaskip: give --prompt TEXT or --prompt-file FILE")
@@ -256,7 +248,7 @@ def cmd_run(a) -> None:
 
 def cmd_demo(a) -> None:
     from .data import essay_paths
-    from .loading import load_model
+    from .runtime.loading import load_model
 
     print(__doc_demo__)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
@@ -287,7 +279,7 @@ Below, the same question about a long essay is answered by the full model and wi
 
 
 def main(argv=None) -> None:
-    from .policy import STRATEGIES
+    from .skipping.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(prog="adaskip", description="Adaptive sublayer skipping for long-context inference")
     sub = p.add_subparsers(dest="command", required=True)

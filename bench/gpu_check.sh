@@ -41,7 +41,7 @@ for b in $BENCHES; do
   case $b in
     none) continue ;;
     # The decode FFN only: gated GEMVs, cuBLAS, cuBLAS in a CUDA-graph conditional node.
-    ffn) cmd=($PY bench/bench_ops.py --only-ffn --out "$OUT/ffn.json") ;;
+    ffn) cmd=($PY -m adaskip bench kernels --only-ffn --out "$OUT/ffn.json") ;;
     # Issue 5: offline plans plus online FFN skipping, graph decode, time per token in and after the window.
     online) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
                  --budgets 8,16 --online --decode-tokens 64 --out "$OUT/e2e-online.json") ;;
@@ -55,7 +55,9 @@ for b in $BENCHES; do
     conditional) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192 --batch 4 --strategies adaskip
                  --budgets 8 --online --online-beta -1 --graph-conditionals --decode-tokens 64 --no-hf
                  --out "$OUT/e2e-conditional.json") ;;
-    *) cmd=($PY bench/bench_$b.py --out "$OUT/$b.json") ;;
+    ops) cmd=($PY -m adaskip bench kernels --out "$OUT/ops.json") ;;
+    e2e) cmd=($PY -m adaskip bench e2e --out "$OUT/e2e.json") ;;
+    *) echo "unknown benchmark $b"; bench_rc=2; continue ;;
   esac
   "${cmd[@]}" 2>&1 | tee "$OUT/bench_$b.log"
   rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && bench_rc=$rc

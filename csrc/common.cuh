@@ -7,7 +7,7 @@
 
 namespace adaskip {
 
-// Gate states, one byte per (sublayer, sequence). Mirrored in adaskip/ops.py.
+// Gate states, one byte per (sublayer, sequence). Mirrored in adaskip/ops/reference.py.
 constexpr uint8_t GATE_UNDECIDED = 0;  // sublayer runs; its decision is still open
 constexpr uint8_t GATE_SKIP = 1;       // sublayer skipped: residual *= compensation scale
 constexpr uint8_t GATE_RUN = 2;        // sublayer runs; decided (or never a candidate)

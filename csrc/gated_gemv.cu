@@ -24,9 +24,9 @@ namespace adaskip {
 namespace {
 
 // At 1-2 tokens, 8 warps per block and two SwiGLU rows per warp keep the grid small: a gated-off
-// FFN is two nodes of blocks that only read the gate and exit, and each block costs launch time
-// (H100: 3.2 us for the 8B FFN, 4.8 us with 4 warps and one row). From 3 tokens on, the larger
-// per-warp state runs better with 4 warps per block (bs 8: 215 us against 252 us with 8).
+// FFN is two nodes of blocks that only read the gate and exit, and each block costs launch time.
+// From 3 tokens on, each warp holds more per-token state and 4 warps per block run faster
+// (timings of both shapes: bench/results/README.md).
 template <int NT>
 constexpr int warps_per_block() {
   return NT <= 2 ? 8 : 4;

@@ -15,6 +15,11 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
                         const std::optional<at::Tensor>& gates,
                         const std::optional<at::Tensor>& scales);
 
+// A sublayer skipped for every sequence: residual *= scale, x = RMSNorm(residual) * weight; x is
+// only written.
+void scale_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                    double scale);
+
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,
                          int64_t sublayer, const std::optional<at::Tensor>& seq_lens);
 

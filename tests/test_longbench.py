@@ -14,9 +14,9 @@ tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("rouge")
 
 from adaskip import SkipPlan  # noqa: E402
-from adaskip import longbench as lb  # noqa: E402
-from adaskip.config import ModelArgs  # noqa: E402
-from adaskip.generate import GenerationResult  # noqa: E402
+from adaskip.evaluation import longbench as lb  # noqa: E402
+from adaskip.runtime.config import ModelArgs  # noqa: E402
+from adaskip.runtime.generation import GenerationResult  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 CHECKOUT = FIXTURES / "checkout"
@@ -57,8 +57,8 @@ def chat_tok(tok):
 
 
 def _tiny_model(vocab_size, context=160, eos=2):
-    from adaskip.loading import build_model
-    from adaskip.model import Transformer
+    from adaskip.runtime.loading import build_model
+    from adaskip.runtime.model import Transformer
 
     args = ModelArgs.from_hf_config(dict(
         architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=32, intermediate_size=64,

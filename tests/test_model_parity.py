@@ -4,8 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from adaskip.config import ModelArgs, UnsupportedArchitecture  # noqa: E402
-from adaskip.loading import build_model, load_model  # noqa: E402
+from adaskip.runtime.config import ModelArgs, UnsupportedArchitecture  # noqa: E402
+from adaskip.runtime.loading import build_model, load_model  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)

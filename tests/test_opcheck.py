@@ -22,6 +22,8 @@ def _samples(device, dtype):
         ("fused_add_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, stats.clone(), 1, lens)),
         ("fused_add_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, None, 0, None)),
         ("fused_add_rms_norm", (r(2, 1, 64), r(2, 1, 64), r(64), 1e-6, stats.clone(), 1, None, gates, scales)),
+        ("scale_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, 0.8)),
+        ("scale_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, 1 / 3)),
         ("io_similarity_stats", (r(2, 5, 24), r(2, 5, 24), stats.clone(), 2, None)),
         ("skip_or_scale", (r(2, 3, 16), gates, scales, 1)),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adaskip import ops
-from adaskip import _reference as ref
+from adaskip.ops import reference as ref
 from helpers import DTYPES, ULP, rand, strided_view
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
@@ -96,6 +96,85 @@ def test_gated_fused_add_rms_norm_matches_reference(dtype, shape, layout, with_s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+# 0.618...: not exact in any dtype, so the product rounds. 1e-3: eps is a large part of the mean square, so
+# normalizing the stream before scaling it (RMSNorm is otherwise scale-invariant) would show.
+@pytest.mark.parametrize("scale", [0.6180339887, 1e-3])
+def test_scale_rms_norm_matches_reference(dtype, shape, layout, scale):
+    """x arrives poisoned (NaN): the kernel only writes it. Both vector widths are covered: hidden
+    divisible by the vector width or not, and misaligned rows."""
+    g = torch.Generator().manual_seed(18)
+    x, x_base = _tensor(shape, dtype, layout, g)
+    residual, r_base = _tensor(shape, dtype, layout, g, scale=4.0)
+    x.fill_(float("nan"))
+    x_base_before, r_base_before = x_base.clone(), r_base.clone()
+    weight = rand((shape[-1],), dtype, "cuda", g)
+    xc, rc, wc = _cpu(x, residual, weight)
+    torch_mul = residual.clone().mul_(scale)  # what the runtime ran before, on the GPU
+
+    ops.scale_rms_norm(x, residual, weight, 1e-5, scale)
+    ref.scale_rms_norm(xc, rc, wc, 1e-5, scale)
+
+    assert torch.equal(residual.cpu(), rc) and torch.equal(residual, torch_mul)
+    assert x.isfinite().all()
+    torch.testing.assert_close(x.cpu(), xc, **_out_tols(dtype))
+    if x_base is not x:  # nothing written outside the views (row padding, the element before a misaligned view)
+        hidden = shape[-1]
+        outside = (lambda t: t[..., hidden:]) if layout != "misaligned" else (lambda t: t[:1])
+        assert torch.equal(outside(x_base), outside(x_base_before))
+        assert torch.equal(outside(r_base), outside(r_base_before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 4096), (2, 5, 577), (4, 1)], ids=str)
+def test_scale_rms_norm_by_zero_gives_zeros_not_nan(dtype, shape):
+    g = torch.Generator().manual_seed(19)
+    residual = rand(shape, dtype, "cuda", g)
+    x = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    ops.scale_rms_norm(x, residual, rand((shape[-1],), dtype, "cuda", g), 1e-6, 0.0)
+    assert (residual == 0).all() and (x == 0).all()
+
+
+def test_scale_rms_norm_in_a_cuda_graph_matches_eager():
+    """A decode step whose attention runs (fused add + norm) and whose FFN the plan skips
+    (scale + norm), captured once and replayed per token: bit-identical to eager calls."""
+    g = torch.Generator().manual_seed(20)
+    batch, hidden, steps, scale = 2, 1024, 4, 0.87
+    attn_outs = [rand((batch, 1, hidden), torch.bfloat16, "cuda", g) for _ in range(steps)]
+    base_residual = rand((batch, 1, hidden), torch.bfloat16, "cuda", g, scale=8.0)
+    w_attn, w_ffn = rand((hidden,), torch.bfloat16, "cuda", g), rand((hidden,), torch.bfloat16, "cuda", g)
+
+    def step(attn_out, residual, ffn_in):
+        ops.fused_add_rms_norm(attn_out, residual, w_attn, 1e-6)
+        ops.scale_rms_norm(ffn_in, residual, w_ffn, 1e-6, scale)
+
+    residual, ffn_in = base_residual.clone(), torch.empty_like(base_residual)
+    eager = []
+    for t in range(steps):
+        ffn_in.fill_(float("nan"))
+        step(attn_outs[t].clone(), residual, ffn_in)
+        eager.append((ffn_in.clone(), residual.clone()))
+
+    g_attn, g_res, g_ffn = torch.empty_like(base_residual), base_residual.clone(), torch.empty_like(base_residual)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(g_attn.clone(), g_res.clone(), g_ffn.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(g_attn, g_res, g_ffn)
+    g_res.copy_(base_residual)
+    for t in range(steps):
+        g_attn.copy_(attn_outs[t])
+        g_ffn.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(g_ffn, eager[t][0]) and torch.equal(g_res, eager[t][1])
+    assert g_ffn.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 4096), (4, 1, 576), (3, 129, 1000), (1, 2048, 8192), (2, 7, 33)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "misaligned"])
 def test_io_similarity_stats_matches_reference(dtype, shape, layout):
@@ -175,6 +254,10 @@ def test_device_mismatch_is_a_clear_error():
     with pytest.raises((ValueError, RuntimeError), match="'seq_lens'"):
         ops.fused_add_rms_norm(x, r, torch.ones(8, device="cuda"), stats=ops.new_stats(1, 1, "cuda"),
                                seq_lens=torch.tensor([2]))
+    with pytest.raises((ValueError, RuntimeError), match="'weight'"):
+        ops.scale_rms_norm(x, r, torch.ones(8), 1e-6, 0.5)
+    with pytest.raises((ValueError, RuntimeError), match="'residual'"):
+        ops.scale_rms_norm(x, r.cpu(), torch.ones(8, device="cuda"), 1e-6, 0.5)
 
 
 def _decode_step(x, residual, weight, stats, gates, scales, lens, window, beta, chunk):
@@ -248,6 +331,8 @@ def test_ops_never_sync_with_the_host():
         ops.io_similarity_stats(x, r, stats, 1)
         ops.update_gates(stats, gates, scales, 4, 0.5)
         ops.skip_or_scale(r, gates, scales, 0)
+        ops.scale_rms_norm(x, r, w, 1e-6, 0.9)
+        ops.scale_rms_norm(x[:, 0], r[:, 0], w, 1e-6, 1.1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -117,6 +117,91 @@ def test_non_contiguous_rows_are_written_in_place_and_padding_untouched(dtype, t
     torch.testing.assert_close(stats.double(), oracle_stats(a_before, residual, 1, 0), rtol=1e-5, atol=1e-5)
 
 
+def _poison(t):
+    """Fills a contiguous t with NaN, inf and -inf: an op that reads it cannot produce finite outputs."""
+    flat = t.view(-1)
+    flat[0::3], flat[1::3], flat[2::3] = float("nan"), float("inf"), float("-inf")
+    return t
+
+
+# 1 and 3: hidden sizes below any vector width; 67: odd; 576: SmolLM2.
+SCALE_SHAPES = [(5, 1), (4, 3), (6, 67), (2, 1, 3), (2, 7, 67), (3, 4, 576)]
+# 1/3 is not exact in any dtype: the product has to round. At 1e-3 eps is a large part of the mean square,
+# so normalizing the stream before scaling it (RMSNorm is otherwise scale-invariant) would show.
+SCALES = [0.75, 1 / 3, 1.7, 1e-3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SCALE_SHAPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_scale_rms_norm_matches_oracle_and_never_reads_x(dtype, shape, scale):
+    g = torch.Generator().manual_seed(8)
+    residual = rand(shape, dtype, gen=g, scale=3.0)
+    weight = rand((shape[-1],), dtype, gen=g)
+    x = _poison(torch.empty(shape, dtype=dtype))
+    a_before = residual.clone()
+
+    out = ops.scale_rms_norm(x, residual, weight, 1e-5, scale)
+
+    assert out[0] is x and out[1] is residual
+    # Rounds exactly like the runtime's former `h.mul_(scale)`, and that is within an ulp of the truth
+    # (subnormal products: within one subnormal step).
+    assert torch.equal(residual, a_before.clone().mul_(scale))
+    torch.testing.assert_close(residual.double(), a_before.double() * scale, rtol=ULP[dtype],
+                               atol=torch.finfo(dtype).tiny * ULP[dtype])
+    assert x.isfinite().all()
+    _, out_true = oracle_add_norm(torch.zeros_like(residual), residual, weight, 1e-5)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rms_norm_by_zero_gives_zeros_not_nan(dtype):
+    """A zero stream has zero RMS: eps keeps the normalized output at 0 instead of 0/0."""
+    residual = rand((2, 3, 40), dtype, gen=torch.Generator().manual_seed(6))
+    x = _poison(torch.empty_like(residual))
+    ops.scale_rms_norm(x, residual, torch.ones(40, dtype=dtype), 1e-6, 0.0)
+    assert (residual == 0).all() and (x == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_scale_rms_norm_non_contiguous_rows_are_written_in_place_and_padding_untouched(dtype, transpose):
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 5, 24)
+    x, x_base = strided_view(shape, dtype, gen=g, transpose=transpose)
+    residual, r_base = strided_view(shape, dtype, gen=g, transpose=not transpose)
+    x.fill_(float("nan"))  # the view only: the padding keeps its random values
+    weight = rand((24,), dtype, gen=g)
+    x_pad, r_pad = x_base[..., 24:].clone(), r_base[..., 24:].clone()
+    expected = residual.clone().mul_(0.8)
+
+    ops.scale_rms_norm(x, residual, weight, 1e-6, 0.8)
+
+    assert torch.equal(residual, expected)
+    _, out_true = oracle_add_norm(torch.zeros_like(expected), expected, weight, 1e-6)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+    assert torch.equal(x_base[..., 24:], x_pad) and torch.equal(r_base[..., 24:], r_pad)
+    # [tokens, hidden] with padded rows.
+    x2, r2 = rand((5, 32), dtype, gen=g)[:, :24], rand((5, 32), dtype, gen=g)[:, :24]
+    x2.fill_(float("nan"))
+    expected2 = r2.clone().mul_(1.5)
+    ops.scale_rms_norm(x2, r2, weight, 1e-6, 1.5)
+    assert torch.equal(r2, expected2)
+    _, out2 = oracle_add_norm(torch.zeros_like(expected2), expected2, weight, 1e-6)
+    torch.testing.assert_close(x2.double(), out2, **_tols(dtype))
+
+
+def test_scale_rms_norm_rejected_calls_change_nothing():
+    x, residual, w = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.ones(8)
+    x_before, r_before = x.clone(), residual.clone()
+    for scale in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="'scale' must be finite"):
+            ops.scale_rms_norm(x, residual, w, 1e-6, scale)
+    with pytest.raises(ValueError, match="'eps'"):
+        ops.scale_rms_norm(x, residual, w, -1e-6, 0.5)
+    assert torch.equal(x, x_before) and torch.equal(residual, r_before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 31), (2, 7, 128)])
 def test_io_similarity_stats_matches_oracle(dtype, shape):
@@ -215,6 +300,10 @@ def _bad_calls():
     w = torch.ones(8)
     st = ops.new_stats(2, 2)
     gates, scales = ops.new_gates(2, 2), ops.new_scales(2, 2)
+
+    def srn(x, residual, weight=w, eps=1e-6, scale=0.5):
+        return ops.scale_rms_norm(x, residual, weight, eps, scale)
+
     return [
         ("int x", lambda: ops.fused_add_rms_norm(torch.ones(2, 3, 8, dtype=torch.int32), torch.ones(2, 3, 8, dtype=torch.int32), w), "'x'"),
         ("dtype mismatch", lambda: ops.fused_add_rms_norm(f32(2, 3, 8), f32(2, 3, 8).half(), w), "'residual'"),
@@ -244,6 +333,21 @@ def _bad_calls():
         ("stats/gates", lambda: ops.update_gates(ops.new_stats(3, 2), gates, scales, 20, 0.9), "sublayers"),
         ("running dtype", lambda: ops.update_gates(st, gates, scales, 20, 0.9, torch.ones(2, dtype=torch.uint8)), "'running'"),
         ("running shape", lambda: ops.update_gates(st, gates, scales, 20, 0.9, torch.ones(3, dtype=torch.bool)), "'running'"),
+        ("scale nan", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), scale=float("nan")), "'scale' must be finite"),
+        ("scale inf", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), scale=float("-inf")), "'scale' must be finite"),
+        ("scale int x", lambda: srn(torch.ones(3, 8, dtype=torch.int32), torch.ones(3, 8, dtype=torch.int32)), "'x'"),
+        ("scale dtype mismatch", lambda: srn(f32(2, 3, 8), f32(2, 3, 8).bfloat16()), "'residual' has dtype"),
+        ("scale shape mismatch", lambda: srn(f32(2, 3, 8), f32(3, 2, 8)), "'x' has shape"),
+        ("scale 2-d vs 3-d", lambda: srn(f32(6, 8), f32(2, 3, 8)), "'x' has shape"),
+        ("scale 1-d x", lambda: srn(f32(8), f32(8)), "'x' must be"),
+        ("scale strided hidden", lambda: srn(f32(2, 3, 8), f32(2, 8, 3).transpose(1, 2)), "last (hidden)"),
+        ("scale aliased", lambda: (lambda t: srn(t, t))(f32(2, 3, 8)), "different tensors"),
+        ("scale aliased view", lambda: (lambda t: srn(t.view(2, 3, 8), t))(f32(2, 3, 8)), "different tensors"),
+        ("scale weight size", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), weight=torch.ones(9)), "'weight' must be"),
+        ("scale weight 2-d", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), weight=torch.ones(1, 8)), "'weight' must be"),
+        ("scale weight dtype", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), weight=w.half()), "'weight' has dtype"),
+        ("scale eps zero", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), eps=0.0), "'eps' must be positive"),
+        ("scale eps negative", lambda: srn(f32(2, 3, 8), f32(2, 3, 8), eps=-1e-5), "'eps' must be positive"),
     ]
 
 

@@ -1,8 +1,10 @@
 """Packaging: the extension loads where it was built, and the package degrades cleanly without it."""
+import importlib.metadata
 import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,5 +50,10 @@ def test_cuda_tensor_without_extension_is_a_clear_error(monkeypatch):
         ops._op("skip_or_scale", fake_cuda)
 
 
-def test_version():
-    assert adaskip.__version__
+def test_version_is_the_one_pyproject_declares_and_the_installed_metadata_carries():
+    """_version.py is written by hand, pyproject.toml is what pip builds from: they must agree, and
+    the installed distribution must be this version (else the tests run against a stale install)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert adaskip.__version__ == pyproject["project"]["version"]
+    assert importlib.metadata.version("adaskip") == adaskip.__version__

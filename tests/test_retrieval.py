@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adaskip.retrieval import RetrievalTask, evaluate_retrieval, make_tasks, score
+from adaskip.evaluation.retrieval import RetrievalTask, evaluate_retrieval, make_tasks, score
 
 
 class WordTokenizer:
@@ -170,8 +170,8 @@ def test_evaluate_retrieval_structure(monkeypatch):
             answers = ["?" if tuple(p) in wrong else a for p, a in zip(prompts, answers)]
         return SimpleNamespace(tokens=[list(a.encode()) for a in answers])
 
-    # The module, not the package attribute of the same name (which is the function).
-    monkeypatch.setattr(importlib.import_module("adaskip.generate"), "generate", fake_generate)
+    # evaluate_retrieval imports generate from this module when it runs.
+    monkeypatch.setattr(importlib.import_module("adaskip.runtime.generation"), "generate", fake_generate)
     model = SimpleNamespace(args=SimpleNamespace(max_position_embeddings=64))
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: bytes(ids).decode())
     out = evaluate_retrieval(model, tokenizer, tasks, {"full": None, "half": "half"}, progress=False, batch_size=2)

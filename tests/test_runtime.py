@@ -7,10 +7,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
-from adaskip.config import ModelArgs  # noqa: E402
-from adaskip.loading import build_model  # noqa: E402
-from adaskip.model import FeedForward  # noqa: E402
-from adaskip.online import OnlineGates  # noqa: E402
+from adaskip.runtime.config import ModelArgs  # noqa: E402
+from adaskip.runtime.loading import build_model  # noqa: E402
+from adaskip.runtime.model import FeedForward  # noqa: E402
+from adaskip.runtime.decode import decode_states  # noqa: E402
+from adaskip.runtime.online import OnlineGates  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-5, eos_token_id=None)
@@ -139,7 +140,7 @@ def test_flash_attn_backend_dispatch_and_layout(pair, monkeypatch):
     """flash-attn cannot be installed here; a stand-in with its calling convention ([B, T, heads,
     D], grouped KV heads) checks that the backend passes the right layouts and falls back to SDPA
     where a mask is needed."""
-    from adaskip import model as model_module
+    from adaskip.runtime import model as model_module
 
     calls = []
 
@@ -285,7 +286,7 @@ def test_decode_state_is_reused_and_refilled_between_calls(pair):
     eos = [generate(ours, others, max_new_tokens=3, eos_token_ids=[]).tokens[0][1]]
     first = [generate(ours, prompts, max_new_tokens=8, plan=online, eos_token_ids=eos),
              generate(ours, prompts, max_new_tokens=8, sampling=sampled, eos_token_ids=eos)]
-    states = dict(ours.decode_states)
+    states = dict(decode_states(ours))
     assert [k[1:3] for k in states].count((2, 1)) == 1  # one state for batch 2 and one EOS id
     cut = generate(ours, others, max_new_tokens=6, plan=SkipPlan(3, {3: 1.0}, beta=1.0, window=2),
                    eos_token_ids=eos)
@@ -293,7 +294,7 @@ def test_decode_state_is_reused_and_refilled_between_calls(pair):
     generate(ours, others, max_new_tokens=6, sampling=SamplingParams(temperature=0.9, seed=6), eos_token_ids=eos)
     again = [generate(ours, prompts, max_new_tokens=8, plan=online, eos_token_ids=eos),
              generate(ours, prompts, max_new_tokens=8, sampling=sampled, eos_token_ids=eos)]
-    assert ours.decode_states == states  # the same buffers served every call
+    assert decode_states(ours) == states  # the same buffers served every call
     for a, b in zip(first, again):
         assert a.tokens == b.tokens and a.online_skipped == b.online_skipped and a.finished == b.finished
     assert first[0].online_skipped == [[1, 5]] * 2
@@ -302,15 +303,30 @@ def test_decode_state_is_reused_and_refilled_between_calls(pair):
 def test_decode_state_is_dropped_with_the_caches_or_moved_weights(pair):
     _, ours = pair
     generate(ours, [_prompt(5, 1)], max_new_tokens=3)
-    assert ours.decode_states
-    ours.setup_caches(1, 50)
-    assert not ours.decode_states  # the graphs held the old caches' addresses
+    (old,) = [state for key, state in decode_states(ours).items() if key[1] == 1]
+    ours.setup_caches(1, 50)  # the graphs held the old caches' addresses: not to be used again
     generate(ours, [_prompt(5, 1)], max_new_tokens=3)
-    (key,) = ours.decode_states
+    ((key, state),) = decode_states(ours).items()  # the stale states are gone
+    assert state is not old and key[4] == ours.cache_id
     saved = ours.lm_head.weight
     try:
         ours.lm_head.weight = torch.nn.Parameter(saved.detach().clone())
         generate(ours, [_prompt(5, 1)], max_new_tokens=3)
-        assert list(ours.decode_states) != [key]
+        assert list(decode_states(ours)) != [key] and len(decode_states(ours)) == 1
     finally:
         ours.lm_head.weight = saved
+
+
+def test_scratch_caches_leave_the_models_caches_and_decode_states_alone(pair):
+    """Timing sublayers (costs.measure_sublayer_costs) uses caches of its own: the decode
+    buffers and graphs kept for the model stay valid and in use."""
+    from adaskip.skipping.costs import measure_sublayer_costs
+
+    _, ours = pair
+    first = generate(ours, [_prompt(6, 3)], max_new_tokens=4, eos_token_ids=[])
+    states, cache_id = dict(decode_states(ours)), ours.cache_id
+    k_cache = ours.model.layers[0].self_attn.kv_cache
+    measure_sublayer_costs(ours, 16, "decode", repeats=1, warmup=0)
+    assert ours.cache_id == cache_id and ours.model.layers[0].self_attn.kv_cache is k_cache
+    again = generate(ours, [_prompt(6, 3)], max_new_tokens=4, eos_token_ids=[])
+    assert decode_states(ours) == states and again.tokens == first.tokens

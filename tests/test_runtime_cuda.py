@@ -6,10 +6,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
-from adaskip import conditional  # noqa: E402
-from adaskip.conditional import only_if  # noqa: E402
-from adaskip.config import ModelArgs  # noqa: E402
-from adaskip.loading import build_model  # noqa: E402
+from adaskip.runtime import conditional  # noqa: E402
+from adaskip.runtime.conditional import only_if  # noqa: E402
+from adaskip.runtime.config import ModelArgs  # noqa: E402
+from adaskip.runtime.loading import build_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
                                 reason="needs a CUDA GPU and the compiled extension")
@@ -186,7 +186,7 @@ def test_decode_ffn_runs_through_our_gemvs_when_they_serve_it(batch, monkeypatch
     """FeedForward.forward on one bf16 token per sequence, without autograd, takes the (ungated)
     GEMVs for up to two sequences and cuBLAS beyond; both agree with the fp32 math. With autograd
     on it stays on cuBLAS (the GEMVs have no backward)."""
-    from adaskip.model import FeedForward
+    from adaskip.runtime.model import FeedForward
 
     torch.manual_seed(4)
     ffn = FeedForward(ModelArgs.from_hf_config({**CFG, "architectures": ["LlamaForCausalLM"]}))

@@ -1,4 +1,4 @@
-"""Greedy sublayer search (issue 7), its strategies, equal-time planning and the eval report, on a
+"""Greedy sublayer search, its strategies, equal-time planning and the eval report, on a
 tiny random LLaMA (fp32, CPU)."""
 import math
 
@@ -9,15 +9,15 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from adaskip import ops  # noqa: E402
-from adaskip.calibrate import calibrate  # noqa: E402
-from adaskip.config import ModelArgs  # noqa: E402
-from adaskip.costs import SublayerCosts  # noqa: E402
-from adaskip.loading import build_model  # noqa: E402
-from adaskip.plan import SkipPlan  # noqa: E402
-from adaskip.policy import plan, plan_at_speedup  # noqa: E402
-from adaskip.profile import ImportanceProfile  # noqa: E402
-from adaskip.report import markdown_table, plot_profile_heatmap, plot_quality  # noqa: E402
-from adaskip.search import search  # noqa: E402
+from adaskip.skipping.calibration import calibrate  # noqa: E402
+from adaskip.runtime.config import ModelArgs  # noqa: E402
+from adaskip.skipping.costs import SublayerCosts  # noqa: E402
+from adaskip.runtime.loading import build_model  # noqa: E402
+from adaskip.runtime.skip_plan import SkipPlan  # noqa: E402
+from adaskip.skipping.strategies import plan, plan_at_speedup  # noqa: E402
+from adaskip.skipping.profile import ImportanceProfile  # noqa: E402
+from adaskip.evaluation.report import markdown_table, plot_profile_heatmap, plot_quality  # noqa: E402
+from adaskip.skipping.greedy import search  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)

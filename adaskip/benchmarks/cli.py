@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_OUT_DIR = Path("bench-results")
+DEFAULT_OUT_DIR = Path("bench/results")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     bench = subparsers.add_parser("bench", help="speed benchmarks: kernels, end to end",
                                   description="Speed benchmarks. Results go to JSON (and a PNG plot for e2e): "
-                                  "--out FILE, or a dated name in --out-dir (default ./bench-results).")
+                                  "--out FILE, or a dated name in --out-dir (default ./bench/results).")
     sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
     k = sub.add_parser("kernels", help="microbenchmarks of adaskip.ops against the copy-bandwidth ceiling",
                        description=kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,16 +35,16 @@ def _out_path(args, prefix: str, device: str) -> Path:
 
 def cmd_kernels(args) -> dict:
     from . import kernels
-    from .common import write_json
+    from .._util import write_json
 
     result = kernels.run(args)
-    write_json(_out_path(args, kernels.result_prefix(args), result["device"]), result)
+    print(f"wrote {write_json(_out_path(args, kernels.result_prefix(args), result['device']), result)}")
     return result
 
 
 def cmd_e2e(args) -> dict:
     from . import e2e, report
-    from .common import write_json
+    from .._util import write_json
 
     result = e2e.run(args)
     out = _out_path(args, e2e.result_prefix(result), result["device"])
@@ -52,5 +52,5 @@ def cmd_e2e(args) -> dict:
         result["plot"] = str(report.plot(result, out.with_suffix(".png")))
     print()
     print(report.markdown_tables(result))
-    write_json(out, result)
+    print(f"wrote {write_json(out, result)}")
     return result

@@ -1,11 +1,9 @@
 """What every benchmark result carries so that it can be trusted later: the device (with the
 driver and clocks from NVML on a GPU, since clocks and drivers move timings), the software
-versions, the git commit and the date; plus the JSON writer and the timing helpers the
-benchmarks share."""
+versions, the git commit and the date; plus the timing helpers the benchmarks share."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -110,25 +108,6 @@ def output_path(out, out_dir, prefix: str, device: str, fallback_dir=None) -> Op
         return Path(out)
     folder = out_dir if out_dir is not None else fallback_dir
     return None if folder is None else Path(folder) / result_name(prefix, device)
-
-
-def clean(value):
-    """JSON has no inf / nan: they become None (json.dumps would write non-standard Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
-
-
-def write_json(path, result: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(result), indent=1, allow_nan=False) + "\n")
-    print(f"wrote {path}")
-    return path
 
 
 def sync(device: torch.device) -> None:

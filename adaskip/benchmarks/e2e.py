@@ -6,7 +6,7 @@ For each prompt length: time to first token (TTFT: the whole prompt in one prefi
 first greedy token) and time per output token (TPOT) through adaskip.generate, eagerly and, on a
 GPU, with the CUDA-graph decode step; medians over repeats after warm-up rounds. The ideal
 speedup of a plan is the full model's measured time over that time minus the measured time of
-the sublayers the plan skips (adaskip.costs.measure_sublayer_costs, each sublayer timed alone):
+the sublayers the plan skips (adaskip.skipping.costs.measure_sublayer_costs, each sublayer timed alone):
 what skipping would give if nothing but those sublayers' work went away. Graph decode has an
 ideal of its own: its full time against the sublayers timed inside a CUDA graph, as the graph
 step runs them (eager timings include launch costs that the graph does not pay). The paper's alpha
@@ -29,12 +29,13 @@ from typing import Optional
 import torch
 
 from adaskip import ops
+from adaskip.skipping import strategies as planning
 
 from .common import device_info, git_commit, now_iso
 from .measure import DEFINITIONS, baseline_row, compare_with_offline, cost_summary, measure, plan_row
 from .models import CONFIGS, BenchModel, hf_twin, model_args, random_model, real_model
 
-# The default set: AdaSkip and the paper's baselines. Any other strategy of adaskip.policy can be
+# The default set: AdaSkip and the paper's baselines. Any other strategy of adaskip.STRATEGIES can be
 # asked for by name; which ones need a profile or take odd budgets follows the policy module.
 STRATEGIES = ("adaskip", "shortgpt", "early-exit", "skipdecode", "unified")
 GPU_PROMPT_LENS = (2048, 8192, 32768)
@@ -58,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
-                   help="comma-separated strategies of adaskip.policy (default: %(default)s); empty: the "
+                   help="comma-separated strategies of adaskip.STRATEGIES (default: %(default)s); empty: the "
                         "full model only")
     p.add_argument("--budgets", help="comma-separated numbers of skipped sublayers (default 8,16; 2,4 for models "
                    "of fewer than 16 layers); whole-layer strategies take even numbers only")
@@ -132,21 +133,15 @@ def budgets(spec: Optional[str], num_layers: int) -> list:
 
 
 def known_strategies() -> tuple:
-    from adaskip import policy
-
-    return tuple(s for s in policy.STRATEGIES if s != "full")
+    return tuple(s for s in planning.STRATEGIES if s != "full")
 
 
 def needs_profile(strategy: str) -> bool:
-    from adaskip import policy
-
-    return strategy not in policy.PROFILE_FREE_STRATEGIES
+    return strategy not in planning.PROFILE_FREE_STRATEGIES
 
 
 def takes_odd_budgets(strategy: str) -> bool:
-    from adaskip import policy
-
-    return strategy in policy.SUBLAYER_STRATEGIES
+    return strategy in planning.SUBLAYER_STRATEGIES
 
 
 def strategies(spec: str) -> list:
@@ -164,8 +159,8 @@ def strategies(spec: str) -> list:
 
 def _profile(args, model, weights: str, names: list, ks: list, notes: list):
     """(profile, label) for the strategies that rank sublayers; (None, None) when none runs."""
-    from adaskip.calibrate import calibrate
-    from adaskip.profile import ImportanceProfile
+    from adaskip.skipping.calibration import calibrate
+    from adaskip.skipping.profile import ImportanceProfile
 
     if not ks or not any(needs_profile(s) for s in names):
         return None, None
@@ -191,7 +186,7 @@ def _check_profile(profile, model, weights: str) -> None:
     """Real weights: the profile must be of this very model. Random weights of a named geometry:
     a profile of the real checkpoint of that geometry is what one wants to time, so only the
     geometry is compared (the config hash also covers token ids a random config does not set)."""
-    from adaskip.profile import model_fingerprint
+    from adaskip.skipping.profile import model_fingerprint
 
     if weights == "real":
         profile.check_model(model)
@@ -208,7 +203,7 @@ def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes:
     """(label, budget, plan, conditional) per plan to time: each strategy at each budget; with
     `online`, also its online-learning twin ("+online"), and with `conditional` a third run of
     that twin with CUDA-graph conditional FFNs ("+online+cond")."""
-    from adaskip.policy import plan as make_plan
+    from adaskip.skipping.strategies import plan as make_plan
 
     plans = []
     for k in ks:
@@ -255,7 +250,7 @@ def _hf_pair(bench: BenchModel, device, dtype, notes: list):
 
 def run(args) -> dict:
     """Builds the model, measures, returns the result (printing progress and nothing else)."""
-    from adaskip.costs import measure_sublayer_costs
+    from adaskip.skipping.costs import measure_sublayer_costs
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"

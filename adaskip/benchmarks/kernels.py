@@ -5,9 +5,10 @@ bf16 / fp16 / fp32. Times are CUDA-event medians over repeats of a CUDA graph of
 calls, after warm-up; the calls rotate over enough input sets that L2 cannot serve them.
 Achieved bandwidth counts the bytes each op must move (inputs read once, outputs written once)
 and is compared with a device-to-device copy measured in the same run: the ceiling that says
-how good a memory-bound op is. Also: statistics on vs off, torch's unfused add + rms_norm for
-context, and the decode FFN through the gated GEMVs against cuBLAS, and cuBLAS inside a CUDA-graph
-conditional node (`--only-ffn`).
+how good a memory-bound op is. Also: statistics on vs off, scale_rms_norm (what a sublayer skipped
+by a plan costs: its compensation and the next norm), torch's unfused add + rms_norm and
+mul + rms_norm for context, and the decode FFN through the gated GEMVs against cuBLAS, and cuBLAS
+inside a CUDA-graph conditional node (`--only-ffn`).
 On a CPU machine: the PyTorch reference at small sizes, labelled as such (a smoke run, not a
 performance figure).
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaskip import conditional, ops
-from adaskip.costs import time_in_graph
+from adaskip import ops
+from adaskip.runtime import conditional
+from adaskip.skipping.costs import time_in_graph
 
 from .common import device_info, git_commit, now_iso
 
@@ -102,15 +104,19 @@ def bench_size(hidden, tokens, dtype, device, timer, copy_bw, args) -> list[dict
     stats = ops.new_stats(2, 1, device)
     gates = ops.new_gates(2, 1, device, state=ops.GATE_SKIP)
     scales = torch.full((2, 1), 1.0, device=device)  # scale 1 keeps values bounded over repeats
+    skip_scale = 1.0  # likewise for the plan-skip compensation
     eps = 1e-5
     # The fused op rewrites its inputs; values stay finite (residual grows by x each call, and
     # the normalized x has unit RMS), so repeated calls measure real data.
     cases = {
         "add_rmsnorm+stats": (lambda i: ops.fused_add_rms_norm(xs[i], rs[i], w, eps, stats=stats, sublayer=0), 4),
         "add_rmsnorm": (lambda i: ops.fused_add_rms_norm(xs[i], rs[i], w, eps), 4),
+        # A plan-skipped sublayer: residual read and written, x (the next sublayer's input) written.
+        "scale_rmsnorm": (lambda i: ops.scale_rms_norm(xs[i], rs[i], w, eps, skip_scale), 3),
         "io_similarity_stats": (lambda i: ops.io_similarity_stats(xs[i], rs[i], stats, 1), 2),
         "skip_or_scale(skip)": (lambda i: ops.skip_or_scale(rs[i], gates, scales, 0), 2),
         "torch add_+rms_norm": (lambda i: xs[i].copy_(F.rms_norm(rs[i].add_(xs[i]), (hidden,), w, eps)), 4),
+        "torch mul_+rms_norm": (lambda i: xs[i].copy_(F.rms_norm(rs[i].mul_(skip_scale), (hidden,), w, eps)), 3),
     }
     rows = []
     for name, (fn, passes) in cases.items():

@@ -31,7 +31,7 @@ DEFINITIONS = {
 
 
 def _generate(model, prompts, plan, decode_tokens: int, graph: bool, conditional: bool = False):
-    from adaskip.generate import generate
+    from adaskip.runtime.generation import generate
 
     # eos none: every run decodes the same number of tokens; one prefill pass, as HF does it.
     return generate(model, prompts, max_new_tokens=decode_tokens + 1, eos_token_ids=[], plan=plan,
@@ -114,7 +114,7 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 
 def plan_row(length: int, strategy: str, k: int, plan, m: dict, full: dict, costs: dict, args,
              num_layers: int) -> dict:
-    from adaskip.costs import paper_speedup
+    from adaskip.skipping.costs import paper_speedup
 
     if plan is None:
         prefill_sets, decode_sets, attn, ffn, skipped = [], [], 0, 0, []

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from adaskip.config import ModelArgs
-from adaskip.loading import build_model
-from adaskip.model import Transformer
+from adaskip.runtime.config import ModelArgs
+from adaskip.runtime.loading import build_model
+from adaskip.runtime.model import Transformer
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -85,7 +85,7 @@ def random_model(name: str, layers: Optional[int], dtype: torch.dtype, device) -
 def real_model(source: str, dtype: torch.dtype, device) -> BenchModel:
     """Real weights through adaskip.load_model. The transformers twin is built only for an HF
     model directory: other sources (a .gguf) have no config transformers reads as it is."""
-    from adaskip.loading import load_model
+    from adaskip.runtime.loading import load_model
 
     model, _ = load_model(source, dtype=dtype, device=device)
     path = Path(source).expanduser()

@@ -19,25 +19,25 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _reference as _ref
-from ._reference import GATE_RUN, GATE_SKIP, GATE_UNDECIDED
+from . import reference as _ref
+from .reference import GATE_RUN, GATE_SKIP, GATE_UNDECIDED
 
 __all__ = [
     "GATE_UNDECIDED", "GATE_SKIP", "GATE_RUN", "backend", "extension_error",
-    "fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
+    "fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
     "new_stats", "new_gates", "new_scales", "mean_stats", "gated_linear", "gated_swiglu_up",
 ]
 
-_OP_NAMES = ("fused_add_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
+_OP_NAMES = ("fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
              "gated_swiglu_up")
 
 
 def _load_extension():
     try:
-        from . import _C  # noqa: F401  (importing it registers torch.ops.adaskip)
+        from .. import _C  # noqa: F401  (importing it registers torch.ops.adaskip)
     except ImportError as e:
         try:
-            from ._build_info import TORCH_VERSION as built_for
+            from .._build_info import TORCH_VERSION as built_for
         except ImportError:
             built_for = None
         hint = ""
@@ -109,6 +109,16 @@ def fused_add_rms_norm(
     """
     _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens, gates, scales)(
         x, residual, weight, float(eps), stats, int(sublayer), seq_lens, gates, scales)
+    return x, residual
+
+
+def scale_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place: residual <- residual * scale, then x <- RMSNorm(residual) * weight. What a
+    sublayer skipped by a plan costs: its compensation and the next norm in one pass. x (the
+    skipped sublayer's input, same shape and dtype as residual) is only written. Returns
+    (x, residual)."""
+    _op("scale_rms_norm", x, residual, weight)(x, residual, weight, float(eps), float(scale))
     return x, residual
 
 

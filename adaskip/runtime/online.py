@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from .. import ops
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .costs import paper_num_skipped, paper_speedup
-from .plan import MODES, SkipPlan
+from ..runtime.skip_plan import MODES, SkipPlan
 from .profile import ImportanceProfile
 
 STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit", "skipdecode", "unified",
@@ -40,7 +40,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
       with mode decode / e2e and online=True, beta = the lowest similarity among them drives the
       online extra-FFN skipping over the first `window` decoded tokens.
     planner="cost": instead of counting sublayers, reach the speedup alpha (or the paper speedup of
-      num_sublayers) under a per-sublayer cost model at `context_len` (adaskip.costs, from
+      num_sublayers) under a per-sublayer cost model at `context_len` (adaskip.skipping.costs, from
       `model_args`; or pass `costs=` measured ones) while losing the least similarity.
     greedy-similarity / greedy-loss: the first k choices of the profile's greedy search
       (adaskip.search: re-measured similarities; loss-aware among the most similar), with the
@@ -143,7 +143,7 @@ def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target:
                     num_layers: Optional[int] = None, mode: str = "e2e", window: int = 20,
                     online: bool = True) -> SkipPlan:
     """Equal-time planning: the plan of `strategy` that reaches `target` speedup under `costs`
-    (adaskip.costs.SublayerCosts: attention and FFN sublayers do not cost the same) with the
+    (adaskip.skipping.costs.SublayerCosts: attention and FFN sublayers do not cost the same) with the
     fewest skipped sublayers. adaskip uses its cost planner (the least similarity lost for the
     target); every other strategy grows its own budget until the target is reached."""
     if target < 1.0:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from .chat import chat_prompt
-from .generate import generate
+from ..runtime.chat import chat_prompt
+from ..runtime.generation import generate
 
 PathLike = Union[str, Path]
 METRIC_NAMES = ("qa_f1", "rouge", "classification")

@@ -2,7 +2,6 @@
 vs budget per strategy, and a per-layer heatmap of a profile's sublayer IO similarity."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,11 +48,6 @@ def markdown_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None
                  *(_fmt(m, r["metrics"].get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path, data: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _pyplot():

@@ -80,7 +80,7 @@ def _encode(tokenizer, kind: str, haystack: str) -> list:
     message = f"{_INTRO[kind]}\n\n{haystack.strip()}\n\n{_QUESTION[kind]}"
     prefix = _ANSWER_PREFIX[kind]
     if getattr(tokenizer, "chat_template", None) is not None:
-        from .chat import chat_prompt
+        from ..runtime.chat import chat_prompt
         return chat_prompt(tokenizer, message) + tokenizer(prefix, add_special_tokens=False)["input_ids"]
     return tokenizer(f"{message}\n\n{prefix}", add_special_tokens=False)["input_ids"]
 
@@ -161,7 +161,7 @@ def make_tasks(tokenizer, kind: str, context_lengths: Sequence[int], depths: Seq
         if max_context is not None and n > max_context:
             raise ValueError(f"adaskip: context_len {n} exceeds the model's context of {max_context} tokens")
     if texts is None:
-        from .data import essay_paths
+        from ..data import essay_paths
         texts = [p.read_text(encoding="utf-8") for p in essay_paths()]
     pieces = _sentences(texts)
     if not pieces:
@@ -212,7 +212,7 @@ def evaluate_retrieval(model, tokenizer, tasks: Sequence[RetrievalTask], plans: 
     batch_size > 1 generates that many tasks together (their prompts differ in length by a few
     tokens): much faster where decode steps are overhead-bound, as on a CPU.
     """
-    from .generate import generate
+    from ..runtime.generation import generate
 
     if not tasks:
         raise ValueError("adaskip: no retrieval tasks to evaluate")

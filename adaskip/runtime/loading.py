@@ -28,7 +28,7 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     src = str(source)
     if src.lower() == "smollm2":
-        from .gguf_loader import find_smollm2_gguf
+        from .gguf import find_smollm2_gguf
         path = find_smollm2_gguf()
     else:
         path = Path(src).expanduser()
@@ -37,7 +37,7 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     if path.is_dir():
         config, weights, tokenizer = _read_hf_dir(path, dtype, device)
     elif path.suffix == ".gguf":
-        from .gguf_loader import load_gguf_tokenizer, read_gguf
+        from .gguf import load_gguf_tokenizer, read_gguf
         config, weights = read_gguf(path, dtype=dtype, device=device)
         tokenizer = load_gguf_tokenizer(path)
     else:

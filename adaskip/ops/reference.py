@@ -132,11 +132,10 @@ def rms_norm(b: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed
 
 
-def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
-                       scales=None) -> None:
+def _check_norm_args(x, residual, weight, eps):
+    """The checks shared by the add+norm ops; returns [B, S, H] views of x and residual."""
     x3, a3 = _check_pair(x, "x", residual, "residual")
-    device = x.device
-    check_same_device("weight", weight, device)
+    check_same_device("weight", weight, x.device)
     if weight.dtype != x.dtype:
         _fail(f"'weight' has dtype {weight.dtype} but 'x' has {x.dtype}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -147,6 +146,13 @@ def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_len
         _fail(f"'eps' must be positive, got {eps}")
     if x.data_ptr() == residual.data_ptr() and x.numel() > 0:
         _fail("'x' and 'residual' must be different tensors")
+    return x3, a3
+
+
+def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
+                       scales=None) -> None:
+    x3, a3 = _check_norm_args(x, residual, weight, eps)
+    device = x.device
     if stats is not None:
         check_stats(stats, a3.shape[0], sublayer, device)
     check_seq_lens(seq_lens, a3.shape[0], device)
@@ -167,6 +173,16 @@ def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_len
         _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
     x3.copy_(rms_norm(b3, weight, eps))
     a3.copy_(b3)
+
+
+def scale_rms_norm(x, residual, weight, eps, scale) -> None:
+    _, a3 = _check_norm_args(x, residual, weight, eps)
+    if not math.isfinite(scale):
+        _fail(f"'scale' must be finite, got {scale}")
+    # x held the skipped sublayer's input: it is only written. The multiply rounds like torch's
+    # in-place multiply of the stream by a float.
+    a3.mul_(scale)
+    as_rows(x, "x").copy_(rms_norm(a3, weight, eps))
 
 
 def io_similarity_stats(before, after, stats, sublayer, seq_lens=None) -> None:

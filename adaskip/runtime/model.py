@@ -7,17 +7,21 @@ follow Hugging Face's, so HF state dicts load as they are.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from ._reference import rms_norm
-from .conditional import capturing, only_if
+from .. import ops
+from ..ops.reference import rms_norm
+from .conditional import only_if
 from .config import ModelArgs
 from .rope import apply_rotary, cos_sin, inv_frequencies
+from .schedule import (GATED, GATED_CONDITIONAL, GATED_GEMV, GATED_OFF, PLAN_SKIPPED, RUN_GEMV, SKIP_STORE_KV,
+                       StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step)
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
     from flash_attn import flash_attn_func
@@ -111,17 +115,19 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=args.mlp_bias)
 
     def forward(self, x):
-        if x.is_cuda and not torch.is_grad_enabled() and self.can_gate(x):
-            # One token per sequence: our GEMVs beat cuBLAS here (H100, 8B FFN: 124 vs 132 us,
-            # bench/results), so ungated decode uses them too.
+        """The FFN as the runtime runs it ungated: on the decode GEMVs where they are faster."""
+        b, t, _ = x.shape
+        if ffn_prefers_gemv(b, t, x.dtype, x.device.type, self.gate_proj.bias is not None, torch.is_grad_enabled()):
             return self.gated(x, None, 0)
+        return self.dense(x)
+
+    def dense(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def can_gate(self, x: torch.Tensor) -> bool:
-        """Whether the gated decode GEMVs serve this input: one token per sequence, at most two
-        sequences (beyond that cuBLAS is faster, bench/results), fp16/bf16, no biases."""
-        return (x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 2 and self.gate_proj.bias is None
-                and x.dtype in (torch.float16, torch.bfloat16) and (ops.HAS_EXTENSION or not x.is_cuda))
+        """Whether the gated decode GEMVs serve this input (schedule.gemv_serves)."""
+        return x.dim() == 3 and gemv_serves(x.shape[0], x.shape[1], x.dtype, x.device.type,
+                                            self.gate_proj.bias is not None)
 
     def gated(self, x: torch.Tensor, gates: Optional[torch.Tensor], sublayer: int) -> torch.Tensor:
         """The FFN through the gated GEMVs: when every sequence's gate of `sublayer` is SKIP the
@@ -174,11 +180,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.attention_backend = "sdpa"
         self.cache_batch = 0
         self.cache_len = 0
-        # adaskip.generate's decode buffers and CUDA graphs per batch size; they hold the KV
-        # caches' addresses, so new caches (or another attention backend) drop them.
-        self.decode_states = {}
+        # Changes whenever the KV caches are replaced: what was captured on the old ones (CUDA
+        # graphs hold their addresses) must not be replayed on the new ones.
+        self.cache_id = 0
 
     def set_attention_backend(self, backend: str) -> None:
         """"sdpa" (default: torch's scaled_dot_product_attention) or "flash_attn" (needs the
@@ -189,7 +196,7 @@ class Transformer(nn.Module):
             raise ValueError("adaskip: the flash_attn backend needs the flash-attn package, which is not installed")
         for layer in self.model.layers:
             layer.self_attn.backend = backend
-        self.decode_states.clear()
+        self.attention_backend = backend
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -201,17 +208,41 @@ class Transformer(nn.Module):
                              f"{self.args.max_position_embeddings} tokens")
         keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
         p = self.lm_head.weight
-        # Normal tensors even when called under inference_mode (as generate does), so that the
-        # caches can also be written by forward calls outside it.
-        self.decode_states.clear()
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
+        # Normal tensors even when called under inference_mode (as generate does), so that the
+        # caches can also be written by forward calls outside it.
         with torch.inference_mode(False):
             for i, layer in enumerate(self.model.layers):
                 if i in keep:
                     layer.self_attn.kv_cache = KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
                                                        p.dtype, p.device)
         self.cache_batch, self.cache_len = batch, max_len
+        self.cache_id += 1
+
+    @contextmanager
+    def scratch_caches(self, batch: int, max_len: int, attention_layers=None):
+        """KV caches for the duration of a `with` block (e.g. to time sublayers); the model's
+        own caches, and whatever was captured on them, are back untouched afterwards."""
+        saved = ([layer.self_attn.kv_cache for layer in self.model.layers], self.cache_batch, self.cache_len,
+                 self.cache_id)
+        try:
+            with torch.inference_mode(False):
+                p = self.lm_head.weight
+                keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
+                if max_len > self.args.max_position_embeddings:
+                    raise ValueError(f"adaskip: a cache of {max_len} tokens exceeds the model's context of "
+                                     f"{self.args.max_position_embeddings} tokens")
+                for i, layer in enumerate(self.model.layers):
+                    layer.self_attn.kv_cache = (KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
+                                                        p.dtype, p.device) if i in keep else None)
+            self.cache_batch, self.cache_len = batch, max_len
+            self.cache_id = -saved[3] - 1  # never equal to an id of the model's own caches
+            yield self
+        finally:
+            caches, self.cache_batch, self.cache_len, self.cache_id = saved
+            for layer, cache in zip(self.model.layers, caches):
+                layer.self_attn.kv_cache = cache
 
     def cached_attention_layers(self) -> set:
         return {i for i, l in enumerate(self.model.layers) if l.self_attn.kv_cache is not None}
@@ -225,7 +256,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, input_pos=None, *,
                 kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
                 stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None,
-                block_stats: Optional[torch.Tensor] = None, online=None):
+                block_stats: Optional[torch.Tensor] = None, online=None,
+                schedule: Optional[StepSchedule] = None):
         """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
 
         Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
@@ -236,9 +268,17 @@ class Transformer(nn.Module):
         plan: skipped sublayers and their compensation scales (None: the full model).
         stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
         block_stats: float32 [num_layers, B, 3]: the same for whole layers (ShortGPT's ranking).
-        online: adaskip.online.OnlineGates: FFN sublayers gated per sequence on the device.
+        online: adaskip.runtime.online.OnlineGates: FFN sublayers gated per sequence on the device.
+        schedule: what every sublayer does (adaskip.runtime.schedule), resolved by the caller;
+          default: resolved here from plan and online. The buffers it needs are passed as above.
         """
         b, t = input_ids.shape
+        if schedule is None:
+            schedule = schedule_step(self, batch=b, tokens=t, plan=plan, online=online, stats=stats is not None,
+                                     block_stats=block_stats is not None)
+        elif plan is not None:
+            raise ValueError("adaskip: pass a plan or a schedule resolved from it, not both")
+        self._check_schedule(schedule, b, t, stats, block_stats, online)
         device = input_ids.device
         steps = torch.arange(t, device=device)
         shared_start = None
@@ -257,50 +297,78 @@ class Transformer(nn.Module):
                 q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
             positions = q_pos
         h = self.model.embed_tokens(input_ids)
-        cos, sin = cos_sin(self._inv_freq(kv_len, device), q_pos, h.dtype)
-        masks = self._masks(q_pos, kv_len, shared_start)
-        skip = plan.skip_scales if plan is not None else {}
-        kv_only = getattr(plan, "kv_only_attention", ())
+        cos, sin = self.rotary(q_pos, kv_len, h.dtype)
+        step = _Step(cos, sin, self.attention_masks(q_pos, kv_len, shared_start), positions, kv_len, seq_lens,
+                     stats, online)
 
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
         for i, layer in enumerate(layers):
             layer_input = h.clone() if block_stats is not None else None
-            for s, next_norm in ((2 * i, layer.post_attention_layernorm),
-                                 (2 * i + 1, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm)):
-                is_attention = s % 2 == 0
-                # Where each sublayer's skip decision is taken.
-                if s in skip:  # skipped by the plan: not run; the compensated input stands in
-                    if is_attention and i in kv_only:
-                        layer.self_attn.store_kv(x, cos, sin, positions, kv_len)
-                    h.mul_(skip[s])
-                    x = next_norm(h)
-                    continue
-                if online is not None and s in online.skipped:  # gated off for every sequence
-                    ops.skip_or_scale(h, online.gates, online.scales, s)
-                    x = next_norm(h)
-                    continue
-                gated = online is not None and s in online.learning  # decided per sequence, on the device
-                if is_attention:
-                    out = layer.self_attn(x, cos, sin, masks[layer.self_attn.window], positions, kv_len)
-                elif gated and layer.mlp.can_gate(x):
-                    out = layer.mlp.gated(x, online.gates, s)
-                elif gated and online.conditional and capturing():
-                    out = layer.mlp.run_if(x, online.running[s])
-                else:
-                    out = layer.mlp(x)
-                if gated:  # gated-off sequences: the compensation instead of the add, in the same pass
-                    ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=online.stats, sublayer=s,
-                                           seq_lens=seq_lens, gates=online.gates, scales=online.scales)
-                else:
-                    ops.fused_add_rms_norm(out, h, next_norm.weight, next_norm.eps, stats=stats, sublayer=s,
-                                           seq_lens=seq_lens)
-                x = out
+            x = self._sublayer(2 * i, schedule.sublayers[2 * i], x, h, step)
+            x = self._sublayer(2 * i + 1, schedule.sublayers[2 * i + 1], x, h, step)
             if block_stats is not None:
                 ops.io_similarity_stats(layer_input, h, block_stats, i, seq_lens=seq_lens)
         if logits_index is not None:
             x = x[torch.arange(b, device=device), logits_index]
         return self.lm_head(x)
+
+    def _sublayer(self, s: int, todo, x: torch.Tensor, h: torch.Tensor, step: "_Step") -> torch.Tensor:
+        """Carries out sublayer s as the schedule says: x is its normed input, h the residual
+        stream (updated in place); returns the normed input of the next sublayer."""
+        layer = self.model.layers[s // 2]
+        norm = self._norm_after(s)
+        action = todo.action
+        if action in PLAN_SKIPPED:
+            if action == SKIP_STORE_KV:
+                layer.self_attn.store_kv(x, step.cos, step.sin, step.positions, step.kv_len)
+            ops.scale_rms_norm(x, h, norm.weight, norm.eps, todo.scale)  # x is free: only written
+            return x
+        online = step.online
+        if action == GATED_OFF:  # every sequence gated off: the device-side compensation, x not read
+            ops.fused_add_rms_norm(x, h, norm.weight, norm.eps, sublayer=s, gates=online.gates, scales=online.scales)
+            return x
+        if s % 2 == 0:
+            attention = layer.self_attn
+            out = attention(x, step.cos, step.sin, step.masks[attention.window], step.positions, step.kv_len)
+        elif action == RUN_GEMV:
+            out = layer.mlp.gated(x, None, 0)
+        elif action == GATED_GEMV:
+            out = layer.mlp.gated(x, online.gates, s)
+        elif action == GATED_CONDITIONAL:
+            out = layer.mlp.run_if(x, online.running[s])
+        else:
+            out = layer.mlp.dense(x)
+        if action in GATED:  # gated-off sequences: the compensation instead of the add, in the same pass
+            ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=online.stats, sublayer=s,
+                                   seq_lens=step.seq_lens, gates=online.gates, scales=online.scales)
+        else:
+            ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=step.stats, sublayer=s, seq_lens=step.seq_lens)
+        return out
+
+    def _norm_after(self, s: int) -> RMSNorm:
+        """The norm that follows sublayer s: the FFN's, the next layer's, or the final one."""
+        layers = self.model.layers
+        i = s // 2
+        if s % 2 == 0:
+            return layers[i].post_attention_layernorm
+        return layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+
+    def _check_schedule(self, schedule: StepSchedule, b: int, t: int, stats, block_stats, online) -> None:
+        if len(schedule.sublayers) != 2 * self.args.num_layers:
+            raise ValueError(f"adaskip: the schedule has {len(schedule.sublayers)} sublayers, the model "
+                             f"{2 * self.args.num_layers}")
+        if (schedule.batch, schedule.tokens) != (b, t):
+            raise ValueError(f"adaskip: the schedule is for {schedule.batch} x {schedule.tokens} tokens, the input "
+                             f"is {b} x {t}")
+        if schedule.stats != (stats is not None) or schedule.block_stats != (block_stats is not None):
+            raise ValueError("adaskip: the schedule and the statistics buffers passed disagree")
+        if schedule.uses_online and online is None:
+            raise ValueError("adaskip: the schedule gates sublayers online; pass the OnlineGates")
+
+    def rotary(self, q_pos: torch.Tensor, kv_len: int, dtype: torch.dtype):
+        """cos, sin of the rotary embedding at positions q_pos [B, T] (for a cache of kv_len)."""
+        return cos_sin(self._inv_freq(kv_len, q_pos.device), q_pos, dtype)
 
     def _inv_freq(self, seq_len: int, device) -> torch.Tensor:
         scaling = self.args.rope_scaling or {}
@@ -311,10 +379,11 @@ class Transformer(nn.Module):
             cached = self._inv_freq_cache = inv_frequencies(self.args, None, device)
         return cached
 
-    def _masks(self, q_pos: torch.Tensor, kv_len: int, shared_start: Optional[int]) -> dict:
+    def attention_masks(self, q_pos: torch.Tensor, kv_len: int, shared_start: Optional[int]) -> dict:
         """Per sliding window (None: full attention): a boolean mask [B, 1, T, kv_len], or
         "causal" / None when SDPA can mask by itself (and use its flash kernels): queries that are
-        exactly the keys 0..T-1, or a single query that is the last key."""
+        exactly the keys 0..T-1, or a single query that is the last key. shared_start: the
+        position of every sequence's first query when they share it (a host int), else None."""
         t = q_pos.shape[1]
         masks = {}
         keys = torch.arange(kv_len, device=q_pos.device)
@@ -330,3 +399,17 @@ class Transformer(nn.Module):
                     allowed &= (q_pos[..., None] - keys) < window
                 masks[window] = allowed[:, None]
         return masks
+
+
+@dataclass
+class _Step:
+    """What every sublayer of one forward reads besides its input and the residual stream."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: dict
+    positions: Optional[torch.Tensor]
+    kv_len: int
+    seq_lens: Optional[torch.Tensor]
+    stats: Optional[torch.Tensor]
+    online: object

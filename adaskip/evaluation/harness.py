@@ -10,13 +10,14 @@ Tasks:
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-from .evaluate import compare_with_full
-from .policy import SUBLAYER_STRATEGIES, plan, plan_at_speedup
+from .quality import compare_with_full
+from ..skipping.calibration import source_id
+from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup
 
 TASKS = ("ppl", "passkey", "needle", "longbench")
 
@@ -180,7 +181,8 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     return {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
 
 
-def held_out(paths: Sequence[Path], profile) -> list:
-    """The documents a profile's calibration did not read (by file name)."""
+def held_out(documents: Sequence[Union[str, os.PathLike]], profile) -> list:
+    """The documents a profile's calibration did not read: files (pathlib.Path) whose name, and
+    texts (str) whose content id, is not among the profile's sources (calibration.source_id)."""
     used = set(getattr(profile, "sources", []) or [])
-    return [p for p in paths if p.name not in used]
+    return [d for d in documents if source_id(d) not in used]

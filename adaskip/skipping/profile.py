@@ -22,6 +22,34 @@ def model_fingerprint(model) -> dict:
 
 
 @dataclass
+class SearchResult:
+    method: str
+    order: list  # sublayers in the order they were chosen
+    scales: list  # the compensation scale of each, measured with the earlier choices applied
+    similarity: list  # its IO similarity, measured the same way
+    loss: list  # mean next-token NLL on the search data after each choice (loss[0]: full model)
+    candidates: int
+    requests: int
+    tokens: int
+    forward_passes: int
+    wall_s: float
+    notes: dict = field(default_factory=dict)
+
+    def skip_scales(self, k: int) -> dict:
+        if not 0 <= k <= len(self.order):
+            raise ValueError(f"adaskip: the stored search covers budgets up to {len(self.order)} sublayers, "
+                             f"{k} were asked for; run the search with a larger max_sublayers")
+        return {s: c for s, c in zip(self.order[:k], self.scales[:k])}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchResult":
+        return cls(**d)
+
+
+@dataclass
 class ImportanceProfile:
     num_layers: int
     similarity: list  # [2 * num_layers] mean IO cosine similarity (per request, then across requests)
@@ -36,7 +64,8 @@ class ImportanceProfile:
     data: str = ""
     adaskip_version: str = ""
     per_request_similarity: list = field(default_factory=list)  # [requests][2 * num_layers]
-    sources: list = field(default_factory=list)  # names of the texts calibration read (to hold them out)
+    # What calibration read, to hold it out of evaluation: file names and content ids of texts (source_id)
+    sources: list = field(default_factory=list)
     # Greedy searches (adaskip.search), by method: {"order", "scales", "similarity", "loss", ...}
     search: dict = field(default_factory=dict)
 
@@ -56,8 +85,6 @@ class ImportanceProfile:
 
     def search_result(self, method: str):
         """The stored greedy search of `method` (adaskip.search.SearchResult)."""
-        from .search import SearchResult
-
         if method not in self.search:
             raise ValueError(f"adaskip: this profile has no {method!r} search; run `adaskip calibrate --search "
                              f"{method}` (or adaskip.search.search) to add it")

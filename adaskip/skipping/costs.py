@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import ModelArgs
+from ..runtime.config import ModelArgs
 
 MODES = ("prefill", "decode")
 
@@ -253,19 +253,16 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
     decode: one token at position `context_len` through each attention, reading a KV cache of
     context_len + 1 slots, and one token through each FFN.
     fixed: the embedding, the lm_head on one token, and 2M + 1 residual-add + RMSNorm passes.
-    Median over `repeats` after `warmup` calls. The model's KV caches are released afterwards
-    (generate allocates its own).
+    Median over `repeats` after `warmup` calls, on KV caches of its own (Transformer.scratch_caches):
+    the model's caches, and decode graphs captured on them, are left as they were.
 
     Unlike the FLOP/byte model these timings include what the eager runtime spends launching
-    kernels, which dominates batch-1 decode on a fast GPU (an H100 with LLaMA-3.1-8B geometry:
-    about 0.55 ms per attention sublayer at 8k to 128k tokens, 0.16 ms per FFN).
+    kernels, which dominates batch-1 decode on a fast GPU.
 
     graphs (decode on a GPU): time each sublayer as the CUDA-graph decode step runs it: calls
     captured in a graph and replayed (no launch overhead), attention over the whole cache of
     `cache_len` slots (default context_len + 1) under the mask of the token's position.
     """
-    from .rope import cos_sin
-
     if mode not in MODES:
         raise ValueError(f"adaskip: unknown cost mode {mode!r}; expected 'prefill' or 'decode'")
     if isinstance(context_len, bool) or int(context_len) != context_len or context_len < 1:
@@ -288,37 +285,34 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
     time_it = _graph_timer(device, repeats, warmup) if graphs else _timer(device, repeats, warmup)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    with torch.inference_mode():
-        if mode == "prefill":
-            t, start, kv_len = n, 0, n
-        else:
-            t, start, kv_len = 1, n, (cache_len or n + 1) if graphs else n + 1
-        model.setup_caches(batch, kv_len)  # raises a clear error beyond the model's context
-        try:
-            q_pos = (torch.arange(t, device=device) + start)[None].expand(batch, t)
-            cos, sin = cos_sin(model._inv_freq(kv_len, device), q_pos, dtype)
-            # The graph step reads the whole cache under a mask of the positions (no shared start).
-            masks = model._masks(q_pos, kv_len, None if graphs else start)
-            x = torch.randn(batch, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            # Every sublayer is timed, not one per kind: layers differ in sliding window (mask
-            # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
-            per = []
-            for layer in model.model.layers:
-                attn = layer.self_attn
-                mask = masks[attn.window]
-                per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len)))
-                per.append(time_it(lambda: layer.mlp(x)))
-            fixed = _measure_fixed(model, batch, t, time_it, gen)
-        finally:
-            # Our caches are of no use to anyone: free them (setup_caches with no layers).
-            model.setup_caches(1, 1, attention_layers=[])
+    if mode == "prefill":
+        t, start, kv_len = n, 0, n
+    else:
+        t, start, kv_len = 1, n, (cache_len or n + 1) if graphs else n + 1
+    # Caches of its own for the timing: the model's caches and the decode graphs captured on them
+    # stay as they are.
+    with torch.inference_mode(), model.scratch_caches(batch, kv_len):  # a clear error beyond the context
+        q_pos = (torch.arange(t, device=device) + start)[None].expand(batch, t)
+        cos, sin = model.rotary(q_pos, kv_len, dtype)
+        # The graph step reads the whole cache under a mask of the positions (no shared start).
+        masks = model.attention_masks(q_pos, kv_len, None if graphs else start)
+        x = torch.randn(batch, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        # Every sublayer is timed, not one per kind: layers differ in sliding window (mask
+        # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
+        per = []
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            mask = masks[attn.window]
+            per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len)))
+            per.append(time_it(lambda: layer.mlp(x)))
+        fixed = _measure_fixed(model, batch, t, time_it, gen)
     return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
                          source="measured in CUDA graphs" if graphs else "measured",
                          device=_device_name(device), batch=int(batch))
 
 
 def _measure_fixed(model, batch: int, tokens: int, time_it, gen) -> float:
-    from . import ops
+    from .. import ops
 
     args = model.args
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype

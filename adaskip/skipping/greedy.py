@@ -1,4 +1,4 @@
-"""Greedy sublayer selection beyond the paper's one-shot ranking (issue 7).
+"""Greedy sublayer selection beyond the paper's one-shot ranking.
 
 AdaSkip ranks every sublayer once, by the IO similarity measured with the full model, and skips
 the top of that list. Two things go wrong as the budget grows: the similarities shift once
@@ -19,68 +19,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import ops
-from .calibrate import progress_bar
-from .plan import SkipPlan
+from .._util import progress_bar
+from ..runtime.skip_plan import SkipPlan
+from .measurement import measure_requests
+from .profile import SearchResult
 
 METHODS = ("similarity", "loss")
-
-
-@dataclass
-class SearchResult:
-    method: str
-    order: list  # sublayers in the order they were chosen
-    scales: list  # the compensation scale of each, measured with the earlier choices applied
-    similarity: list  # its IO similarity, measured the same way
-    loss: list  # mean next-token NLL on the search data after each choice (loss[0]: full model)
-    candidates: int
-    requests: int
-    tokens: int
-    forward_passes: int
-    wall_s: float
-    notes: dict = field(default_factory=dict)
-
-    def skip_scales(self, k: int) -> dict:
-        if not 0 <= k <= len(self.order):
-            raise ValueError(f"adaskip: the stored search covers budgets up to {len(self.order)} sublayers, "
-                             f"{k} were asked for; run the search with a larger max_sublayers")
-        return {s: c for s, c in zip(self.order[:k], self.scales[:k])}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchResult":
-        return cls(**d)
 
 
 def _measure(model, requests, skip: dict, want_stats: bool):
     """Mean NLL over the requests' predicted tokens and (optionally) each sublayer's mean IO
     similarity and norm ratio (means per request, then over requests) with `skip` applied."""
-    device = model.lm_head.weight.device
-    n_sub = 2 * model.args.num_layers
     plan = SkipPlan(model.args.num_layers, skip) if skip else None
-    nll, tokens = 0.0, 0
-    sims, scales = [], []
-    for ids in requests:
-        x = torch.as_tensor(ids, device=device)[None]
-        stats = ops.new_stats(n_sub, 1, device) if want_stats else None
-        logits = model(x, plan=plan, stats=stats)[0, :-1].float()
-        nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-        tokens += x.shape[1] - 1
-        if want_stats:
-            sim, scale, _ = ops.mean_stats(stats)
-            sims.append(sim[:, 0])
-            scales.append(scale[:, 0])
+    m = measure_requests(model, requests, plan=plan, stats=want_stats, nll=True)
     if not want_stats:
-        return nll / tokens, None, None
-    return nll / tokens, torch.stack(sims).double().mean(0).cpu(), torch.stack(scales).double().mean(0).cpu()
+        return m.mean_nll, None, None
+    return m.mean_nll, m.similarity.mean(0), m.scale.mean(0)
 
 
 @torch.inference_mode()

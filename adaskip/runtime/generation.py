@@ -1,0 +1,217 @@
+"""Generation on the static-cache runtime: chunked prefill, decode, greedy and sampled tokens."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .. import ops
+from . import conditional
+from .decode import DecodeState, HostFlag, StepMarks, decode_one_token, decode_state, drop_decode_states
+from .model import Transformer
+from .sampling import SamplingParams, sample
+from .schedule import schedule_step
+
+
+@dataclass
+class GenerationResult:
+    tokens: list  # per sequence: the generated token ids (EOS included when it stopped there)
+    prefill_s: float = 0.0  # time to first token (prefill + first sample)
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    kv_cache_bytes: int = 0
+    finished: list = field(default_factory=list)  # per sequence: stopped at EOS
+    # Online decode learning: per sequence, the FFN sublayers gated off after the window.
+    online_skipped: Optional[list] = None
+    graphs_captured: int = 0  # CUDA-graph decode: step graphs captured by this call
+    graphs_reused: int = 0  # step graphs this call replayed that an earlier call had captured
+    graph_capture_s: float = 0.0  # their capture time, not counted in decode_s
+    # With step_timing=True: seconds of each decode step (a step that captured a graph includes it).
+    step_times_s: Optional[list] = None
+
+    @property
+    def time_per_output_token_s(self) -> float:
+        return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+             sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
+             plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
+             forbid_host_sync: bool = False, cuda_graph: bool = False, graph_conditionals: bool = False,
+             step_timing: bool = False) -> GenerationResult:
+    """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
+
+    Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
+    (re)allocated for this batch and length, only for the attention layers the plan needs. The
+    decode loop does not wait on the device: end-of-sequence is tracked on the device and read
+    back without blocking, so generation may run a step or two past the last EOS (those tokens
+    are dropped). With a plan that has online learning, its gates are decided on the device.
+    forbid_host_sync: on a GPU, make any host synchronisation inside the decode loop an error
+    (torch.cuda.set_sync_debug_mode("error")), to check that the loop never waits.
+    cuda_graph: on a GPU, capture the decode step (forward, token choice (greedy or sampled, the
+    seeded generator's state registered with the graph), EOS bookkeeping, online-learning update)
+    in a CUDA graph and replay it per token; attention then reads the
+    whole cache under a mask built from device-side positions.
+    graph_conditionals: with cuda_graph and online learning, FFNs that the gated GEMVs do not
+    serve (more than two sequences, fp32, biases) are captured inside CUDA-graph conditional
+    nodes, so that replays skip their cuBLAS GEMMs once every sequence has gated them off (needs
+    CUDA >= 12.4 and a torch with conditional-node capture; see adaskip.runtime.conditional).
+    step_timing: also time every decode step (CUDA events recorded between steps and read after
+    the loop, so the loop still never waits), e.g. to see time per token drop once online
+    learning has gated FFNs off.
+    A graph is captured per distinct step: its key is the step's schedule (adaskip.runtime.schedule:
+    every sublayer's path, batch, dtype; SkipDecode's ramp and online learning settling change it),
+    the KV cache and the sampling settings. Graphs and the buffers they were captured on are kept
+    per model (adaskip.runtime.decode), so later calls of the same shape replay them; new caches
+    or moved weights drop them.
+    """
+    sampling = sampling or SamplingParams()
+    args = model.args
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("adaskip: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk < 1:
+        raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
+    if plan is not None:
+        plan.check_model(args.num_layers)
+    if graph_conditionals:
+        if not cuda_graph:
+            raise ValueError("adaskip: graph_conditionals puts sublayers in CUDA-graph conditional nodes; "
+                             "it needs cuda_graph=True")
+        conditional.check_supported()
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    needed = longest + max_new_tokens
+    if needed > args.max_position_embeddings:
+        raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {args.max_position_embeddings} tokens")
+    device = model.lm_head.weight.device
+    eos = torch.tensor(sorted(set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)),
+                       dtype=torch.long, device=device)
+    batch = len(prompts)
+    attention_layers = plan.attention_layers if plan is not None else set(range(args.num_layers))
+    if (model.cache_batch < batch or model.cache_len < needed
+            or model.cached_attention_layers() != attention_layers):
+        drop_decode_states(model)  # their graphs hold the old caches: free them first
+        model.setup_caches(batch, needed, attention_layers)
+
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    ids = ids.to(device)
+    lens = torch.tensor(lengths, device=device)
+    # Decode buffers (and the graphs captured on them) are kept for the next call of this batch
+    # size, unless a statistics buffer of the caller's is written (its address would be baked in).
+    state = decode_state(model, batch, eos.numel(), device, reuse=stats is None)
+    generator = state.generator_for(sampling.seed)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, lens, plan=plan, stats=stats, chunk=prefill_chunk)
+    token = sample(logits, sampling, generator)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    online = None
+    if plan is not None and plan.online:
+        decode_skips = plan.phase("decode").skip_scales
+        candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in decode_skips]
+        online = state.online_for(args.num_layers, candidates, conditional=graph_conditionals and device.type == "cuda")
+    state.start(token, lens, max_new_tokens, eos, sampling, generator, stats, online)
+    done_flag, gates_flag = HostFlag(device), HostFlag(device)
+    graphs = state.graphs if cuda_graph else None
+    captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
+    existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
+    same_length = len(set(lengths)) == 1
+    steps = 0
+    strict = forbid_host_sync and device.type == "cuda"
+    previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
+    if strict:
+        torch.cuda.set_sync_debug_mode("error")
+    marks = StepMarks(device) if step_timing else None
+    t1 = time.perf_counter()
+    try:
+        state.record()
+        if marks is not None:
+            marks.mark()
+        for step in range(max_new_tokens - 1):
+            if done_flag.ready() and bool(done_flag.host):
+                break  # every sequence had finished a step or two ago
+            done_flag.post(state.finished.all())
+            if online is not None and online.learning and gates_flag.ready():
+                online.settle(gates_flag.host)
+                gates_flag.host = None
+            step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
+            update = (plan.window, plan.beta) if online is not None and online.learning else None
+            schedule = _decode_schedule(model, state, step_plan, update, capturing=graphs is not None)
+            key = state.graph_key(model, schedule) if graphs is not None else None
+            if graphs is not None and (step > 0 or key in graphs.graphs):
+                # Without a graph yet, the first step runs eagerly: it is also the warm-up.
+                if key in existing:
+                    reused.add(key)
+                graphs.replay(model, state, schedule, key)
+            else:
+                if graphs is not None:  # eagerly, nothing is captured: no conditional nodes
+                    schedule = _decode_schedule(model, state, step_plan, update, capturing=False)
+                shared = longest + step if same_length else None
+                decode_one_token(model, state, schedule, shared_pos=shared, kv_len=longest + step + 1)
+                state.record()
+            if online is not None and online.learning and step + 1 == plan.window:
+                gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
+            if marks is not None:
+                marks.mark()
+            steps += 1
+    finally:
+        if strict:
+            torch.cuda.set_sync_debug_mode(previous_mode)
+    _sync(device)
+    capture_s = graphs.capture_s - capture_s_before if graphs is not None else 0.0
+    decode_s = time.perf_counter() - t1 - capture_s
+    out_tokens, generated, finished = state.out_tokens, state.generated, state.finished
+
+    counts = generated.tolist()
+    token_lists = [row[:n] for row, n in zip(out_tokens[:, :max_new_tokens].tolist(), counts)]
+    online_skipped = None
+    if online is not None:
+        g = online.gates.cpu()
+        online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
+    return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+                            kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
+                            online_skipped=online_skipped,
+                            graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
+                            graphs_reused=len(reused), graph_capture_s=capture_s,
+                            step_times_s=marks.durations() if marks else None)
+
+
+def prefill(model: Transformer, ids: torch.Tensor, lens: torch.Tensor, *, plan=None,
+            stats: Optional[torch.Tensor] = None, chunk: int = 8192) -> torch.Tensor:
+    """Runs right-padded prompts ids [B, longest] (valid lengths `lens` [B]) through the model
+    in chunks of `chunk` tokens, filling the KV caches, with the plan's prefill skips; returns
+    each sequence's logits at its last prompt token, [B, vocab]."""
+    longest = ids.shape[1]
+    prefill_plan = plan.phase("prefill") if plan is not None else None
+    logits = None
+    for start in range(0, longest, chunk):
+        end = min(start + chunk, longest)
+        valid = (lens - start).clamp(0, end - start)
+        last = (lens - 1 - start).clamp(0, end - start - 1)
+        out = model(ids[:, start:end], start, kv_len=end,
+                    seq_lens=valid, plan=prefill_plan, stats=stats, logits_index=last)
+        # Keep each sequence's logits from the chunk that holds its last prompt token.
+        in_chunk = ((lens - 1) >= start) & ((lens - 1) < end)
+        logits = out if logits is None else torch.where(in_chunk[:, None], out, logits)
+    return logits
+
+
+def _decode_schedule(model: Transformer, state: DecodeState, step_plan, update, capturing: bool):
+    return schedule_step(model, batch=state.token.shape[0], tokens=1, plan=step_plan, online=state.online,
+                         capturing=capturing, stats=state.stats is not None, online_update=update)

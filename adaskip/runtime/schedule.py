@@ -1,0 +1,151 @@
+"""What every sublayer does in one forward step: the one place where a sublayer's fate is decided.
+
+A StepSchedule is resolved before a forward (a prefill chunk, a decode step, a cache-less
+forward) from the plan's skips in this step, the online-learning state and the shape of the
+step. `Transformer.forward` only carries it out, and a captured CUDA-graph step is keyed by it:
+two steps with equal schedules run the same kernels with the same host arguments, so a graph
+captured for one replays correctly for the other, and any host value that changes what forward
+does is a field here.
+
+Actions of a sublayer:
+  run                runs (attention: SDPA or flash-attn; FFN: dense matmuls)
+  run-gemv           FFN of one token per sequence through the decode GEMVs (faster than the
+                     dense path there), ungated
+  skip               skipped by the plan: residual *= scale and the next norm, one fused launch
+  skip-store-kv      attention skipped by the plan, but its K/V are computed and cached (decode
+                     will attend to them), then as `skip`
+  gated-gemv         gated per sequence on the device (online learning): the GEMVs read the gate
+                     and return at once for gated-off sequences
+  gated-conditional  gated per sequence: captured inside a CUDA-graph conditional node that
+                     replays only while some sequence still runs it
+  gated-discard      gated per sequence: runs for every sequence, the add+norm discards the rows
+                     of gated-off sequences and applies their compensation instead
+  gated-off          gated off for every sequence: the device-side compensation and the next
+                     norm, one fused launch
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+RUN, RUN_GEMV, SKIP, SKIP_STORE_KV = "run", "run-gemv", "skip", "skip-store-kv"
+GATED_GEMV, GATED_CONDITIONAL, GATED_DISCARD, GATED_OFF = "gated-gemv", "gated-conditional", "gated-discard", "gated-off"
+ACTIONS = (RUN, RUN_GEMV, SKIP, SKIP_STORE_KV, GATED_GEMV, GATED_CONDITIONAL, GATED_DISCARD, GATED_OFF)
+GATED = (GATED_GEMV, GATED_CONDITIONAL, GATED_DISCARD)  # run, with per-sequence gates on the device
+PLAN_SKIPPED = (SKIP, SKIP_STORE_KV)
+
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
+GEMV_MAX_SEQUENCES = 2  # from 3 sequences on, cuBLAS beats the GEMVs (timings: bench/results/README.md)
+
+
+def gemv_serves(batch: int, tokens: int, dtype: torch.dtype, device_type: str, ffn_bias: bool) -> bool:
+    """Whether the decode GEMVs can run an FFN over this input: one token per sequence, at most
+    GEMV_MAX_SEQUENCES sequences, fp16/bf16, no biases; on a GPU only with the extension."""
+    return (tokens == 1 and batch <= GEMV_MAX_SEQUENCES and not ffn_bias and dtype in _GEMV_DTYPES
+            and (ops.HAS_EXTENSION or device_type != "cuda"))
+
+
+def ffn_prefers_gemv(batch: int, tokens: int, dtype: torch.dtype, device_type: str, ffn_bias: bool,
+                     grad: bool) -> bool:
+    """Whether an ungated FFN takes the GEMVs rather than the dense matmuls: on a GPU, without
+    autograd (the GEMVs have no backward), where they serve the input."""
+    return device_type == "cuda" and not grad and gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
+
+
+@dataclass(frozen=True)
+class SublayerStep:
+    action: str
+    scale: float = 1.0  # the compensation of a plan-skipped sublayer
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"adaskip: unknown sublayer action {self.action!r}; one of {ACTIONS}")
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Per sublayer (2i: attention of layer i, 2i + 1: its FFN) what one forward step does,
+    and the host facts of the step that decide its kernels. Hashable: it is (part of) the key
+    of a captured decode step."""
+
+    sublayers: tuple  # of SublayerStep, one per sublayer
+    batch: int
+    tokens: int  # tokens per sequence in this step
+    dtype: torch.dtype
+    attention_backend: str = "sdpa"
+    stats: bool = False  # IO-similarity statistics of the sublayers that run ungated
+    block_stats: bool = False  # the same for whole layers (ShortGPT's ranking)
+    # Closes a decode step of online learning: decide the gates whose window is complete.
+    online_update: Optional[tuple] = None  # (window, beta)
+
+    def action(self, sublayer: int) -> str:
+        return self.sublayers[sublayer].action
+
+    def sublayers_with(self, *actions: str) -> list:
+        return [s for s, step in enumerate(self.sublayers) if step.action in actions]
+
+    @property
+    def uses_online(self) -> bool:
+        """Whether the step reads the online-learning buffers (gates, scales, statistics)."""
+        return self.online_update is not None or any(step.action in GATED + (GATED_OFF,) for step in self.sublayers)
+
+    def describe(self) -> str:
+        """One line per action: which sublayers take it."""
+        lines = [f"{self.batch} x {self.tokens} tokens, {str(self.dtype).replace('torch.', '')}"]
+        for action in ACTIONS:
+            chosen = self.sublayers_with(action)
+            if chosen:
+                lines.append(f"  {action}: {chosen}")
+        return "\n".join(lines)
+
+
+def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, capturing: bool = False,
+                  stats: bool = False, block_stats: bool = False, online_update: Optional[tuple] = None,
+                  grad: Optional[bool] = None) -> StepSchedule:
+    """Resolves what every sublayer of `model` does in a step of `batch` x `tokens` tokens.
+
+    plan: the skips of this step (a SkipPlan; for generation, `plan.phase(...)` of the step):
+      a skipped sublayer is not run and its compensation scale stands in; an attention listed in
+      `plan.kv_only_attention` still stores its K/V.
+    online: adaskip.runtime.online.OnlineGates: FFNs in `online.learning` run gated per sequence
+      (by the GEMVs where they serve the input, else in a CUDA-graph conditional node when
+      `online.conditional` and a graph is being captured, else run and discarded); those in
+      `online.skipped` are off for every sequence.
+    grad: whether autograd records (default: torch.is_grad_enabled()).
+    """
+    num_layers = model.args.num_layers
+    weight = model.lm_head.weight
+    dtype, device_type = weight.dtype, weight.device.type
+    ffn_bias = model.args.mlp_bias
+    grad = torch.is_grad_enabled() if grad is None else grad
+    skips = plan.skip_scales if plan is not None else {}
+    kv_only = getattr(plan, "kv_only_attention", ()) or ()
+    gemv = gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
+    steps = []
+    for s in range(2 * num_layers):
+        attention = s % 2 == 0
+        if s in skips:
+            action = SKIP_STORE_KV if attention and s // 2 in kv_only else SKIP
+            steps.append(SublayerStep(action, float(skips[s])))
+            continue
+        if online is not None and s in online.skipped:
+            action = GATED_OFF
+        elif online is not None and s in online.learning:
+            if gemv and not attention:
+                action = GATED_GEMV
+            elif online.conditional and capturing and not attention:
+                action = GATED_CONDITIONAL
+            else:
+                action = GATED_DISCARD
+        elif not attention and ffn_prefers_gemv(batch, tokens, dtype, device_type, ffn_bias, grad):
+            action = RUN_GEMV
+        else:
+            action = RUN
+        steps.append(SublayerStep(action))
+    return StepSchedule(tuple(steps), batch=batch, tokens=tokens, dtype=dtype,
+                        attention_backend=model.attention_backend, stats=stats, block_stats=block_stats,
+                        online_update=online_update)

@@ -1,0 +1,85 @@
+"""The one loop that runs a model over requests and reads back what calibration, the greedy search
+and perplexity need: per-request IO statistics of every sublayer (and layer) and the summed
+next-token NLL. Its own module so that calibration (which runs the search) and the search can
+both use it without importing each other."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .._util import progress_bar
+
+
+@dataclass
+class Measurement:
+    requests: int
+    tokens: int  # tokens of all requests
+    nll: Optional[float]  # next-token NLL summed over every predicted token (None: not measured)
+    predicted_tokens: int  # tokens the NLL is over: each request's length - 1
+    # [requests, 2 * num_layers], double on the CPU: each request's mean IO similarity / norm ratio
+    similarity: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    block_similarity: Optional[torch.Tensor]  # [requests, num_layers]: whole-layer IO similarity
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean next-token NLL, pooled over every predicted token of every request."""
+        if self.nll is None:
+            raise ValueError("adaskip: this measurement has no NLL; measure with nll=True")
+        return self.nll / self.predicted_tokens
+
+
+@torch.inference_mode()
+def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, stats: bool = True,
+                     block_stats: bool = False, nll: bool = False, progress: bool = False,
+                     description: str = "measuring") -> Measurement:
+    """One cache-less forward per request (token list) with `plan` applied.
+
+    stats / block_stats: each request's mean IO similarity and norm ratio of every sublayer /
+    whole-layer IO similarity, kept on the device until one read back at the end. nll: the summed
+    next-token NLL over every predicted token (then all logits are computed, otherwise only the
+    last token's; the statistics do not depend on it)."""
+    if not (stats or block_stats or nll):
+        raise ValueError("adaskip: measure_requests was asked for nothing (stats, block_stats and nll are all off)")
+    requests = [list(r) for r in requests]
+    if not requests:
+        raise ValueError("adaskip: measure_requests needs at least one request")
+    if nll and any(len(r) < 2 for r in requests):
+        raise ValueError("adaskip: the next-token NLL needs requests of at least 2 tokens each")
+    if any(len(r) < 1 for r in requests):
+        raise ValueError("adaskip: measure_requests got an empty request")
+    device = model.lm_head.weight.device
+    num_layers = model.args.num_layers
+    total_nll, predicted = (0.0 if nll else None), 0
+    sims, scales, blocks = [], [], []
+    bar = progress_bar(len(requests), progress, description, "request")
+    for ids in requests:
+        x = torch.as_tensor(ids, device=device)[None]
+        buffer = ops.new_stats(2 * num_layers, 1, device) if stats else None
+        block = ops.new_stats(num_layers, 1, device) if block_stats else None
+        if nll:
+            logits = model(x, plan=plan, stats=buffer, block_stats=block)[0, :-1].float()
+            total_nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            predicted += x.shape[1] - 1
+        else:
+            model(x, plan=plan, stats=buffer, block_stats=block,
+                  logits_index=torch.tensor([len(ids) - 1], device=device))
+        if stats:
+            sim, scale, _ = ops.mean_stats(buffer)
+            sims.append(sim[:, 0])
+            scales.append(scale[:, 0])
+        if block_stats:
+            blocks.append(ops.mean_stats(block)[0][:, 0])
+        bar.update(1)
+    bar.close()
+
+    def per_request(values):  # the one read back
+        return torch.stack(values).double().cpu() if values else None
+
+    return Measurement(requests=len(requests), tokens=sum(len(r) for r in requests), nll=total_nll,
+                       predicted_tokens=predicted, similarity=per_request(sims), scale=per_request(scales),
+                       block_similarity=per_request(blocks))
