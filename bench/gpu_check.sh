@@ -42,7 +42,7 @@ for b in $BENCHES; do
     none) continue ;;
     # The decode FFN only: gated GEMVs, cuBLAS, cuBLAS in a CUDA-graph conditional node.
     ffn) cmd=($PY -m adaskip bench kernels --only-ffn --out "$OUT/ffn.json") ;;
-    # Issue 5: offline plans plus online FFN skipping, graph decode, time per token in and after the window.
+    # Offline plans plus online FFN skipping, graph decode, time per token in and after the window.
     online) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
                  --budgets 8,16 --online --decode-tokens 64 --out "$OUT/e2e-online.json") ;;
     # The same with every remaining FFN gated off after the window (random weights may gate
