@@ -39,7 +39,7 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 
 
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
-               search_max: int = 16, search_candidates: int = 4, search_requests: int = 2, progress: bool = True):
+               search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True):
     """adaskip.calibrate on the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
@@ -96,6 +96,7 @@ def cmd_eval(a) -> None:
     from .evaluation.harness import EvalSettings, held_out, run_eval
     from .runtime.loading import load_model
     from .skipping.profile import ImportanceProfile
+    from .skipping.strategies import searches_needed
     from ._util import write_json
     from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality
 
@@ -113,13 +114,13 @@ def cmd_eval(a) -> None:
     if tokenizer is None:
         raise SystemExit("adaskip: eval needs the model's tokenizer")
     settings.check_model(model.args)
-    searches = sorted({s[len("greedy-"):] for s in strategies if s.startswith("greedy-")})
+    searches = searches_needed(strategies)
     if a.profile:
         profile = ImportanceProfile.load(a.profile)
         profile.check_model(model)
         missing = [m for m in searches if m not in profile.search]
         if missing:
-            raise SystemExit(f"adaskip: the profile has no {missing} search for the greedy strategies; "
+            raise SystemExit(f"adaskip: the profile has no {missing} search for the strategies that need it; "
                              f"calibrate with --search {','.join(missing)}")
     else:
         print(f"calibrating on {' '.join(a.calibration_data)} ({a.num_requests} x {a.prompt_len} tokens)")
@@ -290,8 +291,9 @@ def main(argv=None) -> None:
         q.add_argument("--device", help="default: cuda if available, else cpu")
 
     def search_args(q):
-        q.add_argument("--search-candidates", type=int, default=4,
-                       help="loss search: candidates tried per step (the most similar ones)")
+        q.add_argument("--search-candidates", type=int,
+                       help="loss and blockpruner searches: candidates tried per step, the most similar ones "
+                       "(default: 4 for loss, every remaining sublayer for blockpruner)")
         q.add_argument("--search-requests", type=int, default=2,
                        help="calibration requests the searches run on")
 
@@ -302,7 +304,7 @@ def main(argv=None) -> None:
     c.add_argument("--prompt-len", type=int, default=4096)
     c.add_argument("--out", required=True)
     search_args(c)
-    c.add_argument("--search", help="also run greedy searches: similarity, loss (comma-separated)")
+    c.add_argument("--search", help="also run greedy searches: similarity, loss, blockpruner (comma-separated)")
     c.add_argument("--search-max", type=int, default=16, help="largest budget the search covers (sublayers)")
     c.set_defaults(func=cmd_calibrate)
 

@@ -76,10 +76,13 @@ def test_errors(profile, tmp_path):
 def test_calibrate_with_search_records_sources_and_searches(tmp_path):
     out = tmp_path / "p.json"
     proc = _cli("calibrate", "--data", str(ESSAY), "--num-requests", "1", "--prompt-len", "128", "--search",
-                "similarity", "--search-max", "3", "--search-requests", "1", "--out", str(out))
+                "similarity,blockpruner", "--search-max", "3", "--search-candidates", "2", "--search-requests", "1",
+                "--out", str(out))
     data = json.loads(out.read_text())
     assert data["sources"] == [ESSAY.name]
     assert len(data["search"]["similarity"]["order"]) == 3 and "similarity search" in proc.stdout
+    bp = data["search"]["blockpruner"]
+    assert bp["scales"] == [1.0] * 3 and bp["candidates"] == 2 and bp["notes"]["variant"] == "shortlist"
 
 
 def test_eval_writes_table_json_and_plots(tmp_path):

@@ -31,7 +31,8 @@ def plans(models):
     requests = [torch.randint(0, 101, (24,), generator=g).tolist() for _ in range(2)]
     profile = calibrate(model, requests, num_requests=2, prompt_len=24, progress=False)
     from adaskip.skipping.greedy import search
-    for method in ("loss", "similarity"):
+    from adaskip.skipping.strategies import searches_needed
+    for method in searches_needed(STRATEGIES):  # every strategy planned from a stored search gets it
         profile.search[method] = search(model, requests, max_sublayers=4, method=method, candidates=2,
                                         progress=False).to_dict()
     out = {}

@@ -14,7 +14,8 @@ from adaskip.runtime.config import ModelArgs  # noqa: E402
 from adaskip.skipping.costs import SublayerCosts  # noqa: E402
 from adaskip.runtime.loading import build_model  # noqa: E402
 from adaskip.runtime.skip_plan import SkipPlan  # noqa: E402
-from adaskip.skipping.strategies import plan, plan_at_speedup  # noqa: E402
+from adaskip.skipping import greedy  # noqa: E402
+from adaskip.skipping.strategies import STRATEGIES, plan, plan_at_speedup, searches_needed  # noqa: E402
 from adaskip.skipping.profile import ImportanceProfile  # noqa: E402
 from adaskip.evaluation.report import markdown_table, plot_profile_heatmap, plot_quality  # noqa: E402
 from adaskip.skipping.greedy import search  # noqa: E402
@@ -45,9 +46,15 @@ def searches(model, requests):
 
 
 @pytest.fixture(scope="module")
-def profile(model, requests, searches):
+def blockpruner(model, requests):
+    return search(model, requests, max_sublayers=5, method="blockpruner", progress=False)
+
+
+@pytest.fixture(scope="module")
+def profile(model, requests, searches, blockpruner):
     p = calibrate(model, requests, num_requests=3, prompt_len=40, progress=False)
     p.search = {m: r.to_dict() for m, r in searches.items()}
+    p.search["blockpruner"] = blockpruner.to_dict()
     return p
 
 
@@ -100,6 +107,86 @@ def test_loss_search_keeps_the_shortlisted_candidate_that_hurts_least(model, req
     assert r.loss[-1] <= searches["similarity"].loss[-1] + 1e-9
 
 
+def test_blockpruner_removes_the_sublayer_whose_removal_raises_the_loss_least(model, requests, blockpruner):
+    r = blockpruner
+    assert r.method == "blockpruner" and r.scales == [1.0] * 5 and r.candidates == 12
+    assert r.notes["variant"] == "all"
+    # Per step: one statistics pass, then every remaining sublayer tried; per request.
+    assert r.forward_passes == sum(1 + 12 - k for k in range(5)) * 3
+    chosen, outside = {}, []
+    for k, s in enumerate(r.order):
+        loss, sim, _ = _measured(model, requests, chosen)
+        assert math.isclose(r.loss[k], loss, rel_tol=1e-6)
+        assert math.isclose(r.similarity[k], sim[s].item(), rel_tol=1e-6)
+        # Brute force over every remaining sublayer, removed as identity, the earlier ones removed too.
+        trial = {c: _measured(model, requests, {**chosen, c: 1.0})[0] for c in range(12) if c not in chosen}
+        assert s == min(trial, key=lambda c: (trial[c], c))
+        assert math.isclose(r.loss[k + 1], trial[s], rel_tol=1e-6)
+        chosen[s] = 1.0
+        outside.append(s not in sorted(trial, key=lambda c: (-sim[c].item(), c))[:4])
+    assert any(outside)  # on this model some choice lies beyond a similarity shortlist of 4
+
+
+def test_blockpruner_shortlist_tries_only_the_most_similar(model, requests, monkeypatch):
+    tried = []
+    measure = greedy._measure
+
+    def spy(model_, requests_, skip, want_stats):
+        if not want_stats:
+            tried.append(dict(skip))
+        return measure(model_, requests_, skip, want_stats)
+
+    monkeypatch.setattr(greedy, "_measure", spy)
+    r = search(model, requests, max_sublayers=3, method="blockpruner", candidates=3, progress=False)
+    monkeypatch.undo()
+    assert r.candidates == 3 and r.notes["variant"] == "shortlist" and "3 most similar" in r.notes["candidates"]
+    assert r.forward_passes == 3 * (1 + 3) * 3 and r.scales == [1.0] * 3
+    chosen = {}
+    for k, s in enumerate(r.order):
+        _, sim, _ = _measured(model, requests, chosen)
+        top = sorted((i for i in range(12) if i not in chosen), key=lambda i: (-sim[i].item(), i))[:3]
+        step = tried[3 * k:3 * k + 3]
+        assert [set(t) - set(chosen) for t in step] == [{c} for c in top]
+        assert all(t == {**chosen, c: 1.0} for t, c in zip(step, top))  # identity, earlier choices removed
+        trial = {c: _measured(model, requests, {**chosen, c: 1.0})[0] for c in top}
+        assert s == min(trial, key=lambda c: (trial[c], c))
+        chosen[s] = 1.0
+    assert len(tried) == 9
+
+
+def test_blockpruner_plans_identity_without_online_learning(model, requests, profile, blockpruner):
+    for mode in ("prefill", "decode", "e2e"):
+        p = plan(profile, strategy="blockpruner", num_sublayers=3, mode=mode)
+        assert p.skip_scales == {s: 1.0 for s in blockpruner.order[:3]}
+        assert p.beta is None and not p.online and p.strategy == "blockpruner"
+    assert "identity pass-through" in p.explanation and "every remaining sublayer" in p.explanation
+    assert plan(profile, strategy="blockpruner", num_sublayers=0).skip_scales == {}
+    with pytest.raises(ValueError, match="up to 5 sublayers"):
+        plan(profile, strategy="blockpruner", num_sublayers=6)
+    bare = calibrate(model, [[1, 2, 3, 4]], num_requests=1, prompt_len=4, progress=False)
+    with pytest.raises(ValueError, match="no 'blockpruner' search.*--search blockpruner"):
+        plan(bare, strategy="blockpruner", num_sublayers=2)
+    costs = SublayerCosts([2.0, 1.0] * 6, 4.0, 1024, "prefill", "test")
+    p = plan_at_speedup(profile, "blockpruner", 22 / 19, costs)  # odd budgets allowed: one attention may do
+    k = len(p.skip_scales)
+    assert list(p.skip_scales) == blockpruner.order[:k] and p.beta is None
+    assert costs.speedup(blockpruner.order[:k - 1]) < 22 / 19 <= costs.speedup(blockpruner.order[:k]) + 1e-9
+
+
+def test_calibrate_stores_the_blockpruner_search(model, requests, blockpruner):
+    p = calibrate(model, requests, num_requests=3, prompt_len=40, progress=False, search="blockpruner",
+                  search_max_sublayers=5, search_requests=3)
+    stored = {k: v for k, v in p.search["blockpruner"].items() if k != "wall_s"}
+    assert stored == {k: v for k, v in blockpruner.to_dict().items() if k != "wall_s"}
+    # Left to the methods, the candidates differ: a shortlist of 4 for loss, every sublayer for blockpruner.
+    both = calibrate(model, requests, num_requests=3, prompt_len=40, progress=False,
+                     search=("loss", "blockpruner"), search_max_sublayers=1, search_requests=1)
+    assert both.search["loss"]["candidates"] == 4 and both.search["blockpruner"]["candidates"] == 12
+    # Every strategy that reads a search names one that calibrate can run.
+    assert searches_needed(STRATEGIES) == ["blockpruner", "loss", "similarity"]
+    assert searches_needed(["adaskip", "blockpruner", "greedy-loss", "shortgpt"]) == ["blockpruner", "loss"]
+
+
 def test_search_rejects_bad_arguments(model, requests):
     with pytest.raises(ValueError, match="method"):
         search(model, requests, max_sublayers=2, method="random", progress=False)
@@ -107,6 +194,8 @@ def test_search_rejects_bad_arguments(model, requests):
         search(model, requests, max_sublayers=11, progress=False)
     with pytest.raises(ValueError, match="only 2 sublayers are allowed"):
         search(model, requests, max_sublayers=3, allowed=[1, 3], progress=False)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        search(model, requests, max_sublayers=2, method="blockpruner", candidates=0, progress=False)
     r = search(model, requests[:1], max_sublayers=2, method="similarity", allowed=[1, 3, 5], progress=False)
     assert set(r.order) <= {1, 3, 5}
 

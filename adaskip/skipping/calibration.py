@@ -54,8 +54,8 @@ def _read(item) -> str:
 @torch.inference_mode()
 def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, tokenizer=None,
               num_requests: int = 20, prompt_len: int = 4096, progress: bool = True, description: str = "",
-              search: Union[str, Sequence[str]] = (), search_max_sublayers: int = 16, search_candidates: int = 4,
-              search_requests: int = 2) -> ImportanceProfile:
+              search: Union[str, Sequence[str]] = (), search_max_sublayers: int = 16,
+              search_candidates: Optional[int] = None, search_requests: int = 2) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -65,9 +65,10 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     `sources` names those that gave a request (source_id: file names, content ids of texts), so
     that evaluation can hold them out (adaskip.evaluation.harness.held_out); token lists are
     taken as requests (truncated to prompt_len) and recorded in no source.
-    search: greedy search methods ("similarity", "loss") to run as well, on the first
-    `search_requests` requests, up to `search_max_sublayers` sublayers (at most all but one
-    layer), stored in the profile's `search`."""
+    search: greedy search methods ("similarity", "loss", "blockpruner") to run as well, on the
+    first `search_requests` requests, up to `search_max_sublayers` sublayers (at most all but one
+    layer), each trying `search_candidates` per step (None: each method's default, see
+    adaskip.skipping.greedy.search), stored in the profile's `search`."""
     if num_requests < 1:
         raise ValueError(f"adaskip: num_requests must be >= 1, got {num_requests}")
     if prompt_len < 2:
@@ -79,7 +80,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     unknown = [m for m in methods if m not in greedy.METHODS]
     if unknown:
         raise ValueError(f"adaskip: unknown search methods {unknown}; choose from {greedy.METHODS}")
-    if methods and min(search_requests, search_max_sublayers, search_candidates) < 1:
+    if methods and min(search_requests, search_max_sublayers,
+                       1 if search_candidates is None else search_candidates) < 1:
         raise ValueError(f"adaskip: the search needs search_requests, search_max_sublayers and search_candidates "
                          f">= 1, got {search_requests}, {search_max_sublayers} and {search_candidates}")
     data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file

@@ -11,7 +11,10 @@ attention, whose job is moving information between tokens).
      similarity and norm ratio (the compensation scale) under those skips;
   2. method "similarity": take the remaining sublayer of highest re-measured similarity;
      method "loss": take the `candidates` most similar ones and keep the one whose skip (with its
-     re-measured compensation) raises the calibration next-token loss the least.
+     re-measured compensation) raises the calibration next-token loss the least;
+     method "blockpruner" (BlockPruner, ACL Findings 2025, a baseline): the same loss-scored step,
+     but every remaining sublayer is a candidate and a removed one is an identity pass-through
+     (no compensation); `candidates=k` narrows it to the k most similar, as "loss" does.
 The order is nested (the plan for k sublayers is the first k choices), so one search serves
 every budget up to `max_sublayers`, and the result is stored in the ImportanceProfile.
 """
@@ -28,7 +31,13 @@ from ..runtime.skip_plan import SkipPlan
 from .measurement import measure_requests
 from .profile import SearchResult
 
-METHODS = ("similarity", "loss")
+METHODS = ("similarity", "loss", "blockpruner")
+# Candidates tried per step when the caller passes candidates=None (None here: every remaining sublayer). Each
+# candidate costs one pass per request; "loss" trusts the re-measured similarity to shortlist a few, BlockPruner as
+# published tries them all.
+DEFAULT_CANDIDATES = {"similarity": 1, "loss": 4, "blockpruner": None}
+# Methods whose removed sublayers pass the stream through unchanged instead of their measured norm ratio.
+IDENTITY_METHODS = ("blockpruner",)
 
 
 def _measure(model, requests, skip: dict, want_stats: bool):
@@ -43,19 +52,26 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 
 @torch.inference_mode()
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
-           candidates: int = 4, allowed: Optional[Sequence[int]] = None, progress: bool = True) -> SearchResult:
+           candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
+           progress: bool = True) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
-    Forward passes: (max_sublayers + 1) * len(requests) for "similarity", plus
-    max_sublayers * candidates * len(requests) for "loss".
+    candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
+    step; None: the method's default (DEFAULT_CANDIDATES: 4 for "loss", every remaining sublayer
+    for "blockpruner"). "similarity" takes the most similar one and ignores it.
+    Forward passes: (max_sublayers + 1) * len(requests) for "similarity"; for the loss-scored
+    methods one pass per request and step for the statistics plus one per request and candidate
+    tried (none at a step with a single candidate left).
     allowed: sublayers that may be chosen (default: all).
     """
     if method not in METHODS:
         raise ValueError(f"adaskip: search method must be one of {METHODS}, got {method!r}")
+    if candidates is None:
+        candidates = DEFAULT_CANDIDATES[method]
     m = model.args.num_layers
     if not 1 <= max_sublayers <= 2 * m - 2:
         raise ValueError(f"adaskip: max_sublayers must be in [1, {2 * m - 2}] (all but one layer), got {max_sublayers}")
-    if candidates < 1:
+    if candidates is not None and candidates < 1:
         raise ValueError(f"adaskip: candidates must be >= 1, got {candidates}")
     if not requests or any(len(r) < 2 for r in requests):
         raise ValueError("adaskip: the search needs calibration requests of at least 2 tokens each")
@@ -65,6 +81,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     if len(pool) < max_sublayers:
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
 
+    everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
+    identity = method in IDENTITY_METHODS
     start = time.perf_counter()
     bar = progress_bar(max_sublayers, progress, f"search ({method})", "sublayer")
     chosen: dict = {}
@@ -76,25 +94,31 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         passes += len(requests)
         remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
                            key=lambda s: (-sim[s].item(), s))
-        shortlist = remaining[:1] if method == "similarity" else remaining[:candidates]
+        shortlist = remaining[:1] if method == "similarity" else remaining if everything else remaining[:candidates]
+        stand_in = {s: 1.0 if identity else scale[s].item() for s in shortlist}
         trial = {}
         if len(shortlist) > 1:
             for s in shortlist:
-                trial[s], _, _ = _measure(model, requests, {**chosen, s: scale[s].item()}, want_stats=False)
+                trial[s], _, _ = _measure(model, requests, {**chosen, s: stand_in[s]}, want_stats=False)
                 passes += len(requests)
         best = min(shortlist, key=lambda s: (trial.get(s, 0.0), s)) if trial else shortlist[0]
-        chosen[best] = scale[best].item()
+        chosen[best] = stand_in[best]
         order.append(best)
-        scales.append(scale[best].item())
+        scales.append(stand_in[best])
         sims.append(sim[best].item())
         if trial:
             losses[step + 1] = trial[best]
         bar.update(1)
-    if losses[-1] is None:  # the similarity method has not measured the last choice's loss
+    if losses[-1] is None:  # no trial measured the last choice's loss (similarity; or one candidate was left)
         losses[-1], _, _ = _measure(model, requests, chosen, want_stats=False)
         passes += len(requests)
     bar.close()
+    notes = {}
+    if method == "blockpruner":
+        notes["variant"] = "all" if everything else "shortlist"
+        notes["candidates"] = ("every remaining sublayer tried at each step" if everything else
+                               f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")
+    tried = 1 if method == "similarity" else len(pool) if candidates is None else candidates  # the most per step
     return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
-                        candidates=1 if method == "similarity" else candidates, requests=len(requests),
-                        tokens=sum(len(r) for r in requests), forward_passes=passes,
-                        wall_s=time.perf_counter() - start)
+                        candidates=tried, requests=len(requests), tokens=sum(len(r) for r in requests),
+                        forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)

@@ -25,10 +25,10 @@ def model_fingerprint(model) -> dict:
 class SearchResult:
     method: str
     order: list  # sublayers in the order they were chosen
-    scales: list  # the compensation scale of each, measured with the earlier choices applied
+    scales: list  # the compensation scale of each, measured with the earlier choices applied (1.0: identity)
     similarity: list  # its IO similarity, measured the same way
     loss: list  # mean next-token NLL on the search data after each choice (loss[0]: full model)
-    candidates: int
+    candidates: int  # the most sublayers tried at one step
     requests: int
     tokens: int
     forward_passes: int

@@ -9,12 +9,21 @@ from ..runtime.skip_plan import MODES, SkipPlan
 from .profile import ImportanceProfile
 
 STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit", "skipdecode", "unified",
-              "shortgpt")
+              "shortgpt", "blockpruner")
 # Strategies that take any number of sublayers (the others skip whole layers: even budgets only).
-SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss")
+SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss", "blockpruner")
+# Strategies planned from a greedy search stored in the profile: the search method (adaskip.search) each needs.
+SEARCH_METHODS = {"greedy-similarity": "similarity", "greedy-loss": "loss", "blockpruner": "blockpruner"}
+# Static pruning baselines among them: their plans never learn online.
+STATIC_SEARCH_STRATEGIES = ("blockpruner",)
 # Strategies with fixed layer choices: no importance profile needed.
 PROFILE_FREE_STRATEGIES = ("early-exit", "skipdecode", "unified")
 PLANNERS = ("paper", "cost")
+
+
+def searches_needed(strategies) -> list:
+    """The search methods that plans of `strategies` read from the profile, sorted."""
+    return sorted({SEARCH_METHODS[s] for s in strategies if s in SEARCH_METHODS})
 
 
 def max_alpha(num_layers: int) -> float:
@@ -45,6 +54,9 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     greedy-similarity / greedy-loss: the first k choices of the profile's greedy search
       (adaskip.search: re-measured similarities; loss-aware among the most similar), with the
       compensation scales measured during the search; online learning as for adaskip.
+    blockpruner: the first k choices of the profile's "blockpruner" search (BlockPruner: each step
+      removes the sublayer whose removal raises the calibration loss least), identity
+      pass-through, no online learning (a static pruning baseline).
     Baselines skip whole layers (n = budget / 2) with identity pass-through: early-exit (the last
       n), skipdecode (layers 1..n; in decode ramping up from 1 layer to n), unified (layers with
       index % (M // n) == 1), shortgpt (the n layers of highest block similarity in the profile).
@@ -72,7 +84,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     if strategy not in PROFILE_FREE_STRATEGIES and profile is None:
         raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
 
-    if strategy.startswith("greedy-"):
+    if strategy in SEARCH_METHODS:
         return _greedy(profile, strategy, k, mode, window, online, fingerprint)
     if strategy == "adaskip":
         return _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args, fingerprint)
@@ -128,15 +140,20 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
 
 
 def _greedy(profile, strategy, k, mode, window, online, fingerprint) -> SkipPlan:
-    result = profile.search_result(strategy[len("greedy-"):])
+    result = profile.search_result(SEARCH_METHODS[strategy])
     skip = result.skip_scales(k)
     m = profile.num_layers
-    beta = min(result.similarity[:k]) if k and online and mode != "prefill" else None
+    static = strategy in STATIC_SEARCH_STRATEGIES
+    beta = min(result.similarity[:k]) if k and online and mode != "prefill" and not static else None
     loss = result.loss[k] if k < len(result.loss) and result.loss[k] is not None else None
     note = f"; calibration loss {result.loss[0]:.4f} -> {loss:.4f}" if loss is not None and result.loss[0] else ""
+    if static:
+        tried = result.notes.get("candidates", f"up to {result.candidates} candidates per step")
+        explanation = f"{result.method} search ({tried}): its first {k} choices, identity pass-through{note}"
+    else:
+        explanation = f"greedy {result.method} search: its first {k} choices{note}"
     return SkipPlan(m, skip, mode=mode, strategy=strategy, beta=beta, window=window,
-                    predicted_speedup=paper_speedup(m, k), model_fingerprint=fingerprint,
-                    explanation=f"greedy {result.method} search: its first {k} choices{note}")
+                    predicted_speedup=paper_speedup(m, k), model_fingerprint=fingerprint, explanation=explanation)
 
 
 def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target: float, costs, *,
@@ -160,8 +177,8 @@ def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target:
         return p
     step = 1 if strategy in SUBLAYER_STRATEGIES else 2
     limit = 2 * m - 2
-    if strategy.startswith("greedy-") and profile is not None:
-        limit = min(limit, len(profile.search_result(strategy[len("greedy-"):]).order))
+    if strategy in SEARCH_METHODS and profile is not None:
+        limit = min(limit, len(profile.search_result(SEARCH_METHODS[strategy]).order))
     for k in range(0, limit + 1, step):
         p = plan(profile, strategy=strategy, num_sublayers=k, **common)
         speed = costs.speedup(p.skip_scales)
