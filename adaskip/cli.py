@@ -39,7 +39,8 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 
 
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
-               search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True):
+               search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True,
+               validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4):
     """adaskip.calibrate on the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
@@ -47,20 +48,37 @@ def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int,
     return calibrate(model, _text_paths(data), tokenizer=tokenizer, num_requests=num_requests, prompt_len=prompt_len,
                      progress=progress, description=description, search=search_methods,
                      search_max_sublayers=search_max, search_candidates=search_candidates,
-                     search_requests=search_requests)
+                     search_requests=search_requests, validate_budgets=validate_budgets,
+                     validate_strategies=validate_strategies, validation_requests=validation_requests)
 
 
 def cmd_calibrate(a) -> None:
     from .runtime.loading import load_model
 
+    from .skipping.strategies import searches_needed
+
+    searches, budgets = _split(a.search, str), _split(a.validate_budgets, int)
+    strategies = _split(a.validate_strategies, str)
+    missing = [m for m in searches_needed(strategies) if m not in searches]
+    if budgets and missing:  # before the model loads: the search would have to run in this calibration
+        raise SystemExit(f"adaskip: validating {','.join(strategies)} needs the {','.join(missing)} search; "
+                         f"add --search {','.join(sorted(set(searches) | set(missing)))}")
+    if not budgets and (a.validate_strategies != "adaskip" or a.validation_requests is not None):
+        raise SystemExit("adaskip: --validate-strategies and --validation-requests need --validate-budgets")
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, _split(a.search, str),
-                         a.search_max, a.search_candidates, a.search_requests)
+    profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, searches,
+                         a.search_max, a.search_candidates, a.search_requests, validate_budgets=budgets,
+                         validate_strategies=strategies,
+                         validation_requests=4 if a.validation_requests is None else a.validation_requests)
     profile.save(a.out)
     print(f"wrote {a.out}: {profile.num_requests} requests, {profile.tokens} tokens")
     for method, r in profile.search.items():
         print(f"  {method} search: {len(r['order'])} sublayers, {r['forward_passes']} forward passes, "
               f"{r['wall_s']:.0f} s")
+    for strategy, v in profile.validation.items():
+        print(f"  {strategy} validated on {v['requests']} requests ({v['tokens']} tokens): "
+              + ", ".join(f"{k} sublayers KL {kl:.4g} agreement {ag:.3f}"
+                          for k, kl, ag in zip(v["budgets"], v["kl"], v["top1_agreement"])))
 
 
 def _split(text, kind):
@@ -173,13 +191,28 @@ def _build_plan(a, model):
         profile = ImportanceProfile.load(a.profile)
         profile.check_model(model)
     budget = {}
-    if a.strategy != "full":
+    if a.min_agreement is not None or a.max_kl is not None:
+        _check_tolerance(a)
+        budget = {"min_agreement": a.min_agreement, "max_kl": a.max_kl}
+    elif a.strategy != "full":
         if a.alpha is None and a.num_sublayers is None:
             budget = {"num_sublayers": 8}
         else:
             budget = {"alpha": a.alpha} if a.alpha is not None else {"num_sublayers": a.num_sublayers}
     return plan(profile, num_layers=model.args.num_layers, strategy=a.strategy, planner=a.planner,
                 context_len=a.context_len, mode=a.mode, window=a.window, model_args=model.args, **budget)
+
+
+def _check_tolerance(a) -> None:
+    """Before any model loads: a tolerance replaces the budget, and picks from a profile's validation."""
+    if a.min_agreement is None and a.max_kl is None:
+        return
+    if a.alpha is not None or a.num_sublayers is not None:
+        raise SystemExit("adaskip: --min-agreement / --max-kl choose the budget; give them or --alpha / "
+                         "--num-sublayers, not both")
+    if not a.profile and a.strategy != "full":
+        raise SystemExit("adaskip: --min-agreement / --max-kl pick from the profile's validation; give --profile "
+                         "(made with adaskip calibrate --validate-budgets)")
 
 
 def _prompt_ids(a, tokenizer, text: str):
@@ -236,6 +269,7 @@ def cmd_run(a) -> None:
 
     if a.prompt is None and a.prompt_file is None:
         raise SystemExit("adaskip: give --prompt TEXT or --prompt-file FILE")
+    _check_tolerance(a)
     text = a.prompt if a.prompt is not None else Path(a.prompt_file).read_text(errors="replace")
     if a.question:
         text = f"{text}\n\n{a.question}"
@@ -251,6 +285,7 @@ def cmd_demo(a) -> None:
     from .data import essay_paths
     from .runtime.loading import load_model
 
+    _check_tolerance(a)
     print(__doc_demo__)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     # An essay the calibration did not see (calibration reads the essays from the first on).
@@ -306,6 +341,12 @@ def main(argv=None) -> None:
     search_args(c)
     c.add_argument("--search", help="also run greedy searches: similarity, loss, blockpruner (comma-separated)")
     c.add_argument("--search-max", type=int, default=16, help="largest budget the search covers (sublayers)")
+    c.add_argument("--validate-budgets", help="also measure KL and top-1 agreement with the full model at these "
+                   "budgets (sublayers, comma-separated) on held-out windows, for run --min-agreement / --max-kl")
+    c.add_argument("--validate-strategies", default="adaskip",
+                   help="strategies to validate (comma-separated; greedy ones need their --search)")
+    c.add_argument("--validation-requests", type=int,
+                   help="validation windows, taken after the calibration ones (default 4)")
     c.set_defaults(func=cmd_calibrate)
 
     def planning(q):
@@ -313,6 +354,12 @@ def main(argv=None) -> None:
         g = q.add_mutually_exclusive_group()
         g.add_argument("--alpha", type=float, help="acceleration ratio (the paper's alpha)")
         g.add_argument("--num-sublayers", type=int, help="sublayers to skip (default 8)")
+        q.add_argument("--min-agreement", type=float,
+                       help="instead of a budget: the fastest validated plan whose top-1 agreement with the full "
+                       "model is at least this (profile from calibrate --validate-budgets)")
+        q.add_argument("--max-kl", type=float,
+                       help="instead of a budget: the fastest validated plan whose KL(full || plan) per token is at "
+                       "most this (with --min-agreement: both)")
         q.add_argument("--strategy", default="adaskip",
                        choices=list(STRATEGIES))
         q.add_argument("--planner", choices=["paper", "cost"], default="paper")

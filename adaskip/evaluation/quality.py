@@ -5,10 +5,8 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .._util import progress_bar
-from ..skipping.measurement import measure_requests
+from ..skipping.measurement import compare_requests, measure_requests
 
 
 def perplexity(model, sequences: Iterable[Sequence[int]], plan=None) -> float:
@@ -25,23 +23,7 @@ def compare_with_full(model, sequences: Sequence[Sequence[int]], plans: dict, *,
     """For each named plan: perplexity, top-1 agreement with the full model's next-token choice
     and mean KL(full || plan) per token, over cache-less forwards of `sequences`. The full
     model's logits are computed once per sequence. Returns {name: {...}} with "full" included."""
-    device = model.lm_head.weight.device
-    sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name in ["full", *plans]}
-    tokens = 0
-    bar = progress_bar(len(sequences) * (1 + len(plans)), progress, "perplexity", "forward")
-    for seq in sequences:
-        ids = torch.as_tensor(list(seq), device=device)[None]
-        targets = ids[0, 1:]
-        full = model(ids)[0, :-1].float().log_softmax(-1)
-        full_top = full.argmax(-1)
-        tokens += targets.numel()
-        for name, plan in [("full", None), *plans.items()]:
-            logp = full if plan is None else model(ids, plan=plan)[0, :-1].float().log_softmax(-1)
-            acc = sums[name]
-            acc["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
-            acc["agree"] += (logp.argmax(-1) == full_top).sum().item()
-            acc["kl"] += F.kl_div(logp, full, log_target=True, reduction="sum").item()
-            bar.update(1)
-    bar.close()
+    tokens, sums = compare_requests(model, sequences, [("full", None), *plans.items()], progress=progress,
+                                    description="perplexity")
     return {name: {"perplexity": math.exp(a["nll"] / tokens), "top1_agreement": a["agree"] / tokens,
                    "kl_per_token": a["kl"] / tokens} for name, a in sums.items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -10,8 +11,9 @@ import torch
 
 from .._version import __version__
 from . import greedy
-from .measurement import measure_requests
+from .measurement import compare_requests, measure_requests
 from .profile import ImportanceProfile, model_fingerprint
+from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
 
 
 def calibration_requests(texts: Iterable[str], tokenizer, *, num_requests: int, prompt_len: int,
@@ -20,20 +22,25 @@ def calibration_requests(texts: Iterable[str], tokenizer, *, num_requests: int, 
     long text gives several requests), skipping windows shorter than min_len (default half of
     prompt_len), until num_requests are collected. with_sources: return (requests, the index of
     the text each request came from) instead."""
-    min_len = prompt_len // 2 if min_len is None else min_len
     requests, sources = [], []
+    if num_requests > 0:  # a generator: texts after the last one needed are not tokenized
+        for window, index in _windows(texts, tokenizer, prompt_len, min_len):
+            requests.append(window)
+            sources.append(index)
+            if len(requests) == num_requests:
+                break
+    return (requests, sources) if with_sources else requests
+
+
+def _windows(texts: Iterable[str], tokenizer, prompt_len: int, min_len: Optional[int] = None):
+    """(window, text index) for every window calibration_requests would take, in its order."""
+    min_len = prompt_len // 2 if min_len is None else min_len
     for index, text in enumerate(texts):
-        if len(requests) == num_requests:
-            break
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), prompt_len):
             window = ids[start:start + prompt_len]
             if len(window) >= max(min_len, 2):
-                requests.append(window)
-                sources.append(index)
-            if len(requests) == num_requests:
-                break
-    return (requests, sources) if with_sources else requests
+                yield window, index
 
 
 def source_id(item) -> str:
@@ -55,7 +62,9 @@ def _read(item) -> str:
 def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, tokenizer=None,
               num_requests: int = 20, prompt_len: int = 4096, progress: bool = True, description: str = "",
               search: Union[str, Sequence[str]] = (), search_max_sublayers: int = 16,
-              search_candidates: Optional[int] = None, search_requests: int = 2) -> ImportanceProfile:
+              search_candidates: Optional[int] = None, search_requests: int = 2,
+              validate_budgets: Sequence[int] = (), validate_strategies: Sequence[str] = ("adaskip",),
+              validation_requests: int = 4) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -68,7 +77,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     search: greedy search methods ("similarity", "loss", "blockpruner") to run as well, on the
     first `search_requests` requests, up to `search_max_sublayers` sublayers (at most all but one
     layer), each trying `search_candidates` per step (None: each method's default, see
-    adaskip.skipping.greedy.search), stored in the profile's `search`."""
+    adaskip.skipping.greedy.search), stored in the profile's `search`.
+    validate_budgets: also run `validate` for `validate_strategies` at these budgets on
+    `validation_requests` requests that calibration and the searches did not read: for texts and
+    files the windows after those calibration took (a window identical to a calibration request
+    is passed over; their texts join `sources`), for token lists the next lists of `data`."""
     if num_requests < 1:
         raise ValueError(f"adaskip: num_requests must be >= 1, got {num_requests}")
     if prompt_len < 2:
@@ -84,6 +97,17 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                        1 if search_candidates is None else search_candidates) < 1:
         raise ValueError(f"adaskip: the search needs search_requests, search_max_sublayers and search_candidates "
                          f">= 1, got {search_requests}, {search_max_sublayers} and {search_candidates}")
+    budgets = [int(b) for b in validate_budgets]
+    if budgets:
+        if validation_requests < 1:
+            raise ValueError(f"adaskip: validation needs validation_requests >= 1, got {validation_requests}")
+        _check_validation(model.args.num_layers, validate_strategies, budgets)
+        needed = sorted({SEARCH_METHODS.get(s) for s in validate_strategies} - {None} - set(methods))
+        if needed:
+            raise ValueError(f"adaskip: validating {list(validate_strategies)} needs the {needed} search in the "
+                             f"profile; add it to search=")
+    else:
+        validation_requests = 0
     data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
     is_text = [isinstance(d, (str, os.PathLike)) for d in data]
     if any(is_text) and not all(is_text):
@@ -94,12 +118,28 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
             raise ValueError("adaskip: calibration on texts needs the model's tokenizer")
         requests, used = calibration_requests((_read(d) for d in data), tokenizer, num_requests=num_requests,
                                               prompt_len=prompt_len, with_sources=True)
+        held = []
+        if validation_requests and len(requests) == num_requests:
+            seen = {tuple(r) for r in requests}
+            # The same windows as calibration's, in the same order: the first num_requests are
+            # calibration's, so validation starts after them.
+            windows = _windows((_read(d) for d in data), tokenizer, prompt_len)
+            for n, (window, index) in enumerate(windows):
+                if n >= num_requests and tuple(window) not in seen:
+                    held.append(window)
+                    used.append(index)
+                    if len(held) == validation_requests:
+                        break
         sources = sorted({source_id(data[i]) for i in used})
     else:
         requests = [list(r)[:prompt_len] for r in data][:num_requests]
+        held = [list(r)[:prompt_len] for r in data][num_requests:num_requests + validation_requests]
     if len(requests) < num_requests:
         raise ValueError(f"adaskip: the calibration data gives only {len(requests)} requests of "
                          f">= {prompt_len // 2} tokens; {num_requests} were asked for")
+    if len(held) < validation_requests:
+        raise ValueError(f"adaskip: the calibration data gives only {len(held)} validation requests after the "
+                         f"{num_requests} calibration requests; {validation_requests} were asked for")
 
     measured = measure_requests(model, requests, stats=True, block_stats=True, progress=progress,
                                 description="calibrating")
@@ -117,4 +157,53 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
                                max_sublayers=min(search_max_sublayers, 2 * args.num_layers - 2), progress=progress)
         profile.search[method] = result.to_dict()
+    if budgets:
+        validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress)
     return profile
+
+
+def _check_validation(num_layers: int, strategies: Sequence[str], budgets: Sequence[int]) -> None:
+    if isinstance(strategies, str) or not strategies:
+        raise ValueError(f"adaskip: validation needs a list of strategies, got {strategies!r}")
+    bad = [s for s in strategies if s not in STRATEGIES or s == "full"]
+    if bad:
+        raise ValueError(f"adaskip: cannot validate strategies {bad}; choose from "
+                         f"{[s for s in STRATEGIES if s != 'full']}")
+    if not budgets or any(not 0 <= b <= 2 * num_layers - 2 for b in budgets) or len(set(budgets)) != len(budgets):
+        raise ValueError(f"adaskip: validation budgets must be distinct numbers of sublayers in "
+                         f"[0, {2 * num_layers - 2}], got {list(budgets)}")
+    whole = [s for s in strategies if s not in SUBLAYER_STRATEGIES]
+    if whole and any(b % 2 for b in budgets):
+        raise ValueError(f"adaskip: whole-layer strategies {whole} need even budgets (n layers = 2n sublayers), "
+                         f"got {list(budgets)}")
+
+
+@torch.inference_mode()
+def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]], *,
+             strategies: Sequence[str] = ("adaskip",), budgets: Sequence[int], progress: bool = False) -> dict:
+    """Quality of each strategy's plan at each budget (skipped sublayers) on validation `requests`
+    (token lists that calibration and the searches did not read), stored in `profile.validation`
+    and returned: per strategy {"budgets", "kl" (mean KL(full || plan) per predicted token),
+    "top1_agreement" (with the full model's next token), "perplexity", "sublayers" (what each plan
+    skips), "requests", "tokens" (predicted tokens)}, over cache-less forwards, as
+    adaskip.evaluation.quality.compare_with_full measures them. adaskip.plan(profile,
+    min_agreement= / max_kl=) picks among these plans."""
+    profile.check_model(model)
+    budgets = sorted(int(b) for b in budgets)
+    _check_validation(profile.num_layers, strategies, budgets)
+    requests = [list(r) for r in requests]
+    if not requests or any(len(r) < 2 for r in requests):
+        raise ValueError("adaskip: validation needs at least one request, each of at least 2 tokens")
+    # Every plan is built before any forward, so a missing search or an odd whole-layer budget fails at once.
+    plans = {(s, k): plan(profile, strategy=s, num_sublayers=k) for s in strategies for k in budgets}
+    tokens, sums = compare_requests(model, requests, list(plans.items()), progress=progress,
+                                    description="validating")
+    for s in strategies:
+        keys = [(s, k) for k in budgets]
+        profile.validation[s] = {
+            "budgets": budgets, "kl": [sums[key]["kl"] / tokens for key in keys],
+            "top1_agreement": [sums[key]["agree"] / tokens for key in keys],
+            "perplexity": [math.exp(sums[key]["nll"] / tokens) for key in keys],
+            "sublayers": [sorted(plans[key].skip_scales) for key in keys],
+            "requests": len(requests), "tokens": tokens}
+    return {s: profile.validation[s] for s in strategies}

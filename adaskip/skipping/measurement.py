@@ -1,11 +1,12 @@
-"""The one loop that runs a model over requests and reads back what calibration, the greedy search
-and perplexity need: per-request IO statistics of every sublayer (and layer) and the summed
-next-token NLL. Its own module so that calibration (which runs the search) and the search can
-both use it without importing each other."""
+"""The loops that run a model over requests and read back what calibration, the greedy search,
+validation and perplexity need: per-request IO statistics of every sublayer (and layer), the
+summed next-token NLL, and the agreement of plans with the full model. Their own module so that
+calibration (which runs the search and the validation), the search and evaluation can all use
+them without importing each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,31 @@ def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, sta
     return Measurement(requests=len(requests), tokens=sum(len(r) for r in requests), nll=total_nll,
                        predicted_tokens=predicted, similarity=per_request(sims), scale=per_request(scales),
                        block_similarity=per_request(blocks))
+
+
+@torch.inference_mode()
+def compare_requests(model, requests: Sequence[Sequence[int]], named_plans: Sequence[Tuple[object, object]], *,
+                     progress: bool = False, description: str = "comparing") -> Tuple[int, dict]:
+    """Sums, over every predicted token of cache-less forwards of `requests`, of each named plan's
+    next-token NLL, top-1 agreement with the full model and KL(full || plan). named_plans: (name,
+    SkipPlan or None for the full model) pairs; the full model's logits are computed once per
+    request and stand for every None. Returns (predicted tokens, {name: {"nll", "agree", "kl"}})."""
+    device = model.lm_head.weight.device
+    sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name, _ in named_plans}
+    tokens = 0
+    bar = progress_bar(len(requests) * len(named_plans), progress, description, "forward")
+    for seq in requests:
+        ids = torch.as_tensor(list(seq), device=device)[None]
+        targets = ids[0, 1:]
+        full = model(ids)[0, :-1].float().log_softmax(-1)
+        full_top = full.argmax(-1)
+        tokens += targets.numel()
+        for name, plan in named_plans:
+            logp = full if plan is None else model(ids, plan=plan)[0, :-1].float().log_softmax(-1)
+            acc = sums[name]
+            acc["nll"] += F.nll_loss(logp, targets, reduction="sum").item()
+            acc["agree"] += (logp.argmax(-1) == full_top).sum().item()
+            acc["kl"] += F.kl_div(logp, full, log_target=True, reduction="sum").item()
+            bar.update(1)
+    bar.close()
+    return tokens, sums

@@ -68,6 +68,9 @@ class ImportanceProfile:
     sources: list = field(default_factory=list)
     # Greedy searches (adaskip.search), by method: {"order", "scales", "similarity", "loss", ...}
     search: dict = field(default_factory=dict)
+    # Quality of plans on validation requests calibration and the searches did not read (calibration.validate),
+    # by strategy: {"budgets", "kl", "top1_agreement", "perplexity", "sublayers", "requests", "tokens"}
+    validation: dict = field(default_factory=dict)
 
     def __post_init__(self):
         n = 2 * self.num_layers
@@ -82,6 +85,20 @@ class ImportanceProfile:
             if not isinstance(result, dict) or len(result.get("order", [])) != len(result.get("scales", ())) \
                     or any(not 0 <= int(s) < n for s in result["order"]):
                 raise ValueError(f"adaskip: the profile's {method!r} search is malformed")
+        for strategy, entry in self.validation.items():
+            lists = ("budgets", "kl", "top1_agreement", "sublayers")
+            if not isinstance(entry, dict) or any(not isinstance(entry.get(k), list) for k in lists) \
+                    or len({len(entry[k]) for k in lists}) != 1 or any(not 0 <= int(b) < n for b in entry["budgets"]):
+                raise ValueError(f"adaskip: the profile's validation of {strategy!r} is malformed")
+
+    def validation_of(self, strategy: str) -> dict:
+        """The stored validation of `strategy` (calibration.validate)."""
+        if strategy not in self.validation:
+            have = f" (it has {sorted(self.validation)})" if self.validation else ""
+            raise ValueError(f"adaskip: this profile has no validation of {strategy!r}{have}; run `adaskip calibrate "
+                             f"--validate-budgets ... --validate-strategies {strategy}` (or "
+                             "adaskip.skipping.calibration.validate) to add it")
+        return self.validation[strategy]
 
     def search_result(self, method: str):
         """The stored greedy search of `method` (adaskip.search.SearchResult)."""

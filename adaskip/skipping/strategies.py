@@ -42,8 +42,10 @@ def sublayers_for_alpha(num_layers: int, alpha: float) -> int:
 def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[int] = None,
          alpha: Optional[float] = None, num_sublayers: Optional[int] = None, strategy: str = "adaskip",
          planner: str = "paper", context_len: Optional[int] = None, mode: str = "e2e", window: int = 20,
-         online: bool = True, costs=None, model_args=None) -> SkipPlan:
-    """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers.
+         online: bool = True, costs=None, model_args=None, min_agreement: Optional[float] = None,
+         max_kl: Optional[float] = None) -> SkipPlan:
+    """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers, or chosen
+    by a quality tolerance.
 
     adaskip: the top sublayers by offline similarity, compensated with their mean norm ratio;
       with mode decode / e2e and online=True, beta = the lowest similarity among them drives the
@@ -60,6 +62,12 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     Baselines skip whole layers (n = budget / 2) with identity pass-through: early-exit (the last
       n), skipdecode (layers 1..n; in decode ramping up from 1 layer to n), unified (layers with
       index % (M // n) == 1), shortgpt (the n layers of highest block similarity in the profile).
+    min_agreement / max_kl (instead of alpha / num_sublayers): among the budgets of the profile's
+      validation of `strategy` (calibration.validate) whose validated top-1 agreement is >= min_agreement
+      and KL(full || plan) per token <= max_kl (every one given), and budget 0 (the full model, which
+      always qualifies), the plan predicted fastest: under the cost model when `costs` or context_len
+      and model_args are given, else by the paper's equal-cost speedup; ties go to fewer sublayers.
+      The plans are those validated (adaskip: the paper planner's).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"adaskip: unknown strategy {strategy!r}; choose from {STRATEGIES}")
@@ -72,6 +80,17 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     if num_layers is None:
         raise ValueError("adaskip: pass a profile or num_layers")
     fingerprint = profile.fingerprint.get("config_hash") if profile is not None else None
+    if min_agreement is not None or max_kl is not None:
+        if alpha is not None or num_sublayers is not None:
+            raise ValueError("adaskip: give either a tolerance (min_agreement / max_kl) or a budget "
+                             "(alpha / num_sublayers), not both")
+        if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+            raise ValueError(f"adaskip: min_agreement must be in [0, 1], got {min_agreement}")
+        if max_kl is not None and not max_kl >= 0.0:
+            raise ValueError(f"adaskip: max_kl must be >= 0, got {max_kl}")
+        if strategy != "full":
+            return _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window,
+                                 online, costs, model_args)
     if strategy == "full":
         return SkipPlan(num_layers, {}, mode=mode, strategy="full", predicted_speedup=1.0,
                         model_fingerprint=fingerprint)
@@ -97,6 +116,57 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     return SkipPlan(num_layers, skip, mode=mode, strategy=strategy, ramp=strategy == "skipdecode",
                     predicted_speedup=paper_speedup(num_layers, len(skip)), model_fingerprint=fingerprint,
                     explanation=f"{n} whole layers skipped, identity pass-through")
+
+
+def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window, online, costs,
+                  model_args) -> SkipPlan:
+    if profile is None:
+        raise ValueError("adaskip: planning by tolerance needs a profile with a validation (adaskip calibrate "
+                         "--validate-budgets)")
+    if planner != "paper":
+        raise ValueError("adaskip: a tolerance picks among the validated plans (the paper planner's); to rank them "
+                         "by the cost model, give context_len and model_args (or costs=) with planner='paper'")
+    entry = profile.validation_of(strategy)
+    m = profile.num_layers
+    if costs is None and context_len is not None and model_args is None:
+        raise ValueError("adaskip: ranking validated plans by the cost model at context_len needs model_args "
+                         "(or measured costs=)")
+    if costs is None and context_len is not None:
+        from .costs import sublayer_costs
+        costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
+    if costs is not None and costs.num_layers != m:
+        raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {m}")
+    # Budget 0 is the full model: nothing to lose, so it always qualifies.
+    qualifying = {0: (0.0, 1.0)}
+    for k, kl, agree, skipped in zip(entry["budgets"], entry["kl"], entry["top1_agreement"], entry["sublayers"]):
+        if (min_agreement is None or agree >= min_agreement) and (max_kl is None or kl <= max_kl):
+            qualifying[int(k)] = (kl, agree)
+    best = None
+    for k in sorted(qualifying):
+        p = plan(profile, strategy=strategy, num_sublayers=k, mode=mode, window=window, online=online)
+        if k in entry["budgets"] and sorted(p.skip_scales) != sorted(entry["sublayers"][entry["budgets"].index(k)]):
+            raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {k} sublayers measured another "
+                             "plan than the profile gives now; validate again")
+        speed = costs.speedup(p.skip_scales) if costs is not None else paper_speedup(m, len(p.skip_scales))
+        # Rounded so that float noise in the sums does not break a tie the fewer sublayers should win.
+        key = (round(speed, 12), -k)
+        if best is None or key > best[0]:
+            best = (key, k, p, speed)
+    _, k, p, speed = best
+    kl, agree = qualifying[k]
+    wanted = " and ".join(f"{n} {op} {v:g}" for n, op, v in (("top-1 agreement", ">=", min_agreement),
+                                                           ("KL per token", "<=", max_kl)) if v is not None)
+    by = (f"cost model ({costs.source}, {costs.mode} at {costs.context_len} tokens)" if costs is not None
+          else "equal-cost (paper) speedup")
+    if k == 0:
+        head = f"tolerance {wanted}: no validated budget of {entry['budgets']} meets it; the full model (0 sublayers)"
+    else:
+        head = (f"tolerance {wanted}: {k} sublayers, the fastest by {by} of the qualifying budgets "
+                f"{sorted(qualifying)} (validated: {entry['budgets']}); on {entry['requests']} validation requests "
+                f"({entry['tokens']} tokens): KL per token {kl:.4g}, top-1 agreement {agree:.4f}")
+    p.predicted_speedup = speed
+    p.explanation = head + ("\n" + p.explanation if p.explanation else "")
+    return p
 
 
 def _baseline_layers(strategy: str, m: int, n: int, profile) -> list:
