@@ -1,6 +1,7 @@
 """Generation on the static-cache runtime: chunked prefill, decode, greedy and sampled tokens."""
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -34,6 +35,42 @@ class GenerationResult:
     @property
     def time_per_output_token_s(self) -> float:
         return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def _check_prompts(prompts, vocab_size: int) -> list:
+    """A batch of token-id lists, checked on the host before anything reaches a kernel: an id
+    outside the vocabulary would otherwise be a device-side assert on a GPU, which ends the
+    process."""
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError("adaskip: prompts must be a batch of token-id lists; got a string (tokenize it first, "
+                         "e.g. [tokenizer(text)['input_ids']])")
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"adaskip: prompts given as a tensor must be [batch, tokens], got shape "
+                             f"{tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise ValueError(f"adaskip: prompts must be a batch of token-id lists, got {type(prompts).__name__}") from None
+    if not prompts:
+        raise ValueError("adaskip: every prompt needs at least one token (no prompts were given)")
+    batch = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, numbers.Integral) or (isinstance(p, torch.Tensor) and p.dim() == 0):
+            raise ValueError("adaskip: prompts is a flat list of token ids; pass a batch of lists (e.g. [ids] for one "
+                             "prompt)")
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"adaskip: prompt {i} is a string; prompts must be token-id lists (tokenize it first)")
+        ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+        if not ids:
+            raise ValueError(f"adaskip: every prompt needs at least one token; prompt {i} is empty")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"adaskip: prompt {i} holds token ids outside the vocabulary [0, {vocab_size}): "
+                             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        batch.append([int(t) for t in ids])
+    return batch
 
 
 def _sync(device: torch.device) -> None:
@@ -75,8 +112,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     """
     sampling = sampling or SamplingParams()
     args = model.args
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("adaskip: every prompt needs at least one token")
+    prompts = _check_prompts(prompts, args.vocab_size)
     if max_new_tokens < 1:
         raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
     if prefill_chunk < 1:

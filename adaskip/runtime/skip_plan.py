@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 MODES = ("prefill", "decode", "e2e")
+
+
+def _positive_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and v > 0
 
 
 @dataclass
@@ -46,6 +57,9 @@ class SkipPlan:
             raise ValueError(f"adaskip: the online window must be >= 0 tokens, got {self.window}")
         if self.beta is not None and not -1.0 <= self.beta <= 1.0:
             raise ValueError(f"adaskip: beta is a cosine similarity in [-1, 1], got {self.beta}")
+        bad = {s: v for s, v in self.skip_scales.items() if not _positive_number(v)}
+        if bad:
+            raise ValueError(f"adaskip: compensation scales must be finite and positive; got {bad}")
         self.skip_scales = {int(s): float(v) for s, v in sorted(self.skip_scales.items())}
 
     @property

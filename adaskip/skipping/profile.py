@@ -49,6 +49,40 @@ class SearchResult:
         return cls(**d)
 
 
+def _check_numbers(name: str, values, positive: bool = False) -> None:
+    """Refuses a list holding a value that is not a finite number (or, for compensation scales,
+    not positive): a plan built on it would run and answer garbage."""
+    for i, v in enumerate(values):
+        try:
+            number = None if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; expected a finite number")
+        if positive and not number > 0:
+            raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; a compensation scale must be "
+                             "positive")
+
+
+def _check_search(method: str, result, num_sublayers: int) -> None:
+    if not isinstance(result, dict) or not isinstance(result.get("order"), list):
+        raise ValueError(f"adaskip: the profile's {method!r} search is malformed (no 'order' list)")
+    order = result["order"]
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < num_sublayers for s in order):
+        raise ValueError(f"adaskip: the profile's {method!r} search orders sublayers outside [0, {num_sublayers}): "
+                         f"{order}")
+    if len(set(order)) != len(order):
+        raise ValueError(f"adaskip: the profile's {method!r} search names a sublayer twice: {order}")
+    for name, length in (("scales", len(order)), ("similarity", len(order)), ("loss", len(order) + 1)):
+        values = result.get(name)
+        if not isinstance(values, list) or len(values) != length:
+            raise ValueError(f"adaskip: the profile's {method!r} search field {name!r} must hold {length} values "
+                             f"for its {len(order)} choices")
+    _check_numbers(f"search.{method}.scales", result["scales"], positive=True)
+    _check_numbers(f"search.{method}.similarity", result["similarity"])
+    _check_numbers(f"search.{method}.loss", [v for v in result["loss"] if v is not None])
+
+
 @dataclass
 class ImportanceProfile:
     num_layers: int
@@ -79,12 +113,11 @@ class ImportanceProfile:
                 raise ValueError(f"adaskip: profile field {name!r} has {len(getattr(self, name))} values, expected {n}")
         if len(self.block_similarity) != self.num_layers:
             raise ValueError("adaskip: profile field 'block_similarity' has the wrong length")
-        if any(not math.isfinite(v) for v in self.similarity + self.scale):
-            raise ValueError("adaskip: the profile holds non-finite similarities or scales")
+        for name in ("similarity", "similarity_std", "scale_std", "block_similarity"):
+            _check_numbers(name, getattr(self, name))
+        _check_numbers("scale", self.scale, positive=True)
         for method, result in self.search.items():
-            if not isinstance(result, dict) or len(result.get("order", [])) != len(result.get("scales", ())) \
-                    or any(not 0 <= int(s) < n for s in result["order"]):
-                raise ValueError(f"adaskip: the profile's {method!r} search is malformed")
+            _check_search(method, result, n)
         for strategy, entry in self.validation.items():
             lists = ("budgets", "kl", "top1_agreement", "sublayers")
             if not isinstance(entry, dict) or any(not isinstance(entry.get(k), list) for k in lists) \
