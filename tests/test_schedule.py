@@ -65,7 +65,6 @@ class _Tracer:
 
     def _wrap_method(self, monkeypatch, cls, name):
         original = getattr(cls, name)
-        layer_of = {}
 
         def wrapped(module, *args, **kwargs):
             self.calls.append((cls.__name__, name, id(module), tuple(self._fact(a) for a in args),
@@ -73,7 +72,6 @@ class _Tracer:
             return original(module, *args, **kwargs)
 
         monkeypatch.setattr(cls, name, wrapped)
-        return layer_of
 
     def _wrap_op(self, monkeypatch, name):
         original = getattr(ops, name)

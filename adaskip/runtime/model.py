@@ -203,22 +203,28 @@ class Transformer(nn.Module):
     def setup_caches(self, batch: int, max_len: int, attention_layers=None) -> None:
         """Static KV caches for `batch` sequences of up to `max_len` tokens, allocated only for
         `attention_layers` (default: all): layers whose attention a plan skips keep no cache."""
+        self._check_cache_len(max_len)  # before the old caches are freed
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
+        self._allocate_caches(batch, max_len, attention_layers)
+        self.cache_id += 1
+
+    def _check_cache_len(self, max_len: int) -> None:
         if max_len > self.args.max_position_embeddings:
             raise ValueError(f"adaskip: a cache of {max_len} tokens exceeds the model's context of "
                              f"{self.args.max_position_embeddings} tokens")
+
+    def _allocate_caches(self, batch: int, max_len: int, attention_layers) -> None:
+        self._check_cache_len(max_len)
         keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
         p = self.lm_head.weight
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
         # Normal tensors even when called under inference_mode (as generate does), so that the
         # caches can also be written by forward calls outside it.
         with torch.inference_mode(False):
             for i, layer in enumerate(self.model.layers):
-                if i in keep:
-                    layer.self_attn.kv_cache = KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
-                                                       p.dtype, p.device)
+                layer.self_attn.kv_cache = (KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
+                                                    p.dtype, p.device) if i in keep else None)
         self.cache_batch, self.cache_len = batch, max_len
-        self.cache_id += 1
 
     @contextmanager
     def scratch_caches(self, batch: int, max_len: int, attention_layers=None):
@@ -227,16 +233,7 @@ class Transformer(nn.Module):
         saved = ([layer.self_attn.kv_cache for layer in self.model.layers], self.cache_batch, self.cache_len,
                  self.cache_id)
         try:
-            with torch.inference_mode(False):
-                p = self.lm_head.weight
-                keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
-                if max_len > self.args.max_position_embeddings:
-                    raise ValueError(f"adaskip: a cache of {max_len} tokens exceeds the model's context of "
-                                     f"{self.args.max_position_embeddings} tokens")
-                for i, layer in enumerate(self.model.layers):
-                    layer.self_attn.kv_cache = (KVCache(batch, self.args.num_kv_heads, max_len, self.args.head_dim,
-                                                        p.dtype, p.device) if i in keep else None)
-            self.cache_batch, self.cache_len = batch, max_len
+            self._allocate_caches(batch, max_len, attention_layers)
             self.cache_id = -saved[3] - 1  # never equal to an id of the model's own caches
             yield self
         finally:

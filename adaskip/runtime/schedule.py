@@ -82,9 +82,6 @@ class StepSchedule:
     # Closes a decode step of online learning: decide the gates whose window is complete.
     online_update: Optional[tuple] = None  # (window, beta)
 
-    def action(self, sublayer: int) -> str:
-        return self.sublayers[sublayer].action
-
     def sublayers_with(self, *actions: str) -> list:
         return [s for s, step in enumerate(self.sublayers) if step.action in actions]
 
