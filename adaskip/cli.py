@@ -40,7 +40,8 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 
 def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True,
-               validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4):
+               validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4,
+               search_stand_in: str = "linear", search_weighting: str = "late"):
     """adaskip.calibrate on the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
@@ -49,7 +50,8 @@ def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int,
                      progress=progress, description=description, search=search_methods,
                      search_max_sublayers=search_max, search_candidates=search_candidates,
                      search_requests=search_requests, validate_budgets=validate_budgets,
-                     validate_strategies=validate_strategies, validation_requests=validation_requests)
+                     validate_strategies=validate_strategies, validation_requests=validation_requests,
+                     search_stand_in=search_stand_in, search_weighting=search_weighting)
 
 
 def cmd_calibrate(a) -> None:
@@ -69,7 +71,8 @@ def cmd_calibrate(a) -> None:
     profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, searches,
                          a.search_max, a.search_candidates, a.search_requests, validate_budgets=budgets,
                          validate_strategies=strategies,
-                         validation_requests=4 if a.validation_requests is None else a.validation_requests)
+                         validation_requests=4 if a.validation_requests is None else a.validation_requests,
+                         search_stand_in=a.search_stand_in, search_weighting=a.search_weighting)
     profile.save(a.out)
     print(f"wrote {a.out}: {profile.num_requests} requests, {profile.tokens} tokens")
     for method, r in profile.search.items():
@@ -122,6 +125,7 @@ def cmd_eval(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     strategies = _split(a.strategies, str)
     settings = EvalSettings(strategies=strategies, budgets=_split(a.budgets, int), speedups=_split(a.speedups, float),
+                            stand_ins=_split(a.stand_ins, str), min_agreements=_split(a.min_agreement, float),
                             tasks=_split(a.tasks, str), window_len=a.window_len, max_windows=a.windows,
                             retrieval_lengths=_split(a.retrieval_lengths, int),
                             retrieval_depths=_split(a.retrieval_depths, float),
@@ -144,7 +148,8 @@ def cmd_eval(a) -> None:
         print(f"calibrating on {' '.join(a.calibration_data)} ({a.num_requests} x {a.prompt_len} tokens)")
         profile = _calibrate(model, tokenizer, a.calibration_data, a.num_requests, a.prompt_len, searches,
                              max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
-                             a.search_candidates, a.search_requests)
+                             a.search_candidates, a.search_requests, search_stand_in=a.search_stand_in,
+                             search_weighting=a.search_weighting)
         profile.save(out / "profile.json")
     documents = []
     if "ppl" in settings.tasks:
@@ -200,7 +205,8 @@ def _build_plan(a, model):
         else:
             budget = {"alpha": a.alpha} if a.alpha is not None else {"num_sublayers": a.num_sublayers}
     return plan(profile, num_layers=model.args.num_layers, strategy=a.strategy, planner=a.planner,
-                context_len=a.context_len, mode=a.mode, window=a.window, model_args=model.args, **budget)
+                context_len=a.context_len, mode=a.mode, window=a.window, model_args=model.args,
+                stand_in=a.stand_in, **budget)
 
 
 def _check_tolerance(a) -> None:
@@ -316,6 +322,7 @@ Below, the same question about a long essay is answered by the full model and wi
 
 def main(argv=None) -> None:
     from .skipping.strategies import STRATEGIES
+    from .runtime.stand_in import KINDS as STAND_IN_KINDS
 
     p = argparse.ArgumentParser(prog="adaskip", description="Adaptive sublayer skipping for long-context inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -327,10 +334,14 @@ def main(argv=None) -> None:
 
     def search_args(q):
         q.add_argument("--search-candidates", type=int,
-                       help="loss and blockpruner searches: candidates tried per step, the most similar ones "
-                       "(default: 4 for loss, every remaining sublayer for blockpruner)")
+                       help="loss, blockpruner and kl searches: candidates tried per step, the most similar ones "
+                       "(default: 4 for loss, 6 for kl, every remaining sublayer for blockpruner)")
         q.add_argument("--search-requests", type=int, default=2,
                        help="calibration requests the searches run on")
+        q.add_argument("--search-stand-in", choices=list(STAND_IN_KINDS), default="linear",
+                       help="kl search: the stand-in each candidate is fitted and scored with")
+        q.add_argument("--search-weighting", choices=["late", "uniform"], default="late",
+                       help="kl search: weight of each position in the KL (late: proportional to position)")
 
     c = sub.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")
     common(c)
@@ -339,7 +350,7 @@ def main(argv=None) -> None:
     c.add_argument("--prompt-len", type=int, default=4096)
     c.add_argument("--out", required=True)
     search_args(c)
-    c.add_argument("--search", help="also run greedy searches: similarity, loss, blockpruner (comma-separated)")
+    c.add_argument("--search", help="also run greedy searches: similarity, loss, blockpruner, kl (comma-separated)")
     c.add_argument("--search-max", type=int, default=16, help="largest budget the search covers (sublayers)")
     c.add_argument("--validate-budgets", help="also measure KL and top-1 agreement with the full model at these "
                    "budgets (sublayers, comma-separated) on held-out windows, for run --min-agreement / --max-kl")
@@ -362,6 +373,9 @@ def main(argv=None) -> None:
                        "most this (with --min-agreement: both)")
         q.add_argument("--strategy", default="adaskip",
                        choices=list(STRATEGIES))
+        q.add_argument("--stand-in", choices=list(STAND_IN_KINDS),
+                       help="what replaces a skipped sublayer (channel / linear: greedy-kl only; default: the kind "
+                       "its search scored with, scalar for the other strategies)")
         q.add_argument("--planner", choices=["paper", "cost"], default="paper")
         q.add_argument("--context-len", type=int, help="context length the cost planner plans for")
         q.add_argument("--mode", choices=["prefill", "decode", "e2e"], default="e2e")
@@ -397,6 +411,11 @@ def main(argv=None) -> None:
     e.add_argument("--strategies", default="adaskip,early-exit,skipdecode,unified,shortgpt",
                    help=f"comma-separated, from {', '.join(s for s in STRATEGIES if s != 'full')}")
     e.add_argument("--budgets", default="4,8,12,16", help="numbers of skipped sublayers")
+    e.add_argument("--stand-ins", default="", help="greedy-kl: compare these stand-ins (comma-separated: scalar, "
+                   "channel, linear) on the same search's choices")
+    e.add_argument("--min-agreement", default="", help="also the fastest validated plan of each strategy with at "
+                   "least these top-1 agreements (comma-separated; profile validated with calibrate "
+                   "--validate-budgets)")
     e.add_argument("--speedups", default="", help="also compare at these predicted speedups (equal time)")
     e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
     e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")

@@ -82,6 +82,26 @@ inline void check_gates_scales(const at::Tensor& gates, const at::Tensor& scales
   TORCH_CHECK_VALUE(scales.is_contiguous(), "adaskip: 'scales' must be contiguous");
 }
 
+// channel_scales: a float32 per-channel compensation table, contiguous, on `device`:
+// [hidden] when num_sublayers < 0 (one skipped sublayer), else [num_sublayers, hidden].
+// Mirrored by check_channel_scales in adaskip/ops/reference.py (same messages).
+inline void check_channel_scales(const at::Tensor& cs, int64_t num_sublayers, int64_t hidden,
+                                 const at::Device& device) {
+  check_cuda(cs, "channel_scales", device);
+  TORCH_CHECK_VALUE(cs.scalar_type() == at::kFloat, "adaskip: 'channel_scales' must be float32, got ",
+                    cs.scalar_type());
+  if (num_sublayers < 0) {
+    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == hidden,
+                      "adaskip: 'channel_scales' must be [hidden] = [", hidden, "], got shape ",
+                      cs.sizes());
+  } else {
+    TORCH_CHECK_VALUE(cs.dim() == 2 && cs.size(0) == num_sublayers && cs.size(1) == hidden,
+                      "adaskip: 'channel_scales' must be [num_sublayers, hidden] = [", num_sublayers,
+                      ", ", hidden, "], got shape ", cs.sizes());
+  }
+  TORCH_CHECK_VALUE(cs.is_contiguous(), "adaskip: 'channel_scales' must be contiguous");
+}
+
 // Valid lengths of right-padded sequences, as int32 on the device (values are clamped to
 // [0, seq] on the device: checking them here would need a host sync).
 inline std::optional<at::Tensor> prepare_seq_lens(const std::optional<at::Tensor>& seq_lens,
@@ -97,5 +117,11 @@ inline std::optional<at::Tensor> prepare_seq_lens(const std::optional<at::Tensor
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A per-channel table row read with the row's vector index: VEC floats (16 bytes per VEC of a
+// 16-bit dtype: 32) from p + i * VEC, so p must be aligned to VEC floats. Null passes.
+inline bool channel_aligned(const float* p, int64_t vec) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (vec * sizeof(float)) == 0;
+}
 
 }  // namespace adaskip

@@ -17,11 +17,14 @@ namespace adaskip {
 namespace {
 
 // One block per token. A sequence whose gate is not SKIP returns at once; otherwise its
-// residual becomes scale * residual (the compensation that stands in for the sublayer).
+// residual becomes scale * residual (the compensation that stands in for the sublayer), or with
+// a per-channel table row `channel` ([hidden], read with the row's vector index)
+// residual[h] * (scale * channel[h]): product and multiply in fp32, rounded once.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(1024)
 skip_or_scale_kernel(T* __restrict__ residual, Rows rows, int hidden, int seq,
-                     const uint8_t* __restrict__ gates, const float* __restrict__ scales) {
+                     const uint8_t* __restrict__ gates, const float* __restrict__ scales,
+                     const float* __restrict__ channel) {
   const int64_t token = blockIdx.x;
   const int64_t b = token / seq;
   if (gates[b] != GATE_SKIP) return;
@@ -29,8 +32,15 @@ skip_or_scale_kernel(T* __restrict__ residual, Rows rows, int hidden, int seq,
   T* row = residual + row_offset(rows, b, token % seq);
   for (int i = threadIdx.x; i < hidden / VEC; i += blockDim.x) {
     Vec<T, VEC> v = load_vec<T, VEC>(row + i * VEC);
+    if (channel != nullptr) {
+      const Vec<float, VEC> c = load_vec<float, VEC>(channel + i * VEC);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(static_cast<float>(v.v[j]) * scale);
+      for (int j = 0; j < VEC; ++j)
+        v.v[j] = static_cast<T>(static_cast<float>(v.v[j]) * (scale * c.v[j]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v.v[j] = static_cast<T>(static_cast<float>(v.v[j]) * scale);
+    }
     store_vec<T, VEC>(row + i * VEC, v);
   }
 }
@@ -66,7 +76,7 @@ __global__ void update_gates_kernel(const float* __restrict__ stats, uint8_t* __
 }  // namespace
 
 void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tensor& scales,
-                   int64_t sublayer) {
+                   int64_t sublayer, const std::optional<at::Tensor>& channel_scales) {
   const at::Device device = residual.device();
   check_cuda(residual, "residual", device);
   check_float_dtype(residual, "residual");
@@ -76,6 +86,8 @@ void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tens
                     " sequences but 'residual' has batch ", rs.batch);
   TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates.size(0), "adaskip: 'sublayer' ", sublayer,
                     " is out of range for 'gates' with ", gates.size(0), " sublayers");
+  if (channel_scales.has_value())
+    check_channel_scales(*channel_scales, gates.size(0), rs.hidden, device);
   const int64_t tokens = rs.batch * rs.seq;
   if (tokens == 0) return;
 
@@ -83,21 +95,25 @@ void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const uint8_t* g = gates.data_ptr<uint8_t>() + sublayer * rs.batch;
   const float* sc = scales.data_ptr<float>() + sublayer * rs.batch;
+  const float* ch = channel_scales.has_value()
+                        ? channel_scales->data_ptr<float>() + sublayer * rs.hidden
+                        : nullptr;
   const int hidden = static_cast<int>(rs.hidden);
   const int seq = static_cast<int>(rs.seq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, residual.scalar_type(), "skip_or_scale", [&] {
     using T = scalar_t;
     constexpr int kVec = 16 / sizeof(T);
     const bool vectorize = rs.hidden % kVec == 0 && rs.rows.stride_batch % kVec == 0 &&
-                           rs.rows.stride_seq % kVec == 0 && aligned16(residual.data_ptr());
+                           rs.rows.stride_seq % kVec == 0 && aligned16(residual.data_ptr()) &&
+                           channel_aligned(ch, kVec);
     const int threads = static_cast<int>(std::min<int64_t>(
         1024, std::max<int64_t>(32, ((rs.hidden / (vectorize ? kVec : 1)) + 31) / 32 * 32)));
     if (vectorize) {
       skip_or_scale_kernel<T, kVec><<<tokens, threads, 0, stream>>>(residual.data_ptr<T>(), rs.rows,
-                                                                    hidden, seq, g, sc);
+                                                                    hidden, seq, g, sc, ch);
     } else {
       skip_or_scale_kernel<T, 1><<<tokens, threads, 0, stream>>>(residual.data_ptr<T>(), rs.rows,
-                                                                 hidden, seq, g, sc);
+                                                                 hidden, seq, g, sc, ch);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

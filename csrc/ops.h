@@ -8,23 +8,27 @@
 namespace adaskip {
 
 // gates / scales (both or neither): a sequence whose gate of `sublayer` is SKIP gets
-// residual *= scale instead of residual += x (x is not read there).
+// residual *= scale instead of residual += x (x is not read there). channel_scales (optional,
+// only with gates; float32 [num_sublayers, hidden]): residual[h] *= scale * channel_scales[h].
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
                         const std::optional<at::Tensor>& stats, int64_t sublayer,
                         const std::optional<at::Tensor>& seq_lens,
                         const std::optional<at::Tensor>& gates,
-                        const std::optional<at::Tensor>& scales);
+                        const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& channel_scales);
 
 // A sublayer skipped for every sequence: residual *= scale, x = RMSNorm(residual) * weight; x is
-// only written.
+// only written. channel_scales (optional, float32 [hidden]): residual[h] *= scale *
+// channel_scales[h] instead, the product formed in fp32.
 void scale_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
-                    double scale);
+                    double scale, const std::optional<at::Tensor>& channel_scales);
 
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,
                          int64_t sublayer, const std::optional<at::Tensor>& seq_lens);
 
+// channel_scales (optional, float32 [num_sublayers, hidden]): as in fused_add_rms_norm.
 void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tensor& scales,
-                   int64_t sublayer);
+                   int64_t sublayer, const std::optional<at::Tensor>& channel_scales);
 
 // running (optional, bool [num_sublayers]): afterwards, whether any sequence's gate of each
 // sublayer is not SKIP (the predicate of a CUDA-graph conditional node around that sublayer).

@@ -10,14 +10,16 @@ TORCH_LIBRARY(adaskip, m) {
   m.def(
       "fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
       "Tensor(c!)? stats=None, int sublayer=0, Tensor? seq_lens=None, Tensor? gates=None, "
-      "Tensor? scales=None) -> ()");
+      "Tensor? scales=None, Tensor? channel_scales=None) -> ()");
   m.def(
-      "scale_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, float scale) "
-      "-> ()");
+      "scale_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, float scale, "
+      "Tensor? channel_scales=None) -> ()");
   m.def(
       "io_similarity_stats(Tensor before, Tensor after, Tensor(a!) stats, int sublayer, "
       "Tensor? seq_lens=None) -> ()");
-  m.def("skip_or_scale(Tensor(a!) residual, Tensor gates, Tensor scales, int sublayer) -> ()");
+  m.def(
+      "skip_or_scale(Tensor(a!) residual, Tensor gates, Tensor scales, int sublayer, "
+      "Tensor? channel_scales=None) -> ()");
   m.def(
       "update_gates(Tensor stats, Tensor(a!) gates, Tensor(b!) scales, int window, float beta, "
       "Tensor(c!)? running=None) -> ()");

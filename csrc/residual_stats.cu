@@ -10,7 +10,10 @@
 // b = a * scale instead: the sublayer was not run, x holds nothing (it is not read), and the
 // compensation is folded into the same pass, so a gated-off FFN costs no extra kernel. A
 // sublayer that a plan skips for every sequence takes the same path with one host scale
-// (scale_rms_norm): its compensation and the next norm are one launch.
+// (scale_rms_norm): its compensation and the next norm are one launch. With a per-channel table
+// (channel_scales), a skipped row takes b[h] = a[h] * (scale * channel_scales[h]) instead: the
+// product formed in fp32, the multiply in fp32, rounded once to the storage dtype; the table is
+// read with the row's vector index.
 //
 // Statistics are deterministic: each token's values go to a scratch buffer and a second kernel
 // sums each sequence's tokens in a fixed order (no float atomics). With one token per sequence
@@ -44,6 +47,7 @@ struct GateArgs {
   const float* scales;   // scales[sublayer] : [batch]
   bool skip_all;         // every sequence skips the sublayer, with scale_all (gates unused)
   float scale_all;
+  const float* channel_scales;  // [hidden] table row of this sublayer, or null: scale alone
 };
 
 // Per-token cosine and norm ratio from the three sums; both are 0 for a zero `a`.
@@ -71,19 +75,23 @@ residual_rows_kernel(T* __restrict__ first, Rows first_rows, T* __restrict__ sec
   const bool skipped =
       ADD_NORM && (gate.skip_all || (gate.gates != nullptr && gate.gates[b_idx] == GATE_SKIP));
   const float scale = !skipped ? 1.f : gate.skip_all ? gate.scale_all : gate.scales[b_idx];
+  const float* channel = skipped ? gate.channel_scales : nullptr;  // uniform per block too
 
   float sums[3] = {0.f, 0.f, 0.f};  // a.a, b.b, a.b
   for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
     Vec<T, VEC> fv;
     if (!skipped) fv = load_vec<T, VEC>(first_row + i * VEC);
     Vec<T, VEC> sv = load_vec<T, VEC>(second_row + i * VEC);
+    Vec<float, VEC> cv;
+    if (channel != nullptr) cv = load_vec<float, VEC>(channel + i * VEC);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float a, b;
       if constexpr (ADD_NORM) {
         a = static_cast<float>(sv.v[j]);
-        // Rounded like torch's a + x, and like skip_or_scale's a * scale.
-        sv.v[j] = static_cast<T>(skipped ? a * scale : a + static_cast<float>(fv.v[j]));
+        const float factor = channel != nullptr ? scale * cv.v[j] : scale;
+        // Rounded like torch's a + x, and like skip_or_scale's a * scale (* channel).
+        sv.v[j] = static_cast<T>(skipped ? a * factor : a + static_cast<float>(fv.v[j]));
         b = static_cast<float>(sv.v[j]);
       } else {
         a = static_cast<float>(fv.v[j]);
@@ -200,15 +208,17 @@ void launch_rows(T* first, const RowShape& fs, T* second, const RowShape& ss, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 16-byte accesses need every row start 16-byte aligned: hidden, strides and base pointers.
+// 16-byte accesses need every row start 16-byte aligned: hidden, strides and base pointers;
+// a per-channel table row, VEC floats at a time, aligned to VEC floats.
 bool can_vectorize(const at::Tensor& a, const RowShape& ra, const at::Tensor& b,
-                   const RowShape& rb, const at::Tensor* weight) {
+                   const RowShape& rb, const at::Tensor* weight, const float* channel) {
   const int64_t vec = 16 / a.element_size();
   auto ok_rows = [vec](const RowShape& r) {
     return r.rows.stride_batch % vec == 0 && r.rows.stride_seq % vec == 0;
   };
   return ra.hidden % vec == 0 && ok_rows(ra) && ok_rows(rb) && aligned16(a.data_ptr()) &&
-         aligned16(b.data_ptr()) && (weight == nullptr || aligned16(weight->data_ptr()));
+         aligned16(b.data_ptr()) && (weight == nullptr || aligned16(weight->data_ptr())) &&
+         channel_aligned(channel, vec);
 }
 
 // Shared body of both ops: checks, scratch, dispatch on dtype / vector width / statistics.
@@ -219,7 +229,8 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
               const std::optional<at::Tensor>& seq_lens,
               const std::optional<at::Tensor>& gates = std::nullopt,
               const std::optional<at::Tensor>& scales = std::nullopt,
-              const std::optional<double> skip_scale = std::nullopt) {
+              const std::optional<double> skip_scale = std::nullopt,
+              const std::optional<at::Tensor>& channel_scales = std::nullopt) {
   const at::Device device = first.device();
   check_cuda(first, first_name, device);
   check_cuda(second, second_name, device);
@@ -251,7 +262,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   TORCH_CHECK_VALUE(gates.has_value() == scales.has_value(),
                     "adaskip: pass 'gates' and 'scales' together");
   GateArgs gate{nullptr, nullptr, skip_scale.has_value(),
-                static_cast<float>(skip_scale.value_or(1.0))};
+                static_cast<float>(skip_scale.value_or(1.0)), nullptr};
   if (skip_scale.has_value()) {
     TORCH_CHECK_VALUE(std::isfinite(*skip_scale), "adaskip: 'scale' must be finite, got ",
                       *skip_scale);
@@ -265,6 +276,17 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
                       " is out of range for 'gates' with ", gates->size(0), " sublayers");
     gate.gates = gates->data_ptr<uint8_t>() + sublayer * fs.batch;
     gate.scales = scales->data_ptr<float>() + sublayer * fs.batch;
+  }
+  if (channel_scales.has_value()) {
+    if (skip_scale.has_value()) {
+      check_channel_scales(*channel_scales, -1, fs.hidden, device);
+      gate.channel_scales = channel_scales->data_ptr<float>();
+    } else {
+      TORCH_CHECK_VALUE(gates.has_value(), "adaskip: 'channel_scales' is only allowed together ",
+                        "with 'gates' and 'scales'");
+      check_channel_scales(*channel_scales, gates->size(0), fs.hidden, device);
+      gate.channel_scales = channel_scales->data_ptr<float>() + sublayer * fs.hidden;
+    }
   }
   const std::optional<at::Tensor> lens = prepare_seq_lens(seq_lens, fs.batch, device);
 
@@ -284,7 +306,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
       st.token_stats = scratch.data_ptr<float>();
     }
   }
-  const bool vectorize = can_vectorize(first, fs, second, ss, weight);
+  const bool vectorize = can_vectorize(first, fs, second, ss, weight, gate.channel_scales);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "adaskip_rows", [&] {
     using T = scalar_t;
@@ -313,15 +335,16 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
                         const std::optional<at::Tensor>& stats, int64_t sublayer,
                         const std::optional<at::Tensor>& seq_lens,
                         const std::optional<at::Tensor>& gates,
-                        const std::optional<at::Tensor>& scales) {
+                        const std::optional<at::Tensor>& scales,
+                        const std::optional<at::Tensor>& channel_scales) {
   run_rows<true>(x, "x", residual, "residual", &weight, eps, stats, sublayer, seq_lens, gates,
-                 scales);
+                 scales, std::nullopt, channel_scales);
 }
 
 void scale_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps,
-                    double scale) {
+                    double scale, const std::optional<at::Tensor>& channel_scales) {
   run_rows<true>(x, "x", residual, "residual", &weight, eps, std::nullopt, 0, std::nullopt,
-                 std::nullopt, std::nullopt, scale);
+                 std::nullopt, std::nullopt, scale, channel_scales);
 }
 
 void io_similarity_stats(const at::Tensor& before, const at::Tensor& after, at::Tensor& stats,

@@ -18,6 +18,8 @@ def _samples(device, dtype):
     gates = torch.tensor([[1, 0], [2, 1], [0, 0]], dtype=torch.uint8, device=device)
     scales = torch.rand(3, 2, generator=g).to(device) + 0.5
     acc = torch.tensor([[[18.0, 20.0, 20.0], [5.0, 20.0, 20.0]]] * 3, device=device)
+    # Per-channel compensation tables: float32 whatever the activations' dtype; read only.
+    ch = lambda *s: (torch.rand(*s, generator=g) + 0.5).to(device)  # noqa: E731
     samples = [
         ("fused_add_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, stats.clone(), 1, lens)),
         ("fused_add_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, None, 0, None)),
@@ -26,6 +28,13 @@ def _samples(device, dtype):
         ("scale_rms_norm", (r(7, 40), r(7, 40), r(40), 1e-5, 1 / 3)),
         ("io_similarity_stats", (r(2, 5, 24), r(2, 5, 24), stats.clone(), 2, None)),
         ("skip_or_scale", (r(2, 3, 16), gates, scales, 1)),
+        ("fused_add_rms_norm", (r(2, 1, 64), r(2, 1, 64), r(64), 1e-6, stats.clone(), 1, None, gates, scales,
+                                ch(3, 64))),
+        ("fused_add_rms_norm", (r(2, 3, 40), r(2, 3, 40), r(40), 1e-5, None, 0, None, gates, scales, ch(3, 40))),
+        ("scale_rms_norm", (r(2, 5, 64), r(2, 5, 64), r(64), 1e-6, 0.8, ch(64))),
+        ("scale_rms_norm", (r(7, 37), r(7, 37), r(37), 1e-5, 1 / 3, ch(37))),
+        ("skip_or_scale", (r(2, 3, 16), gates, scales, 1, ch(3, 16))),
+        ("skip_or_scale", (r(2, 3, 13), gates, scales, 0, ch(3, 13))),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8, torch.ones(3, dtype=torch.bool, device=device))),
     ]

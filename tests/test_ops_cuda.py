@@ -397,3 +397,243 @@ def test_gated_gemvs_flip_inside_a_cuda_graph():
     gates.fill_(ops.GATE_SKIP)  # flipped on the device; the same graph now skips the GEMV
     graph.replay()
     assert out.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel compensation tables (channel_scales)
+
+# Hidden sizes: multiples of 8 (vectorized for every dtype), 4092 (vectorized for fp32 only), odd ones and
+# 1 (scalar path); 2-D and 3-D; decode rows and prefill rows.
+CHANNEL_SHAPES = [(1, 4096), (3, 1, 4096), (2, 37, 576), (2, 5, 577), (1, 3, 4099), (2, 2, 4092),
+                  (1, 5, 16384), (4, 17, 13), (2, 2, 1), (3, 3)]
+GATED_CHANNEL_SHAPES = [(3, 1, 4096), (3, 1, 577), (3, 40, 576), (3, 2, 4092), (3, 4, 13), (3, 2, 1), (5, 4099)]
+
+
+def _channel_table(shape, gen, table="aligned"):
+    """float32 per-channel scales on the GPU. 'offset': a contiguous view one float past an aligned start,
+    so its rows cannot be read a vector at a time (the kernels must fall back to the scalar path)."""
+    t = torch.rand(shape, generator=gen) * 2 + 0.25
+    if table == "aligned":
+        return t.cuda()
+    base = torch.full((t.numel() + 1,), float("nan"), device="cuda")
+    view = base[1:].view(shape)
+    view.copy_(t)
+    return view
+
+
+def _channel_gates(num_sublayers, batch, device="cuda"):
+    """Sublayer 1: RUN, SKIP, UNDECIDED, ...; sublayer 2: SKIP, RUN, SKIP, ...; sublayer 0 all RUN."""
+    cycles = [[ops.GATE_RUN], [ops.GATE_RUN, ops.GATE_SKIP, ops.GATE_UNDECIDED], [ops.GATE_SKIP, ops.GATE_RUN]]
+    return torch.tensor([[c[b % len(c)] for b in range(batch)] for c in cycles[:num_sublayers]],
+                        dtype=torch.uint8, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("table", ["aligned", "offset"])
+def test_scale_rms_norm_with_channel_scales_matches_reference(dtype, shape, layout, table):
+    """x poisoned (only written); residual bit-identical to the reference's fp32 product and multiply."""
+    g = torch.Generator().manual_seed(21)
+    x, x_base = _tensor(shape, dtype, layout, g)
+    residual, r_base = _tensor(shape, dtype, layout, g, scale=4.0)
+    x.fill_(float("nan"))
+    x_base_before, r_base_before = x_base.clone(), r_base.clone()
+    weight = rand((shape[-1],), dtype, "cuda", g)
+    channel = _channel_table((shape[-1],), g, table)
+    channel_before = channel.clone()
+    xc, rc, wc, cc = _cpu(x, residual, weight, channel)
+    scale = 0.6180339887
+
+    ops.scale_rms_norm(x, residual, weight, 1e-5, scale, channel_scales=channel)
+    ref.scale_rms_norm(xc, rc, wc, 1e-5, scale, cc)
+
+    assert torch.equal(residual.cpu(), rc)
+    assert torch.equal(channel, channel_before)  # read only
+    assert x.isfinite().all()
+    torch.testing.assert_close(x.cpu(), xc, **_out_tols(dtype))
+    if x_base is not x:
+        hidden = shape[-1]
+        outside = (lambda t: t[..., hidden:]) if layout != "misaligned" else (lambda t: t[:1])
+        assert torch.equal(outside(x_base), outside(x_base_before))
+        assert torch.equal(outside(r_base), outside(r_base_before))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GATED_CHANNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
+@pytest.mark.parametrize("table", ["aligned", "offset"])
+@pytest.mark.parametrize("sublayer", [1, 2])
+def test_gated_fused_add_rms_norm_with_channel_scales_matches_reference(dtype, shape, layout, table, sublayer):
+    """Gated-off sequences have NaN in x (never read) and take residual * (scale * channel_scales[sublayer]).
+    Statistics on for sublayer 2."""
+    with_stats = sublayer == 2
+    g = torch.Generator().manual_seed(22)
+    batch = 1 if len(shape) == 2 else shape[0]
+    x, _ = _tensor(shape, dtype, layout, g)
+    residual, _ = _tensor(shape, dtype, layout, g, scale=3.0)
+    weight = rand((shape[-1],), dtype, "cuda", g)
+    gates = _channel_gates(3, batch)
+    skip = gates[sublayer] == ops.GATE_SKIP
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
+    x3[skip] = float("nan")
+    scales = (torch.rand(3, batch, generator=g) + 0.5).cuda()
+    channel = _channel_table((3, shape[-1]), g, table)
+    stats = torch.rand(3, batch, 3, generator=g).cuda() if with_stats else None
+    xc, rc, wc, sc, gc, scc, cc = _cpu(x, residual, weight, stats, gates, scales, channel)
+
+    ops.fused_add_rms_norm(x, residual, weight, 1e-5, stats=stats, sublayer=sublayer, gates=gates, scales=scales,
+                           channel_scales=channel)
+    ref.fused_add_rms_norm(xc, rc, wc, 1e-5, sc, sublayer, None, gc, scc, cc)
+
+    assert torch.equal(residual.cpu(), rc)
+    torch.testing.assert_close(x.cpu(), xc, **_out_tols(dtype))
+    assert not x.isnan().any()
+    if with_stats:
+        torch.testing.assert_close(stats.cpu(), sc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 4096), (3, 50, 577), (2, 5, 8192), (3, 2, 4092), (3, 4, 13), (3, 2, 1),
+                                   (5, 4099)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
+@pytest.mark.parametrize("table", ["aligned", "offset"])
+def test_skip_or_scale_with_channel_scales_matches_reference(dtype, shape, layout, table):
+    g = torch.Generator().manual_seed(23)
+    batch = 1 if len(shape) == 2 else shape[0]
+    residual, _ = _tensor(shape, dtype, layout, g)
+    gates = _channel_gates(3, batch)
+    scales = (torch.rand(3, batch, generator=g) + 0.5).cuda()
+    channel = _channel_table((3, shape[-1]), g, table)
+    rc, gc, scc, cc = _cpu(residual, gates, scales, channel)
+    before = residual.clone()
+    for sub in (0, 1, 2):
+        ops.skip_or_scale(residual, gates, scales, sub, channel_scales=channel)
+        ref.skip_or_scale(rc, gc, scc, sub, cc)
+        assert torch.equal(residual.cpu(), rc)
+    assert not torch.equal(residual, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1, 4096), (2, 7, 577), (3, 2, 1)], ids=str)
+def test_channel_scales_of_ones_give_the_no_table_result(dtype, shape):
+    g = torch.Generator().manual_seed(24)
+    hidden, batch = shape[-1], shape[0]
+    x, residual = rand(shape, dtype, "cuda", g), rand(shape, dtype, "cuda", g, scale=3.0)
+    weight = rand((hidden,), dtype, "cuda", g)
+    gates = _channel_gates(3, batch)
+    scales = (torch.rand(3, batch, generator=g) + 0.5).cuda()
+    ones = torch.ones(3, hidden, device="cuda")
+    for call in (lambda xx, rr, t: ops.scale_rms_norm(xx, rr, weight, 1e-5, 0.37, None if t is None else t[0]),
+                 lambda xx, rr, t: ops.fused_add_rms_norm(xx, rr, weight, 1e-5, sublayer=2, gates=gates,
+                                                          scales=scales, channel_scales=t),
+                 lambda xx, rr, t: ops.skip_or_scale(rr, gates, scales, 1, t)):
+        (x1, r1), (x2, r2) = (x.clone(), residual.clone()), (x.clone(), residual.clone())
+        call(x1, r1, None)
+        call(x2, r2, ones)
+        assert torch.equal(r1, r2) and torch.equal(x1, x2)
+
+
+def test_bad_channel_scales_are_refused_like_the_reference():
+    """The kernels refuse what the reference refuses, with the same message up to the printed
+    dtype / shape; nothing is written."""
+    from test_ops_reference import channel_scales_bad_calls
+
+    cpu_cases, _, _ = channel_scales_bad_calls("cpu")
+    cuda_cases, x, residual = channel_scales_bad_calls("cuda")
+    x_before, r_before = x.clone(), residual.clone()
+    assert [c[0] for c in cpu_cases] == [c[0] for c in cuda_cases]
+    for (name, cpu_call), (_, cuda_call) in zip(cpu_cases, cuda_cases):
+        with pytest.raises(ValueError, match="'channel_scales'") as cpu_err:
+            cpu_call()
+        with pytest.raises(ValueError, match="'channel_scales'") as cuda_err:
+            cuda_call()
+        assert str(cuda_err.value).split(", got")[0] == str(cpu_err.value).split(", got")[0], name
+    assert torch.equal(x, x_before) and torch.equal(residual, r_before)
+
+
+def test_channel_scales_on_another_device_are_refused():
+    x, r, w = torch.randn(2, 3, 8, device="cuda"), torch.randn(2, 3, 8, device="cuda"), torch.ones(8, device="cuda")
+    gates, scales = ops.new_gates(2, 2, "cuda", state=ops.GATE_SKIP), ops.new_scales(2, 2, "cuda")
+    r_before = r.clone()
+    with pytest.raises(ValueError, match="'channel_scales'"):
+        ops.scale_rms_norm(x, r, w, 1e-6, 0.5, channel_scales=torch.ones(8))
+    with pytest.raises(ValueError, match="'channel_scales'"):
+        ops.fused_add_rms_norm(x, r, w, 1e-6, gates=gates, scales=scales, channel_scales=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="'channel_scales'"):
+        ops.skip_or_scale(r, gates, scales, 0, channel_scales=torch.ones(2, 8))
+    assert torch.equal(r, r_before)
+
+
+def _channel_step(x, residual, ffn_in, w_attn, w_ffn, gates, scales, table, vector):
+    """A decode step with per-channel compensation: the gated attention add (seq-dependent), a
+    gated sublayer compensated on its own, and a plan-skipped FFN (scale + table, then the norm)."""
+    ops.fused_add_rms_norm(x, residual, w_attn, 1e-6, sublayer=0, gates=gates, scales=scales, channel_scales=table)
+    ops.skip_or_scale(residual, gates, scales, 1, channel_scales=table)
+    ops.scale_rms_norm(ffn_in, residual, w_ffn, 1e-6, 0.9, channel_scales=vector)
+
+
+@pytest.mark.parametrize("hidden", [1024, 1001])  # vectorized; scalar path
+def test_channel_scales_in_a_cuda_graph_follow_device_side_updates(hidden):
+    """Captured once; gates and both tables change on the device between replays: bit-identical to eager."""
+    g = torch.Generator().manual_seed(25)
+    batch, steps = 3, 4
+    w_attn, w_ffn = rand((hidden,), torch.bfloat16, "cuda", g), rand((hidden,), torch.bfloat16, "cuda", g)
+    base_residual = rand((batch, 1, hidden), torch.bfloat16, "cuda", g, scale=8.0)
+    gate_steps = [torch.randint(0, 3, (2, batch), generator=g, dtype=torch.uint8).cuda() for _ in range(steps)]
+    gate_steps[0][:, 0] = ops.GATE_SKIP
+    scale_steps = [(torch.rand(2, batch, generator=g) + 0.5).cuda() for _ in range(steps)]
+    table_steps = [(torch.rand(2, hidden, generator=g) + 0.5).cuda() for _ in range(steps)]
+    vector_steps = [(torch.rand(hidden, generator=g) + 0.5).cuda() for _ in range(steps)]
+    inputs = []
+    for t in range(steps):
+        xt = rand((batch, 1, hidden), torch.bfloat16, "cuda", g)
+        xt[gate_steps[t][0] == ops.GATE_SKIP] = float("nan")  # gated off: never read
+        inputs.append(xt)
+
+    residual, ffn_in = base_residual.clone(), torch.empty_like(base_residual)
+    eager = []
+    for t in range(steps):
+        ffn_in.fill_(float("nan"))
+        _channel_step(inputs[t].clone(), residual, ffn_in, w_attn, w_ffn, gate_steps[t], scale_steps[t],
+                      table_steps[t], vector_steps[t])
+        eager.append((ffn_in.clone(), residual.clone()))
+
+    gx, gres, gffn = torch.empty_like(base_residual), base_residual.clone(), torch.empty_like(base_residual)
+    ggates, gscales = gate_steps[0].clone(), scale_steps[0].clone()
+    gtable, gvector = table_steps[0].clone(), vector_steps[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _channel_step(gx.clone().zero_(), gres.clone(), gffn.clone(), w_attn, w_ffn, ggates, gscales, gtable, gvector)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _channel_step(gx, gres, gffn, w_attn, w_ffn, ggates, gscales, gtable, gvector)
+    gres.copy_(base_residual)
+    for t in range(steps):
+        gx.copy_(inputs[t])
+        ggates.copy_(gate_steps[t]), gscales.copy_(scale_steps[t])
+        gtable.copy_(table_steps[t]), gvector.copy_(vector_steps[t])
+        gffn.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(gffn, eager[t][0]) and torch.equal(gres, eager[t][1])
+    assert gffn.isfinite().all()
+
+
+def test_channel_scales_ops_never_sync_with_the_host():
+    g = torch.Generator().manual_seed(26)
+    x, r = rand((2, 33, 4096), torch.bfloat16, "cuda", g), rand((2, 33, 4096), torch.bfloat16, "cuda", g)
+    w = rand((4096,), torch.bfloat16, "cuda", g)
+    gates, scales = ops.new_gates(2, 2, "cuda", state=ops.GATE_SKIP), ops.new_scales(2, 2, "cuda")
+    table, vector = torch.ones(2, 4096, device="cuda"), torch.ones(4096, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.fused_add_rms_norm(x, r, w, sublayer=1, gates=gates, scales=scales, channel_scales=table)
+        ops.skip_or_scale(r, gates, scales, 0, channel_scales=table)
+        ops.scale_rms_norm(x, r, w, 1e-6, 0.9, channel_scales=vector)
+        ops.scale_rms_norm(x[:, 0], r[:, 0], w, 1e-6, 1.1, channel_scales=vector)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

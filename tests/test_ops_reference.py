@@ -398,3 +398,208 @@ def test_gated_gemv_errors():
     for call, needle in cases:
         with pytest.raises((ValueError, RuntimeError), match=needle):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel compensation tables (channel_scales)
+
+# Hidden sizes 1 and 3 (below any vector width), 577 and 4099 (odd, not a multiple of 8); 2-D and 3-D.
+CHANNEL_SHAPES = [(5, 1), (2, 1, 3), (4, 577), (2, 3, 577), (3, 4099), (1, 2, 4099)]
+
+
+def oracle_channel(a, scale, channel):
+    """Emulated in float64: the fp32 product scale * channel[h] (exact in float64, then rounded once to
+    fp32), a * that (exact in float64, rounded once to fp32), then rounded to a's dtype. scale: a float
+    (taken as fp32, as the op takes it) or a float32 tensor broadcasting against a."""
+    s = torch.as_tensor(scale, dtype=torch.float32).double()
+    factor = (s * channel.double()).float().double()
+    return (a.double() * factor).float().to(a.dtype)
+
+
+def _channel_table(shape, gen):
+    """Random per-channel scales in [0.25, 2.25) with a few exact values (1, 0.5, 0) among them."""
+    t = torch.rand(shape, generator=gen) * 2 + 0.25
+    flat = t.view(-1)
+    flat[::7], flat[3::11], flat[5::13] = 1.0, 0.5, 0.0
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("scale", [0.75, 1 / 3, 1e-3])
+def test_scale_rms_norm_with_channel_scales_matches_oracle(dtype, shape, scale):
+    g = torch.Generator().manual_seed(30)
+    hidden = shape[-1]
+    residual = rand(shape, dtype, gen=g, scale=3.0)
+    weight = rand((hidden,), dtype, gen=g)
+    channel = _channel_table((hidden,), g)
+    x = torch.full(shape, float("nan"), dtype=dtype)  # only written
+    a_before, channel_before = residual.clone(), channel.clone()
+    expected = oracle_channel(a_before, scale, channel)
+
+    out = ops.scale_rms_norm(x, residual, weight, 1e-5, scale, channel_scales=channel)
+
+    assert out[0] is x and out[1] is residual
+    assert torch.equal(residual, expected)
+    assert torch.equal(channel, channel_before)  # read only
+    # Within an ulp (two roundings: to fp32, then to the dtype) of the float64 truth.
+    truth = a_before.double() * scale * channel.double()
+    torch.testing.assert_close(residual.double(), truth, rtol=ULP[dtype] + 2 * ULP[torch.float32],
+                               atol=torch.finfo(dtype).tiny * ULP[dtype])
+    assert x.isfinite().all()
+    _, out_true = oracle_add_norm(torch.zeros_like(expected), expected, weight, 1e-5)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+
+
+def _mixed_gates(num_sublayers, batch):
+    """Sublayer 1: RUN, SKIP, UNDECIDED, ... per sequence; sublayer 2: SKIP, RUN, SKIP, ...; others RUN."""
+    gates = ops.new_gates(num_sublayers, batch, state=ops.GATE_RUN)
+    cycle1 = [ops.GATE_RUN, ops.GATE_SKIP, ops.GATE_UNDECIDED]
+    cycle2 = [ops.GATE_SKIP, ops.GATE_RUN]
+    gates[1] = torch.tensor([cycle1[b % 3] for b in range(batch)], dtype=torch.uint8)
+    gates[2] = torch.tensor([cycle2[b % 2] for b in range(batch)], dtype=torch.uint8)
+    return gates
+
+
+# (3, 1, 4099): batch > 1 and decode rows; (2, 577) is one sequence: SKIP under sublayer 2, RUN under 1.
+GATED_CHANNEL_SHAPES = [(3, 2, 1), (3, 1, 3), (4, 3, 577), (2, 577), (3, 1, 4099), (5, 4099)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GATED_CHANNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("sublayer", [1, 2])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_gated_fused_add_rms_norm_with_channel_scales_matches_oracle(dtype, shape, sublayer, with_stats):
+    """Gated-off sequences (x poisoned: never read) get residual * (scale * channel_scales[sublayer]);
+    the others the plain add; every row is normalized."""
+    g = torch.Generator().manual_seed(31 + sublayer)
+    hidden = shape[-1]
+    batch = 1 if len(shape) == 2 else shape[0]
+    x, residual = rand(shape, dtype, gen=g), rand(shape, dtype, gen=g, scale=2.0)
+    weight = rand((hidden,), dtype, gen=g)
+    gates = _mixed_gates(4, batch)
+    scales = torch.rand(4, batch, generator=g) + 0.5
+    channel = _channel_table((4, hidden), g)
+    skip = gates[sublayer] == ops.GATE_SKIP
+    x3 = x.unsqueeze(0) if x.dim() == 2 else x
+    x3[skip] = float("nan")
+    a_before = residual.clone()
+    a3 = a_before.unsqueeze(0) if a_before.dim() == 2 else a_before
+    expected3 = (a3.double() + x3.double()).to(dtype)
+    for b in range(batch):
+        if skip[b]:
+            expected3[b] = oracle_channel(a3[b], scales[sublayer, b].item(), channel[sublayer])
+    expected = expected3.view(shape)
+    stats = ops.new_stats(4, batch) if with_stats else None
+
+    ops.fused_add_rms_norm(x, residual, weight, 1e-5, stats=stats, sublayer=sublayer, gates=gates,
+                           scales=scales, channel_scales=channel)
+
+    assert torch.equal(residual, expected)
+    assert not x.isnan().any()
+    _, out_true = oracle_add_norm(torch.zeros_like(expected), expected, weight, 1e-5)
+    torch.testing.assert_close(x.double(), out_true, **_tols(dtype))
+    if with_stats:
+        torch.testing.assert_close(stats.double(), oracle_stats(a_before, residual, 4, sublayer),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GATED_CHANNEL_SHAPES, ids=str)
+def test_skip_or_scale_with_channel_scales_matches_oracle(dtype, shape):
+    g = torch.Generator().manual_seed(33)
+    hidden = shape[-1]
+    batch = 1 if len(shape) == 2 else shape[0]
+    residual = rand(shape, dtype, gen=g, scale=3.0)
+    gates = _mixed_gates(3, batch)
+    scales = torch.rand(3, batch, generator=g) + 0.5
+    channel = _channel_table((3, hidden), g)
+    expected = residual.clone()
+    e3 = expected.unsqueeze(0) if expected.dim() == 2 else expected
+    for sublayer in (1, 2):
+        for b in range(batch):
+            if gates[sublayer, b] == ops.GATE_SKIP:
+                e3[b] = oracle_channel(e3[b], scales[sublayer, b].item(), channel[sublayer])
+        ops.skip_or_scale(residual, gates, scales, sublayer, channel_scales=channel)
+        assert torch.equal(residual, expected)
+    assert (gates[1:] == ops.GATE_SKIP).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 3), (3, 2, 577), (2, 1, 4099)], ids=str)
+def test_channel_scales_of_ones_give_the_no_table_result(dtype, shape):
+    g = torch.Generator().manual_seed(34)
+    hidden = shape[-1]
+    batch = 1 if len(shape) == 2 else shape[0]
+    residual, x = rand(shape, dtype, gen=g, scale=3.0), rand(shape, dtype, gen=g)
+    weight = rand((hidden,), dtype, gen=g)
+    gates = _mixed_gates(3, batch)
+    scales = torch.rand(3, batch, generator=g) + 0.5
+    ones = torch.ones(3, hidden)
+
+    def both(call):
+        (x1, r1), (x2, r2) = (x.clone(), residual.clone()), (x.clone(), residual.clone())
+        call(x1, r1, None)
+        call(x2, r2, ones)
+        assert torch.equal(r1, r2) and torch.equal(x1, x2)
+        return r1
+
+    for scale in (1 / 3, 0.7, 1e-3):
+        r = both(lambda xx, rr, t: ops.scale_rms_norm(xx, rr, weight, 1e-5, scale,
+                                                    channel_scales=None if t is None else t[0]))
+        assert not torch.equal(r, residual)
+    for sublayer in (1, 2):
+        both(lambda xx, rr, t: ops.fused_add_rms_norm(xx, rr, weight, 1e-5, sublayer=sublayer, gates=gates,
+                                                      scales=scales, channel_scales=t))
+        both(lambda xx, rr, t: ops.skip_or_scale(rr, gates, scales, sublayer, channel_scales=t))
+
+
+def channel_scales_bad_calls(device="cpu"):
+    """(id, call, residual it would change): calls every op must refuse, naming 'channel_scales'.
+    Shared with test_ops_cuda.py (device='cuda')."""
+    f32 = lambda *s: torch.randn(*s, device=device)  # noqa: E731
+    w = torch.ones(8, device=device)
+    gates = ops.new_gates(2, 2, device, state=ops.GATE_SKIP)
+    scales = ops.new_scales(2, 2, device)
+    x, residual = f32(2, 3, 8), f32(2, 3, 8)
+    good1, good2 = torch.ones(8, device=device), torch.ones(2, 8, device=device)
+
+    def srn(t):
+        return lambda: ops.scale_rms_norm(x, residual, w, 1e-6, 0.5, channel_scales=t)
+
+    def fused(t, gated=True):
+        kw = dict(gates=gates, scales=scales) if gated else {}
+        return lambda: ops.fused_add_rms_norm(x, residual, w, 1e-6, sublayer=1, channel_scales=t, **kw)
+
+    def sos(t):
+        return lambda: ops.skip_or_scale(residual, gates, scales, 1, channel_scales=t)
+
+    cases = []
+    for op, table_good, bad_shapes in (
+            ("scale_rms_norm", good1, [(9,), (7,), (1, 8), (2, 8)]),
+            ("fused_add_rms_norm", good2, [(8,), (3, 8), (1, 8), (2, 9), (2, 1, 8)]),
+            ("skip_or_scale", good2, [(8,), (3, 8), (1, 8), (2, 7), (16,)])):
+        make = {"scale_rms_norm": srn, "fused_add_rms_norm": fused, "skip_or_scale": sos}[op]
+        cases += [
+            (f"{op} float64", make(table_good.double())),
+            (f"{op} float16", make(table_good.half())),
+            (f"{op} bfloat16", make(table_good.bfloat16())),
+            (f"{op} int32", make(table_good.int())),
+            (f"{op} non-contiguous", make(torch.ones(8, 2, device=device).t() if table_good.dim() == 2
+                                          else torch.ones(16, device=device)[::2])),
+        ]
+        cases += [(f"{op} shape {s}", make(torch.ones(*s, device=device))) for s in bad_shapes]
+    cases.append(("fused_add_rms_norm without gates", fused(good2, gated=False)))
+    cases.append(("fused_add_rms_norm without gates, 1-d", fused(good1, gated=False)))
+    return cases, x, residual
+
+
+@pytest.mark.parametrize("case", range(len(channel_scales_bad_calls()[0])),
+                         ids=[c[0] for c in channel_scales_bad_calls()[0]])
+def test_bad_channel_scales_are_a_clear_error_and_change_nothing(case):
+    cases, x, residual = channel_scales_bad_calls()
+    x_before, r_before = x.clone(), residual.clone()
+    _, call = cases[case]
+    with pytest.raises(ValueError, match="'channel_scales'"):
+        call()
+    assert torch.equal(x, x_before) and torch.equal(residual, r_before)

@@ -10,6 +10,7 @@ from adaskip.runtime import conditional  # noqa: E402
 from adaskip.runtime.conditional import only_if  # noqa: E402
 from adaskip.runtime.config import ModelArgs  # noqa: E402
 from adaskip.runtime.loading import build_model  # noqa: E402
+from adaskip.runtime.stand_in import StandIn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_EXTENSION),
                                 reason="needs a CUDA GPU and the compiled extension")
@@ -69,13 +70,22 @@ def test_eos_stops_without_waiting(pair, cuda_graph):
         assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
 
 
-@pytest.mark.parametrize("plan_kind", ["none", "online", "ramp"])
+def _stand_ins(g) -> dict:
+    """A linear stand-in for attention sublayer 2 and a channel one for FFN sublayer 5 (hidden 256)."""
+    return {2: StandIn("linear", down=0.05 * torch.randn(16, 256, generator=g), down_bias=torch.randn(16, generator=g),
+                       up=0.05 * torch.randn(256, 16, generator=g)),
+            5: StandIn("channel", channel=0.5 + torch.rand(256, generator=g))}
+
+
+@pytest.mark.parametrize("plan_kind", ["none", "online", "ramp", "stand-ins"])
 def test_cuda_graph_decode_matches_eager(pair, plan_kind):
     _, ours, _ = pair
     g = torch.Generator().manual_seed(5)
     plans = {"none": None,
              "online": SkipPlan(4, {2: 1.0}, beta=-1.0, window=4),
-             "ramp": SkipPlan(4, {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}, ramp=True, mode="decode")}
+             "ramp": SkipPlan(4, {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}, ramp=True, mode="decode"),
+             # online learning next to fitted stand-ins: FFNs 1 and 7 are gated off after the window
+             "stand-ins": SkipPlan(4, {2: 1.0, 3: 0.9, 5: 1.0}, stand_ins=_stand_ins(g), beta=-1.0, window=4)}
     p = plans[plan_kind]
     for lengths in ((40, 23), (31,)):
         prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in lengths]
@@ -92,6 +102,22 @@ def test_cuda_graph_decode_matches_eager(pair, plan_kind):
             assert graph.graphs_captured in (1, 2) and graph.online_skipped == [[1, 3, 5, 7]] * len(lengths)
         if plan_kind == "ramp":  # one graph per step of the ramp (1, then 2 layers)
             assert graph.graphs_captured == 2
+        if plan_kind == "stand-ins":
+            assert graph.online_skipped == [[1, 7]] * len(lengths)
+
+
+def test_stand_ins_on_the_gpu_match_the_cpu(pair):
+    """The channel stand-in through our CUDA kernel and the linear one through cuBLAS give the
+    logits the CPU reference gives (same weights, fp32 on the CPU)."""
+    _, ours, dtype = pair
+    p = SkipPlan(4, {2: 1.0, 3: 0.9, 5: 1.0}, stand_ins=_stand_ins(torch.Generator().manual_seed(6)))
+    ids = torch.randint(0, 257, (2, 50), generator=torch.Generator().manual_seed(7))
+    cpu = build_model(ours.args, {k: v.detach().float().cpu() for k, v in ours.state_dict().items()})
+    with torch.no_grad():
+        expected = cpu(ids, plan=p)
+        got = ours(ids.cuda(), plan=p).float().cpu()
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < (1e-4 if dtype == torch.float32 else 3e-2), rel
 
 
 def test_cuda_graph_decode_samples_on_the_device(pair):

@@ -33,8 +33,7 @@ def plans(models):
     from adaskip.skipping.greedy import search
     from adaskip.skipping.strategies import searches_needed
     for method in searches_needed(STRATEGIES):  # every strategy planned from a stored search gets it
-        profile.search[method] = search(model, requests, max_sublayers=4, method=method, candidates=2,
-                                        progress=False).to_dict()
+        profile.add_search(search(model, requests, max_sublayers=4, method=method, candidates=2, progress=False))
     out = {}
     for strategy, mode in itertools.product(STRATEGIES, MODES):
         budget = {} if strategy == "full" else {"num_sublayers": 4}

@@ -183,7 +183,7 @@ def test_calibrate_stores_the_blockpruner_search(model, requests, blockpruner):
                      search=("loss", "blockpruner"), search_max_sublayers=1, search_requests=1)
     assert both.search["loss"]["candidates"] == 4 and both.search["blockpruner"]["candidates"] == 12
     # Every strategy that reads a search names one that calibrate can run.
-    assert searches_needed(STRATEGIES) == ["blockpruner", "loss", "similarity"]
+    assert searches_needed(STRATEGIES) == ["blockpruner", "kl", "loss", "similarity"]
     assert searches_needed(["adaskip", "blockpruner", "greedy-loss", "shortgpt"]) == ["blockpruner", "loss"]
 
 

@@ -208,7 +208,8 @@ def test_cli_flags(model, profile, tmp_path):
     path = tmp_path / "p.json"
     profile.save(path)
     args = SimpleNamespace(profile=str(path), strategy="adaskip", planner="paper", context_len=None, mode="e2e",
-                           window=20, alpha=None, num_sublayers=None, min_agreement=0.0, max_kl=None)
+                           window=20, alpha=None, num_sublayers=None, min_agreement=0.0, max_kl=None,
+                           stand_in=None)
     assert _build_plan(args, model).to_dict() == plan(profile, min_agreement=0.0, model_args=model.args).to_dict()
     args.max_kl, args.min_agreement = 0.0, None
     assert _build_plan(args, model).skip_scales == {}

@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Union
 
 from .quality import compare_with_full
 from ..skipping.calibration import source_id
-from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup
+from ..runtime.stand_in import KINDS
+from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup, plan_speedup
 
 TASKS = ("ppl", "passkey", "needle", "longbench")
 
@@ -27,6 +28,10 @@ class EvalSettings:
     strategies: Sequence[str] = ("adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
     budgets: Sequence[int] = (4, 8, 12, 16)
     speedups: Sequence[float] = ()  # equal-time comparison: predicted speedups under `costs`
+    # greedy-kl rows once per stand-in kind (default: the kind its search scored with)
+    stand_ins: Sequence[str] = ()
+    # plans chosen by tolerance: the fastest validated plan with at least this top-1 agreement
+    min_agreements: Sequence[float] = ()
     tasks: Sequence[str] = ("ppl",)
     # ppl
     window_len: int = 2048
@@ -51,6 +56,13 @@ class EvalSettings:
             raise ValueError(f"adaskip: budgets are numbers of sublayers >= 0, got {list(self.budgets)}")
         if any(s < 1 for s in self.speedups):
             raise ValueError(f"adaskip: target speedups must be >= 1, got {list(self.speedups)}")
+        bad = [k for k in self.stand_ins if k not in KINDS]
+        if bad:
+            raise ValueError(f"adaskip: unknown stand-in kinds {bad}; choose from {KINDS}")
+        if self.stand_ins and "greedy-kl" not in self.strategies:
+            raise ValueError("adaskip: stand-ins are compared on the greedy-kl strategy; add it to the strategies")
+        if any(not 0.0 <= a <= 1.0 for a in self.min_agreements):
+            raise ValueError(f"adaskip: minimum agreements must be in [0, 1], got {list(self.min_agreements)}")
         if "longbench" in self.tasks and not self.longbench_dir:
             raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
 
@@ -87,23 +99,33 @@ def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None) ->
     for s in settings.strategies:
         if s == "full":  # always the first row
             continue
-        for k in settings.budgets:
-            if k % 2 and s not in SUBLAYER_STRATEGIES:
-                settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
+        kinds = tuple(settings.stand_ins) or (None,) if s == "greedy-kl" else (None,)
+        for kind in kinds:
+            name = s if kind is None else f"{s}/{kind}"
+            for k in settings.budgets:
+                if k % 2 and s not in SUBLAYER_STRATEGIES:
+                    settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
+                    continue
+                p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k, stand_in=kind)
+                if costs is not None:
+                    p.predicted_speedup = plan_speedup(p, profile, costs)
+                out.append(({"strategy": name, "budget": k, "target_speedup": None}, p))
+            for target in settings.speedups:
+                if costs is None:
+                    raise ValueError("adaskip: equal-speedup plans need a cost model (costs=)")
+                try:
+                    p = plan_at_speedup(profile, s, target, costs, num_layers=num_layers, stand_in=kind)
+                except ValueError as e:
+                    settings.notes.append(str(e))
+                    continue
+                out.append(({"strategy": name, "budget": len(p.skip_scales), "target_speedup": target}, p))
+        for agreement in settings.min_agreements:
+            if profile is None or s not in profile.validation:
+                settings.notes.append(f"{s}: no validation in the profile, so no plan by tolerance")
                 continue
-            p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k)
-            if costs is not None:
-                p.predicted_speedup = costs.speedup(p.skip_scales)
-            out.append(({"strategy": s, "budget": k, "target_speedup": None}, p))
-        for target in settings.speedups:
-            if costs is None:
-                raise ValueError("adaskip: equal-speedup plans need a cost model (costs=)")
-            try:
-                p = plan_at_speedup(profile, s, target, costs, num_layers=num_layers)
-            except ValueError as e:
-                settings.notes.append(str(e))
-                continue
-            out.append(({"strategy": s, "budget": len(p.skip_scales), "target_speedup": target}, p))
+            p = plan(profile, strategy=s, min_agreement=agreement, costs=costs)
+            out.append(({"strategy": s, "budget": len(p.skip_scales), "target_speedup": None,
+                         "min_agreement": agreement}, p))
     return out
 
 
@@ -112,6 +134,8 @@ def _key(desc: dict) -> str:
         return "full"
     if desc["target_speedup"] is not None:
         return f"{desc['strategy']}@x{desc['target_speedup']:g}"
+    if desc.get("min_agreement") is not None:
+        return f"{desc['strategy']}@agreement>={desc['min_agreement']:g}"
     return f"{desc['strategy']}@{desc['budget']}"
 
 
@@ -173,7 +197,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
             row.update(predicted_speedup=1.0, skipped_attention=0, skipped_ffn=0, skipped=[])
         else:
             row.update(predicted_speedup=p.predicted_speedup, skipped_attention=len(p.skipped_attention_layers),
-                       skipped_ffn=len(p.skipped_ffn_layers), skipped=sorted(p.skip_scales))
+                       skipped_ffn=len(p.skipped_ffn_layers), skipped=sorted(p.skip_scales), stand_in=p.stand_in)
         row["metrics"] = metrics[_key(desc)]
         if _key(desc) in details:
             row["details"] = details[_key(desc)]

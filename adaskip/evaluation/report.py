@@ -28,6 +28,8 @@ def row_label(row: dict) -> str:
         return "full"
     if row.get("target_speedup") is not None:
         return f"x{row['target_speedup']:g} ({row['budget']} sublayers)"
+    if row.get("min_agreement") is not None:
+        return f"agreement >= {row['min_agreement']:g} ({row['budget']} sublayers)"
     return str(row["budget"])
 
 
@@ -78,7 +80,8 @@ def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = 
     if not metrics:
         return None
     plt = _pyplot()
-    by_count = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is None]
+    by_count = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is None
+                and r.get("min_agreement") is None]
     by_speed = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is not None]
     panels = [("budget", "skipped sublayers", by_count), ("target_speedup", "predicted speedup", by_speed)]
     panels = [p for p in panels if p[2]]

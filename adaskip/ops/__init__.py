@@ -11,6 +11,9 @@ Buffers (see also new_stats / new_gates / new_scales):
          per-token norm ratios |after| / |before|, and the token count.
   gates  uint8   [num_sublayers, batch]: GATE_UNDECIDED, GATE_SKIP or GATE_RUN.
   scales float32 [num_sublayers, batch]: compensation scale applied to a skipped sublayer.
+  channel_scales float32 [num_sublayers, hidden] (scale_rms_norm: [hidden]), optional: a
+         per-channel compensation table; a skipped row gets residual[h] * (scale *
+         channel_scales[h]), the product and the multiply in fp32, rounded once.
 """
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     stats: Optional[torch.Tensor] = None, sublayer: int = 0,
     seq_lens: Optional[torch.Tensor] = None, gates: Optional[torch.Tensor] = None,
-    scales: Optional[torch.Tensor] = None,
+    scales: Optional[torch.Tensor] = None, channel_scales: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """In place: residual <- residual + x, then x <- RMSNorm(residual) * weight.
 
@@ -105,20 +108,27 @@ def fused_add_rms_norm(
     >= seq_lens[b] are left out; seq_lens is clamped to [0, seq]).
     With `gates` and `scales` (online learning): a sequence whose gates[sublayer] is GATE_SKIP
     gets residual *= scales[sublayer] instead of the add, and its rows of x are not read (the
-    gated-off sublayer wrote nothing there). Returns (x, residual).
+    gated-off sublayer wrote nothing there). With `channel_scales` as well (float32
+    [num_sublayers, hidden], contiguous; only together with gates and scales), such a sequence
+    gets residual[..., h] *= scales[sublayer, b] * channel_scales[sublayer, h] instead (product
+    and multiply in fp32, rounded once). Returns (x, residual).
     """
-    _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens, gates, scales)(
-        x, residual, weight, float(eps), stats, int(sublayer), seq_lens, gates, scales)
+    _op("fused_add_rms_norm", x, residual, weight, stats, seq_lens, gates, scales, channel_scales)(
+        x, residual, weight, float(eps), stats, int(sublayer), seq_lens, gates, scales, channel_scales)
     return x, residual
 
 
 def scale_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, channel_scales: Optional[torch.Tensor] = None,
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """In place: residual <- residual * scale, then x <- RMSNorm(residual) * weight. What a
     sublayer skipped by a plan costs: its compensation and the next norm in one pass. x (the
-    skipped sublayer's input, same shape and dtype as residual) is only written. Returns
-    (x, residual)."""
-    _op("scale_rms_norm", x, residual, weight)(x, residual, weight, float(eps), float(scale))
+    skipped sublayer's input, same shape and dtype as residual) is only written. With
+    `channel_scales` (float32 [hidden], contiguous, same device): residual[..., h] <-
+    residual[..., h] * (scale * channel_scales[h]) instead, the product and the multiply in
+    fp32, rounded once to the dtype. Returns (x, residual)."""
+    _op("scale_rms_norm", x, residual, weight, channel_scales)(
+        x, residual, weight, float(eps), float(scale), channel_scales)
     return x, residual
 
 
@@ -134,10 +144,14 @@ def io_similarity_stats(
 
 
 def skip_or_scale(residual: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
-                  sublayer: int) -> torch.Tensor:
+                  sublayer: int, channel_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In place, per sequence b: if gates[sublayer, b] == GATE_SKIP, residual[b] *= scales[sublayer, b]
-    (the compensation standing in for a skipped sublayer); otherwise unchanged. Returns residual."""
-    _op("skip_or_scale", residual, gates, scales)(residual, gates, scales, int(sublayer))
+    (the compensation standing in for a skipped sublayer); otherwise unchanged. With
+    `channel_scales` (float32 [num_sublayers, hidden], contiguous): residual[b, ..., h] *=
+    scales[sublayer, b] * channel_scales[sublayer, h] instead (product and multiply in fp32,
+    rounded once). Returns residual."""
+    _op("skip_or_scale", residual, gates, scales, channel_scales)(
+        residual, gates, scales, int(sublayer), channel_scales)
     return residual
 
 

@@ -6,6 +6,9 @@ serve as the CPU implementation. Statistics layout, shared with csrc/:
          sum of per-token |b| / |a|, token count), a = residual before the sublayer, b = after.
   gates  uint8   [num_sublayers, batch]: GATE_UNDECIDED / GATE_SKIP / GATE_RUN.
   scales float32 [num_sublayers, batch]: compensation scale of a skipped sublayer.
+  channel_scales float32 [num_sublayers, hidden] (or [hidden] for scale_rms_norm): optional
+         per-channel compensation; a skipped row gets residual[h] * (scale * channel_scales[h]),
+         the product and the multiply in fp32, rounded once to the storage dtype.
 """
 from __future__ import annotations
 
@@ -81,6 +84,33 @@ def check_gates_scales(gates: torch.Tensor, scales: torch.Tensor, device: torch.
         _fail("'scales' must be contiguous")
 
 
+def check_channel_scales(channel_scales: torch.Tensor, num_sublayers: Optional[int], hidden: int,
+                         device: torch.device) -> None:
+    """float32, contiguous, on `device`; [hidden] when num_sublayers is None, else
+    [num_sublayers, hidden] (check_channel_scales in csrc/checks.h)."""
+    check_same_device("channel_scales", channel_scales, device)
+    if channel_scales.dtype != torch.float32:
+        _fail(f"'channel_scales' must be float32, got {channel_scales.dtype}")
+    shape = tuple(channel_scales.shape)
+    if num_sublayers is None:
+        if shape != (hidden,):
+            _fail(f"'channel_scales' must be [hidden] = [{hidden}], got shape {shape}")
+    elif shape != (num_sublayers, hidden):
+        _fail(f"'channel_scales' must be [num_sublayers, hidden] = [{num_sublayers}, {hidden}], "
+              f"got shape {shape}")
+    if not channel_scales.is_contiguous():
+        _fail("'channel_scales' must be contiguous")
+
+
+def _compensate(r3: torch.Tensor, scale, channel: Optional[torch.Tensor]) -> torch.Tensor:
+    """r3 [B, S, H] times scale ([B] or a float), and times channel [H] if given: the factor formed
+    in fp32, the multiply in fp32, rounded once to r3's dtype (what the kernels do)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale[:, None, None]
+    factor = scale if channel is None else scale * channel
+    return (r3.float() * factor).to(r3.dtype)
+
+
 def check_seq_lens(seq_lens: Optional[torch.Tensor], batch: int, device: torch.device) -> None:
     if seq_lens is None:
         return
@@ -150,7 +180,7 @@ def _check_norm_args(x, residual, weight, eps):
 
 
 def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
-                       scales=None) -> None:
+                       scales=None, channel_scales=None) -> None:
     x3, a3 = _check_norm_args(x, residual, weight, eps)
     device = x.device
     if stats is not None:
@@ -166,22 +196,32 @@ def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_len
         if not 0 <= sublayer < gates.shape[0]:
             _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
         # Gated off: the sublayer did not run (x holds nothing); the compensation stands in.
+        channel = None
+        if channel_scales is not None:
+            check_channel_scales(channel_scales, gates.shape[0], a3.shape[-1], device)
+            channel = channel_scales[sublayer]
         skip = (gates[sublayer] == GATE_SKIP)[:, None, None]
-        scaled = (a3.float() * scales[sublayer][:, None, None]).to(a3.dtype)
-        b3 = torch.where(skip, scaled, b3)
+        b3 = torch.where(skip, _compensate(a3, scales[sublayer], channel), b3)
+    elif channel_scales is not None:
+        _fail("'channel_scales' is only allowed together with 'gates' and 'scales'")
     if stats is not None:
         _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
     x3.copy_(rms_norm(b3, weight, eps))
     a3.copy_(b3)
 
 
-def scale_rms_norm(x, residual, weight, eps, scale) -> None:
+def scale_rms_norm(x, residual, weight, eps, scale, channel_scales=None) -> None:
     _, a3 = _check_norm_args(x, residual, weight, eps)
     if not math.isfinite(scale):
         _fail(f"'scale' must be finite, got {scale}")
-    # x held the skipped sublayer's input: it is only written. The multiply rounds like torch's
-    # in-place multiply of the stream by a float.
-    a3.mul_(scale)
+    if channel_scales is not None:
+        check_channel_scales(channel_scales, None, a3.shape[-1], x.device)
+        # scale * channel_scales in fp32 (scale rounded to fp32 first, as the kernel takes it).
+        a3.copy_(_compensate(a3, scale, channel_scales))
+    else:
+        # x held the skipped sublayer's input: it is only written. The multiply rounds like
+        # torch's in-place multiply of the stream by a float.
+        a3.mul_(scale)
     as_rows(x, "x").copy_(rms_norm(a3, weight, eps))
 
 
@@ -192,7 +232,7 @@ def io_similarity_stats(before, after, stats, sublayer, seq_lens=None) -> None:
     _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
 
 
-def skip_or_scale(residual, gates, scales, sublayer) -> None:
+def skip_or_scale(residual, gates, scales, sublayer, channel_scales=None) -> None:
     check_float_dtype(residual, "residual")
     r3 = as_rows(residual, "residual")
     check_gates_scales(gates, scales, residual.device)
@@ -200,9 +240,12 @@ def skip_or_scale(residual, gates, scales, sublayer) -> None:
         _fail(f"'gates' holds {gates.shape[1]} sequences but 'residual' has batch {r3.shape[0]}")
     if not 0 <= sublayer < gates.shape[0]:
         _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
+    channel = None
+    if channel_scales is not None:
+        check_channel_scales(channel_scales, gates.shape[0], r3.shape[-1], residual.device)
+        channel = channel_scales[sublayer]
     skip = gates[sublayer] == GATE_SKIP
-    factor = torch.where(skip, scales[sublayer], 1.0)[:, None, None]
-    scaled = (r3.float() * factor).to(r3.dtype)
+    scaled = _compensate(r3, torch.where(skip, scales[sublayer], 1.0), channel)
     r3.copy_(torch.where(skip[:, None, None], scaled, r3))
 
 

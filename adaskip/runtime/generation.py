@@ -119,6 +119,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
     if plan is not None:
         plan.check_model(args.num_layers)
+        plan.check_hidden(args.hidden_size)
     if graph_conditionals:
         if not cuda_graph:
             raise ValueError("adaskip: graph_conditionals puts sublayers in CUDA-graph conditional nodes; "

@@ -254,7 +254,7 @@ class Transformer(nn.Module):
                 kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
                 stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None,
                 block_stats: Optional[torch.Tensor] = None, online=None,
-                schedule: Optional[StepSchedule] = None):
+                schedule: Optional[StepSchedule] = None, taps=None):
         """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
 
         Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
@@ -268,6 +268,9 @@ class Transformer(nn.Module):
         online: adaskip.runtime.online.OnlineGates: FFN sublayers gated per sequence on the device.
         schedule: what every sublayer does (adaskip.runtime.schedule), resolved by the caller;
           default: resolved here from plan and online. The buffers it needs are passed as above.
+        taps: called as taps(s, x, h, out) for every sublayer s that runs ungated, before its
+          output is added: x its normed input, h the residual stream before it, out its output
+          (what fitting stand-ins reads; not for captured steps).
         """
         b, t = input_ids.shape
         if schedule is None:
@@ -276,6 +279,8 @@ class Transformer(nn.Module):
         elif plan is not None:
             raise ValueError("adaskip: pass a plan or a schedule resolved from it, not both")
         self._check_schedule(schedule, b, t, stats, block_stats, online)
+        if plan is not None:
+            plan.check_hidden(self.args.hidden_size)
         device = input_ids.device
         steps = torch.arange(t, device=device)
         shared_start = None
@@ -296,7 +301,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(q_pos, kv_len, h.dtype)
         step = _Step(cos, sin, self.attention_masks(q_pos, kv_len, shared_start), positions, kv_len, seq_lens,
-                     stats, online)
+                     stats, online, taps)
 
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
@@ -319,7 +324,14 @@ class Transformer(nn.Module):
         if action in PLAN_SKIPPED:
             if action == SKIP_STORE_KV:
                 layer.self_attn.store_kv(x, step.cos, step.sin, step.positions, step.kv_len)
-            ops.scale_rms_norm(x, h, norm.weight, norm.eps, todo.scale)  # x is free: only written
+            stand_in = todo.stand_in
+            if stand_in is not None and stand_in.kind == "linear":
+                out = stand_in.apply_linear(x)
+                ops.fused_add_rms_norm(out, h, norm.weight, norm.eps)
+                return out
+            channel = stand_in.channel_on(h.device) if stand_in is not None else None
+            # x is free: only written
+            ops.scale_rms_norm(x, h, norm.weight, norm.eps, todo.scale, channel_scales=channel)
             return x
         online = step.online
         if action == GATED_OFF:  # every sequence gated off: the device-side compensation, x not read
@@ -340,6 +352,8 @@ class Transformer(nn.Module):
             ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=online.stats, sublayer=s,
                                    seq_lens=step.seq_lens, gates=online.gates, scales=online.scales)
         else:
+            if step.taps is not None:
+                step.taps(s, x, h, out)
             ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=step.stats, sublayer=s, seq_lens=step.seq_lens)
         return out
 
@@ -410,3 +424,4 @@ class _Step:
     seq_lens: Optional[torch.Tensor]
     stats: Optional[torch.Tensor]
     online: object
+    taps: object = None

@@ -11,7 +11,9 @@ Actions of a sublayer:
   run                runs (attention: SDPA or flash-attn; FFN: dense matmuls)
   run-gemv           FFN of one token per sequence through the decode GEMVs (faster than the
                      dense path there), ungated
-  skip               skipped by the plan: residual *= scale and the next norm, one fused launch
+  skip               skipped by the plan, its stand-in instead: a scalar or per-channel scale of
+                     the residual and the next norm in one fused launch; a linear stand-in's
+                     low-rank map of the input, then the add+norm
   skip-store-kv      attention skipped by the plan, but its K/V are computed and cached (decode
                      will attend to them), then as `skip`
   gated-gemv         gated per sequence on the device (online learning): the GEMVs read the gate
@@ -31,6 +33,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .stand_in import StandIn
 
 RUN, RUN_GEMV, SKIP, SKIP_STORE_KV = "run", "run-gemv", "skip", "skip-store-kv"
 GATED_GEMV, GATED_CONDITIONAL, GATED_DISCARD, GATED_OFF = "gated-gemv", "gated-conditional", "gated-discard", "gated-off"
@@ -60,6 +63,8 @@ def ffn_prefers_gemv(batch: int, tokens: int, dtype: torch.dtype, device_type: s
 class SublayerStep:
     action: str
     scale: float = 1.0  # the compensation of a plan-skipped sublayer
+    # Its fitted stand-in when not a scalar (compared by identity: the step replays its tensors)
+    stand_in: Optional[StandIn] = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -120,6 +125,7 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     ffn_bias = model.args.mlp_bias
     grad = torch.is_grad_enabled() if grad is None else grad
     skips = plan.skip_scales if plan is not None else {}
+    stand_ins = getattr(plan, "stand_ins", None) or {}
     kv_only = getattr(plan, "kv_only_attention", ()) or ()
     gemv = gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
     steps = []
@@ -127,7 +133,8 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
         attention = s % 2 == 0
         if s in skips:
             action = SKIP_STORE_KV if attention and s // 2 in kv_only else SKIP
-            steps.append(SublayerStep(action, float(skips[s])))
+            stand_in = stand_ins.get(s)  # a fitted stand-in replaces the scalar compensation
+            steps.append(SublayerStep(action, 1.0 if stand_in is not None else float(skips[s]), stand_in))
             continue
         if online is not None and s in online.skipped:
             action = GATED_OFF

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from .stand_in import StandIn
 
 MODES = ("prefill", "decode", "e2e")
 
@@ -23,6 +25,11 @@ def _positive_number(v) -> bool:
 class SkipPlan:
     """Sublayer s = 2 * layer (attention) or 2 * layer + 1 (FFN) -> compensation scale: a
     skipped sublayer is not run and the residual stream is multiplied by its scale instead.
+
+    stand_ins: for some skipped sublayers, a fitted adaskip.runtime.stand_in.StandIn ("channel":
+      per-channel scales, "linear": a low-rank map of the sublayer's input) that replaces the
+      scalar compensation (its scale in skip_scales is then not applied); a skipped sublayer not
+      listed here is compensated by its scale.
 
     mode: where the skips apply: "prefill" (prompt only), "decode" (generated tokens only) or
       "e2e" (both). A layer whose attention is skipped in e2e keeps no KV cache.
@@ -43,6 +50,7 @@ class SkipPlan:
     importance_lost: Optional[float] = None
     explanation: str = ""
     model_fingerprint: Optional[str] = None
+    stand_ins: dict = field(default_factory=dict)
     # Filled in by phase(): attention layers whose K/V are stored although their attention is skipped.
     kv_only_attention: frozenset = frozenset()
 
@@ -61,6 +69,23 @@ class SkipPlan:
         if bad:
             raise ValueError(f"adaskip: compensation scales must be finite and positive; got {bad}")
         self.skip_scales = {int(s): float(v) for s, v in sorted(self.skip_scales.items())}
+        stray = sorted(int(s) for s in self.stand_ins if int(s) not in self.skip_scales)
+        if stray:
+            raise ValueError(f"adaskip: stand-ins given for sublayers {stray} that the plan does not skip")
+        wrong = [s for s, v in self.stand_ins.items() if not isinstance(v, StandIn)]
+        if wrong:
+            raise ValueError(f"adaskip: the stand-ins of sublayers {wrong} are not adaskip StandIn objects")
+        self.stand_ins = {int(s): v for s, v in sorted(self.stand_ins.items()) if v.kind != "scalar"}
+
+    @property
+    def stand_in(self) -> str:
+        """The kind of stand-in of this plan's skipped sublayers ("mixed" when they differ)."""
+        kinds = {self.stand_ins[s].kind if s in self.stand_ins else "scalar" for s in self.skip_scales}
+        return kinds.pop() if len(kinds) == 1 else ("scalar" if not kinds else "mixed")
+
+    def check_hidden(self, hidden: int) -> None:
+        for s, v in self.stand_ins.items():
+            v.check_hidden(hidden, s)
 
     @property
     def skipped_attention_layers(self) -> set:
@@ -111,6 +136,7 @@ class SkipPlan:
         else:
             raise ValueError(f"adaskip: phase must be 'prefill' or 'decode', got {phase!r}")
         return SkipPlan(self.num_layers, dict(active), mode="e2e", strategy=self.strategy,
+                        stand_ins={s: v for s, v in self.stand_ins.items() if s in active},
                         kv_only_attention=frozenset(kv_only))
 
     def check_model(self, num_layers: int, fingerprint: Optional[str] = None) -> None:
@@ -125,7 +151,7 @@ class SkipPlan:
         attn = sorted(self.skipped_attention_layers)
         ffn = sorted(self.skipped_ffn_layers)
         lines = [f"strategy {self.strategy}, mode {self.mode}: {len(self.skip_scales)} of "
-                 f"{2 * self.num_layers} sublayers skipped",
+                 f"{2 * self.num_layers} sublayers skipped ({self.stand_in} stand-ins)",
                  f"  attention skipped in layers {attn}", f"  FFN skipped in layers {ffn}"]
         if self.online:
             lines.append(f"  online: the first {self.window} decoded tokens measure every other FFN; "
@@ -137,9 +163,14 @@ class SkipPlan:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.pop("kv_only_attention")
         d["skip_scales"] = {str(k): v for k, v in self.skip_scales.items()}
+        # The fitted tensors stay with the profile that holds them; a plan's JSON names their kind.
+        d.pop("stand_ins")
+        if self.stand_ins:
+            d["stand_ins"] = {str(k): v.describe() for k, v in self.stand_ins.items()}
+            d["stand_in"] = self.stand_in
         return d
 
     def to_json(self) -> str:

@@ -11,7 +11,8 @@ import torch
 
 from .._version import __version__
 from . import greedy
-from .measurement import compare_requests, measure_requests
+from ..runtime.stand_in import KINDS
+from .measurement import POSITION_WEIGHTS, compare_requests, measure_requests
 from .profile import ImportanceProfile, model_fingerprint
 from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
 
@@ -64,7 +65,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               search: Union[str, Sequence[str]] = (), search_max_sublayers: int = 16,
               search_candidates: Optional[int] = None, search_requests: int = 2,
               validate_budgets: Sequence[int] = (), validate_strategies: Sequence[str] = ("adaskip",),
-              validation_requests: int = 4) -> ImportanceProfile:
+              validation_requests: int = 4, search_stand_in: str = "linear",
+              search_weighting: str = "late") -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -77,7 +79,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     search: greedy search methods ("similarity", "loss", "blockpruner") to run as well, on the
     first `search_requests` requests, up to `search_max_sublayers` sublayers (at most all but one
     layer), each trying `search_candidates` per step (None: each method's default, see
-    adaskip.skipping.greedy.search), stored in the profile's `search`.
+    adaskip.skipping.greedy.search), stored in the profile's `search`; the "kl" search scores its
+    candidates with `search_stand_in` stand-ins and `search_weighting` of positions.
     validate_budgets: also run `validate` for `validate_strategies` at these budgets on
     `validation_requests` requests that calibration and the searches did not read: for texts and
     files the windows after those calibration took (a window identical to a calibration request
@@ -97,6 +100,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                        1 if search_candidates is None else search_candidates) < 1:
         raise ValueError(f"adaskip: the search needs search_requests, search_max_sublayers and search_candidates "
                          f">= 1, got {search_requests}, {search_max_sublayers} and {search_candidates}")
+    if "kl" in methods:
+        if search_stand_in not in KINDS:
+            raise ValueError(f"adaskip: unknown stand-in kind {search_stand_in!r} for the kl search; choose from {KINDS}")
+        if search_weighting not in POSITION_WEIGHTS:
+            raise ValueError(f"adaskip: position weighting must be one of {POSITION_WEIGHTS}, got {search_weighting!r}")
     budgets = [int(b) for b in validate_budgets]
     if budgets:
         if validation_requests < 1:
@@ -154,9 +162,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
         data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources)
     for method in methods:
+        extra = dict(stand_in=search_stand_in, weighting=search_weighting) if method == "kl" else {}
         result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
-                               max_sublayers=min(search_max_sublayers, 2 * args.num_layers - 2), progress=progress)
-        profile.search[method] = result.to_dict()
+                               max_sublayers=min(search_max_sublayers, 2 * args.num_layers - 2), progress=progress,
+                               **extra)
+        profile.add_search(result)
     if budgets:
         validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress)
     return profile
@@ -205,5 +215,6 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
             "top1_agreement": [sums[key]["agree"] / tokens for key in keys],
             "perplexity": [math.exp(sums[key]["nll"] / tokens) for key in keys],
             "sublayers": [sorted(plans[key].skip_scales) for key in keys],
+            "stand_in": profile.search_result("kl").stand_in if s == "greedy-kl" else "scalar",
             "requests": len(requests), "tokens": tokens}
     return {s: profile.validation[s] for s in strategies}

@@ -14,7 +14,12 @@ attention, whose job is moving information between tokens).
      re-measured compensation) raises the calibration next-token loss the least;
      method "blockpruner" (BlockPruner, ACL Findings 2025, a baseline): the same loss-scored step,
      but every remaining sublayer is a candidate and a removed one is an identity pass-through
-     (no compensation); `candidates=k` narrows it to the k most similar, as "loss" does.
+     (no compensation); `candidates=k` narrows it to the k most similar, as "loss" does;
+     method "kl": the `candidates` most similar ones are each scored with a stand-in fitted in
+     closed form on their activations as they are under the earlier choices (`stand_in`:
+     scalar, channel or linear, adaskip.skipping.stand_ins), by KL(full || plan) against the
+     full model's next-token distribution, weighted toward late positions (`weighting`); the
+     chosen sublayer keeps the stand-ins of every kind fitted for it.
 The order is nested (the plan for k sublayers is the first k choices), so one search serves
 every budget up to `max_sublayers`, and the result is stored in the ImportanceProfile.
 """
@@ -28,14 +33,16 @@ import torch
 
 from .._util import progress_bar
 from ..runtime.skip_plan import SkipPlan
-from .measurement import measure_requests
+from ..runtime.stand_in import KINDS
+from .measurement import POSITION_WEIGHTS, divergence, measure_requests, reference_logprobs
 from .profile import SearchResult
+from .stand_ins import StandInFit, default_rank
 
-METHODS = ("similarity", "loss", "blockpruner")
+METHODS = ("similarity", "loss", "blockpruner", "kl")
 # Candidates tried per step when the caller passes candidates=None (None here: every remaining sublayer). Each
 # candidate costs one pass per request; "loss" trusts the re-measured similarity to shortlist a few, BlockPruner as
 # published tries them all.
-DEFAULT_CANDIDATES = {"similarity": 1, "loss": 4, "blockpruner": None}
+DEFAULT_CANDIDATES = {"similarity": 1, "loss": 4, "blockpruner": None, "kl": 6}
 # Methods whose removed sublayers pass the stream through unchanged instead of their measured norm ratio.
 IDENTITY_METHODS = ("blockpruner",)
 
@@ -53,7 +60,8 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 @torch.inference_mode()
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
            candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, stand_in: str = "linear", weighting: str = "late",
+           rank: Optional[int] = None) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
@@ -63,6 +71,10 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     methods one pass per request and step for the statistics plus one per request and candidate
     tried (none at a step with a single candidate left).
     allowed: sublayers that may be chosen (default: all).
+    stand_in, weighting, rank: method "kl" only: the stand-in each candidate is scored with, the
+    position weighting of the KL ("late" or "uniform"), the rank of linear stand-ins (default
+    hidden / 8). "kl" costs one pass per request for the full model's distributions, then per
+    step one for the statistics, one to fit the shortlist's stand-ins and one per candidate.
     """
     if method not in METHODS:
         raise ValueError(f"adaskip: search method must be one of {METHODS}, got {method!r}")
@@ -81,6 +93,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     if len(pool) < max_sublayers:
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
 
+    if method == "kl":
+        return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank)
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
     identity = method in IDENTITY_METHODS
     start = time.perf_counter()
@@ -122,3 +136,66 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
                         candidates=tried, requests=len(requests), tokens=sum(len(r) for r in requests),
                         forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
+
+
+def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank) -> SearchResult:
+    if stand_in not in KINDS:
+        raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
+    if weighting not in POSITION_WEIGHTS:
+        raise ValueError(f"adaskip: position weighting must be one of {POSITION_WEIGHTS}, got {weighting!r}")
+    hidden = model.args.hidden_size
+    rank = default_rank(hidden) if rank is None else int(rank)
+    if not 1 <= rank <= hidden:
+        raise ValueError(f"adaskip: a linear stand-in's rank must be in [1, {hidden}], got {rank}")
+    m = model.args.num_layers
+    start = time.perf_counter()
+    references = reference_logprobs(model, requests)
+    passes = len(requests)
+    bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
+    chosen: dict = {}  # sublayer -> its compensation scale
+    stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
+    order, scales, sims, fits = [], [], [], []
+    losses: list = [None] * (max_sublayers + 1)
+    objective: list = [0.0] + [None] * max_sublayers
+    for step in range(max_sublayers):
+        current = SkipPlan(m, chosen, stand_ins=stand_ins) if chosen else None
+        measured = measure_requests(model, requests, plan=current, stats=True, nll=losses[step] is None)
+        passes += len(requests)
+        if losses[step] is None:
+            losses[step] = measured.mean_nll
+        sim, scale = measured.similarity.mean(0), measured.scale.mean(0)
+        remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
+                           key=lambda s: (-sim[s].item(), s))
+        shortlist = remaining[:candidates] if candidates is not None else remaining
+        fit = StandInFit(shortlist, hidden, linear=True)
+        measure_requests(model, requests, plan=current, stats=False, taps=fit)
+        passes += len(requests)
+        fitted = {s: {kind: fit.fit(s, kind, scale=scale[s].item(), rank=rank) for kind in KINDS} for s in shortlist}
+        trial = {}
+        for s in shortlist:
+            plan = SkipPlan(m, {**chosen, s: scale[s].item()}, stand_ins={**stand_ins, s: fitted[s][stand_in]})
+            trial[s] = divergence(model, requests, references, plan, weighting=weighting)
+            passes += len(requests)
+        best = min(shortlist, key=lambda s: (trial[s][0], s))
+        chosen[best] = scale[best].item()
+        stand_ins[best] = fitted[best][stand_in]
+        order.append(best)
+        scales.append(chosen[best])
+        sims.append(sim[best].item())
+        fits.append(fitted[best])
+        objective[step + 1], losses[step + 1] = trial[best]
+        bar.update(1)
+    bar.close()
+    args = model.args
+    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    notes = {"objective": f"KL(full || plan) per token, {weighting} position weighting",
+             "stand_in": stand_in, "weighting": weighting, "rank": rank,
+             # What the planners weigh a linear stand-in's cost against (multiply-adds per token)
+             "attention_multiply_adds": hidden * (q_dim + 2 * kv_dim) + q_dim * hidden,
+             "ffn_multiply_adds": 3 * hidden * args.intermediate_size,
+             "candidates": ("every remaining sublayer tried at each step" if candidates is None else
+                            f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")}
+    return SearchResult(method="kl", order=order, scales=scales, similarity=sims, loss=losses,
+                        candidates=len(pool) if candidates is None else candidates, requests=len(requests),
+                        tokens=sum(len(r) for r in requests), forward_passes=passes,
+                        wall_s=time.perf_counter() - start, notes=notes, objective=objective, fits=fits)

@@ -37,14 +37,15 @@ class Measurement:
 @torch.inference_mode()
 def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, stats: bool = True,
                      block_stats: bool = False, nll: bool = False, progress: bool = False,
-                     description: str = "measuring") -> Measurement:
+                     description: str = "measuring", taps=None) -> Measurement:
     """One cache-less forward per request (token list) with `plan` applied.
 
     stats / block_stats: each request's mean IO similarity and norm ratio of every sublayer /
     whole-layer IO similarity, kept on the device until one read back at the end. nll: the summed
     next-token NLL over every predicted token (then all logits are computed, otherwise only the
-    last token's; the statistics do not depend on it)."""
-    if not (stats or block_stats or nll):
+    last token's; the statistics do not depend on it). taps: passed to every forward (e.g. an
+    adaskip.skipping.stand_ins.StandInFit; its flush() is called after each request)."""
+    if not (stats or block_stats or nll or taps is not None):
         raise ValueError("adaskip: measure_requests was asked for nothing (stats, block_stats and nll are all off)")
     requests = [list(r) for r in requests]
     if not requests:
@@ -63,12 +64,14 @@ def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, sta
         buffer = ops.new_stats(2 * num_layers, 1, device) if stats else None
         block = ops.new_stats(num_layers, 1, device) if block_stats else None
         if nll:
-            logits = model(x, plan=plan, stats=buffer, block_stats=block)[0, :-1].float()
+            logits = model(x, plan=plan, stats=buffer, block_stats=block, taps=taps)[0, :-1].float()
             total_nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             predicted += x.shape[1] - 1
         else:
-            model(x, plan=plan, stats=buffer, block_stats=block,
+            model(x, plan=plan, stats=buffer, block_stats=block, taps=taps,
                   logits_index=torch.tensor([len(ids) - 1], device=device))
+        if taps is not None and hasattr(taps, "flush"):
+            taps.flush()
         if stats:
             sim, scale, _ = ops.mean_stats(buffer)
             sims.append(sim[:, 0])
@@ -112,3 +115,41 @@ def compare_requests(model, requests: Sequence[Sequence[int]], named_plans: Sequ
             bar.update(1)
     bar.close()
     return tokens, sums
+
+
+POSITION_WEIGHTS = ("uniform", "late")
+
+
+def position_weights(length: int, kind: str, device=None) -> torch.Tensor:
+    """Weights of the predicted positions 0..length-1, summing to 1: "uniform", or "late"
+    (proportional to position + 1: the late tokens, whose prediction needs the long context, count
+    most)."""
+    if kind not in POSITION_WEIGHTS:
+        raise ValueError(f"adaskip: position weighting must be one of {POSITION_WEIGHTS}, got {kind!r}")
+    w = torch.ones(length, device=device) if kind == "uniform" else torch.arange(1, length + 1, device=device).float()
+    return w / w.sum()
+
+
+@torch.inference_mode()
+def reference_logprobs(model, requests: Sequence[Sequence[int]]) -> list:
+    """The full model's next-token log-probabilities of every request ([len - 1, vocab] each, on
+    the model's device): what divergence() compares plans with."""
+    device = model.lm_head.weight.device
+    return [model(torch.as_tensor(list(r), device=device)[None])[0, :-1].float().log_softmax(-1) for r in requests]
+
+
+@torch.inference_mode()
+def divergence(model, requests: Sequence[Sequence[int]], references: Sequence[torch.Tensor], plan, *,
+               weighting: str = "uniform") -> Tuple[float, float]:
+    """(KL(full || plan) per token, weighted by position within each request and averaged over
+    the requests; mean next-token NLL over every predicted token) of `plan` on `requests`."""
+    device = model.lm_head.weight.device
+    kl, nll, tokens = 0.0, 0.0, 0
+    for seq, ref in zip(requests, references):
+        ids = torch.as_tensor(list(seq), device=device)[None]
+        logp = model(ids, plan=plan)[0, :-1].float().log_softmax(-1)
+        per_token = (ref.exp() * (ref - logp)).sum(-1)
+        kl += (per_token * position_weights(per_token.shape[0], weighting, device)).sum().item()
+        nll += F.nll_loss(logp, ids[0, 1:], reduction="sum").item()
+        tokens += ids.shape[1] - 1
+    return kl / len(requests), nll / tokens

@@ -4,10 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
+from ..runtime.stand_in import KINDS, StandIn
+
 FORMAT = "adaskip-importance-profile/1"
+STAND_IN_SUFFIX = ".stand-ins.safetensors"
 
 
 def model_fingerprint(model) -> dict:
@@ -34,6 +39,10 @@ class SearchResult:
     forward_passes: int
     wall_s: float
     notes: dict = field(default_factory=dict)
+    objective: list = field(default_factory=list)  # method "kl": the weighted KL after each choice ([0]: 0)
+    # Per choice, the stand-ins fitted for it by kind ({"scalar", "channel", "linear"} -> StandIn);
+    # empty for searches that fit none. Not in to_dict: the profile keeps their tensors in a file of their own.
+    fits: list = field(default_factory=list, repr=False)
 
     def skip_scales(self, k: int) -> dict:
         if not 0 <= k <= len(self.order):
@@ -41,12 +50,29 @@ class SearchResult:
                              f"{k} were asked for; run the search with a larger max_sublayers")
         return {s: c for s, c in zip(self.order[:k], self.scales[:k])}
 
+    @property
+    def stand_in(self) -> str:
+        """The stand-in kind the search scored its candidates with."""
+        return self.notes.get("stand_in", "scalar")
+
+    def stand_ins(self, k: int, kind: str) -> dict:
+        """Sublayer -> StandIn of `kind` for the first k choices (empty for "scalar")."""
+        if kind not in KINDS:
+            raise ValueError(f"adaskip: unknown stand-in kind {kind!r}; choose from {KINDS}")
+        self.skip_scales(k)  # the budget check
+        if kind == "scalar":
+            return {}
+        if len(self.fits) < k or any(kind not in f for f in self.fits[:k]):
+            raise ValueError(f"adaskip: the profile's {self.method!r} search fitted no {kind} stand-ins; only a 'kl' "
+                             f"search fits them (adaskip calibrate --search kl)")
+        return {s: f[kind] for s, f in zip(self.order[:k], self.fits[:k])}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fits"}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SearchResult":
-        return cls(**d)
+    def from_dict(cls, d: dict, fits: list = ()) -> "SearchResult":
+        return cls(**d, fits=list(fits))
 
 
 def _check_numbers(name: str, values, positive: bool = False) -> None:
@@ -105,6 +131,9 @@ class ImportanceProfile:
     # Quality of plans on validation requests calibration and the searches did not read (calibration.validate),
     # by strategy: {"budgets", "kl", "top1_agreement", "perplexity", "sublayers", "requests", "tokens"}
     validation: dict = field(default_factory=dict)
+    # Stand-ins fitted by the searches, by method: per choice {kind: StandIn} (saved beside the
+    # JSON in <name>.stand-ins.safetensors)
+    fits: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         n = 2 * self.num_layers
@@ -118,6 +147,9 @@ class ImportanceProfile:
         _check_numbers("scale", self.scale, positive=True)
         for method, result in self.search.items():
             _check_search(method, result, n)
+        for method, per_choice in self.fits.items():
+            if method not in self.search or len(per_choice) > len(self.search[method]["order"]):
+                raise ValueError(f"adaskip: the profile holds stand-ins of a {method!r} search it does not have")
         for strategy, entry in self.validation.items():
             lists = ("budgets", "kl", "top1_agreement", "sublayers")
             if not isinstance(entry, dict) or any(not isinstance(entry.get(k), list) for k in lists) \
@@ -138,7 +170,15 @@ class ImportanceProfile:
         if method not in self.search:
             raise ValueError(f"adaskip: this profile has no {method!r} search; run `adaskip calibrate --search "
                              f"{method}` (or adaskip.search.search) to add it")
-        return SearchResult.from_dict(self.search[method])
+        return SearchResult.from_dict(self.search[method], self.fits.get(method, ()))
+
+    def add_search(self, result) -> None:
+        """Stores a SearchResult (its stand-ins included) under its method."""
+        self.search[result.method] = result.to_dict()
+        if result.fits:
+            self.fits[result.method] = list(result.fits)
+        else:
+            self.fits.pop(result.method, None)
 
     def check_model(self, model) -> None:
         fp = model_fingerprint(model)
@@ -152,7 +192,21 @@ class ImportanceProfile:
         return sorted(range(2 * self.num_layers), key=lambda s: (-self.similarity[s], s))
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+        """Writes the profile as JSON to `path`; fitted stand-ins go to a safetensors file beside
+        it (the JSON's name with .stand-ins.safetensors instead of its suffix), which the JSON
+        names with its SHA-256. Each file is written whole or not at all."""
+        path = Path(path)
+        data = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "fits"}}
+        tensors = {f"{method}/{i}/{kind}/{name}": t for method, per_choice in self.fits.items()
+                   for i, by_kind in enumerate(per_choice) for kind, stand_in in by_kind.items()
+                   for name, t in _stand_in_tensors(stand_in).items()}
+        if tensors:
+            from safetensors.torch import save
+            blob = save(tensors)
+            sidecar = path.with_name(path.stem + STAND_IN_SUFFIX)
+            _write_whole(sidecar, blob)
+            data["stand_in_file"] = {"name": sidecar.name, "sha256": hashlib.sha256(blob).hexdigest()}
+        _write_whole(path, (json.dumps(data, indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path) -> "ImportanceProfile":
@@ -160,9 +214,63 @@ class ImportanceProfile:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"adaskip: cannot read profile {path}: {e}") from e
-        if data.pop("format", None) != FORMAT:
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ValueError(f"adaskip: {path} is not an adaskip importance profile ({FORMAT})")
+        sidecar = data.pop("stand_in_file", None)
+        fits = _load_fits(Path(path), sidecar) if sidecar is not None else {}
         try:
-            return cls(**data)
+            return cls(**data, fits=fits)
         except TypeError as e:
             raise ValueError(f"adaskip: profile {path} is malformed: {e}") from e
+
+
+def _write_whole(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+
+
+def _stand_in_tensors(stand_in: StandIn) -> dict:
+    if stand_in.kind == "scalar":
+        return {"scale": torch.tensor([stand_in.scale], dtype=torch.float32)}
+    return stand_in.tensors()
+
+
+def _load_fits(path: Path, sidecar) -> dict:
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("name"), str) or "/" in sidecar["name"]:
+        raise ValueError(f"adaskip: profile {path} names its stand-in file in a malformed way: {sidecar!r}")
+    file = path.with_name(sidecar["name"])
+    try:
+        blob = file.read_bytes()
+    except OSError as e:
+        raise ValueError(f"adaskip: profile {path} keeps its fitted stand-ins in {file.name}, which cannot be read "
+                         f"({e}); copy it beside the profile") from e
+    if hashlib.sha256(blob).hexdigest() != sidecar.get("sha256"):
+        raise ValueError(f"adaskip: {file.name} is not the stand-in file profile {path} was saved with (SHA-256 "
+                         "differs)")
+    from safetensors.torch import load
+    grouped: dict = {}
+    for key, t in load(blob).items():
+        parts = key.split("/")
+        if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in KINDS:
+            raise ValueError(f"adaskip: {file.name} holds an unexpected tensor {key!r}")
+        grouped.setdefault(parts[0], {}).setdefault(int(parts[1]), {}).setdefault(parts[2], {})[parts[3]] = t
+    fits = {}
+    for method, by_index in grouped.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"adaskip: {file.name} misses stand-ins of some {method!r} choices")
+        per_choice = []
+        for i in range(len(by_index)):
+            by_kind = {}
+            for kind, named in by_index[i].items():
+                try:
+                    if kind == "scalar":
+                        by_kind[kind] = StandIn("scalar", scale=float(named["scale"][0]))
+                    else:
+                        by_kind[kind] = StandIn(kind, **named)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"adaskip: {file.name}: the {kind} stand-in of {method!r} choice {i} is "
+                                     f"malformed: {e}") from e
+            per_choice.append(by_kind)
+        fits[method] = per_choice
+    return fits

@@ -2,18 +2,21 @@
 whole-layer baselines, all at equal budgets (n whole layers <-> 2n sublayers)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from .costs import paper_num_skipped, paper_speedup
 from ..runtime.skip_plan import MODES, SkipPlan
+from ..runtime.stand_in import KINDS
 from .profile import ImportanceProfile
 
 STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit", "skipdecode", "unified",
-              "shortgpt", "blockpruner")
+              "shortgpt", "blockpruner", "greedy-kl")
 # Strategies that take any number of sublayers (the others skip whole layers: even budgets only).
-SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss", "blockpruner")
+SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss", "blockpruner", "greedy-kl")
 # Strategies planned from a greedy search stored in the profile: the search method (adaskip.search) each needs.
-SEARCH_METHODS = {"greedy-similarity": "similarity", "greedy-loss": "loss", "blockpruner": "blockpruner"}
+SEARCH_METHODS = {"greedy-similarity": "similarity", "greedy-loss": "loss", "blockpruner": "blockpruner",
+                  "greedy-kl": "kl"}
 # Static pruning baselines among them: their plans never learn online.
 STATIC_SEARCH_STRATEGIES = ("blockpruner",)
 # Strategies with fixed layer choices: no importance profile needed.
@@ -43,7 +46,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
          alpha: Optional[float] = None, num_sublayers: Optional[int] = None, strategy: str = "adaskip",
          planner: str = "paper", context_len: Optional[int] = None, mode: str = "e2e", window: int = 20,
          online: bool = True, costs=None, model_args=None, min_agreement: Optional[float] = None,
-         max_kl: Optional[float] = None) -> SkipPlan:
+         max_kl: Optional[float] = None, stand_in: Optional[str] = None) -> SkipPlan:
     """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers, or chosen
     by a quality tolerance.
 
@@ -59,6 +62,11 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     blockpruner: the first k choices of the profile's "blockpruner" search (BlockPruner: each step
       removes the sublayer whose removal raises the calibration loss least), identity
       pass-through, no online learning (a static pruning baseline).
+    greedy-kl: the first k choices of the profile's "kl" search (each candidate scored by KL to the
+      full model with its stand-in fitted under the earlier choices), with the stand-ins it fitted.
+    stand_in: what replaces each skipped sublayer: "scalar" (the compensation scale), "channel"
+      (per-channel scales) or "linear" (a low-rank map); the non-scalar ones come fitted from a "kl"
+      search. Default: the kind the greedy-kl search scored with, "scalar" for every other strategy.
     Baselines skip whole layers (n = budget / 2) with identity pass-through: early-exit (the last
       n), skipdecode (layers 1..n; in decode ramping up from 1 layer to n), unified (layers with
       index % (M // n) == 1), shortgpt (the n layers of highest block similarity in the profile).
@@ -90,7 +98,12 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
             raise ValueError(f"adaskip: max_kl must be >= 0, got {max_kl}")
         if strategy != "full":
             return _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window,
-                                 online, costs, model_args)
+                                 online, costs, model_args, stand_in)
+    if stand_in is not None and stand_in not in KINDS:
+        raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
+    if stand_in not in (None, "scalar") and strategy != "greedy-kl":
+        raise ValueError(f"adaskip: {stand_in} stand-ins are fitted by the kl search; strategy {strategy!r} "
+                         "skips with scalar compensation (or identity) only: use strategy 'greedy-kl'")
     if strategy == "full":
         return SkipPlan(num_layers, {}, mode=mode, strategy="full", predicted_speedup=1.0,
                         model_fingerprint=fingerprint)
@@ -104,7 +117,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
 
     if strategy in SEARCH_METHODS:
-        return _greedy(profile, strategy, k, mode, window, online, fingerprint)
+        return _greedy(profile, strategy, k, mode, window, online, fingerprint, stand_in)
     if strategy == "adaskip":
         return _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args, fingerprint)
     if k % 2:
@@ -119,7 +132,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
 
 
 def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window, online, costs,
-                  model_args) -> SkipPlan:
+                  model_args, stand_in) -> SkipPlan:
     if profile is None:
         raise ValueError("adaskip: planning by tolerance needs a profile with a validation (adaskip calibrate "
                          "--validate-budgets)")
@@ -127,6 +140,10 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
         raise ValueError("adaskip: a tolerance picks among the validated plans (the paper planner's); to rank them "
                          "by the cost model, give context_len and model_args (or costs=) with planner='paper'")
     entry = profile.validation_of(strategy)
+    validated = entry.get("stand_in", "scalar")
+    if stand_in is not None and stand_in != validated:
+        raise ValueError(f"adaskip: the profile validated {strategy!r} with {validated} stand-ins, not {stand_in}; "
+                         "validate that stand-in or plan without a tolerance")
     m = profile.num_layers
     if costs is None and context_len is not None and model_args is None:
         raise ValueError("adaskip: ranking validated plans by the cost model at context_len needs model_args "
@@ -143,11 +160,12 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
             qualifying[int(k)] = (kl, agree)
     best = None
     for k in sorted(qualifying):
-        p = plan(profile, strategy=strategy, num_sublayers=k, mode=mode, window=window, online=online)
+        p = plan(profile, strategy=strategy, num_sublayers=k, mode=mode, window=window, online=online,
+                 stand_in=validated if strategy == "greedy-kl" else None)
         if k in entry["budgets"] and sorted(p.skip_scales) != sorted(entry["sublayers"][entry["budgets"].index(k)]):
             raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {k} sublayers measured another "
                              "plan than the profile gives now; validate again")
-        speed = costs.speedup(p.skip_scales) if costs is not None else paper_speedup(m, len(p.skip_scales))
+        speed = plan_speedup(p, profile, costs)
         # Rounded so that float noise in the sums does not break a tie the fewer sublayers should win.
         key = (round(speed, 12), -k)
         if best is None or key > best[0]:
@@ -209,9 +227,11 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
                     model_fingerprint=fingerprint)
 
 
-def _greedy(profile, strategy, k, mode, window, online, fingerprint) -> SkipPlan:
+def _greedy(profile, strategy, k, mode, window, online, fingerprint, stand_in) -> SkipPlan:
     result = profile.search_result(SEARCH_METHODS[strategy])
     skip = result.skip_scales(k)
+    kind = stand_in or (result.stand_in if strategy == "greedy-kl" else "scalar")
+    stand_ins = result.stand_ins(k, kind)
     m = profile.num_layers
     static = strategy in STATIC_SEARCH_STRATEGIES
     beta = min(result.similarity[:k]) if k and online and mode != "prefill" and not static else None
@@ -220,15 +240,51 @@ def _greedy(profile, strategy, k, mode, window, online, fingerprint) -> SkipPlan
     if static:
         tried = result.notes.get("candidates", f"up to {result.candidates} candidates per step")
         explanation = f"{result.method} search ({tried}): its first {k} choices, identity pass-through{note}"
+    elif result.method == "kl":
+        kl = result.objective[k] if k < len(result.objective) else None
+        scored = f"; {result.notes.get('objective', 'KL')} {kl:.4f}" if kl is not None else ""
+        explanation = (f"greedy kl search ({result.stand_in} stand-ins scored): its first {k} choices with {kind} "
+                       f"stand-ins{scored}{note}")
     else:
         explanation = f"greedy {result.method} search: its first {k} choices{note}"
-    return SkipPlan(m, skip, mode=mode, strategy=strategy, beta=beta, window=window,
-                    predicted_speedup=paper_speedup(m, k), model_fingerprint=fingerprint, explanation=explanation)
+    p = SkipPlan(m, skip, mode=mode, strategy=strategy, beta=beta, window=window, stand_ins=stand_ins,
+                 model_fingerprint=fingerprint, explanation=explanation)
+    p.predicted_speedup = plan_speedup(p, profile)
+    return p
+
+
+def stand_in_cost(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=None) -> float:
+    """What the plan's linear stand-ins cost: in layers (the paper's equal-cost unit) without
+    `costs`, else in seconds, each taken as its layer's FFN time scaled by multiply-adds (both are
+    matmuls over the same tokens)."""
+    linear = [(s, v) for s, v in plan.stand_ins.items() if v.kind == "linear"]
+    if not linear:
+        return 0.0
+    notes = profile.search_result("kl").notes if profile is not None and "kl" in profile.search else {}
+    attn, ffn = notes.get("attention_multiply_adds"), notes.get("ffn_multiply_adds")
+    if not attn or not ffn:
+        raise ValueError("adaskip: the cost of linear stand-ins needs the layer sizes the kl search records; "
+                         "run the search again")
+    if costs is None:
+        return sum(v.multiply_adds_per_token() for _, v in linear) / (attn + ffn)
+    return sum(costs.per_sublayer[2 * (s // 2) + 1] * v.multiply_adds_per_token() / ffn for s, v in linear)
+
+
+def plan_speedup(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=None) -> float:
+    """The plan's predicted speedup: under `costs` (adaskip.skipping.costs.SublayerCosts) or by the
+    paper's equal-cost count, net of what its linear stand-ins cost."""
+    extra = stand_in_cost(plan, profile, costs)
+    if costs is None:
+        m = plan.num_layers
+        left = m - len(plan.skip_scales) / 2 + extra
+        return math.inf if left <= 0 else m / left
+    left = costs.total - costs.saving(plan.skip_scales) + extra
+    return math.inf if left <= 0 else costs.total / left
 
 
 def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target: float, costs, *,
                     num_layers: Optional[int] = None, mode: str = "e2e", window: int = 20,
-                    online: bool = True) -> SkipPlan:
+                    online: bool = True, stand_in: Optional[str] = None) -> SkipPlan:
     """Equal-time planning: the plan of `strategy` that reaches `target` speedup under `costs`
     (adaskip.skipping.costs.SublayerCosts: attention and FFN sublayers do not cost the same) with the
     fewest skipped sublayers. adaskip uses its cost planner (the least similarity lost for the
@@ -250,8 +306,8 @@ def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target:
     if strategy in SEARCH_METHODS and profile is not None:
         limit = min(limit, len(profile.search_result(SEARCH_METHODS[strategy]).order))
     for k in range(0, limit + 1, step):
-        p = plan(profile, strategy=strategy, num_sublayers=k, **common)
-        speed = costs.speedup(p.skip_scales)
+        p = plan(profile, strategy=strategy, num_sublayers=k, stand_in=stand_in, **common)
+        speed = plan_speedup(p, profile, costs)
         if speed >= target - 1e-9:
             p.predicted_speedup = speed
             return p
