@@ -21,14 +21,17 @@ test: $(BUILD_STAMP)
 
 build: $(BUILD_STAMP)
 
-# The main job: on the embedded SmolLM2, learn sublayer importance from the essays (cached),
-# then answer a question about a ~6k-token essay prompt with the full model and with AdaSkip.
-DEMO_PROFILE := .cache/smollm2-essays-profile.json
+# The main job: on the embedded SmolLM2, learn which sublayers to skip and what stands in for each
+# from the essays (the kl search, validated on held-out windows; cached), then answer a question
+# about a ~6k-token essay prompt with the full model and with the fastest plan that kept at least
+# 85 % top-1 agreement with the full model on the validation windows.
+DEMO_PROFILE := .cache/smollm2-essays-kl-profile.json
 demo: $(BUILD_STAMP)
 	@mkdir -p .cache
 	@test -f $(DEMO_PROFILE) || $(PY) -m adaskip calibrate --model smollm2 --data essays \
-		--num-requests 20 --prompt-len 1024 --out $(DEMO_PROFILE)
-	$(PY) -m adaskip demo --profile $(DEMO_PROFILE) --num-sublayers 8 --max-new-tokens 64
+		--num-requests 20 --prompt-len 1024 --search kl --search-max 8 \
+		--validate-budgets 2,4,6,8 --validate-strategies greedy-kl --out $(DEMO_PROFILE)
+	$(PY) -m adaskip demo --profile $(DEMO_PROFILE) --strategy greedy-kl --min-agreement 0.85 --max-new-tokens 64
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

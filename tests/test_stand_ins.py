@@ -173,10 +173,10 @@ def test_kl_search_records_its_objective_and_stand_ins(model, profile):
 
 def test_kl_search_first_choice_is_the_best_candidate(model):
     requests = _requests(2, seed=5)
-    r = greedy.search(model, requests, max_sublayers=1, method="kl", candidates=None, stand_in="channel",
+    m = model.args.num_layers
+    r = greedy.search(model, requests, max_sublayers=1, method="kl", candidates=2 * m, stand_in="channel",
                       weighting="uniform", progress=False)
     refs = reference_logprobs(model, requests)
-    m = model.args.num_layers
     scores = {}
     for s in range(2 * m):  # every sublayer, each with its own fitted channel stand-in
         fit = StandInFit([s], model.args.hidden_size, linear=False)
