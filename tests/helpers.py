@@ -13,6 +13,12 @@ def rand(shape, dtype, device="cpu", gen=None, scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
 
 
+def random_requests(n, length=40, seed=0, vocab=101):
+    """n seeded token-id lists of `length` ids below `vocab` (the tiny test models' vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
 def strided_view(shape, dtype, device="cpu", gen=None, pad=8, transpose=False):
     """A random tensor of `shape` ([B, S, H]) that is not contiguous: rows padded by `pad`
     elements, and optionally batch and seq strides swapped. Returns (view, base)."""

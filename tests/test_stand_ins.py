@@ -20,13 +20,12 @@ from adaskip.skipping.stand_ins import StandInFit
 from adaskip.skipping.strategies import paper_speedup, plan_speedup
 
 from behaviour_cases import tiny_model
+from helpers import random_requests
 
 H = 24
 
 
-def _requests(n, length=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 101, (length,), generator=g).tolist() for _ in range(n)]
+_requests = random_requests
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ from adaskip.skipping.costs import SublayerCosts, paper_speedup, sublayer_costs
 from adaskip.skipping.profile import ImportanceProfile
 
 from behaviour_cases import tiny_model
+from helpers import random_requests
 
 BUDGETS = [1, 2, 3, 4, 6]
 STRATS = ["adaskip", "greedy-similarity"]
 
 
-def _requests(n, length=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 101, (length,), generator=g).tolist() for _ in range(n)]
+_requests = random_requests
 
 
 @pytest.fixture(scope="module")
