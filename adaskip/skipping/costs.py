@@ -81,10 +81,11 @@ class SublayerCosts:
         """Seconds saved by skipping these sublayers (each counted once)."""
         return math.fsum(self.per_sublayer[s] for s in self._check(skipped))
 
-    def speedup(self, skipped: Iterable[int]) -> float:
-        """total / (total - sum of the skipped sublayers' costs)."""
+    def speedup(self, skipped: Iterable[int], added: float = 0.0) -> float:
+        """total / (total - sum of the skipped sublayers' costs + `added` seconds of work the
+        plan brings, e.g. its linear stand-ins)."""
         total = self.total
-        left = total - self.saving(skipped)
+        left = total - self.saving(skipped) + added
         return math.inf if left <= 0 else total / left
 
     def _check(self, skipped: Iterable[int]) -> list:
@@ -95,12 +96,13 @@ class SublayerCosts:
         return out
 
 
-def paper_speedup(num_layers: int, num_skipped_sublayers: int) -> float:
-    """The paper's equal-cost estimate: M / (M - k/2), a sublayer being half a layer."""
+def paper_speedup(num_layers: int, num_skipped_sublayers: int, added_layers: float = 0.0) -> float:
+    """The paper's equal-cost estimate: M / (M - k/2), a sublayer being half a layer; plus
+    `added_layers` of work the plan brings (e.g. its linear stand-ins), in layers."""
     if num_layers < 1 or not 0 <= num_skipped_sublayers <= 2 * num_layers:
         raise ValueError(f"adaskip: cannot skip {num_skipped_sublayers} sublayers of a model with {num_layers} layers")
-    left = num_layers - num_skipped_sublayers / 2
-    return math.inf if left == 0 else num_layers / left
+    left = num_layers - num_skipped_sublayers / 2 + added_layers
+    return math.inf if left <= 0 else num_layers / left
 
 
 def paper_num_skipped(num_layers: int, target_speedup: float) -> int:

@@ -2,7 +2,6 @@
 whole-layer baselines, all at equal budgets (n whole layers <-> 2n sublayers)."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from .costs import paper_num_skipped, paper_speedup
@@ -275,11 +274,8 @@ def plan_speedup(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=Non
     paper's equal-cost count, net of what its linear stand-ins cost."""
     extra = stand_in_cost(plan, profile, costs)
     if costs is None:
-        m = plan.num_layers
-        left = m - len(plan.skip_scales) / 2 + extra
-        return math.inf if left <= 0 else m / left
-    left = costs.total - costs.saving(plan.skip_scales) + extra
-    return math.inf if left <= 0 else costs.total / left
+        return paper_speedup(plan.num_layers, len(plan.skip_scales), extra)
+    return costs.speedup(plan.skip_scales, extra)
 
 
 def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target: float, costs, *,
