@@ -312,9 +312,10 @@ __doc_demo__ = """\
 adaskip demo: AdaSkip makes long-prompt inference cheaper by not running some sublayers.
 A transformer layer has two sublayers, attention and a feed-forward network (FFN), each adding
 its output to a running "residual stream". Some of them barely change that stream: the stream's
-direction before and after them is almost the same (cosine similarity close to 1). AdaSkip
-measures this once on calibration text, then skips the most similar sublayers, standing in for
-each with a learned rescaling of the stream. While answering, it also watches the FFNs over the
+direction before and after them is almost the same (cosine similarity close to 1). Here a
+search on calibration text picks the sublayers whose removal changes the model's predictions
+least, each replaced by a small map fitted to what it did, and keeps the most it can while
+agreeing with the full model on held-out text. While answering, it also watches the FFNs over the
 first generated tokens and skips those that turn out just as unimportant for this request.
 Below, the same question about a long essay is answered by the full model and with skipping.
 """
