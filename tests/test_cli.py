@@ -90,8 +90,10 @@ def test_eval_writes_table_json_and_plots(tmp_path):
     proc = _cli("eval", "--calibration-data", "essays", "--num-requests", "2", "--prompt-len", "256",
                 "--strategies", "adaskip,shortgpt,greedy-loss,early-exit", "--budgets", "2,3",
                 "--speedups", "1.05", "--context-len", "2048", "--search-requests", "1", "--search-candidates", "2",
-                "--window-len", "128", "--windows", "2", "--tasks", "ppl,passkey", "--retrieval-lengths", "256",
-                "--retrieval-depths", "0.5", "--retrieval-samples", "2", "--retrieval-batch", "2", "--out", str(out))
+                "--window-len", "128", "--windows", "2", "--tasks", "ppl,passkey,generation", "--retrieval-lengths",
+                "256", "--retrieval-depths", "0.5", "--retrieval-samples", "2", "--retrieval-batch", "2",
+                "--generation-lengths", "160", "--generation-prompts", "1", "--generation-tokens", "4",
+                "--out", str(out))
     report = json.loads((out / "eval.json").read_text())
     rows = report["rows"]
     assert rows[0]["strategy"] == "full" and rows[0]["metrics"]["top1_agreement"] == 1.0
@@ -114,6 +116,12 @@ def test_eval_writes_table_json_and_plots(tmp_path):
         assert (out / name).stat().st_size > 200
     assert (out / "eval.md").read_text().splitlines()[2].startswith("| full |")
     assert "| shortgpt |" in proc.stdout and report["git_commit"] and report["date"]
+    # generation: the bf16 floor first, adaskip's plan with and without online learning
+    names = [r["name"] for r in report["generation"]["rows"]]
+    assert names[:3] == ["full/bfloat16", "adaskip@2", "adaskip@2/no-online"] and "shortgpt@2" in names
+    assert report["generation"]["prompts"][0]["tokens"] <= 160 and "generation" in report["timings_s"]
+    md = (out / "eval.md").read_text()
+    assert "| full/bfloat16 | – |" in md and "| full | 2/2 (1.00) |" in md
 
 
 def test_eval_errors(tmp_path):
@@ -124,6 +132,8 @@ def test_eval_errors(tmp_path):
     proc = _cli("eval", "--strategies", "full", "--budgets", "0", "--window-len", "9000", "--out", str(tmp_path),
                 ok=False)
     assert "exceed the model's context of 8192" in proc.stderr
+    proc = _cli("eval", "--tasks", "generation", "--generation-lengths", "8190", "--out", str(tmp_path), ok=False)
+    assert "plus 64 new tokens exceed the model's context of 8192" in proc.stderr
 
 
 def test_eval_longbench_on_the_fixtures(tmp_path):

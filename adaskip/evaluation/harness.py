@@ -6,6 +6,9 @@ Tasks:
              KL(full || plan) per token, over windows of held-out documents;
   passkey,   retrieval of a fact inserted into the essays at several context lengths and depths
   needle     (adaskip.retrieval), generated with each plan;
+  generation greedy continuations of held-out prompts with the full model and each plan (with and
+             without online learning), scored against the full model's own text
+             (adaskip.evaluation.generation), the full model in another dtype first;
   longbench  LongBench-format jsonl datasets (adaskip.longbench), generated with each plan.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ..skipping.calibration import source_id
 from ..runtime.stand_in import KINDS
 from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup, plan_speedup
 
-TASKS = ("ppl", "passkey", "needle", "longbench")
+TASKS = ("ppl", "passkey", "needle", "generation", "longbench")
 
 
 @dataclass
@@ -42,6 +45,13 @@ class EvalSettings:
     retrieval_samples: int = 2
     retrieval_batch: int = 1  # prompts generated together (faster on CPU; 1 = one request at a time)
     seed: int = 0
+    # generation
+    generation_lengths: Sequence[int] = (1024, 2048)
+    generation_prompts: int = 4  # per length
+    generation_tokens: int = 64
+    generation_instruction: str = "summarize"
+    generation_floor_dtype: Optional[str] = "bfloat16"  # None: no dtype-floor row
+    generation_batch: int = 1
     # longbench
     longbench_dir: Optional[str] = None
     longbench_datasets: Sequence[str] = ("multifieldqa_en", "triviaqa", "trec", "gov_report", "multi_news")
@@ -63,6 +73,19 @@ class EvalSettings:
             raise ValueError("adaskip: stand-ins are compared on the greedy-kl strategy; add it to the strategies")
         if any(not 0.0 <= a <= 1.0 for a in self.min_agreements):
             raise ValueError(f"adaskip: minimum agreements must be in [0, 1], got {list(self.min_agreements)}")
+        if "generation" in self.tasks:
+            from .generation import INSTRUCTIONS
+
+            if self.generation_instruction not in INSTRUCTIONS:
+                raise ValueError(f"adaskip: the generation instruction must be one of {tuple(INSTRUCTIONS)}, "
+                                 f"got {self.generation_instruction!r}")
+            if self.generation_prompts < 1 or self.generation_tokens < 1 or self.generation_batch < 1:
+                raise ValueError("adaskip: generation prompts, tokens and batch must be >= 1")
+            if not self.generation_lengths or min(self.generation_lengths) < 1:
+                raise ValueError(f"adaskip: generation lengths must be positive, got {list(self.generation_lengths)}")
+            if self.generation_floor_dtype not in (None, "float32", "bfloat16", "float16"):
+                raise ValueError(f"adaskip: the generation floor dtype must be float32, bfloat16 or float16, got "
+                                 f"{self.generation_floor_dtype!r}")
         if "longbench" in self.tasks and not self.longbench_dir:
             raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
 
@@ -76,6 +99,9 @@ class EvalSettings:
         if {"passkey", "needle"} & set(self.tasks) and max(self.retrieval_lengths, default=0) > context:
             raise ValueError(f"adaskip: a retrieval length of {max(self.retrieval_lengths)} tokens exceeds the "
                              f"model's context of {context} tokens")
+        if "generation" in self.tasks and max(self.generation_lengths) + self.generation_tokens > context:
+            raise ValueError(f"adaskip: generation prompts of {max(self.generation_lengths)} tokens plus "
+                             f"{self.generation_tokens} new tokens exceed the model's context of {context} tokens")
 
 
 def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windows: int) -> list:
@@ -143,7 +169,9 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
              costs=None, progress: bool = True) -> dict:
     """Every task for every plan. Returns {"rows": [...], "timings_s": {...}, "notes": [...]};
     each row has strategy, budget, target_speedup, predicted_speedup, the skipped attention /
-    FFN counts, the skipped sublayers and a metrics dict."""
+    FFN counts, the skipped sublayers and a metrics dict. The generation task adds
+    "generation": its own rows (a plan with online learning twice: learning on and off; see
+    adaskip.evaluation.generation.evaluate_generation)."""
     settings.check_model(model.args)
     plans = build_plans(profile, model.args.num_layers, settings, costs)
     named = {_key(d): p for d, p in plans}
@@ -176,8 +204,26 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
                                  batch_size=settings.retrieval_batch)
         for k, v in res.items():
             metrics[k][f"{kind}_accuracy"] = v["accuracy"]
-            details.setdefault(k, {})[kind] = {"by_cell": v["by_cell"], "correct": v["correct"], "total": v["total"]}
+            details.setdefault(k, {})[kind] = {"by_cell": v["by_cell"], "by_length": v["by_length"],
+                                               "correct": v["correct"], "total": v["total"]}
         timings[kind] = time.perf_counter() - start
+
+    generation = None
+    if "generation" in settings.tasks:
+        import torch
+
+        from .generation import evaluate_generation, make_prompts
+
+        if not documents:
+            raise ValueError("adaskip: the generation task needs documents")
+        start = time.perf_counter()
+        prompts = make_prompts(tokenizer, documents, settings.generation_lengths, settings.generation_prompts,
+                               settings.generation_instruction, seed=settings.seed)
+        floor = getattr(torch, settings.generation_floor_dtype) if settings.generation_floor_dtype else None
+        generation = evaluate_generation(model, tokenizer, prompts, {k: p for k, p in named.items() if p is not None},
+                                         max_new_tokens=settings.generation_tokens, floor_dtype=floor,
+                                         batch_size=settings.generation_batch, profile=profile, progress=progress)
+        timings["generation"] = time.perf_counter() - start
 
     if "longbench" in settings.tasks:
         from .longbench import evaluate_longbench
@@ -202,7 +248,10 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
         if _key(desc) in details:
             row["details"] = details[_key(desc)]
         rows.append(row)
-    return {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
+    out = {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
+    if generation is not None:
+        out["generation"] = generation
+    return out
 
 
 def held_out(documents: Sequence[Union[str, os.PathLike]], profile) -> list:

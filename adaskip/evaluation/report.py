@@ -52,6 +52,40 @@ def markdown_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None
     return "\n".join(lines)
 
 
+# A retrieval length where the full model itself answers fewer than this fraction measures nothing.
+FULL_MODEL_FAILS = 0.5
+
+
+def retrieval_table(rows: Sequence[dict], kind: str) -> str:
+    """Markdown: one line per plan (the full model first), a column per context length with the
+    correct answers out of the tasks there (every depth together). A length where the full model
+    answers fewer than FULL_MODEL_FAILS of its tasks is marked: a plan's score there says nothing."""
+    have = [r for r in rows if kind in r.get("details", {})]
+    if not have:
+        return ""
+    ordered = sorted(have, key=lambda r: r["strategy"] != "full")
+    lengths = sorted({int(n) for r in have for n in r["details"][kind]["by_length"]})
+    full = next((r for r in have if r["strategy"] == "full"), None)
+    failed = set()
+    if full is not None:
+        by_length = {int(n): v for n, v in full["details"][kind]["by_length"].items()}
+        failed = {n for n in lengths if by_length[n]["correct"] < FULL_MODEL_FAILS * by_length[n]["total"]}
+    head = ["run", *(f"{n} tokens" + (" (full model fails)" if n in failed else "") for n in lengths), "all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ordered:
+        d = r["details"][kind]
+        cells = [("full" if r["strategy"] == "full" else f"{r['strategy']} {row_label(r)}")]
+        for n in lengths:
+            v = next((v for k, v in d["by_length"].items() if int(k) == n), None)
+            cells.append("–" if v is None else f"{v['correct']}/{v['total']} ({v['correct'] / v['total']:.2f})")
+        cells.append(f"{d['correct']}/{d['total']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines.append(f"\nThe full model answers fewer than {FULL_MODEL_FAILS:.0%} at "
+                     f"{', '.join(str(n) for n in sorted(failed))} tokens: a plan's score there measures nothing.")
+    return "\n".join(lines)
+
+
 def _pyplot():
     import matplotlib
 

@@ -192,13 +192,15 @@ def score(task: RetrievalTask, generated_text: str) -> bool:
 
 
 def _summary(tasks, hits) -> dict:
-    by_cell, by_kind = defaultdict(lambda: defaultdict(list)), defaultdict(list)
+    by_cell, by_kind, by_length = defaultdict(lambda: defaultdict(list)), defaultdict(list), defaultdict(list)
     for t, h in zip(tasks, hits):
         by_cell[t.context_len][t.depth].append(h)
         by_kind[t.kind].append(h)
+        by_length[t.context_len].append(h)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"accuracy": mean(hits), "correct": sum(hits), "total": len(hits),
             "by_cell": {n: {d: mean(v) for d, v in sorted(row.items())} for n, row in sorted(by_cell.items())},
+            "by_length": {n: {"correct": sum(v), "total": len(v)} for n, v in sorted(by_length.items())},
             "by_kind": {k: mean(v) for k, v in sorted(by_kind.items())}}
 
 
@@ -207,7 +209,8 @@ def evaluate_retrieval(model, tokenizer, tasks: Sequence[RetrievalTask], plans: 
     """Greedy answers for every task under every plan (None = the full model), scored.
 
     Returns {plan name: {"accuracy", "correct", "total", "by_cell": {context_len: {depth: acc}},
-    "by_kind": {kind: acc}, "generations": [decoded answer per task]}}. Names whose plan is None
+    "by_length": {context_len: {"correct", "total"}}, "by_kind": {kind: acc},
+    "generations": [decoded answer per task]}}. Names whose plan is None
     are run as the full model; pass {"full": None, ...} to report it beside the plans.
     batch_size > 1 generates that many tasks together (their prompts differ in length by a few
     tokens): much faster where decode steps are overhead-bound, as on a CPU.

