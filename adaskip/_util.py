@@ -42,3 +42,12 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str):
             return _Quiet()
         return tqdm(total=total, desc=desc, unit=unit)
     return _Quiet()
+
+
+def check_room(prompt_lengths, max_new_tokens: int, context: int, what: str = "prompts") -> None:
+    """Fails before any work when a prompt plus the tokens to generate would not fit the model's
+    context (generate would refuse it only when its turn comes)."""
+    too_long = [n for n in prompt_lengths if n + max_new_tokens > context]
+    if too_long:
+        raise ValueError(f"adaskip: {what} of {max(too_long)} tokens plus {max_new_tokens} new tokens exceed "
+                         f"the model's context of {context} tokens")

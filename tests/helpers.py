@@ -53,3 +53,31 @@ def oracle_stats(a, b, num_sublayers, sublayer, seq_lens=None):
             out[sublayer, i, 1] += nb / max(na, 1e-12)
             out[sublayer, i, 2] += 1
     return out
+
+
+def tiny_llama(vocab_size, context=160, eos=2, layers=2, scale=0.2, seed=0):
+    """A small LlamaForCausalLM of the runtime with seeded random weights (norms at 1)."""
+    from adaskip.runtime.config import ModelArgs
+    from adaskip.runtime.loading import build_model
+    from adaskip.runtime.model import Transformer
+
+    args = ModelArgs.from_hf_config(dict(
+        architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+        rms_norm_eps=1e-5, rope_theta=10000.0, eos_token_id=eos))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    return build_model(args, {k: (torch.ones(s) if k.endswith("norm.weight") else scale * torch.randn(s, generator=gen))
+                              for k, s in shapes.items()})
+
+
+def randomize_norms_and_biases(module):
+    """Random norm weights and biases (initialised to 1 and 0), so that parity tests exercise them."""
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return module

@@ -13,6 +13,7 @@ from adaskip.runtime.config import ModelArgs
 from adaskip.runtime.generation import generate
 from adaskip.skipping.costs import SublayerCosts
 
+from helpers import tiny_llama
 from test_retrieval import WordTokenizer as _Words
 
 
@@ -32,19 +33,8 @@ def _docs(n_docs=6, words_per_doc=900, seed=2):
 DOCS = _docs()
 
 
-def _tiny_model(vocab_size, context=512, eos=2, layers=3):
-    from adaskip.runtime.loading import build_model
-    from adaskip.runtime.model import Transformer
-
-    args = ModelArgs.from_hf_config(dict(
-        architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        rms_norm_eps=1e-5, rope_theta=10000.0, eos_token_id=eos))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    return build_model(args, {k: (torch.ones(s) if k.endswith("norm.weight") else 0.3 * torch.randn(s, generator=gen))
-                              for k, s in shapes.items()})
+def _tiny_model(vocab_size):
+    return tiny_llama(vocab_size, context=512, layers=3, scale=0.3)
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 import adaskip.runtime.gguf as gguf_loader  # noqa: E402
+from helpers import randomize_norms_and_biases  # noqa: E402
 from adaskip.runtime.config import ModelArgs  # noqa: E402
 from adaskip.runtime.gguf import (assembled_gguf, find_qwen25_coder_parts, find_smollm2_gguf,  # noqa: E402
                                   load_gguf_tokenizer, read_gguf)
@@ -272,14 +273,7 @@ def _gguf_name(hf_name):
 
 def _tiny_qwen2_hf():
     torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_TINY)).eval()
-    with torch.no_grad():  # random norms and biases, so those paths are exercised too
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return hf
+    return randomize_norms_and_biases(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_TINY)).eval())
 
 
 def _write_tiny_qwen2(path, hf_state_dict):

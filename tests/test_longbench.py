@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -15,7 +14,7 @@ pytest.importorskip("rouge")
 
 from adaskip import SkipPlan  # noqa: E402
 from adaskip.evaluation import longbench as lb  # noqa: E402
-from adaskip.runtime.config import ModelArgs  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 from adaskip.runtime.generation import GenerationResult  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
@@ -57,18 +56,7 @@ def chat_tok(tok):
 
 
 def _tiny_model(vocab_size, context=160, eos=2):
-    from adaskip.runtime.loading import build_model
-    from adaskip.runtime.model import Transformer
-
-    args = ModelArgs.from_hf_config(dict(
-        architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        rms_norm_eps=1e-5, rope_theta=10000.0, eos_token_id=eos))
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    return build_model(args, {k: (torch.ones(s) if k.endswith("norm.weight") else 0.2 * torch.randn(s, generator=gen))
-                              for k, s in shapes.items()})
+    return tiny_llama(vocab_size, context=context, eos=eos)
 
 
 # -- metrics ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 from adaskip.runtime.config import ModelArgs, UnsupportedArchitecture  # noqa: E402
 from adaskip.runtime.loading import build_model, load_model  # noqa: E402
+from helpers import randomize_norms_and_biases  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -33,13 +34,7 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
 def _pair(name):
     torch.manual_seed(0)
     cfg = CASES[name]()
-    hf = getattr(transformers, HF_CLASSES[cfg.model_type])(cfg).eval()
-    with torch.no_grad():  # random norms and biases, so those paths are exercised too
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
+    hf = randomize_norms_and_biases(getattr(transformers, HF_CLASSES[cfg.model_type])(cfg).eval())
     d = cfg.to_dict()
     d["architectures"] = [HF_CLASSES[cfg.model_type]]
     ours = build_model(ModelArgs.from_hf_config(d), {k: v.clone() for k, v in hf.state_dict().items()})

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._util import check_room
+
 INSTRUCTIONS = {
     "summarize": "Summarize the text above.",
     "continue": "Continue:",
@@ -223,11 +225,8 @@ def evaluate_generation(model, tokenizer, prompts: Sequence[GenerationPrompt], p
         raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"adaskip: batch_size must be >= 1, got {batch_size}")
-    window = model.args.max_position_embeddings
-    too_long = [len(p.ids) for p in prompts if len(p.ids) + max_new_tokens > window]
-    if too_long:
-        raise ValueError(f"adaskip: generation prompts of {max(too_long)} tokens plus {max_new_tokens} new tokens "
-                         f"exceed the model's context of {window} tokens")
+    check_room([len(p.ids) for p in prompts], max_new_tokens, model.args.max_position_embeddings,
+               "generation prompts")
     dtype = model.lm_head.weight.dtype
     element_size = torch.empty((), dtype=dtype).element_size()
     spec = spec or L20_SPEC

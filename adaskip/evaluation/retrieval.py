@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .._util import check_room
+
 KINDS = ("passkey", "needle")
 # A prompt may fall short of context_len by this fraction (it never goes over).
 LENGTH_TOLERANCE = 0.03
@@ -221,11 +223,7 @@ def evaluate_retrieval(model, tokenizer, tasks: Sequence[RetrievalTask], plans: 
         raise ValueError("adaskip: no retrieval tasks to evaluate")
     if batch_size < 1:
         raise ValueError(f"adaskip: batch_size must be >= 1, got {batch_size}")
-    window = model.args.max_position_embeddings
-    too_long = [len(t.ids) for t in tasks if len(t.ids) + max_new_tokens > window]
-    if too_long:
-        raise ValueError(f"adaskip: prompts of {max(too_long)} tokens plus {max_new_tokens} new tokens exceed "
-                         f"the model's context of {window} tokens")
+    check_room([len(t.ids) for t in tasks], max_new_tokens, model.args.max_position_embeddings)
     if progress:
         from tqdm.auto import tqdm
     results = {}
