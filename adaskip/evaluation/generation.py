@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._util import check_room
+from .._util import check_room, progress_bar
 
 INSTRUCTIONS = {
     "summarize": "Summarize the text above.",
@@ -133,29 +133,28 @@ def decode_speedup(costs, plan, online_skipped: Sequence[int], steps: int, windo
     """Predicted speedup of `steps` decode steps under `costs` (one step's sublayer times at the
     prompt's length): the plan's skips throughout, plus the FFNs online learning gated off after
     its window; `added`: seconds per step of the plan's linear stand-ins."""
-    full = costs.total
-    static = full - costs.saving(plan.skip_scales) + added
-    learned = full - costs.saving(set(plan.skip_scales) | set(online_skipped)) + added
     before = min(window, steps) if online_skipped else steps
+    # Step times in units of the full model's step: 1 / speedup.
+    static = 1.0 / costs.speedup(plan.skip_scales, added)
+    learned = 1.0 / costs.speedup(set(plan.skip_scales) | set(online_skipped), added)
     spent = before * static + (steps - before) * learned
-    return (steps * full) / spent if spent > 0 else float("inf")
+    return steps / spent if spent > 0 else float("inf")
 
 
 # -- the task ------------------------------------------------------------------------------------
 
 
-def _generate(model, tokenizer, prompts, plan, max_new_tokens, batch_size, bar):
+def _generate(model, prompts, plan, max_new_tokens, batch_size, bar):
     from ..runtime.generation import generate
 
     tokens, online = [], []
+    eos = set(model.args.eos_token_ids)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
         out = generate(model, [p.ids for p in batch], max_new_tokens=max_new_tokens, plan=plan)
-        eos = set(model.args.eos_token_ids)
         tokens += [[t for t in ids if t not in eos] for ids in out.tokens]
         online += out.online_skipped if out.online_skipped is not None else [[] for _ in batch]
-        if bar is not None:
-            bar.update(len(batch))
+        bar.update(len(batch))
     return tokens, online
 
 
@@ -247,29 +246,25 @@ def evaluate_generation(model, tokenizer, prompts: Sequence[GenerationPrompt], p
         runs.append((name, plan, True if plan.online else None))
         if plan.online:
             runs.append((f"{name}/no-online", dataclasses.replace(plan, beta=None), False))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(runs) * len(prompts), desc="generation", unit="prompt")
+    bar = progress_bar(len(runs) * len(prompts), progress, "generation", "prompt")
 
     decode = lambda toks: [tokenizer.decode(t, skip_special_tokens=True) for t in toks]  # noqa: E731
-    ref_tokens, _ = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, bar)
+    ref_tokens, _ = _generate(model, prompts, None, max_new_tokens, batch_size, bar)
     ref_texts = decode(ref_tokens)
     rows = []
     for name, plan, online_on in runs[1:]:
         if plan is None:  # the dtype floor: the full model in another dtype
             other = _in_dtype(model, floor_dtype)
-            tokens, online = _generate(other, tokenizer, prompts, None, max_new_tokens, batch_size, bar)
+            tokens, online = _generate(other, prompts, None, max_new_tokens, batch_size, bar)
             del other
         else:
-            tokens, online = _generate(model, tokenizer, prompts, plan, max_new_tokens, batch_size, bar)
+            tokens, online = _generate(model, prompts, plan, max_new_tokens, batch_size, bar)
         size = element_size if plan is not None else torch.empty((), dtype=floor_dtype).element_size()
         rows.append(_row(name, plan, online_on, tokens, decode(tokens), online, ref_tokens, ref_texts, prompts,
                          model, cost_for, size))
         if plan is None:
             rows[-1]["dtype"] = str(floor_dtype).replace("torch.", "")
-    if bar is not None:
-        bar.close()
+    bar.close()
     return {"reference": {"dtype": str(dtype).replace("torch.", ""), "generations": ref_texts,
                           "kv_bytes": sum(kv_bytes(model.args, range(model.args.num_layers), len(p.ids) + len(t),
                                                    element_size) for p, t in zip(prompts, ref_tokens)) / len(prompts)},
