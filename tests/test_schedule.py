@@ -9,6 +9,7 @@ import torch
 
 from adaskip import ops
 from adaskip.runtime import schedule as sch
+from adaskip.runtime import sublayer
 from adaskip.runtime.decode import DecodeState, decode_one_token
 from adaskip.runtime.model import Attention, FeedForward
 from adaskip.runtime.online import OnlineGates
@@ -46,9 +47,10 @@ class _Tracer:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for cls, name in ((Attention, "forward"), (Attention, "store_kv"), (FeedForward, "dense"),
-                          (FeedForward, "gated"), (FeedForward, "run_if")):
+        for cls, name in ((Attention, "forward"), (Attention, "store_kv"), (FeedForward, "dense")):
             self._wrap_method(monkeypatch, cls, name)
+        for name in ("gated_swiglu", "swiglu_if"):  # the FFN's gated and conditional paths
+            self._wrap_method(monkeypatch, sublayer, name)
         for name in ("fused_add_rms_norm", "scale_rms_norm", "skip_or_scale", "io_similarity_stats", "update_gates"):
             self._wrap_op(monkeypatch, name)
 
@@ -63,10 +65,12 @@ class _Tracer:
         return type(v).__name__
 
     def _wrap_method(self, monkeypatch, cls, name):
+        """Wraps cls.name (a method, or a module's function whose first argument is the module it runs)."""
         original = getattr(cls, name)
+        owner = cls.__name__
 
         def wrapped(module, *args, **kwargs):
-            self.calls.append((cls.__name__, name, id(module), tuple(self._fact(a) for a in args),
+            self.calls.append((owner, name, id(module), tuple(self._fact(a) for a in args),
                                tuple(sorted((k, self._fact(v)) for k, v in kwargs.items()))))
             return original(module, *args, **kwargs)
 

@@ -1,4 +1,5 @@
 """The embedded SmolLM2-135M-Instruct: our loader + runtime against transformers (fp32, CPU)."""
+import inspect
 import math
 
 import pytest
@@ -106,3 +107,62 @@ def test_online_learning_gates_extra_ffns_on_the_real_model(ours, essay_profile,
     offline_only = adaskip.generate(model, [prompt], max_new_tokens=16, eos_token_ids=[],
                                     plan=adaskip.SkipPlan(p.num_layers, p.skip_scales))
     assert out.tokens[0][:11] == offline_only.tokens[0][:11]  # identical through the window
+
+# -- adaskip.hf: plans on SmolLM2 as transformers loads it ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_plans(ours, essay_profile):
+    """An adaskip, a greedy-loss and a ShortGPT plan of this model (a short loss search added)."""
+    from adaskip.skipping.calibration import calibration_requests
+    from adaskip.skipping.greedy import search
+
+    model, tokenizer = ours
+    if "loss" not in essay_profile.search:
+        requests = calibration_requests([ESSAYS[0].read_text()], tokenizer, num_requests=1, prompt_len=256)
+        essay_profile.add_search(search(model, requests, max_sublayers=4, method="loss", candidates=2,
+                                        progress=False))
+    return {"adaskip": adaskip.plan(essay_profile, strategy="adaskip", num_sublayers=8, window=8),
+            "greedy-loss": adaskip.plan(essay_profile, strategy="greedy-loss", num_sublayers=4, window=8),
+            "shortgpt": adaskip.plan(essay_profile, strategy="shortgpt", num_sublayers=4)}
+
+
+@pytest.mark.parametrize("strategy", ["adaskip", "greedy-loss", "shortgpt"])
+@pytest.mark.parametrize("mode", ["prefill", "decode", "e2e"])
+def test_hf_model_with_a_plan_matches_the_runtime(ours, hf, hf_plans, strategy, mode):
+    import dataclasses
+
+    model, tokenizer = ours
+    p = dataclasses.replace(hf_plans[strategy], mode=mode)
+    ids = torch.tensor([tokenizer(ESSAYS[-2].read_text())["input_ids"][:300]])
+    with torch.no_grad():
+        with adaskip.hf.apply(hf, p):
+            got = hf(ids).logits
+        expected = model(ids, plan=p.phase("prefill"))
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["adaskip", "greedy-loss", "shortgpt"])
+def test_hf_generate_with_a_plan_matches_the_runtime(ours, hf, hf_plans, strategy):
+    """Greedy tokens, and the FFNs online learning gates off, equal adaskip.generate's; in e2e the
+    cache holds K/V only for the attention layers that run."""
+    model, tokenizer = ours
+    p = hf_plans[strategy]
+    prompt = chat_prompt(tokenizer, tokenizer.decode(tokenizer(ESSAYS[-3].read_text())["input_ids"][:500])
+                         + "\n\nWhat is this essay about?")
+    cache = transformers.DynamicCache(config=hf.config)
+    kwarg = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+    with torch.no_grad(), adaskip.hf.apply(hf, p) as applied:
+        # The explicit mask: generate() would otherwise mask the prompt's <|im_end|> (this model's pad id).
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, **{kwarg: cache})
+        online_skipped = applied.online_skipped()
+    expected = adaskip.generate(model, [prompt], max_new_tokens=16, plan=p, eos_token_ids=[])
+    assert out[0, len(prompt):].tolist() == expected.tokens[0]
+    assert online_skipped == expected.online_skipped
+    filled = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None
+              and layer.keys.numel() > 0]
+    assert filled == sorted(p.attention_layers)
+    if p.skipped_attention_layers:
+        assert len(filled) < 30

@@ -17,11 +17,10 @@ from torch import nn
 
 from .. import ops
 from ..ops.reference import rms_norm
-from .conditional import only_if
 from .config import ModelArgs
 from .rope import apply_rotary, cos_sin, inv_frequencies
-from .schedule import (GATED, GATED_CONDITIONAL, GATED_GEMV, GATED_OFF, PLAN_SKIPPED, RUN_GEMV, SKIP_STORE_KV,
-                       StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step)
+from .schedule import StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step
+from .sublayer import gated_swiglu, run_sublayer, swiglu_if
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
     from flash_attn import flash_attn_func
@@ -130,29 +129,12 @@ class FeedForward(nn.Module):
                                             self.gate_proj.bias is not None)
 
     def gated(self, x: torch.Tensor, gates: Optional[torch.Tensor], sublayer: int) -> torch.Tensor:
-        """The FFN through the gated GEMVs: when every sequence's gate of `sublayer` is SKIP the
-        kernels return at once (decided on the device) and write nothing. The rows of gated-off
-        sequences are undefined: the gated add+norm that follows does not read them. gates None:
-        every row is computed."""
-        b, _, h = x.shape
-        act = torch.empty(b, self.gate_proj.out_features, dtype=x.dtype, device=x.device)
-        ops.gated_swiglu_up(x.reshape(b, h), self.gate_proj.weight, self.up_proj.weight, gates, sublayer, act)
-        out = torch.empty(b, h, dtype=x.dtype, device=x.device)
-        ops.gated_linear(act, self.down_proj.weight, gates, sublayer, out)
-        return out.view(b, 1, h)
+        """The FFN through the gated GEMVs (adaskip.runtime.sublayer.gated_swiglu)."""
+        return gated_swiglu(self, x, gates, sublayer)
 
     def run_if(self, x: torch.Tensor, predicate: torch.Tensor) -> torch.Tensor:
-        """The FFN inside a conditional node of the CUDA graph being captured: replays run it
-        only while `predicate` (a bool on the device) is true, and skip its GEMMs otherwise (the
-        output is then undefined; the gated add+norm that follows does not read it)."""
-        out = torch.empty_like(x)  # allocated outside the node: read after it either way
-        with only_if(predicate):
-            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
-            if self.down_proj.bias is None:
-                torch.matmul(act, self.down_proj.weight.t(), out=out)
-            else:
-                out.copy_(self.down_proj(act))
-        return out
+        """The FFN inside a CUDA-graph conditional node (adaskip.runtime.sublayer.swiglu_if)."""
+        return swiglu_if(self, x, predicate)
 
 
 class Block(nn.Module):
@@ -316,46 +298,18 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     def _sublayer(self, s: int, todo, x: torch.Tensor, h: torch.Tensor, step: "_Step") -> torch.Tensor:
-        """Carries out sublayer s as the schedule says: x is its normed input, h the residual
-        stream (updated in place); returns the normed input of the next sublayer."""
+        """Carries out sublayer s as the schedule says (adaskip.runtime.sublayer.run_sublayer): x
+        is its normed input, h the residual stream (updated in place); returns the normed input
+        of the next sublayer."""
         layer = self.model.layers[s // 2]
         norm = self._norm_after(s)
-        action = todo.action
-        if action in PLAN_SKIPPED:
-            if action == SKIP_STORE_KV:
-                layer.self_attn.store_kv(x, step.cos, step.sin, step.positions, step.kv_len)
-            stand_in = todo.stand_in
-            if stand_in is not None and stand_in.kind == "linear":
-                out = stand_in.apply_linear(x)
-                ops.fused_add_rms_norm(out, h, norm.weight, norm.eps)
-                return out
-            channel = stand_in.channel_on(h.device) if stand_in is not None else None
-            # x is free: only written
-            ops.scale_rms_norm(x, h, norm.weight, norm.eps, todo.scale, channel_scales=channel)
-            return x
-        online = step.online
-        if action == GATED_OFF:  # every sequence gated off: the device-side compensation, x not read
-            ops.fused_add_rms_norm(x, h, norm.weight, norm.eps, sublayer=s, gates=online.gates, scales=online.scales)
-            return x
-        if s % 2 == 0:
-            attention = layer.self_attn
-            out = attention(x, step.cos, step.sin, step.masks[attention.window], step.positions, step.kv_len)
-        elif action == RUN_GEMV:
-            out = layer.mlp.gated(x, None, 0)
-        elif action == GATED_GEMV:
-            out = layer.mlp.gated(x, online.gates, s)
-        elif action == GATED_CONDITIONAL:
-            out = layer.mlp.run_if(x, online.running[s])
-        else:
-            out = layer.mlp.dense(x)
-        if action in GATED:  # gated-off sequences: the compensation instead of the add, in the same pass
-            ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=online.stats, sublayer=s,
-                                   seq_lens=step.seq_lens, gates=online.gates, scales=online.scales)
-        else:
-            if step.taps is not None:
-                step.taps(s, x, h, out)
-            ops.fused_add_rms_norm(out, h, norm.weight, norm.eps, stats=step.stats, sublayer=s, seq_lens=step.seq_lens)
-        return out
+        attention = layer.self_attn
+        return run_sublayer(
+            s, todo, x, h, step, norm_weight=norm.weight, eps=norm.eps,
+            attend=lambda y: attention(y, step.cos, step.sin, step.masks[attention.window], step.positions,
+                                       step.kv_len),
+            store_kv=lambda y: attention.store_kv(y, step.cos, step.sin, step.positions, step.kv_len),
+            dense_ffn=layer.mlp.dense, mlp=layer.mlp)
 
     def _norm_after(self, s: int) -> RMSNorm:
         """The norm that follows sublayer s: the FFN's, the next layer's, or the final one."""
