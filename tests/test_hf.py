@@ -259,3 +259,22 @@ def test_calibration_on_hf_equals_the_runtimes(pair):
     with torch.no_grad(), adaskip.hf.apply(hf, plan):
         got = hf(_ids()).logits
     torch.testing.assert_close(got, ours(_ids(), plan=plan.phase("prefill")), **TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not adaskip.ops.HAS_EXTENSION,
+                    reason="needs a GPU and the CUDA extension")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_bf16_generate_matches_the_runtime(batch):
+    """On the GPU in bf16 the FFNs run on the gated decode GEMVs (1-2 sequences) or dense and
+    discarded (3): the same tokens and gates as our runtime, which runs the same kernels."""
+    hf, ours = _pair("llama")
+    hf, ours = hf.to("cuda", torch.bfloat16), ours.to("cuda", torch.bfloat16)
+    ids = _ids(batch, 16, seed=10).cuda()
+    plan = _plans("e2e", online=True)
+    with torch.no_grad(), adaskip.hf.apply(hf, plan) as applied:
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        skipped = applied.online_skipped()
+    expected = adaskip.generate(ours, ids.tolist(), max_new_tokens=8, plan=plan, eos_token_ids=[])
+    assert out[:, 16:].tolist() == expected.tokens
+    assert skipped == expected.online_skipped

@@ -166,3 +166,22 @@ def test_hf_generate_with_a_plan_matches_the_runtime(ours, hf, hf_plans, strateg
     assert filled == sorted(p.attention_layers)
     if p.skipped_attention_layers:
         assert len(filled) < 30
+
+
+def test_hf_example_script_runs_end_to_end(capsys):
+    """examples/hf_generate.py: loads SmolLM2 through transformers, calibrates, plans at alpha
+    1.2 (10 of 60 sublayers on 30 layers), answers with and without the plan."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "hf_generate.py"
+    spec = importlib.util.spec_from_file_location("hf_generate_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--gguf", str(GGUF), "--data", str(ESSAYS[0]), str(ESSAYS[1]), "--num-requests", "2",
+                  "--prompt-len", "256", "--max-new-tokens", "12", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "10 of 60 sublayers skipped" in printed
+    full = printed.split("full model (")[1].split("\n", 1)[1].split("\n\nwith the plan")[0]
+    assert full.strip(), printed
+    assert "with the plan (" in printed and "end-to-end time ratio" in printed
