@@ -7,13 +7,15 @@
 
 Layers, each importing only from those before it: ops (kernels and their references) <- runtime
 (model, loading, plans, schedules, generation) <- skipping (calibration, profiles, search,
-strategies, costs) <- evaluation, hf (plans on stock transformers models) <- benchmarks <- cli.
+strategies, costs) <- evaluation, hf (plans on stock transformers models), exporting (checkpoints for vLLM) <-
+benchmarks <- cli.
 """
 from . import ops
 from ._version import __version__
 from .runtime import GenerationResult, ModelArgs, SamplingParams, SkipPlan, Transformer, generate, load_model
 from .skipping import STRATEGIES, ImportanceProfile, calibrate, plan, search
 from . import hf  # noqa: E402  (after skipping, which it builds on)
+from .exporting import export  # noqa: E402
 
-__all__ = ["ops", "hf", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "SkipPlan", "STRATEGIES",
+__all__ = ["ops", "hf", "export", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "SkipPlan", "STRATEGIES",
            "generate", "SamplingParams", "GenerationResult", "ModelArgs", "Transformer", "__version__"]

@@ -308,6 +308,29 @@ def cmd_run(a) -> None:
         _print_report(report)
 
 
+def cmd_export(a) -> None:
+    from .exporting import check_out_dir, export
+    from .runtime.loading import load_model
+    from .skipping.profile import ImportanceProfile
+
+    check_out_dir(a.out, a.force)  # before anything loads
+    _check_tolerance(a)
+    if a.strategy == "full":
+        raise SystemExit("adaskip: the full model needs no export; choose a strategy that skips sublayers")
+    profile = ImportanceProfile.load(a.profile) if a.profile else None
+    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device or "cpu")
+    plan = _build_plan(a, model)
+    if a.stand_in is None and plan.stand_ins:
+        raise SystemExit("adaskip: this plan's fitted stand-ins have no serving format; pass --stand-in scalar")
+    out = export(model, plan, a.out, tokenizer=tokenizer, profile=profile, format=a.format, force=a.force,
+                 source=a.model)
+    print(plan.describe())
+    if plan.online:
+        print("online decode learning is not exported: it runs only in adaskip's runtime")
+    print(f"wrote {out} ({a.format}); serve it with: vllm serve {out}"
+          f"{' --trust-remote-code' if a.format == 'decilm' else ''}")
+
+
 def cmd_demo(a) -> None:
     from .data import essay_paths
     from .runtime.loading import load_model
@@ -417,6 +440,29 @@ def main(argv=None) -> None:
     r.add_argument("--prompt-file")
     r.add_argument("--question", help="appended after the prompt")
     r.set_defaults(func=cmd_run)
+
+    x = sub.add_parser("export", help="write a static plan as a checkpoint vLLM serves natively (scales folded in)")
+    x.add_argument("--model", default="smollm2", help="HF model dir, .gguf file, 'smollm2' (default) or "
+                   "'qwen2.5-coder'")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="of the written weights (default: fp32)")
+    x.add_argument("--device", help="where the folding runs (default: cpu)")
+    x.add_argument("--profile", help="importance profile from `adaskip calibrate`")
+    g = x.add_mutually_exclusive_group()
+    g.add_argument("--alpha", type=float, help="acceleration ratio (the paper's alpha)")
+    g.add_argument("--num-sublayers", type=int, help="sublayers to skip (default 8)")
+    x.add_argument("--min-agreement", type=float, help="instead of a budget: the fastest validated plan with at "
+                   "least this top-1 agreement")
+    x.add_argument("--max-kl", type=float, help="instead of a budget: the fastest validated plan with at most this KL")
+    x.add_argument("--strategy", default="adaskip", choices=list(STRATEGIES))
+    x.add_argument("--stand-in", choices=["scalar"], help="greedy-kl: export its choices with scalar compensation")
+    x.add_argument("--planner", choices=["paper", "cost"], default="paper")
+    x.add_argument("--context-len", type=int, help="context length the cost planner plans for")
+    x.add_argument("--format", choices=["decilm", "llama"], default="decilm",
+                   help="decilm: DeciLMForCausalLM with no-op sublayers (vLLM, --trust-remote-code); llama: a "
+                   "LlamaForCausalLM with fewer layers (plans that skip whole layers)")
+    x.add_argument("--out", required=True, help="folder to write (must be empty or new)")
+    x.add_argument("--force", action="store_true", help="replace a folder that is not empty")
+    x.set_defaults(func=cmd_export, mode="e2e", window=20)
 
     d = sub.add_parser("demo", help="the README's demo on the embedded SmolLM2")
     common(d)

@@ -1,7 +1,7 @@
 """The package's layers import only downward, and no module imports itself back in a cycle.
 
-ops (kernels and references) <- runtime <- skipping <- evaluation and hf (the transformers
-adapter) <- benchmarks <- cli. Helpers
+ops (kernels and references) <- runtime <- skipping <- evaluation, hf (the transformers
+adapter) and exporting <- benchmarks <- cli. Helpers
 that any layer may use (_util, _version, data) sit below ops; the package's __init__ and
 __main__ sit above everything. Every import counts, including those inside functions.
 """
@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "adaskip"
 LAYERS = {"_util": 0, "_version": 0, "data": 0, "_C": 0, "_build_info": 0, "ops": 1, "runtime": 2,
-          "skipping": 3, "evaluation": 4, "hf": 4, "benchmarks": 5, "cli": 6, "__main__": 7, "": 7}
+          "skipping": 3, "evaluation": 4, "hf": 4, "exporting": 4, "benchmarks": 5, "cli": 6, "__main__": 7, "": 7}
 
 
 def _module_name(path: Path) -> str:

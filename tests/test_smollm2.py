@@ -185,3 +185,29 @@ def test_hf_example_script_runs_end_to_end(capsys):
     full = printed.split("full model (")[1].split("\n", 1)[1].split("\n\nwith the plan")[0]
     assert full.strip(), printed
     assert "with the plan (" in printed and "end-to-end time ratio" in printed
+
+
+@pytest.mark.parametrize("strategy", ["adaskip", "greedy-loss", "shortgpt"])
+def test_exported_plan_equals_the_runtime_with_the_plan(ours, hf_plans, strategy, tmp_path):
+    """adaskip.export folds the compensation into the weights exactly: the folder read back gives
+    the logits of our runtime running the plan (relative difference <= 1e-4). ShortGPT's
+    whole-layer plan also as a plain LlamaForCausalLM that transformers runs."""
+    model, tokenizer = ours
+    p = adaskip.SkipPlan(30, hf_plans[strategy].skip_scales)  # the static part (online learning stays ours)
+    ids = torch.tensor([tokenizer(ESSAYS[-2].read_text())["input_ids"][:300]])
+    with torch.no_grad():
+        expected = model(ids, plan=p)
+    formats = ["decilm", "llama"] if strategy == "shortgpt" else ["decilm"]
+    for fmt in formats:
+        out = adaskip.export(model, p, tmp_path / fmt, tokenizer=tokenizer, format=fmt)
+        back, back_tokenizer = adaskip.load_model(out, device="cpu")
+        assert back_tokenizer(ESSAYS[-2].read_text())["input_ids"][:300] == ids[0].tolist()
+        with torch.no_grad():
+            got = back(ids)
+        assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+        if fmt == "llama":
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+            with torch.no_grad():
+                got = theirs(ids).logits
+            assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+        del back

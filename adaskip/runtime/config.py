@@ -12,6 +12,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "InternLMForCausalLM": None,  # from `bias` (InternLM v1: bias on q/k/v/o)
+    # nemotron-nas (what `adaskip export` writes for vLLM): LLaMA layers, some attention or FFN
+    # sublayers absent (no weights, identity); from attention_bias.
+    "DeciLMForCausalLM": None,
 }
 
 
@@ -41,6 +44,8 @@ class ModelArgs:
     sliding_windows: list = field(default_factory=list)
     bos_token_id: Optional[int] = None
     eos_token_ids: list = field(default_factory=list)
+    # Sublayers with no weights that pass the residual stream through (DeciLM's no-op blocks).
+    absent_sublayers: tuple = ()
 
     @property
     def num_sublayers(self) -> int:
@@ -48,7 +53,14 @@ class ModelArgs:
 
     def fingerprint(self) -> str:
         """A short hash of the arguments that define the computation."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if not d["absent_sublayers"]:  # the hash of every model without absent sublayers stays as it was
+            del d["absent_sublayers"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def absent_attention_layers(self) -> set:
+        return {s // 2 for s in self.absent_sublayers if s % 2 == 0}
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
@@ -62,6 +74,9 @@ class ModelArgs:
             raise UnsupportedArchitecture(f"unsupported activation {act!r} (the runtime implements SwiGLU with silu)")
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         n_layers = cfg["num_hidden_layers"]
+        absent = ()
+        if arch == "DeciLMForCausalLM":
+            cfg, absent = _decilm_blocks(cfg, heads, n_layers)
         biases = SUPPORTED_ARCHITECTURES[arch]
         if arch == "InternLMForCausalLM":
             biases = (bool(cfg.get("bias", True)),) * 2
@@ -103,7 +118,39 @@ class ModelArgs:
             sliding_windows=_sliding_windows(arch, cfg, n_layers),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            absent_sublayers=absent,
         )
+
+
+def _decilm_blocks(cfg: dict, heads: int, n_layers: int) -> tuple:
+    """A nemotron-nas config as a LLaMA config plus its absent (no-op) sublayers. The runtime
+    runs one geometry for every layer: the KV-head grouping and FFN width of the layers that are
+    present must agree."""
+    blocks = cfg.get("block_configs")
+    if not isinstance(blocks, list) or len(blocks) != n_layers:
+        raise UnsupportedArchitecture(f"a DeciLM config needs block_configs, one per layer ({n_layers})")
+    groups, widths, absent = set(), set(), []
+    for i, block in enumerate(blocks):
+        attention, ffn = block.get("attention") or {}, block.get("ffn") or {}
+        if attention.get("replace_with_linear") or ffn.get("replace_with_linear"):
+            raise UnsupportedArchitecture(f"DeciLM layer {i}: linear replacement blocks are not supported")
+        if attention.get("no_op"):
+            absent.append(2 * i)
+        else:
+            groups.add(int(attention.get("n_heads_in_group", 1)))
+        if ffn.get("no_op"):
+            absent.append(2 * i + 1)
+        else:
+            if "ffn_mult" in ffn:
+                raise UnsupportedArchitecture(f"DeciLM layer {i}: ffn_mult is not supported; give intermediate_size")
+            widths.add(int(ffn.get("intermediate_size", cfg.get("intermediate_size", 0))))
+    if len(groups) > 1 or len(widths) > 1:
+        raise UnsupportedArchitecture(f"DeciLM layers of different geometry (heads per KV group {sorted(groups)}, "
+                                      f"FFN widths {sorted(widths)}) are not supported")
+    cfg = dict(cfg)
+    cfg["num_key_value_heads"] = heads // (groups.pop() if groups else 1)
+    cfg["intermediate_size"] = widths.pop() if widths else int(cfg.get("intermediate_size", 0))
+    return cfg, tuple(absent)
 
 
 def _arch_from_model_type(model_type: Optional[str]) -> Optional[str]:

@@ -135,7 +135,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     eos = torch.tensor(sorted(set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)),
                        dtype=torch.long, device=device)
     batch = len(prompts)
-    attention_layers = plan.attention_layers if plan is not None else set(range(args.num_layers))
+    attention_layers = model.attention_layers_for(plan)
     if (model.cache_batch < batch or model.cache_len < needed
             or model.cached_attention_layers() != attention_layers):
         drop_decode_states(model)  # their graphs hold the old caches: free them first

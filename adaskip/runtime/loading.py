@@ -57,6 +57,11 @@ def build_model(args: ModelArgs, weights: dict) -> Transformer:
         model = Transformer(args)
     expected = set(model.state_dict())
     weights = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    for s in args.absent_sublayers:  # the norm before an absent sublayer is not stored; nothing reads it
+        name = f"model.layers.{s // 2}.{'input_layernorm' if s % 2 == 0 else 'post_attention_layernorm'}.weight"
+        if name not in weights:
+            weights[name] = torch.ones(args.hidden_size, dtype=weights["model.embed_tokens.weight"].dtype,
+                                       device=weights["model.embed_tokens.weight"].device)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")

@@ -137,11 +137,26 @@ class FeedForward(nn.Module):
         return swiglu_if(self, x, predicate)
 
 
+class AbsentSublayer(nn.Module):
+    """A sublayer without weights (a no-op block of an exported DeciLM model): every schedule
+    skips it with scale 1 (adaskip.runtime.schedule), so it is never run and keeps no KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv_cache = None
+        self.backend = "sdpa"
+        self.window = None
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("adaskip: an absent sublayer was run; the schedule must skip it")
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args, layer)
-        self.mlp = FeedForward(args)
+        absent = set(args.absent_sublayers)
+        self.self_attn = AbsentSublayer() if 2 * layer in absent else Attention(args, layer)
+        self.mlp = AbsentSublayer() if 2 * layer + 1 in absent else FeedForward(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
 
@@ -199,6 +214,7 @@ class Transformer(nn.Module):
     def _allocate_caches(self, batch: int, max_len: int, attention_layers) -> None:
         self._check_cache_len(max_len)
         keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
+        keep -= self.args.absent_attention_layers
         p = self.lm_head.weight
         # Normal tensors even when called under inference_mode (as generate does), so that the
         # caches can also be written by forward calls outside it.
@@ -222,6 +238,11 @@ class Transformer(nn.Module):
             caches, self.cache_batch, self.cache_len, self.cache_id = saved
             for layer, cache in zip(self.model.layers, caches):
                 layer.self_attn.kv_cache = cache
+
+    def attention_layers_for(self, plan) -> set:
+        """The attention layers that keep a KV cache under `plan` (None: the full model)."""
+        layers = plan.attention_layers if plan is not None else set(range(self.args.num_layers))
+        return layers - self.args.absent_attention_layers
 
     def cached_attention_layers(self) -> set:
         return {i for i, l in enumerate(self.model.layers) if l.self_attn.kv_cache is not None}
@@ -309,7 +330,7 @@ class Transformer(nn.Module):
             attend=lambda y: attention(y, step.cos, step.sin, step.masks[attention.window], step.positions,
                                        step.kv_len),
             store_kv=lambda y: attention.store_kv(y, step.cos, step.sin, step.positions, step.kv_len),
-            dense_ffn=layer.mlp.dense, mlp=layer.mlp)
+            dense_ffn=lambda y: layer.mlp.dense(y), mlp=layer.mlp)
 
     def _norm_after(self, s: int) -> RMSNorm:
         """The norm that follows sublayer s: the FFN's, the next layer's, or the final one."""

@@ -124,7 +124,8 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     dtype, device_type = weight.dtype, weight.device.type
     ffn_bias = model.args.mlp_bias
     grad = torch.is_grad_enabled() if grad is None else grad
-    skips = plan.skip_scales if plan is not None else {}
+    absent = set(model.args.absent_sublayers)  # no weights: always skipped, the stream passed through
+    skips = {**{s: 1.0 for s in absent}, **(plan.skip_scales if plan is not None else {})}
     stand_ins = getattr(plan, "stand_ins", None) or {}
     kv_only = getattr(plan, "kv_only_attention", ()) or ()
     gemv = gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
@@ -132,7 +133,7 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     for s in range(2 * num_layers):
         attention = s % 2 == 0
         if s in skips:
-            action = SKIP_STORE_KV if attention and s // 2 in kv_only else SKIP
+            action = SKIP_STORE_KV if attention and s // 2 in kv_only and s not in absent else SKIP
             stand_in = stand_ins.get(s)  # a fitted stand-in replaces the scalar compensation
             steps.append(SublayerStep(action, 1.0 if stand_in is not None else float(skips[s]), stand_in))
             continue

@@ -1,0 +1,257 @@
+"""`adaskip export`: a static skip plan as a checkpoint other engines serve natively.
+
+A skipped sublayer's compensation multiplies the residual stream by its scale c. Every RMSNorm
+(the final one included) is invariant to the scale of its input, so the same model is the one
+where the skipped sublayer is the identity and every *later* running sublayer's output
+projection (o_proj / down_proj, and their biases) is divided by the product of the scales
+skipped before it. The export is therefore weights only (exact up to RMSNorm's eps):
+
+  decilm  `DeciLMForCausalLM` (config model_type "nemotron-nas"): per layer block_configs whose
+          `no_op` attention / FFN have no weights, no norm and, in vLLM, no KV cache. The config
+          class is a small module written into the folder (`auto_map`; serve with
+          trust_remote_code). Our runtime reads the folder back with load_model.
+  llama   a plain `LlamaForCausalLM` with fewer layers, for plans that skip whole layers only.
+
+Carried over: the plan's static skips and compensation. Not carried over: online decode
+learning (per-request FFN gating stays in our runtime), fitted channel / linear stand-ins (no
+serving format has them), plans whose skips differ between prefill and decode.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+
+from ._version import __version__
+from .runtime.skip_plan import SkipPlan
+
+FORMATS = ("decilm", "llama")
+CONFIG_MODULE = "configuration_adaskip_decilm"
+CONFIG_CLASS = "AdaskipDeciLMConfig"
+PLAN_FILE = "adaskip_plan.json"
+MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+# Written into an exported folder: the configuration class vLLM / transformers load with
+# trust_remote_code. Block configs become objects with attribute access (block.attention.no_op).
+_CONFIG_SOURCE = '''"""Configuration of a DeciLM (nemotron-nas) checkpoint written by adaskip export."""
+from types import SimpleNamespace
+
+from transformers import LlamaConfig
+
+
+def _namespace(value):
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return value
+
+
+def _plain(value):
+    if isinstance(value, SimpleNamespace):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    return value
+
+
+class AdaskipDeciLMConfig(LlamaConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        super().__init__(**kwargs)
+        self.block_configs = [_namespace(b) for b in (block_configs or [])]
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["block_configs"] = [_plain(b) for b in self.block_configs]
+        return out
+'''
+
+
+def _check(model, plan: SkipPlan, fmt: str) -> None:
+    args = model.args
+    if not isinstance(plan, SkipPlan):
+        raise TypeError(f"adaskip: export needs an adaskip SkipPlan, got {type(plan).__name__}")
+    if fmt not in FORMATS:
+        raise ValueError(f"adaskip: unknown export format {fmt!r}; choose from {FORMATS}")
+    plan.check_model(args.num_layers, args.fingerprint())
+    if plan.mode != "e2e" or plan.ramp:
+        raise ValueError(f"adaskip: only plans that skip the same sublayers in prefill and decode (mode e2e, no "
+                         f"ramp) become weights; this one is mode {plan.mode}{' with a ramp' if plan.ramp else ''}")
+    if plan.stand_ins:
+        kinds = sorted({v.kind for v in plan.stand_ins.values()})
+        raise ValueError(f"adaskip: the plan's {'/'.join(kinds)} stand-ins have no serving format; export a plan "
+                         "with scalar compensation (e.g. stand_in='scalar') or serve it with our runtime")
+    if args.architecture not in ("LlamaForCausalLM", "DeciLMForCausalLM", "InternLMForCausalLM"):
+        raise ValueError(f"adaskip: export writes LLaMA layers; a {args.architecture} does not fit them "
+                         f"(Qwen2's q/k/v bias without an o bias, Mistral's sliding window)")
+    if args.qkv_bias != args.o_bias:
+        raise ValueError("adaskip: export writes LLaMA layers, whose attention has bias on all of q/k/v/o or none")
+    if any(w is not None for w in args.sliding_windows):
+        raise ValueError("adaskip: sliding-window attention is not carried by the exported formats")
+    if fmt == "llama":
+        partial = sorted({s // 2 for s in _skips(model, plan)} - _skipped_layers(model, plan))
+        if partial:
+            raise ValueError(f"adaskip: --format llama drops whole layers; the plan skips only one sublayer of "
+                             f"layers {partial} (use the decilm format)")
+
+
+def _skips(model, plan: SkipPlan) -> dict:
+    """Every sublayer that does not run, with its compensation scale (absent ones: 1)."""
+    return {**{s: 1.0 for s in model.args.absent_sublayers}, **plan.skip_scales}
+
+
+def _skipped_layers(model, plan: SkipPlan) -> set:
+    skips = _skips(model, plan)
+    return {i for i in range(model.args.num_layers) if 2 * i in skips and 2 * i + 1 in skips}
+
+
+def folded_weights(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
+    """The model's weights with the plan's compensation folded in and the skipped sublayers'
+    weights (and the norms in front of them) left out; in the llama format, the layers that
+    remain renumbered. New tensors: the model is not changed."""
+    skips = _skips(model, plan)
+    state = model.state_dict()
+    out, cumulative = {}, 1.0
+    for s in range(2 * model.args.num_layers):
+        if s in skips:
+            cumulative *= skips[s]
+            continue
+        prefix = f"model.layers.{s // 2}."
+        proj = "self_attn.o_proj" if s % 2 == 0 else "mlp.down_proj"
+        for name in ("weight", "bias"):
+            key = f"{prefix}{proj}.{name}"
+            if key in state:
+                out[key] = state[key] / cumulative  # cumulative is 1.0 until the first skip
+    drop = set()
+    for s in skips:
+        prefix = f"model.layers.{s // 2}."
+        drop |= {k for k in state if k.startswith(prefix + ("self_attn." if s % 2 == 0 else "mlp."))}
+        drop.add(prefix + ("input_layernorm.weight" if s % 2 == 0 else "post_attention_layernorm.weight"))
+    weights = {k: out.get(k, v) for k, v in state.items() if k not in drop}
+    if model.args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    if fmt == "llama":
+        kept = [i for i in range(model.args.num_layers) if i not in _skipped_layers(model, plan)]
+        renumber = {old: new for new, old in enumerate(kept)}
+        renamed = {}
+        for k, v in weights.items():
+            if k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                k = f"model.layers.{renumber[int(i)]}.{rest}"
+            renamed[k] = v
+        weights = renamed
+    return {k: v.detach().contiguous() for k, v in weights.items()}
+
+
+def export_config(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
+    """config.json of the exported checkpoint."""
+    a = model.args
+    skips = _skips(model, plan)
+    dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
+    cfg = {"vocab_size": a.vocab_size, "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
+           "num_hidden_layers": a.num_layers, "num_attention_heads": a.num_heads,
+           "num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim, "hidden_act": "silu",
+           "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+           "max_position_embeddings": a.max_position_embeddings, "tie_word_embeddings": a.tie_word_embeddings,
+           "attention_bias": a.qkv_bias, "mlp_bias": a.mlp_bias, "bos_token_id": a.bos_token_id,
+           "eos_token_id": (a.eos_token_ids[0] if len(a.eos_token_ids) == 1 else list(a.eos_token_ids)) or None,
+           "torch_dtype": dtype}
+    if a.rope_scaling:
+        cfg["rope_scaling"] = dict(a.rope_scaling)
+    if fmt == "llama":
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama",
+                   num_hidden_layers=a.num_layers - len(_skipped_layers(model, plan)))
+        return cfg
+    blocks = [{"attention": {"no_op": 2 * i in skips, "n_heads_in_group": a.num_heads // a.num_kv_heads},
+               "ffn": {"no_op": 2 * i + 1 in skips, "intermediate_size": a.intermediate_size}}
+              for i in range(a.num_layers)]
+    cfg.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
+               auto_map={"AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}"})
+    return cfg
+
+
+def _plan_record(model, plan: SkipPlan, fmt: str, profile, source: Optional[str]) -> dict:
+    record = {"adaskip_version": __version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "format": fmt, "source": source, "source_fingerprint": model.args.fingerprint(),
+              "plan": plan.to_dict(), "skipped_sublayers": sorted(plan.skip_scales),
+              "kept_attention_layers": sorted(set(range(model.args.num_layers)) - {s // 2 for s in _skips(model, plan)
+                                                                               if s % 2 == 0}),
+              "not_exported": []}
+    if plan.online:
+        record["not_exported"].append(f"online decode learning (window {plan.window}, beta {plan.beta:.4f}): the "
+                                      "per-request FFN gating runs only in adaskip's runtime")
+    if profile is not None:
+        record["profile"] = {"fingerprint": profile.fingerprint, "data": profile.data, "sources": profile.sources,
+                             "num_requests": profile.num_requests, "tokens": profile.tokens}
+    return record
+
+
+def _write_weights(weights: dict, folder: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for k in sorted(weights):
+        nbytes = weights[k].numel() * weights[k].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = weights[k].cpu()
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in weights.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def check_out_dir(out_dir: Union[str, os.PathLike], force: bool = False) -> Path:
+    """The export folder: refused when it is a file, or a folder with something in it (unless force)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"adaskip: the export folder {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"adaskip: the export folder {out} is not empty; pass force=True (--force) to replace it")
+    return out
+
+
+def export(model, plan: SkipPlan, out_dir: Union[str, os.PathLike], *, tokenizer=None, profile=None,
+           format: str = "decilm", force: bool = False, source: Optional[str] = None,
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes `model` (our runtime's) with `plan` folded in to `out_dir`: safetensors (sharded
+    above max_shard_bytes), config.json, the configuration module (decilm), the tokenizer and
+    generation config when `tokenizer` is given, and adaskip_plan.json (the plan, the profile's
+    fingerprint and data, what was not exported). Everything is written into a temporary folder
+    beside `out_dir` and moved into place at the end: a failure leaves nothing behind. Returns
+    the folder."""
+    _check(model, plan, format)
+    out = check_out_dir(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_weights(folded_weights(model, plan, format), tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(export_config(model, plan, format), indent=1))
+        if format == "decilm":
+            (tmp / f"{CONFIG_MODULE}.py").write_text(_CONFIG_SOURCE)
+        a = model.args
+        generation = {"bos_token_id": a.bos_token_id, "eos_token_id": list(a.eos_token_ids) or None}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / PLAN_FILE).write_text(json.dumps(_plan_record(model, plan, format, profile, source), indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
