@@ -12,10 +12,11 @@ benchmarks <- cli.
 """
 from . import ops
 from ._version import __version__
-from .runtime import GenerationResult, ModelArgs, SamplingParams, SkipPlan, Transformer, generate, load_model
+from .runtime import (GenerationResult, ModelArgs, SamplingParams, SkipPlan, SpeculativeConfig, Transformer, generate,
+                      load_model)
 from .skipping import STRATEGIES, ImportanceProfile, calibrate, plan, search
 from . import hf  # noqa: E402  (after skipping, which it builds on)
 from .exporting import export  # noqa: E402
 
 __all__ = ["ops", "hf", "export", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "SkipPlan", "STRATEGIES",
-           "generate", "SamplingParams", "GenerationResult", "ModelArgs", "Transformer", "__version__"]
+           "generate", "SpeculativeConfig", "SamplingParams", "GenerationResult", "ModelArgs", "Transformer", "__version__"]

@@ -265,12 +265,20 @@ def _compare(a, model, tokenizer, text: str) -> dict:
         generate(model, [ids[:256]], max_new_tokens=4)
     runs = {}
     for name, p in (("full", None), ("plan", skip_plan)):
-        out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p, cuda_graph=a.cuda_graph)
+        if name == "plan" and getattr(a, "lossless", False):  # the plan drafts, the full model verifies: the full model's answer
+            from .runtime.speculative import SpeculativeConfig
+
+            out = generate(model, [ids], max_new_tokens=a.max_new_tokens,
+                           speculative=SpeculativeConfig(p, draft_tokens=a.draft_tokens))
+            tpot = out.decode_s / max(1, len(out.tokens[0]) - 1)
+        else:
+            out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p, cuda_graph=a.cuda_graph)
+            tpot = out.time_per_output_token_s
         runs[name] = {"answer": tokenizer.decode(out.tokens[0], skip_special_tokens=True),
-                      "ttft_s": out.prefill_s, "tpot_s": out.time_per_output_token_s,
+                      "ttft_s": out.prefill_s, "tpot_s": tpot,
                       "new_tokens": len(out.tokens[0]), "kv_cache_bytes": out.kv_cache_bytes,
                       "online_skipped": out.online_skipped[0] if out.online_skipped else [],
-                      "graph_capture_s": out.graph_capture_s}
+                      "graph_capture_s": out.graph_capture_s, "speculative": out.speculative}
     f, p = runs["full"], runs["plan"]
     return {"model": a.model, "prompt_tokens": len(ids), "device": str(model.lm_head.weight.device),
             "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""), "plan": skip_plan.to_dict(),
@@ -284,7 +292,12 @@ def _print_report(r: dict) -> None:
     print("\n" + r["plan_text"])
     if p["online_skipped"]:
         print(f"  online learning also skipped the FFN sublayers {p['online_skipped']} after the window")
-    print(f"\n--- full model ---\n{f['answer'].strip()}\n\n--- with the plan ---\n{p['answer'].strip()}\n")
+    spec = p.get("speculative")
+    label = "with the plan" if spec is None else "lossless: the plan drafts, the full model verifies"
+    print(f"\n--- full model ---\n{f['answer'].strip()}\n\n--- {label} ---\n{p['answer'].strip()}\n")
+    if spec is not None:
+        print(f"drafted {spec['drafted']} tokens in {spec['rounds']} rounds of {spec['draft_tokens']}: "
+              f"{spec['acceptance_rate']:.0%} accepted, {spec['tokens_per_round']:.2f} tokens a round\n")
     print(f"{'':22}{'full':>12}{'plan':>12}{'speedup':>10}")
     print(f"{'time to first token':22}{f['ttft_s'] * 1e3:>10.1f}ms{p['ttft_s'] * 1e3:>10.1f}ms{r['ttft_speedup']:>10.3f}")
     print(f"{'time per output token':22}{f['tpot_s'] * 1e3:>10.1f}ms{p['tpot_s'] * 1e3:>10.1f}ms{r['tpot_speedup']:>10.3f}")
@@ -296,6 +309,10 @@ def cmd_run(a) -> None:
 
     if a.prompt is None and a.prompt_file is None:
         raise SystemExit("adaskip: give --prompt TEXT or --prompt-file FILE")
+    if a.lossless and a.cuda_graph:
+        raise SystemExit("adaskip: --lossless decodes eagerly for now; drop --cuda-graph")
+    if a.draft_tokens < 1:
+        raise SystemExit(f"adaskip: --draft-tokens must be >= 1, got {a.draft_tokens}")
     _check_tolerance(a)
     text = a.prompt if a.prompt is not None else Path(a.prompt_file).read_text(errors="replace")
     if a.question:
@@ -439,6 +456,10 @@ def main(argv=None) -> None:
     r.add_argument("--prompt")
     r.add_argument("--prompt-file")
     r.add_argument("--question", help="appended after the prompt")
+    r.add_argument("--lossless", action="store_true",
+                   help="self-speculative decoding: the plan drafts, the full model verifies (greedy: the full "
+                   "model's own answer)")
+    r.add_argument("--draft-tokens", type=int, default=4, help="with --lossless: tokens drafted per round")
     r.set_defaults(func=cmd_run)
 
     x = sub.add_parser("export", help="write a static plan as a checkpoint vLLM serves natively (scales folded in)")

@@ -58,6 +58,20 @@ def test_run_text_report_and_baseline_without_profile():
     assert "strategy early-exit" in proc.stdout and "time to first token" in proc.stdout
 
 
+def test_run_lossless_gives_the_full_models_answer(profile):
+    proc = _cli("run", "--profile", str(profile), "--num-sublayers", "12", "--max-new-tokens", "12", "--json",
+                "--lossless", "--draft-tokens", "3", "--prompt", "Name three colours.")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["adaskip"]["answer"] == r["full"]["answer"]
+    spec = r["adaskip"]["speculative"]
+    assert spec["draft_tokens"] == 3 and spec["rounds"] > 0 and 0 <= spec["acceptance_rate"] <= 1
+    text = _cli("run", "--profile", str(profile), "--num-sublayers", "12", "--max-new-tokens", "8", "--lossless",
+                "--prompt", "Name three colours.").stdout
+    assert "the full model verifies" in text and "accepted" in text
+    proc = _cli("run", "--profile", str(profile), "--lossless", "--cuda-graph", "--prompt", "hi", ok=False)
+    assert "--lossless" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_errors(profile, tmp_path):
     proc = _cli("run", "--strategy", "adaskip", "--prompt", "hi", ok=False)
     assert proc.returncode != 0 and "needs an importance profile" in proc.stderr

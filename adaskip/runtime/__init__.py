@@ -7,6 +7,7 @@ from .loading import load_model
 from .model import Transformer
 from .online import OnlineGates
 from .skip_plan import MODES, SkipPlan
+from .speculative import SpeculativeConfig
 
 __all__ = ["ModelArgs", "Transformer", "load_model", "SkipPlan", "MODES", "OnlineGates", "SamplingParams",
-           "GenerationResult", "generate"]
+           "GenerationResult", "generate", "SpeculativeConfig"]

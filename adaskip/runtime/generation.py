@@ -31,6 +31,8 @@ class GenerationResult:
     graph_capture_s: float = 0.0  # their capture time, not counted in decode_s
     # With step_timing=True: seconds of each decode step (a step that captured a graph includes it).
     step_times_s: Optional[list] = None
+    # Speculative decoding (adaskip.runtime.speculative): rounds, drafted / accepted tokens, rates.
+    speculative: Optional[dict] = None
 
     @property
     def time_per_output_token_s(self) -> float:
@@ -83,7 +85,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
              plan=None, stats: Optional[torch.Tensor] = None, prefill_chunk: int = 8192,
              forbid_host_sync: bool = False, cuda_graph: bool = False, graph_conditionals: bool = False,
-             step_timing: bool = False) -> GenerationResult:
+             step_timing: bool = False, speculative=None) -> GenerationResult:
     """Generates up to max_new_tokens for each prompt (a batch of token-id lists of any lengths).
 
     Prefill runs in chunks of `prefill_chunk` tokens so long prompts fit; the KV cache is
@@ -104,12 +106,26 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     step_timing: also time every decode step (CUDA events recorded between steps and read after
     the loop, so the loop still never waits), e.g. to see time per token drop once online
     learning has gated FFNs off.
+    speculative: an adaskip.runtime.speculative.SpeculativeConfig: lossless decoding, its plan
+    drafting and the full model verifying (greedy only, eager; `plan` must then be None: the
+    output is the full model's).
     A graph is captured per distinct step: its key is the step's schedule (adaskip.runtime.schedule:
     every sublayer's path, batch, dtype; SkipDecode's ramp and online learning settling change it),
     the KV cache and the sampling settings. Graphs and the buffers they were captured on are kept
     per model (adaskip.runtime.decode), so later calls of the same shape replay them; new caches
     or moved weights drop them.
     """
+    if speculative is not None:
+        from .speculative import generate_speculative
+
+        if plan is not None:
+            raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
+                             "drafter's plan in SpeculativeConfig, not plan=")
+        if (sampling is not None and sampling.temperature > 0) or cuda_graph or stats is not None or step_timing:
+            raise ValueError("adaskip: speculative decoding is greedy and eager for now (no sampling, cuda_graph, "
+                             "stats or step_timing)")
+        return generate_speculative(model, prompts, config=speculative, max_new_tokens=max_new_tokens,
+                                    eos_token_ids=eos_token_ids, prefill_chunk=prefill_chunk)
     sampling = sampling or SamplingParams()
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)

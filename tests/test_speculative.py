@@ -1,0 +1,88 @@
+"""Self-speculative decoding: a skip plan drafts, the full model verifies; greedy output is the
+full model's own."""
+import pytest
+import torch
+
+import adaskip
+from adaskip import SkipPlan, SpeculativeConfig
+from helpers import tiny_llama
+
+VOCAB = 101
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(VOCAB, context=160, layers=4, scale=0.3, seed=3)
+
+
+def _prompts(n, seed, lengths=(5, 23)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(lengths[0], lengths[1], (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+DRAFTERS = {
+    "attention-and-ffn": SkipPlan(4, {2: 0.9, 5: 1.1}),
+    "half-the-sublayers": SkipPlan(4, {0: 1.0, 2: 0.9, 3: 1.0, 5: 1.1}),
+    "nothing-skipped": SkipPlan(4, {}),
+}
+
+
+@pytest.mark.parametrize("drafter", list(DRAFTERS))
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_tokens_are_the_full_models(model, drafter, k):
+    """Many prompts, a batch of mixed lengths, every draft length: the same tokens as generate
+    without a plan."""
+    for seed in range(3):
+        prompts = _prompts(5, seed)
+        expected = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[])
+        got = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[],
+                               speculative=SpeculativeConfig(DRAFTERS[drafter], draft_tokens=k))
+        assert got.tokens == expected.tokens
+        s = got.speculative
+        assert s["drafted"] > 0 and 0 <= s["accepted"] <= s["drafted"]
+        assert 1 <= s["tokens_per_round"] <= k + 1
+        if drafter == "nothing-skipped":  # the drafter is the full model: every draft is kept
+            assert s["accepted"] == s["drafted"]
+
+
+def test_a_lossy_drafter_is_rejected_sometimes_and_still_exact(model):
+    prompts = _prompts(4, 11)
+    drafter = SkipPlan(4, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})  # most of the model skipped
+    got = adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[],
+                           speculative=SpeculativeConfig(drafter, draft_tokens=4))
+    assert got.speculative["acceptance_rate"] < 1.0
+    assert got.tokens == adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[]).tokens
+
+
+def test_eos_stops_a_sequence_as_generate_does(model):
+    prompts = _prompts(4, 5)
+    plain = adaskip.generate(model, prompts, max_new_tokens=24, eos_token_ids=[])
+    eos = plain.tokens[0][6]  # a token the first sequence emits: it must stop right there
+    expected = adaskip.generate(model, prompts, max_new_tokens=24, eos_token_ids=[eos])
+    got = adaskip.generate(model, prompts, max_new_tokens=24, eos_token_ids=[eos],
+                           speculative=SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=5))
+    assert got.tokens == expected.tokens and got.finished == expected.finished
+    assert got.tokens[0][-1] == eos and len(got.tokens[0]) <= 7
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(plan={2: 1.0}), "SkipPlan"), (dict(draft_tokens=0), "draft_tokens"), (dict(draft_tokens=2.5), "draft_tokens"),
+    (dict(plan=SkipPlan(4, {1: 1.0, 3: 1.0}, ramp=True)), "ramp")])
+def test_bad_configs_are_refused(bad, match):
+    kw = {"plan": DRAFTERS["attention-and-ffn"], "draft_tokens": 2, **bad}
+    with pytest.raises((TypeError, ValueError), match=match):
+        SpeculativeConfig(**kw)
+
+
+def test_refused_combinations(model):
+    spec = SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=2)
+    prompts = _prompts(2, 0)
+    with pytest.raises(ValueError, match="not plan="):
+        adaskip.generate(model, prompts, plan=DRAFTERS["attention-and-ffn"], speculative=spec)
+    with pytest.raises(ValueError, match="greedy"):
+        adaskip.generate(model, prompts, sampling=adaskip.SamplingParams(temperature=1.0), speculative=spec)
+    with pytest.raises(ValueError, match="layers"):
+        adaskip.generate(model, prompts, speculative=SpeculativeConfig(SkipPlan(6, {1: 1.0})))
+    with pytest.raises(ValueError, match="context"):
+        adaskip.generate(model, [[5] * 150], max_new_tokens=8, speculative=SpeculativeConfig(SkipPlan(4, {}), 4))
