@@ -140,6 +140,7 @@ def cmd_eval(a) -> None:
                             generation_instruction=a.generation_instruction,
                             generation_floor_dtype=None if a.generation_floor == "none" else a.generation_floor,
                             generation_batch=a.generation_batch,
+                            speculative_draft_tokens=_split(a.speculative_draft_tokens, int),
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
@@ -162,11 +163,11 @@ def cmd_eval(a) -> None:
                              search_weighting=a.search_weighting)
         profile.save(out / "profile.json")
     documents = []
-    if {"ppl", "generation"} & set(settings.tasks):
+    if {"ppl", "generation", "speculative"} & set(settings.tasks):
         paths = _text_paths(a.documents, "documents")
         kept = held_out(paths, profile)
         if len(kept) < len(paths):
-            settings.notes.append(f"ppl / generation: {len(paths) - len(kept)} documents left out because "
+            settings.notes.append(f"ppl / generation / speculative: {len(paths) - len(kept)} documents left out because "
                                   "calibration read them")
         if not kept:
             raise SystemExit("adaskip: every evaluation document was read by calibration; give others")
@@ -190,6 +191,11 @@ def cmd_eval(a) -> None:
         table += (f"\n\nGeneration ({settings.generation_tokens} greedy tokens after a "
                   f"'{settings.generation_instruction}' instruction), against the full model's own text:\n\n"
                   + generation_table(result["generation"]))
+    if "speculative" in result:
+        from .evaluation.speculative import speculative_table
+
+        table += (f"\n\nLossless self-speculative decoding ({settings.generation_tokens} greedy tokens; each plan "
+                  "drafts, the full model verifies):\n\n" + speculative_table(result["speculative"]))
     print("\n" + table + "\n")
     for note in result["notes"]:
         print("note:", note)
@@ -512,7 +518,7 @@ def main(argv=None) -> None:
     e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
     e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")
     e.add_argument("--device-spec", choices=["l20", "h100"], default="l20", help="roofline of the cost model")
-    e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, generation, longbench")
+    e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, generation, speculative, longbench")
     e.add_argument("--documents", nargs="+", default=["essays"],
                    help="ppl / generation: text files, folders, 'essays' or 'stdlib' (documents calibration "
                    "read are left out)")
@@ -530,6 +536,8 @@ def main(argv=None) -> None:
     e.add_argument("--generation-floor", choices=["bfloat16", "float16", "float32", "none"], default="bfloat16",
                    help="generation: the first row, the full model in this dtype against itself")
     e.add_argument("--generation-batch", type=int, default=1, help="generation: prompts generated together")
+    e.add_argument("--speculative-draft-tokens", default="2,4",
+                   help="speculative: draft lengths k (comma-separated); prompts as for generation")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
     e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")

@@ -86,3 +86,53 @@ def test_refused_combinations(model):
         adaskip.generate(model, prompts, speculative=SpeculativeConfig(SkipPlan(6, {1: 1.0})))
     with pytest.raises(ValueError, match="context"):
         adaskip.generate(model, [[5] * 150], max_new_tokens=8, speculative=SpeculativeConfig(SkipPlan(4, {}), 4))
+
+
+# -- the eval task ------------------------------------------------------------------------------
+
+
+def test_predicted_speedup_arithmetic():
+    from adaskip.evaluation.speculative import predicted_speedup
+
+    # 3 tokens a round from 4 drafts at 2x each (2 full steps) and a verify (1 step): 3 / 3 = 1.
+    assert predicted_speedup(3.0, 4, 2.0) == pytest.approx(1.0)
+    assert predicted_speedup(5.0, 4, 4.0) == pytest.approx(2.5)
+    assert predicted_speedup(1.0, 2, 1.0) == pytest.approx(1 / 3)  # nothing accepted, no cheaper drafts
+
+
+def test_evaluate_speculative_rows_match_direct_runs(model):
+    from adaskip.evaluation.generation import GenerationPrompt
+    from adaskip.evaluation.speculative import evaluate_speculative, speculative_table
+
+    prompts = [GenerationPrompt(ids=p, length=len(p), document=0, start=0) for p in _prompts(3, 21)]
+    plans = {"a": DRAFTERS["attention-and-ffn"], "same": DRAFTERS["nothing-skipped"], "full": None}
+    out = evaluate_speculative(model, prompts, plans, draft_tokens=[1, 3], max_new_tokens=10, progress=False)
+    assert [(r["name"], r["draft_tokens"]) for r in out["rows"]] == [("a", 1), ("a", 3), ("same", 1), ("same", 3)]
+    for r in out["rows"]:
+        assert r["identical"] == 1.0
+        direct = [adaskip.generate(model, [p.ids], max_new_tokens=10, eos_token_ids=[],
+                                   speculative=SpeculativeConfig(plans[r["name"]], r["draft_tokens"])).speculative
+                  for p in prompts]
+        assert r["accepted"] == sum(d["accepted"] for d in direct) and r["drafted"] == sum(d["drafted"] for d in direct)
+        assert r["measured_decode_speedup"] > 0 and r["predicted_speedup"] > 0
+    same = [r for r in out["rows"] if r["name"] == "same"]
+    assert all(r["acceptance_rate"] == 1.0 and r["draft_decode_speedup"] == pytest.approx(1.0) for r in same)
+    assert "| a | 3 |" in speculative_table(out)
+    with pytest.raises(ValueError, match="draft lengths"):
+        evaluate_speculative(model, prompts, plans, draft_tokens=[0], progress=False)
+
+
+def test_run_eval_speculative_task(model):
+    from adaskip.evaluation.harness import EvalSettings, run_eval
+    from test_generation_eval import DOCS, WordTokenizer
+
+    tok = WordTokenizer()
+    settings = EvalSettings(strategies=["early-exit"], budgets=[2], tasks=["speculative"], generation_lengths=[60],
+                            generation_prompts=2, generation_tokens=6, speculative_draft_tokens=[2])
+    out = run_eval(model, tok, None, settings, documents=DOCS, progress=False)
+    assert [r["name"] for r in out["speculative"]["rows"]] == ["early-exit@2"]
+    assert out["speculative"]["rows"][0]["identical"] == 1.0 and "speculative" in out["timings_s"]
+    with pytest.raises(ValueError, match="draft lengths"):
+        EvalSettings(tasks=["speculative"], speculative_draft_tokens=[0])
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        EvalSettings(tasks=["speculative"], generation_lengths=[150]).check_model(model.args)

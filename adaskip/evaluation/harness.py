@@ -23,7 +23,7 @@ from ..skipping.calibration import source_id
 from ..runtime.stand_in import KINDS
 from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup, plan_speedup
 
-TASKS = ("ppl", "passkey", "needle", "generation", "longbench")
+TASKS = ("ppl", "passkey", "needle", "generation", "speculative", "longbench")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class EvalSettings:
     generation_instruction: str = "summarize"
     generation_floor_dtype: Optional[str] = "bfloat16"  # None: no dtype-floor row
     generation_batch: int = 1
+    # speculative (on the generation prompts): draft lengths k
+    speculative_draft_tokens: Sequence[int] = (2, 4)
     # longbench
     longbench_dir: Optional[str] = None
     longbench_datasets: Sequence[str] = ("multifieldqa_en", "triviaqa", "trec", "gov_report", "multi_news")
@@ -73,7 +75,7 @@ class EvalSettings:
             raise ValueError("adaskip: stand-ins are compared on the greedy-kl strategy; add it to the strategies")
         if any(not 0.0 <= a <= 1.0 for a in self.min_agreements):
             raise ValueError(f"adaskip: minimum agreements must be in [0, 1], got {list(self.min_agreements)}")
-        if "generation" in self.tasks:
+        if {"generation", "speculative"} & set(self.tasks):  # the speculative task uses the generation prompts
             from .generation import INSTRUCTIONS
 
             if self.generation_instruction not in INSTRUCTIONS:
@@ -86,6 +88,9 @@ class EvalSettings:
             if self.generation_floor_dtype not in (None, "float32", "bfloat16", "float16"):
                 raise ValueError(f"adaskip: the generation floor dtype must be float32, bfloat16 or float16, got "
                                  f"{self.generation_floor_dtype!r}")
+        if "speculative" in self.tasks and (not self.speculative_draft_tokens
+                                            or min(self.speculative_draft_tokens) < 1):
+            raise ValueError(f"adaskip: draft lengths must be >= 1, got {list(self.speculative_draft_tokens)}")
         if "longbench" in self.tasks and not self.longbench_dir:
             raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
 
@@ -99,6 +104,11 @@ class EvalSettings:
         if {"passkey", "needle"} & set(self.tasks) and max(self.retrieval_lengths, default=0) > context:
             raise ValueError(f"adaskip: a retrieval length of {max(self.retrieval_lengths)} tokens exceeds the "
                              f"model's context of {context} tokens")
+        if "speculative" in self.tasks:
+            room = self.generation_tokens + max(self.speculative_draft_tokens) + 1
+            if max(self.generation_lengths) + room > context:
+                raise ValueError(f"adaskip: speculative prompts of {max(self.generation_lengths)} tokens plus {room} "
+                                 f"positions exceed the model's context of {context} tokens")
         if "generation" in self.tasks and max(self.generation_lengths) + self.generation_tokens > context:
             raise ValueError(f"adaskip: generation prompts of {max(self.generation_lengths)} tokens plus "
                              f"{self.generation_tokens} new tokens exceed the model's context of {context} tokens")
@@ -225,6 +235,21 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
                                          batch_size=settings.generation_batch, profile=profile, progress=progress)
         timings["generation"] = time.perf_counter() - start
 
+    speculative = None
+    if "speculative" in settings.tasks:
+        from .generation import make_prompts
+        from .speculative import evaluate_speculative
+
+        if not documents:
+            raise ValueError("adaskip: the speculative task needs documents")
+        start = time.perf_counter()
+        prompts = make_prompts(tokenizer, documents, settings.generation_lengths, settings.generation_prompts,
+                               settings.generation_instruction, seed=settings.seed)
+        speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
+                                           max_new_tokens=settings.generation_tokens, profile=profile,
+                                           progress=progress)
+        timings["speculative"] = time.perf_counter() - start
+
     if "longbench" in settings.tasks:
         from .longbench import evaluate_longbench
 
@@ -251,6 +276,8 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     out = {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
     if generation is not None:
         out["generation"] = generation
+    if speculative is not None:
+        out["speculative"] = speculative
     return out
 
 

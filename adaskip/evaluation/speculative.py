@@ -1,0 +1,96 @@
+"""`adaskip eval --tasks speculative`: each plan as the drafter of lossless self-speculative
+decoding (adaskip.runtime.speculative), per draft length k, on held-out prompts (the generation
+task's): how many drafted tokens the full model keeps, the tokens each round emits, whether the
+output is the full model's (it must be), the decode speedup measured on this device, and the
+speedup predicted for a memory-bound GPU decode step."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .._util import check_room, progress_bar
+
+
+def predicted_speedup(tokens_per_round: float, draft_tokens: int, draft_speedup: float,
+                      verify_cost: float = 1.0) -> float:
+    """Decode speedup of a round that costs `draft_tokens` draft steps (each 1 / draft_speedup of
+    a full decode step) plus one verify pass (`verify_cost` full steps: memory-bound, the weights
+    are read once for the k + 1 positions) and emits `tokens_per_round` tokens."""
+    return tokens_per_round / (draft_tokens / draft_speedup + verify_cost)
+
+
+@torch.inference_mode()
+def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens: Sequence[int] = (2, 4),
+                         max_new_tokens: int = 64, profile=None, spec=None, progress: bool = True) -> dict:
+    """prompts: adaskip.evaluation.generation.GenerationPrompt (their .ids); plans: {name:
+    SkipPlan} (None entries are skipped). One row per plan x k: acceptance rate, tokens per round,
+    the fraction of outputs identical to plain greedy decoding, the measured decode speedup
+    (plain decode time / speculative decode time, summed over the prompts, this device) and the
+    predicted one (predicted_speedup with the draft's decode speedup from the roofline cost model
+    at each prompt's length, default device the L20)."""
+    from ..runtime.generation import generate
+    from ..runtime.speculative import SpeculativeConfig
+    from ..skipping.costs import L20_SPEC, sublayer_costs
+    from ..skipping.strategies import stand_in_cost
+
+    if not prompts:
+        raise ValueError("adaskip: no prompts to evaluate speculative decoding on")
+    ks = [int(k) for k in draft_tokens]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"adaskip: draft lengths must be >= 1, got {list(draft_tokens)}")
+    check_room([len(p.ids) for p in prompts], max_new_tokens + max(ks) + 1, model.args.max_position_embeddings,
+               "speculative prompts")
+    spec = spec or L20_SPEC
+    plans = {n: p for n, p in plans.items() if p is not None}
+    bar = progress_bar(len(prompts) * (1 + len(plans) * len(ks)), progress, "speculative", "prompt")
+    reference = []
+    for p in prompts:
+        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[])
+        reference.append((out.tokens[0], out.decode_s))
+        bar.update(1)
+    rows = []
+    for name, plan in plans.items():
+        draft_speedups = []
+        for p in prompts:
+            costs = sublayer_costs(model.args, len(p.ids), "decode", spec=spec)
+            draft_speedups.append(costs.speedup(plan.phase("decode").skip_scales, stand_in_cost(plan, profile, costs)))
+        for k in ks:
+            drafted = accepted = rounds = emitted = identical = 0
+            plain_s = spec_s = 0.0
+            predicted = []
+            for p, (ref_tokens, ref_s), s in zip(prompts, reference, draft_speedups):
+                out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
+                               speculative=SpeculativeConfig(plan, draft_tokens=k))
+                st = out.speculative
+                drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
+                emitted += len(out.tokens[0]) - 1
+                identical += int(out.tokens[0] == ref_tokens)
+                plain_s, spec_s = plain_s + ref_s, spec_s + out.decode_s
+                predicted.append(predicted_speedup(st["tokens_per_round"], k, s))
+                bar.update(1)
+            rows.append({"name": name, "strategy": plan.strategy, "budget": len(plan.skip_scales), "draft_tokens": k,
+                         "acceptance_rate": accepted / drafted if drafted else float("nan"),
+                         "tokens_per_round": emitted / rounds if rounds else float("nan"),
+                         "identical": identical / len(prompts),
+                         "draft_decode_speedup": sum(draft_speedups) / len(draft_speedups),
+                         "predicted_speedup": sum(predicted) / len(predicted),
+                         "measured_decode_speedup": plain_s / spec_s if spec_s > 0 else float("nan"),
+                         "drafted": drafted, "accepted": accepted, "rounds": rounds})
+    bar.close()
+    return {"rows": rows, "prompts": [{"length": p.length, "tokens": len(p.ids)} for p in prompts],
+            "max_new_tokens": max_new_tokens, "device": str(model.lm_head.weight.device),
+            "roofline": getattr(spec, "name", str(spec))}
+
+
+def speculative_table(result: dict) -> str:
+    """Markdown: one line per drafter x k."""
+    head = ["drafter", "k", "accepted", "tokens / round", "identical to greedy", "draft speedup (roofline)",
+            "predicted speedup (roofline)", f"measured decode speedup ({result['device']})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join([r["name"], str(r["draft_tokens"]), f"{r['acceptance_rate']:.2f}",
+                                        f"{r['tokens_per_round']:.2f}", f"{r['identical']:.2f}",
+                                        f"{r['draft_decode_speedup']:.3f}", f"{r['predicted_speedup']:.3f}",
+                                        f"{r['measured_decode_speedup']:.3f}"]) + " |")
+    return "\n".join(lines)
