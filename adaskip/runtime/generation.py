@@ -115,17 +115,15 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     per model (adaskip.runtime.decode), so later calls of the same shape replay them; new caches
     or moved weights drop them.
     """
-    if speculative is not None:
-        from .speculative import generate_speculative
-
+    if speculative is not None:  # a SpeculativeConfig runs its own loop (adaskip.runtime.speculative)
         if plan is not None:
             raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
                              "drafter's plan in SpeculativeConfig, not plan=")
         if (sampling is not None and sampling.temperature > 0) or cuda_graph or stats is not None or step_timing:
             raise ValueError("adaskip: speculative decoding is greedy and eager for now (no sampling, cuda_graph, "
                              "stats or step_timing)")
-        return generate_speculative(model, prompts, config=speculative, max_new_tokens=max_new_tokens,
-                                    eos_token_ids=eos_token_ids, prefill_chunk=prefill_chunk)
+        return speculative.generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                                    prefill_chunk=prefill_chunk)
     sampling = sampling or SamplingParams()
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)

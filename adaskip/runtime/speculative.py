@@ -41,6 +41,10 @@ class SpeculativeConfig:
         if self.plan.ramp:
             raise ValueError("adaskip: a drafter with SkipDecode's ramp is not supported; use a static plan")
 
+    def generate(self, model, prompts, **kwargs) -> GenerationResult:
+        """generate_speculative with this configuration (what generate(speculative=self) calls)."""
+        return generate_speculative(model, prompts, config=self, **kwargs)
+
 
 @torch.inference_mode()
 def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: SpeculativeConfig,
