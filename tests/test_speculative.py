@@ -80,12 +80,50 @@ def test_refused_combinations(model):
     prompts = _prompts(2, 0)
     with pytest.raises(ValueError, match="not plan="):
         adaskip.generate(model, prompts, plan=DRAFTERS["attention-and-ffn"], speculative=spec)
-    with pytest.raises(ValueError, match="greedy"):
-        adaskip.generate(model, prompts, sampling=adaskip.SamplingParams(temperature=1.0), speculative=spec)
+    with pytest.raises(ValueError, match="eager"):
+        adaskip.generate(model, prompts, cuda_graph=True, speculative=spec)
     with pytest.raises(ValueError, match="layers"):
         adaskip.generate(model, prompts, speculative=SpeculativeConfig(SkipPlan(6, {1: 1.0})))
     with pytest.raises(ValueError, match="context"):
         adaskip.generate(model, [[5] * 150], max_new_tokens=8, speculative=SpeculativeConfig(SkipPlan(4, {}), 4))
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+def _second_token_marginal(model, prompt, sampling, plan=None):
+    """The exact distribution of the second sampled token: sum over the first token t of
+    p(t | prompt) p(. | prompt, t), after temperature / top-k (one forward per t)."""
+    from adaskip.runtime.sampling import probabilities
+
+    with torch.no_grad():
+        first = probabilities(model(torch.tensor([prompt]), plan=plan)[0, -1], sampling)
+        both = torch.tensor([prompt + [t] for t in range(VOCAB)])
+        second = probabilities(model(both, plan=plan)[:, -1], sampling)
+    return first @ second
+
+
+@pytest.mark.parametrize("sampling", [adaskip.SamplingParams(temperature=1.0, seed=7),
+                                      adaskip.SamplingParams(temperature=0.7, top_k=20, seed=8)])
+def test_sampled_tokens_are_distributed_as_the_full_models(model, sampling):
+    """Rejection sampling: the second token of 6000 sampled continuations follows the full
+    model's exact marginal (total variation within sampling noise), while a drafter that samples
+    on its own is measurably off."""
+    prompt = _prompts(1, 3)[0]
+    drafter = SkipPlan(4, {0: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+    n = 6000
+    out = adaskip.generate(model, [prompt] * n, max_new_tokens=2, eos_token_ids=[], sampling=sampling,
+                           speculative=SpeculativeConfig(drafter, draft_tokens=3))
+    counts = torch.bincount(torch.tensor([t[1] for t in out.tokens]), minlength=VOCAB).double() / n
+    exact = _second_token_marginal(model, prompt, sampling).double()
+    drafted = _second_token_marginal(model, prompt, sampling, plan=drafter).double()
+    tv = 0.5 * (counts - exact).abs().sum().item()
+    off = 0.5 * (drafted - exact).abs().sum().item()
+    # Sampling noise of the TV for n draws: about 0.5 * sum sqrt(2 p (1 - p) / (pi n)).
+    noise = 0.5 * (2 * exact * (1 - exact) / (torch.pi * n)).sqrt().sum().item()
+    assert tv < 2 * noise + 0.005, (tv, noise)
+    assert off > 4 * noise, (off, noise)  # the test could tell a sampler that trusts the draft
+    assert 0 < out.speculative["acceptance_rate"] < 1
 
 
 # -- the eval task ------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     the loop, so the loop still never waits), e.g. to see time per token drop once online
     learning has gated FFNs off.
     speculative: an adaskip.runtime.speculative.SpeculativeConfig: lossless decoding, its plan
-    drafting and the full model verifying (greedy only, eager; `plan` must then be None: the
-    output is the full model's).
+    drafting and the full model verifying (eager; `plan` must then be None): greedy output is the
+    full model's, sampled output is distributed as the full model's (rejection sampling).
     A graph is captured per distinct step: its key is the step's schedule (adaskip.runtime.schedule:
     every sublayer's path, batch, dtype; SkipDecode's ramp and online learning settling change it),
     the KV cache and the sampling settings. Graphs and the buffers they were captured on are kept
@@ -119,11 +119,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if plan is not None:
             raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
                              "drafter's plan in SpeculativeConfig, not plan=")
-        if (sampling is not None and sampling.temperature > 0) or cuda_graph or stats is not None or step_timing:
-            raise ValueError("adaskip: speculative decoding is greedy and eager for now (no sampling, cuda_graph, "
-                             "stats or step_timing)")
+        if cuda_graph or stats is not None or step_timing:
+            raise ValueError("adaskip: speculative decoding is eager for now (no cuda_graph, stats or step_timing)")
         return speculative.generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
-                                    prefill_chunk=prefill_chunk)
+                                    prefill_chunk=prefill_chunk, sampling=sampling)
     sampling = sampling or SamplingParams()
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)

@@ -27,7 +27,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     """logits [B, vocab] -> token ids [B]."""
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sample() draws from (temperature > 0): float32 [..., vocab]."""
+    if params.temperature == 0:
+        raise ValueError("adaskip: greedy decoding has no sampling distribution")
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1]).float() / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -37,5 +45,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
         # Drop a token once the mass before it already reaches top_p (the top token always stays).
         drop = (cum - sorted_logits.softmax(-1)) >= params.top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1).reshape(shape)

@@ -2,7 +2,8 @@
 SWIFT). The plan drafts `draft_tokens` tokens one by one on the model's own weights and KV
 cache; the full model then verifies them in one forward over draft_tokens + 1 positions; the
 longest prefix the full model agrees with is kept, plus the full model's own next token. Greedy
-output is the full model's own (the tokens of `generate` without a plan).
+output is the full model's own (the tokens of `generate` without a plan); sampled output follows
+the full model's distribution (speculative rejection sampling).
 
 The cache is shared: the draft writes K/V only for the attention layers it runs, the verify
 pass writes every layer's K/V at all the drafted positions, and whatever a rejected draft left
@@ -22,6 +23,7 @@ import torch
 
 from .decode import drop_decode_states
 from .generation import GenerationResult, _check_prompts, _sync, prefill
+from .sampling import SamplingParams, probabilities
 from .skip_plan import SkipPlan
 
 
@@ -49,11 +51,18 @@ class SpeculativeConfig:
 @torch.inference_mode()
 def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: SpeculativeConfig,
                          max_new_tokens: int = 64, eos_token_ids: Optional[Sequence[int]] = None,
-                         prefill_chunk: int = 8192) -> GenerationResult:
-    """Greedy generation of up to max_new_tokens per prompt, drafted by config.plan and verified
-    by the full model: the same tokens as generate(model, prompts) without a plan. The result's
-    `speculative` holds rounds, drafted and accepted tokens, the acceptance rate and the mean
-    number of tokens each round emits per sequence."""
+                         prefill_chunk: int = 8192, sampling: Optional[SamplingParams] = None) -> GenerationResult:
+    """Generation of up to max_new_tokens per prompt, drafted by config.plan and verified by the
+    full model. Greedy (default): the same tokens as generate(model, prompts) without a plan.
+    Sampled (`sampling` with temperature > 0): speculative rejection sampling, a drafted token d
+    kept with probability min(1, p(d) / q(d)) (p the full model's distribution, q the draft's,
+    both after temperature / top-k / top-p), the first rejected position resampled from
+    max(0, p - q) normalised, and a token from p after a fully kept draft: every token is
+    distributed exactly as the full model's sampling would draw it. The result's `speculative`
+    holds rounds, drafted and accepted tokens, the acceptance rate and the mean number of tokens
+    each round emits per sequence."""
+    sampling = sampling or SamplingParams()
+    greedy = sampling.temperature == 0
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)
     if max_new_tokens < 1:
@@ -82,7 +91,11 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     lens = torch.tensor(lengths, device=device)
     _sync(device)
     t0 = time.perf_counter()
-    token = prefill(model, ids, lens, chunk=prefill_chunk).argmax(-1)  # [B]: not in the cache yet
+    generator = None
+    if not greedy and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    first = prefill(model, ids, lens, chunk=prefill_chunk)
+    token = first.argmax(-1) if greedy else _draw(probabilities(first, sampling), generator)  # not in the cache yet
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
@@ -95,15 +108,24 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     while not all(f or len(o) >= max_new_tokens for f, o in zip(finished, out)):
         active = torch.tensor([not f and len(o) < max_new_tokens for f, o in zip(finished, out)], device=device)
         top = int(pos.max())
-        current, drafts = token, []
+        current, drafts, draft_probs = token, [], []
         for j in range(k):
             logits = model(current[:, None], pos + j, kv_len=top + j + 1, plan=draft_plan)[:, 0]
-            current = logits.argmax(-1)
+            if greedy:
+                current = logits.argmax(-1)
+            else:
+                q = probabilities(logits, sampling)
+                current = _draw(q, generator)
+                draft_probs.append(q)
             drafts.append(current)
         draft = torch.stack(drafts, 1)  # [B, k]
-        verify = model(torch.cat([token[:, None], draft], 1), pos, kv_len=top + k + 1).argmax(-1)  # [B, k + 1]
-        agree = (draft == verify[:, :k]).long().cumprod(1).sum(1)  # [B]: drafted tokens the full model keeps
-        nxt = verify[rows, agree]
+        verify_logits = model(torch.cat([token[:, None], draft], 1), pos, kv_len=top + k + 1)  # [B, k + 1, V]
+        if greedy:
+            verify = verify_logits.argmax(-1)
+            agree = (draft == verify[:, :k]).long().cumprod(1).sum(1)  # [B]: drafted tokens the full model keeps
+            nxt = verify[rows, agree]
+        else:
+            agree, nxt = _accept(probabilities(verify_logits, sampling), torch.stack(draft_probs, 1), draft, generator)
         agree_host, draft_host, nxt_host = agree.tolist(), draft.tolist(), nxt.tolist()
         for b in range(batch):
             if not bool(active[b]):
@@ -131,4 +153,26 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan")}
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats)
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, generator) -> tuple:
+    """Speculative rejection sampling. p [B, k + 1, V]: the full model's distributions at the
+    verified positions; q [B, k, V]: the draft's; draft [B, k]. Returns (kept drafted tokens [B],
+    the next token [B])."""
+    b, k = draft.shape
+    p_d = p[:, :k].gather(-1, draft[..., None]).squeeze(-1)
+    q_d = q.gather(-1, draft[..., None]).squeeze(-1)
+    u = torch.rand(b, k, device=p.device, generator=generator)
+    kept = (u * q_d <= p_d).long().cumprod(1).sum(1)  # u < p / q, without dividing by a zero q
+    rows = torch.arange(b, device=p.device)
+    target = p[rows, kept]  # [B, V]: p at the first rejected position (or after the last draft)
+    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # after a fully kept draft: nothing to subtract
+    residual = (target - q_pad[rows, kept]).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)
+    return kept, _draw(residual, generator)
 
