@@ -222,13 +222,10 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     if "generation" in settings.tasks:
         import torch
 
-        from .generation import evaluate_generation, make_prompts
+        from .generation import evaluate_generation
 
-        if not documents:
-            raise ValueError("adaskip: the generation task needs documents")
         start = time.perf_counter()
-        prompts = make_prompts(tokenizer, documents, settings.generation_lengths, settings.generation_prompts,
-                               settings.generation_instruction, seed=settings.seed)
+        prompts = _generation_prompts("generation", tokenizer, documents, settings)
         floor = getattr(torch, settings.generation_floor_dtype) if settings.generation_floor_dtype else None
         generation = evaluate_generation(model, tokenizer, prompts, {k: p for k, p in named.items() if p is not None},
                                          max_new_tokens=settings.generation_tokens, floor_dtype=floor,
@@ -237,14 +234,10 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
 
     speculative = None
     if "speculative" in settings.tasks:
-        from .generation import make_prompts
         from .speculative import evaluate_speculative
 
-        if not documents:
-            raise ValueError("adaskip: the speculative task needs documents")
         start = time.perf_counter()
-        prompts = make_prompts(tokenizer, documents, settings.generation_lengths, settings.generation_prompts,
-                               settings.generation_instruction, seed=settings.seed)
+        prompts = _generation_prompts("speculative", tokenizer, documents, settings)
         speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
                                            max_new_tokens=settings.generation_tokens, profile=profile,
                                            progress=progress)
@@ -279,6 +272,16 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     if speculative is not None:
         out["speculative"] = speculative
     return out
+
+
+def _generation_prompts(task: str, tokenizer, documents, settings: EvalSettings) -> list:
+    """The generation and speculative tasks' prompts: seeded windows of the documents."""
+    from .generation import make_prompts
+
+    if not documents:
+        raise ValueError(f"adaskip: the {task} task needs documents")
+    return make_prompts(tokenizer, documents, settings.generation_lengths, settings.generation_prompts,
+                        settings.generation_instruction, seed=settings.seed)
 
 
 def held_out(documents: Sequence[Union[str, os.PathLike]], profile) -> list:
