@@ -129,6 +129,7 @@ class _Patched:
         self.args = args
         self.lm_head = model.lm_head
         self.step: Optional[_Step] = None
+        self._own_step = False  # a calibration forward's step, set by __call__ (apply's hooks leave it)
         self.plan: Optional[SkipPlan] = None
         self.request = _Request()
         self.redirect: dict = {}  # layer -> layer whose cache length it reports
@@ -153,10 +154,11 @@ class _Patched:
         sched = schedule_step(self, batch=b, tokens=t, plan=plan, stats=stats is not None,
                               block_stats=block_stats is not None)
         self.step = _Step(sched, stats=stats, block_stats=block_stats, seq_lens=seq_lens, taps=taps)
+        self._own_step = True
         try:
             hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
         finally:
-            self.step = None
+            self.step, self._own_step = None, False
         if logits_index is not None:
             hidden = hidden[torch.arange(b, device=hidden.device), logits_index]
         return self.lm_head(hidden)
@@ -191,7 +193,7 @@ class _Patched:
     # -- steps of apply() -------------------------------------------------------------------
 
     def _before_forward(self, module, args, kwargs):
-        if self.plan is None or self.step is not None:  # calibration forwards set their own step
+        if self.plan is None or self._own_step:  # calibration forwards set their own step
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")

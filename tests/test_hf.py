@@ -278,3 +278,20 @@ def test_cuda_bf16_generate_matches_the_runtime(batch):
     expected = adaskip.generate(ours, ids.tolist(), max_new_tokens=8, plan=plan, eos_token_ids=[])
     assert out[:, 16:].tolist() == expected.tokens
     assert skipped == expected.online_skipped
+
+
+def test_a_failed_forward_does_not_leave_its_step_behind():
+    """An exception inside a forward under apply(): the next forward still runs the plan for its
+    own shape."""
+    hf, ours = _pair("llama")
+    plan = _plans("e2e", online=True)
+    ids = _ids(length=18, seed=4)
+    with torch.no_grad(), adaskip.hf.apply(hf, plan) as applied:
+        with pytest.raises(Exception):
+            hf(torch.tensor([[500, 501]]))  # ids outside the vocabulary fail in the embedding
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert applied.decode_steps == 9
+        skipped = applied.online_skipped()
+    expected = adaskip.generate(ours, ids.tolist(), max_new_tokens=10, plan=plan, eos_token_ids=[])
+    assert out[:, ids.shape[1]:].tolist() == expected.tokens and skipped == expected.online_skipped
