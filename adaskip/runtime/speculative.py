@@ -102,12 +102,13 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     out = [[t] for t in token.tolist()]
     finished = [o[0] in eos for o in out]
     pos = lens.clone()  # where `token` goes
+    pos_host = list(lengths)  # the same on the host, kept from the accepted lengths read each round
     rows = torch.arange(batch, device=device)
     rounds = drafted = accepted = sequence_rounds = 0
     t1 = time.perf_counter()
     while not all(f or len(o) >= max_new_tokens for f, o in zip(finished, out)):
         active = torch.tensor([not f and len(o) < max_new_tokens for f, o in zip(finished, out)], device=device)
-        top = int(pos.max())
+        top = max(pos_host)  # no device read: attention's bound comes from the host copy
         current, drafts, draft_probs = token, [], []
         for j in range(k):
             logits = model(current[:, None], pos + j, kv_len=top + j + 1, plan=draft_plan)[:, 0]
@@ -141,6 +142,7 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
             drafted += k
             accepted += agree_host[b]
             sequence_rounds += 1
+            pos_host[b] += agree_host[b] + 1
         step = (agree + 1) * active.long()
         pos = pos + step  # finished sequences stay where they are
         token = torch.where(active, nxt, token)
