@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
-# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."] [BENCHES="ops ffn e2e online online-forced conditional"] bash bench/gpu_check.sh
+# $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."]
+# [BENCHES="ops ffn decode e2e-decode e2e online online-forced conditional"] [TESTS_AFTER="tests/y.py ..."]
+# bash bench/gpu_check.sh. TESTS_AFTER run after the benchmarks (the less urgent ones, when the
+# device time is short).
 # The build always runs (incremental: quick when nothing changed). A device call is limited to
 # 10 minutes: run the stages in separate calls on the warm machine, e.g. STAGES=tests first, then
 # STAGES=bench BENCHES="ffn online".
@@ -56,11 +59,23 @@ for b in $BENCHES; do
                  --budgets 8 --online --online-beta -1 --graph-conditionals --decode-tokens 64 --no-hf
                  --out "$OUT/e2e-conditional.json") ;;
     ops) cmd=($PY -m adaskip bench kernels --out "$OUT/ops.json") ;;
+    # The decode attention kernel against SDPA on the same cache (8k, 32k; 1 and 4 sequences) and
+    # the decode projections through the GEMVs against cuBLAS.
+    decode) cmd=($PY -m adaskip bench kernels --only-decode --out "$OUT/decode-kernels.json") ;;
+    # The full model's graph decode step against its roofline with each decode path, its
+    # per-kernel breakdown, and AdaSkip plans of 8 and 16 sublayers (prefill and decode vs ideal).
+    e2e-decode) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
+                 --budgets 8,16 --decode-tokens 32 --no-hf --no-plot --out "$OUT/e2e-decode.json") ;;
     e2e) cmd=($PY -m adaskip bench e2e --out "$OUT/e2e.json") ;;
     *) echo "unknown benchmark $b"; bench_rc=2; continue ;;
   esac
   "${cmd[@]}" 2>&1 | tee "$OUT/bench_$b.log"
   rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && bench_rc=$rc
 done
+if [ -n "${TESTS_AFTER:-}" ]; then
+  echo "== tests after the benchmarks"
+  ADASKIP_CUDA=1 $PY -m pytest -q -p no:cacheprovider $TESTS_AFTER 2>&1 | tee "$OUT/pytest-after.log" | tail -25
+  rc=${PIPESTATUS[0]}; [ $rc -ne 0 ] && test_rc=$rc
+fi
 echo "tests rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc != 0 || bench_rc != 0 ))

@@ -42,4 +42,11 @@ void gated_linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 void gated_swiglu_up(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                      const std::optional<at::Tensor>& gates, int64_t sublayer, at::Tensor& out);
 
+// Attention of one query token per sequence (q [batch, heads, head_dim], fp16/bf16, head_dim 64
+// or 128, at most 8 query heads per KV head) over the first kv_lens[b] slots of a static cache
+// [batch, kv_heads, capacity, head_dim] (the last `window` of them when window > 0), read on the
+// device; out [batch, heads, head_dim]. A sequence with no keys gets zeros.
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out);
+
 }  // namespace adaskip

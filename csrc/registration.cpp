@@ -28,6 +28,9 @@ TORCH_LIBRARY(adaskip, m) {
   m.def(
       "gated_swiglu_up(Tensor x, Tensor w_gate, Tensor w_up, Tensor? gates, int sublayer, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, float scale, "
+      "int window, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
@@ -38,4 +41,5 @@ TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
   m.impl("update_gates", &adaskip::update_gates);
   m.impl("gated_linear", &adaskip::gated_linear);
   m.impl("gated_swiglu_up", &adaskip::gated_swiglu_up);
+  m.impl("decode_attention", &adaskip::decode_attention);
 }

@@ -81,3 +81,25 @@ def randomize_norms_and_biases(module):
             elif n.endswith("bias"):
                 p.normal_(0, 0.1)
     return module
+
+
+def oracle_decode_attention(q, k_cache, v_cache, kv_lens, window=0, scale=None):
+    """float64 truth of decode attention, one sequence and head at a time: softmax over the
+    slots [max(0, n - window) if window else 0, n), n = kv_lens[b] clamped to the capacity;
+    zeros for a sequence without keys. [batch, heads, head_dim], float64 on the CPU."""
+    batch, heads, dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        n = max(0, min(int(kv_lens[b]), capacity))
+        first = max(0, n - window) if window else 0
+        if n == first:
+            continue
+        for h in range(heads):
+            k = k_cache[b, h // group, first:n].double().cpu()
+            v = v_cache[b, h // group, first:n].double().cpu()
+            p = torch.softmax(k @ q[b, h].double().cpu() * scale, dim=0)
+            out[b, h] = p @ v
+    return out

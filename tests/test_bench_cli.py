@@ -295,3 +295,51 @@ def test_e2e_real_weights_from_an_hf_directory(tmp_path):
     assert result["baseline"][0]["tpot_ms"]["hf"] > 0
     assert any("random token ids" in n for n in result["notes"])
     assert {r["strategy"] for r in result["rows"]} == {"full", "adaskip", "early-exit"}
+
+
+def test_decode_breakdown_sorts_kernels_by_kind():
+    from adaskip.benchmarks.breakdown import kind_of
+
+    assert kind_of("void adaskip::(anonymous namespace)::split_kv_kernel<c10::BFloat16, 128, 4>(...)") == \
+        "attention: decode kernel"
+    assert kind_of("pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention: SDPA"
+    assert kind_of("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "attention: SDPA"
+    assert kind_of("void adaskip::gated_gemv_kernel<c10::BFloat16, 8, 1, true>(...)") == "GEMVs (ours: FFN, projections)"
+    assert kind_of("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == "cuBLAS GEMM / GEMV"
+    assert kind_of("void adaskip::fused_add_rms_norm_kernel<...>") == "add + RMSNorm / skips (ours)"
+    assert kind_of("void at::native::index_elementwise_kernel<...>") == "rotary, KV writes, sampling, other"
+
+
+def test_decode_roofline_counts_what_a_step_reads():
+    """Weights of the sublayers that run (plus norms, the lm_head and one embedding row per
+    sequence) and the K and V of the attention layers that run, at context + 1 slots."""
+    from adaskip.benchmarks.breakdown import roofline_bytes
+    from behaviour_cases import tiny_model
+
+    model = tiny_model("llama")
+    a = model.args
+    full = roofline_bytes(model, 100, batch=2)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if a.tie_word_embeddings:
+        params += model.lm_head.weight.numel()
+    assert full["weight_bytes"] == 4 * (params + 2 * a.hidden_size)
+    assert full["kv_bytes"] == 4 * 2 * 2 * a.num_layers * a.num_kv_heads * 101 * a.head_dim
+    plan = SkipPlan(a.num_layers, {0: 1.0, 3: 1.0})  # attention 0 and the FFN of layer 1
+    part = roofline_bytes(model, 100, batch=2, plan=plan)
+    attn0 = sum(p.numel() for p in model.model.layers[0].self_attn.parameters())
+    ffn1 = sum(p.numel() for p in model.model.layers[1].mlp.parameters())
+    assert part["weight_bytes"] == full["weight_bytes"] - 4 * (attn0 + ffn1)
+    assert part["kv_bytes"] == full["kv_bytes"] // a.num_layers * (a.num_layers - 1)
+
+
+def test_decode_breakdown_needs_a_gpu_and_paths_are_checked():
+    from adaskip.benchmarks.breakdown import graph_decode_breakdown
+    from behaviour_cases import tiny_model
+
+    with pytest.raises(ValueError, match="needs a GPU"):
+        graph_decode_breakdown(tiny_model("llama"), 16)
+    assert [p.attention for p in e2e.decode_path_variants("kernel/gemv/gemv, sdpa/cublas/cublas")] == ["kernel", "sdpa"]
+    for bad, message in (("kernel/gemv", "is not attention/projections/lm_head"),
+                         ("kernel/gemv/fast", "decode path lm_head must be one of"), (" , ", "names no paths")):
+        with pytest.raises(ValueError, match=message):
+            e2e.decode_path_variants(bad)

@@ -43,6 +43,12 @@ def _samples(device, dtype):
             ("gated_linear", (r(2, 64), r(24, 64), gates, 1, torch.empty(2, 24, device=device, dtype=dtype))),
             ("gated_swiglu_up", (r(2, 64), r(24, 64), r(24, 64), None, 0,
                                  torch.empty(2, 24, device=device, dtype=dtype))),
+            # decode attention: GQA group 3, one split and several, a sliding window
+            ("decode_attention", (r(2, 6, 64), r(2, 2, 40, 64), r(2, 2, 40, 64), torch.tensor([40, 7], device=device),
+                                  0.125, 0, torch.empty(2, 6, 64, device=device, dtype=dtype))),
+            ("decode_attention", (r(1, 8, 128), r(1, 4, 3000, 128), r(1, 4, 3000, 128),
+                                  torch.tensor([2999], dtype=torch.int32, device=device), 0.09, 512,
+                                  torch.empty(1, 8, 128, device=device, dtype=dtype))),
         ]
     return samples
 

@@ -220,3 +220,50 @@ def test_which_ffns_take_the_decode_gemvs(batch, tokens, dtype, device, bias, gr
                                                                   and dtype != torch.float32)
     monkeypatch.setattr(ops, "HAS_EXTENSION", False)
     assert not sch.ffn_prefers_gemv(batch, tokens, dtype, "cuda", bias, grad)
+
+
+def _fake_model(dtype, device, paths, head_dim=128, heads=32, kv_heads=8, bias=False):
+    """What schedule_step reads of a model, on any device type (no GPU needed to decide)."""
+    from types import SimpleNamespace
+
+    from adaskip.runtime.config import ModelArgs
+
+    args = ModelArgs(architecture="LlamaForCausalLM", vocab_size=100, hidden_size=heads * head_dim,
+                     intermediate_size=64, num_layers=2, norm_eps=1e-5, rope_theta=1e4,
+                     num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qkv_bias=bias)
+    weight = SimpleNamespace(dtype=dtype, device=torch.device("meta") if device == "meta" else SimpleNamespace(type=device))
+    return SimpleNamespace(args=args, lm_head=SimpleNamespace(weight=weight), attention_backend="sdpa",
+                           decode_paths=paths)
+
+
+@pytest.mark.parametrize("case", [
+    # (paths, batch, tokens, dtype, device, grad, geometry, (attention, projections, lm_head))
+    (("kernel", "gemv", "gemv"), 1, 1, torch.bfloat16, "cuda", False, {}, ("kernel", True, True)),
+    (("kernel", "gemv", "gemv"), 2, 1, torch.float16, "cuda", False, {}, ("kernel", True, True)),
+    (("kernel", "gemv", "gemv"), 3, 1, torch.bfloat16, "cuda", False, {}, ("kernel", False, False)),  # GEMVs: <= 2
+    (("kernel", "gemv", "gemv"), 1, 2, torch.bfloat16, "cuda", False, {}, ("sdpa", False, False)),  # not decode
+    (("kernel", "gemv", "gemv"), 1, 1, torch.float32, "cuda", False, {}, ("sdpa", False, False)),
+    (("kernel", "gemv", "gemv"), 1, 1, torch.bfloat16, "cuda", True, {}, ("sdpa", False, False)),  # autograd
+    (("kernel", "gemv", "gemv"), 1, 1, torch.bfloat16, "cpu", False, {}, ("sdpa", False, False)),
+    (("sdpa", "cublas", "cublas"), 1, 1, torch.bfloat16, "cuda", False, {}, ("sdpa", False, False)),
+    (("kernel", "gemv", "cublas"), 1, 1, torch.bfloat16, "cuda", False, {"head_dim": 96}, ("sdpa", True, False)),
+    (("kernel", "cublas", "cublas"), 1, 1, torch.bfloat16, "cuda", False, {"heads": 32, "kv_heads": 2},
+     ("sdpa", False, False)),  # 16 query heads per KV head
+    (("kernel", "gemv", "gemv"), 1, 1, torch.bfloat16, "cuda", False, {"bias": True}, ("kernel", False, True)),
+], ids=str)
+def test_which_decode_steps_take_the_decode_kernels(case, monkeypatch):
+    paths, batch, tokens, dtype, device, grad, geometry, want = case
+    monkeypatch.setattr(ops, "HAS_EXTENSION", True)
+    model = _fake_model(dtype, device, sch.DecodePaths(*paths), **geometry)
+    s = sch.schedule_step(model, batch=batch, tokens=tokens, grad=grad)
+    assert (s.decode_attention, s.gemv_projections, s.gemv_lm_head) == want
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)  # no extension: no kernels
+    s = sch.schedule_step(model, batch=batch, tokens=tokens, grad=grad)
+    assert (s.decode_attention, s.gemv_projections, s.gemv_lm_head) == ("sdpa", False, False)
+
+
+def test_decode_paths_name_what_they_expect():
+    with pytest.raises(ValueError, match="decode path attention must be one of"):
+        sch.DecodePaths(attention="flash")
+    with pytest.raises(ValueError, match="decode path lm_head must be one of"):
+        sch.DecodePaths(lm_head="gemm")

@@ -79,9 +79,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "random weights would gate nothing)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="do not time HF transformers")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="no CUDA-graph decode (GPU)")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="GPU: no per-kernel breakdown of the graph decode step and its roofline")
+    p.add_argument("--decode-paths", default=DEFAULT_DECODE_PATHS,
+                   help="GPU, with the breakdown: the full model's graph decode step timed with each of these "
+                        "decode paths, comma-separated attention/projections/lm_head (attention: kernel|sdpa, "
+                        f"the others gemv|cublas; default {DEFAULT_DECODE_PATHS})")
     p.add_argument("--out", type=Path, help="write the JSON here (the plot next to it, .png)")
     p.add_argument("--out-dir", type=Path, help="write DIR/e2e-<model>-<device>-<date>.json and .png")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="no PNG")
+
+
+DEFAULT_DECODE_PATHS = "kernel/cublas/cublas,sdpa/cublas/cublas,kernel/gemv/cublas,kernel/gemv/gemv"
+
+
+def decode_path_variants(spec: str) -> list:
+    """'kernel/cublas/cublas,...' -> [DecodePaths, ...] (a clear error naming a bad entry)."""
+    from adaskip.runtime.schedule import DecodePaths
+
+    out = []
+    for entry in [e.strip() for e in str(spec).split(",") if e.strip()]:
+        parts = entry.split("/")
+        if len(parts) != 3:
+            raise ValueError(f"--decode-paths: {entry!r} is not attention/projections/lm_head "
+                             "(e.g. kernel/gemv/cublas)")
+        try:
+            out.append(DecodePaths(*parts))
+        except ValueError as e:
+            raise ValueError(f"--decode-paths: {entry!r}: {e}") from None
+    if not out:
+        raise ValueError("--decode-paths names no paths")
+    return out
 
 
 def result_prefix(result: dict) -> str:
@@ -274,6 +302,7 @@ def run(args) -> dict:
         if not -1.0 <= args.online_beta <= 1.0:
             raise ValueError(f"--online-beta is a cosine similarity in [-1, 1], got {args.online_beta}")
     names = strategies(args.strategies)
+    path_variants = decode_path_variants(args.decode_paths)
     if args.model is not None and args.layers is not None:
         raise ValueError("--layers shrinks a random-weight config (--config); it does not apply to --model")
     name = args.config or ("llama-3.1-8b" if on_gpu else "tiny")
@@ -306,7 +335,14 @@ def run(args) -> dict:
     for note in notes:
         print(f"note: {note}")
 
-    baseline, rows, cost_rows = [], [], []
+    baseline, rows, cost_rows, breakdowns = [], [], [], []
+    breakdown = on_gpu and graph and args.breakdown
+    copy_bw = None
+    if breakdown:
+        from .kernels import copy_bandwidth
+
+        copy_bw = copy_bandwidth("cuda")
+        print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     gen = torch.Generator().manual_seed(11)
     for length in lengths:
         print(f"prompt {length}: sublayer costs, full model{', transformers' if hf is not None else ''}, "
@@ -324,6 +360,8 @@ def run(args) -> dict:
         for s, k, p, conditional in plans:
             m = measure(model, prompts, p, args, graph, conditional=conditional)
             rows.append(plan_row(length, s, k, p, m, full, costs, args, margs.num_layers))
+        if breakdown:
+            breakdowns += _breakdowns(model, length, args.batch, path_variants, plans, copy_bw)
         del ids
         if on_gpu:
             torch.cuda.empty_cache()
@@ -343,4 +381,26 @@ def run(args) -> dict:
             "timing": "perf_counter around CUDA synchronisations" if on_gpu else "perf_counter",
             "cuda_graph_decode": graph, "smoke_run": not on_gpu, "logits_parity_rel_err": parity,
             "notes": notes, "definitions": DEFINITIONS, "baseline": baseline, "sublayer_costs": cost_rows,
-            "rows": rows}
+            "rows": rows, "copy_gbps": round(copy_bw / 1e9, 1) if copy_bw else None, "decode_breakdown": breakdowns}
+
+
+def _breakdowns(model, length: int, batch: int, variants: list, plans: list, copy_bw: float) -> list:
+    """The graph decode step of the full model with each decode-path variant (the first with
+    its per-kernel breakdown), then of each offline plan with the model's own paths."""
+    from .breakdown import graph_decode_breakdown, print_breakdown
+
+    out = []
+    for i, paths in enumerate(variants):
+        r = graph_decode_breakdown(model, length, batch=batch, paths=paths, copy_bw=copy_bw, profile=i == 0)
+        r["plan"] = "full"
+        print_breakdown(r)
+        out.append(r)
+    for s, k, p, conditional in plans:
+        if p.online or conditional or p.ramp:
+            continue  # their step changes from token to token
+        r = graph_decode_breakdown(model, length, batch=batch, plan=p, copy_bw=copy_bw, profile=False)
+        r.update(plan=s, num_sublayers=k)
+        print(f"  {s} {k}:", end="")
+        print_breakdown(r)
+        out.append(r)
+    return out

@@ -8,7 +8,9 @@ and is compared with a device-to-device copy measured in the same run: the ceili
 how good a memory-bound op is. Also: statistics on vs off, scale_rms_norm (what a sublayer skipped
 by a plan costs: its compensation and the next norm), torch's unfused add + rms_norm and
 mul + rms_norm for context, and the decode FFN through the gated GEMVs against cuBLAS, and cuBLAS
-inside a CUDA-graph conditional node (`--only-ffn`).
+inside a CUDA-graph conditional node (`--only-ffn`), and the decode attention kernel against SDPA
+on the same cache, and the attention projections and lm_head through the decode GEMVs against
+cuBLAS (`--only-decode`).
 On a CPU machine: the PyTorch reference at small sizes, labelled as such (a smoke run, not a
 performance figure).
 """
@@ -41,10 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sets", type=int, default=64, help="most rotating input sets per size")
     p.add_argument("--no-ffn", dest="ffn", action="store_false", help="skip the gated decode FFN (GPU)")
     p.add_argument("--only-ffn", action="store_true", help="only the gated decode FFN (GPU)")
+    p.add_argument("--only-decode", action="store_true", help="only decode attention and the projection GEMVs (GPU)")
+    p.add_argument("--contexts", default="8192,32768", help="decode attention: comma-separated KV lengths")
 
 
 def result_prefix(args) -> str:
-    return "ffn-gated" if args.only_ffn else "ops"
+    return "ffn-gated" if args.only_ffn else "decode-kernels" if args.only_decode else "ops"
 
 
 def time_gpu(fn, n_sets: int, warmup: int, repeats: int, calls: int) -> float:
@@ -178,6 +182,88 @@ def bench_gated_ffn(hidden, ffn, tokens, dtype, copy_bw, args) -> list[dict]:
     return rows
 
 
+def _sets_beyond_l2(nbytes: int, most: int = 64) -> int:
+    """Input sets to rotate over so that together they cover 4x the L2: every call reads memory."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(most, math.ceil(4 * l2 / nbytes)))
+
+
+def bench_decode_attention(context: int, batch: int, dtype, copy_bw, args, heads: int = 32, kv_heads: int = 8,
+                           dim: int = 128) -> list[dict]:
+    """One query token per sequence over `context` cached tokens (LLaMA-3.1-8B heads by default):
+    the split-KV decode kernel against SDPA as graph decode ran it before (the whole static cache
+    under a boolean mask of the positions) and SDPA over exactly the filled slots (no mask: its
+    fused kernels; needs the length on the host). Bandwidth counts the K and V bytes read once."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kv_bytes = 2 * batch * kv_heads * context * dim * torch.finfo(dtype).bits // 8
+    n_sets = _sets_beyond_l2(kv_bytes, most=8)
+    caches = [(torch.randn(batch, kv_heads, context, dim, generator=g, device="cuda", dtype=dtype),
+               torch.randn(batch, kv_heads, context, dim, generator=g, device="cuda", dtype=dtype))
+              for _ in range(n_sets)]
+    q = torch.randn(batch, heads, dim, generator=g, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.long)
+    mask = (torch.arange(context, device="cuda")[None] < lens[:, None])[:, None, None]  # [B, 1, 1, L]
+    q4 = q[:, :, None]
+
+    def kernel(i):
+        ops.decode_attention(q, caches[i][0], caches[i][1], lens, out=out)
+
+    def sdpa_masked(i):
+        F.scaled_dot_product_attention(q4, caches[i][0], caches[i][1], attn_mask=mask, enable_gqa=True)
+
+    def sdpa_exact(i):
+        F.scaled_dot_product_attention(q4, caches[i][0], caches[i][1], enable_gqa=True)
+
+    # Check before timing: the kernel and SDPA agree on this cache.
+    kernel(0)
+    want = F.scaled_dot_product_attention(q4.float(), caches[0][0].float(), caches[0][1].float(),
+                                          enable_gqa=True)[:, :, 0]
+    rel_err = ((out.float() - want).norm() / want.norm()).item()
+    rows = []
+    for name, fn in (("decode attention kernel", kernel), ("SDPA, masked whole cache", sdpa_masked),
+                     ("SDPA, exact length", sdpa_exact)):
+        t = time_gpu(fn, n_sets, args.warmup, args.repeats, args.calls)
+        gbps = kv_bytes / t / 1e9
+        rows.append({"op": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "context": context,
+                     "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "time_us": round(t * 1e6, 3),
+                     "kv_bytes": kv_bytes, "gbps": round(gbps, 1), "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1),
+                     "buffer_sets": n_sets})
+    ours = rows[0]["time_us"]
+    rows[0]["rel_err_vs_fp32_sdpa"] = round(rel_err, 6)
+    rows[0]["speedup_vs_sdpa_masked"] = round(rows[1]["time_us"] / ours, 3)
+    rows[0]["speedup_vs_sdpa_exact"] = round(rows[2]["time_us"] / ours, 3)
+    return rows
+
+
+# LLaMA-3.1-8B's decode projections: (name, out_features, in_features).
+PROJECTIONS = (("q_proj / o_proj", 4096, 4096), ("k_proj / v_proj", 1024, 4096), ("lm_head", 128256, 4096))
+
+
+def bench_projections(tokens: int, dtype, copy_bw, args) -> list[dict]:
+    """Each decode projection through the (ungated) decode GEMV against cuBLAS (F.linear)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, n_out, n_in in PROJECTIONS:
+        w_bytes = n_out * n_in * torch.finfo(dtype).bits // 8
+        n_sets = _sets_beyond_l2(w_bytes, most=16)
+        ws = [torch.randn(n_out, n_in, generator=g, device="cuda", dtype=dtype) * 0.02 for _ in range(n_sets)]
+        x = torch.randn(tokens, n_in, generator=g, device="cuda", dtype=dtype)
+        out = torch.empty(tokens, n_out, device="cuda", dtype=dtype)
+        pair = {}
+        for label, fn in (("GEMV", lambda i: ops.gated_linear(x, ws[i], None, 0, out)),
+                          ("cuBLAS", lambda i: torch.matmul(x, ws[i].t(), out=out))):
+            t = time_gpu(fn, n_sets, args.warmup, args.repeats, args.calls)
+            pair[label] = t
+            gbps = w_bytes / t / 1e9
+            rows.append({"op": f"{name} {label}", "projection": name, "path": label, "tokens": tokens,
+                         "dtype": str(dtype).replace("torch.", ""), "out_features": n_out, "in_features": n_in,
+                         "time_us": round(t * 1e6, 3), "bytes": w_bytes, "gbps": round(gbps, 1),
+                         "pct_copy_bw": round(100 * gbps * 1e9 / copy_bw, 1)})
+        rows[-2]["speedup_vs_cublas"] = round(pair["cuBLAS"] / pair["GEMV"], 3)
+    return rows
+
+
 def run(args) -> dict:
     """Measures, prints the tables, returns the result (the caller decides where it goes)."""
     on_gpu = torch.cuda.is_available()
@@ -202,7 +288,7 @@ def run(args) -> dict:
     print(f"adaskip ops benchmark: {info['device']} | {path} | torch {info['torch']}")
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     rows = []
-    for dtype in ([] if args.only_ffn else dtypes):
+    for dtype in ([] if args.only_ffn or args.only_decode else dtypes):
         for hidden in hiddens:
             for tokens in token_counts:
                 if on_gpu and dtype == torch.float32 and tokens * hidden * 4 > (1 << 30):
@@ -210,14 +296,28 @@ def run(args) -> dict:
                 rows += bench_size(hidden, tokens, dtype, device, timer, copy_bw, args)
 
     ffn_rows = []
-    if on_gpu and args.ffn:
+    if on_gpu and args.ffn and not args.only_decode:
         for hidden, ffn in ((4096, 14336), (8192, 28672)):
             for tokens in (1, 2, 4, 8, 32):
                 ffn_rows += bench_gated_ffn(hidden, ffn, tokens, torch.bfloat16, copy_bw, args)
     elif args.only_ffn:
         print("the gated decode FFN runs on a GPU only: nothing to measure here")
+    attention_rows, projection_rows = [], []
+    if on_gpu and not args.only_ffn:
+        contexts = [int(c) for c in str(args.contexts).split(",") if c.strip()]
+        if not contexts or min(contexts) < 1:
+            raise ValueError(f"--contexts must be comma-separated lengths >= 1, got {args.contexts!r}")
+        for context in contexts:
+            for batch in (1, 4):
+                attention_rows += bench_decode_attention(context, batch, torch.bfloat16, copy_bw, args)
+        for tokens in (1, 2):
+            projection_rows += bench_projections(tokens, torch.bfloat16, copy_bw, args)
+    elif args.only_decode:
+        print("the decode kernels run on a GPU only: nothing to measure here")
     print_tables(rows, ffn_rows)
+    print_decode_tables(attention_rows, projection_rows)
     return {"benchmark": "adaskip.ops", "path": path, "date": now_iso(), "ffn_rows": ffn_rows,
+            "decode_attention_rows": attention_rows, "projection_rows": projection_rows,
             "git_commit": git_commit(), **info, "copy_gbps": round(copy_bw / 1e9, 1),
             "timing": {"warmup": args.warmup, "repeats": args.repeats, "calls_per_repeat": args.calls,
                        "statistic": "median"},
@@ -239,3 +339,19 @@ def print_tables(rows: list, ffn_rows: list) -> None:
         for r in ffn_rows:
             print(f"{r['op']:<18}{r['hidden']:>7}{r['ffn']:>7}{r['tokens']:>7}{r['time_us']:>10.2f}"
                   f"{r['gbps']:>9.1f}{r['pct_copy_bw']:>8.1f}")
+
+
+def print_decode_tables(attention_rows: list, projection_rows: list) -> None:
+    if attention_rows:
+        print(f"\n{'decode attention':<26}{'batch':>6}{'context':>8}{'time us':>10}{'GB/s':>9}{'% copy':>8}"
+              f"{'x masked':>9}{'x exact':>9}")
+        for r in attention_rows:
+            extra = (f"{r['speedup_vs_sdpa_masked']:>9.2f}{r['speedup_vs_sdpa_exact']:>9.2f}"
+                     if "speedup_vs_sdpa_masked" in r else "")
+            print(f"{r['op']:<26}{r['batch']:>6}{r['context']:>8}{r['time_us']:>10.2f}{r['gbps']:>9.1f}"
+                  f"{r['pct_copy_bw']:>8.1f}{extra}")
+    if projection_rows:
+        print(f"\n{'decode projection':<26}{'tokens':>7}{'time us':>10}{'% copy':>8}{'x cuBLAS':>10}")
+        for r in projection_rows:
+            extra = f"{r['speedup_vs_cublas']:>10.2f}" if "speedup_vs_cublas" in r else ""
+            print(f"{r['op']:<26}{r['tokens']:>7}{r['time_us']:>10.2f}{r['pct_copy_bw']:>8.1f}{extra}")

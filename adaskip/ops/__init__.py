@@ -29,10 +29,11 @@ __all__ = [
     "GATE_UNDECIDED", "GATE_SKIP", "GATE_RUN", "backend", "extension_error",
     "fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
     "new_stats", "new_gates", "new_scales", "mean_stats", "gated_linear", "gated_swiglu_up",
+    "decode_attention", "decode_attention_serves",
 ]
 
 _OP_NAMES = ("fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
-             "gated_swiglu_up")
+             "gated_swiglu_up", "decode_attention")
 
 
 def _load_extension():
@@ -63,6 +64,12 @@ if HAS_EXTENSION:
 
         def _fake(*args, **kwargs):
             return None
+
+        if _name == "decode_attention":
+            def _fake(q, k_cache, v_cache, kv_lens, scale, window, out):
+                # Shapes, dtypes and strides as the kernel checks them (fake tensors have no
+                # addresses to check for alignment).
+                _ref.check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned=False)
 
         torch.library.register_fake(f"adaskip::{_name}", _fake, lib=_lib)
 else:
@@ -204,3 +211,33 @@ def mean_stats(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.T
     the buffer's device (no host sync). Means of sublayers with no tokens are NaN."""
     count = stats[..., 2]
     return stats[..., 0] / count, stats[..., 1] / count, count
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
+                     scale: Optional[float] = None, window: int = 0,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of one query token per sequence over a static KV cache, the split-KV decode
+    kernel on CUDA tensors (fp16/bf16, head_dim 64 or 128, at most 8 query heads per KV head).
+
+    q [batch, heads, head_dim]; k_cache, v_cache [batch, kv_heads, capacity, head_dim], contiguous
+    in head_dim (GQA: heads a multiple of kv_heads). kv_lens [batch] (int32/int64, on the device):
+    sequence b attends to slots 0 .. kv_lens[b] - 1 (clamped to the capacity; read on the device,
+    so one CUDA graph serves every step), or to the last `window` of them when window > 0. scale:
+    of the scores, default head_dim ** -0.5. A sequence without keys gets zeros. Writes and
+    returns `out` (default: a new tensor like q)."""
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    _op("decode_attention", q, k_cache, v_cache, kv_lens, out)(
+        q, k_cache, v_cache, kv_lens, float(scale), int(window), out)
+    return out
+
+
+def decode_attention_serves(head_dim: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype,
+                            device_type: str) -> bool:
+    """Whether the decode attention kernel takes this geometry on this device (a GPU with the
+    extension loaded)."""
+    return (device_type == "cuda" and HAS_EXTENSION and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in _ref.DECODE_HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= _ref.DECODE_MAX_GROUP)

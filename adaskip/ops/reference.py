@@ -324,3 +324,82 @@ def gated_swiglu_up(x, w_gate, w_up, gates=None, sublayer=0, out=None) -> None:
     g = (x.float() @ w_gate.float().t()).to(x.dtype)
     u = (x.float() @ w_up.float().t()).to(x.dtype)
     out.copy_(torch.nn.functional.silu(g) * u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention: one query token per sequence over the filled part of a static KV cache.
+
+DECODE_HEAD_DIMS = (64, 128)
+DECODE_MAX_GROUP = 8  # query heads per KV head
+
+
+def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned: bool = True) -> None:
+    """The checks of csrc/decode_attention.cu, same messages (aligned: also the 16-byte address
+    checks, which tensors without storage, as in tracing, cannot answer)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        _fail(f"'q' must be float16 or bfloat16 (the decode attention kernel), got {q.dtype}")
+    if q.dim() != 3:
+        _fail(f"'q' must be [batch, heads, head_dim] (one token per sequence), got shape {tuple(q.shape)}")
+    batch, heads, dim = q.shape
+    if dim not in DECODE_HEAD_DIMS:
+        _fail(f"the decode attention kernel takes head_dim 64 or 128, got {dim}")
+    if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or (aligned and q.data_ptr() % 16):
+        _fail(f"'q' must be contiguous in head_dim and 16-byte aligned, got strides {q.stride()}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_same_device(name, c, q.device)
+        if c.dtype != q.dtype:
+            _fail(f"'{name}' has dtype {c.dtype} but 'q' has {q.dtype}")
+        if c.dim() != 4:
+            _fail(f"'{name}' must be [batch, kv_heads, capacity, head_dim], got shape {tuple(c.shape)}")
+        if c.shape[0] != batch:
+            _fail(f"'{name}' holds {c.shape[0]} sequences but 'q' has {batch}")
+        if c.shape[3] != dim:
+            _fail(f"'{name}' has head_dim {c.shape[3]} but 'q' has {dim}")
+        if name == "v_cache" and c.shape[1] != k_cache.shape[1]:
+            _fail(f"'v_cache' has {c.shape[1]} KV heads but 'k_cache' has {k_cache.shape[1]}")
+        if c.stride(3) != 1:
+            _fail(f"'{name}' must be contiguous in head_dim, got strides {c.stride()}")
+        if any(s % 8 for s in c.stride()[:3]) or (aligned and c.data_ptr() % 16):
+            _fail(f"'{name}' must be 16-byte aligned with strides that are multiples of 8, got strides {c.stride()}")
+    kv_heads = k_cache.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        _fail(f"'q' has {heads} heads, not a multiple of the cache's {kv_heads} KV heads")
+    if heads // kv_heads > DECODE_MAX_GROUP:
+        _fail(f"the decode attention kernel takes at most {DECODE_MAX_GROUP} query heads per KV head, "
+              f"got {heads // kv_heads}")
+    if v_cache.shape[2] != k_cache.shape[2]:
+        _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
+    check_same_device("kv_lens", kv_lens, q.device)
+    if kv_lens.dtype not in (torch.int32, torch.int64):
+        _fail(f"'kv_lens' must be int32 or int64, got {kv_lens.dtype}")
+    if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
+        _fail(f"'kv_lens' must be [batch] = [{batch}], got shape {tuple(kv_lens.shape)}")
+    if not kv_lens.is_contiguous():
+        _fail("'kv_lens' must be contiguous")
+    if window < 0:
+        _fail(f"'window' must be >= 0 (0: no sliding window), got {window}")
+    if not (math.isfinite(scale) and scale > 0):
+        _fail(f"'scale' must be a positive finite number, got {scale}")
+    check_same_device("out", out, q.device)
+    if out.dtype != q.dtype or out.shape != q.shape:
+        _fail(f"'out' must be {q.dtype} {list(q.shape)}, got {out.dtype} {list(out.shape)}")
+    if out.stride(2) != 1:
+        _fail("'out' must be contiguous in head_dim")
+
+
+def decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out) -> None:
+    check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out)
+    batch, heads, dim = q.shape
+    capacity = k_cache.shape[2]
+    group = heads // k_cache.shape[1]
+    end = kv_lens.to(torch.long).clamp(0, capacity)[:, None]
+    slots = torch.arange(capacity, device=q.device)[None]
+    allowed = slots < end
+    if window > 0:
+        allowed &= slots >= end - window
+    k = k_cache.float().repeat_interleave(group, dim=1)
+    v = v_cache.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhkd->bhk", q.float(), k) * scale
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a sequence without keys: zeros
+    out.copy_(torch.einsum("bhk,bhkd->bhd", p, v).to(out.dtype))

@@ -19,7 +19,7 @@ from .. import ops
 from ..ops.reference import rms_norm
 from .config import ModelArgs
 from .rope import apply_rotary, cos_sin, inv_frequencies
-from .schedule import StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step
+from .schedule import DecodePaths, StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step
 from .sublayer import gated_swiglu, run_sublayer, swiglu_if
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
@@ -38,6 +38,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def project(linear: nn.Linear, x: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """linear(x), through the decode GEMV when `gemv` (the schedule's choice: one token for each
+    of at most 2 sequences, no bias)."""
+    if not gemv:
+        return linear(x)
+    out = torch.empty(*x.shape[:-1], linear.out_features, dtype=x.dtype, device=x.device)
+    ops.gated_linear(x.reshape(-1, x.shape[-1]), linear.weight, None, 0, out.view(-1, linear.out_features))
+    return out
 
 
 class KVCache(nn.Module):
@@ -71,10 +81,10 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.backend = "sdpa"
 
-    def _keys_values(self, x, cos, sin, positions, kv_len):
+    def _keys_values(self, x, cos, sin, positions, kv_len, gemv=False):
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x, gemv).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, x, gemv).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rotary(k, cos, sin)
         if positions is not None:
             if self.kv_cache is None:
@@ -89,11 +99,18 @@ class Attention(nn.Module):
         if positions is not None:
             self._keys_values(x, cos, sin, positions, kv_len)
 
-    def forward(self, x, cos, sin, mask, positions=None, kv_len=None):
-        """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking."""
+    def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode_lens=None, gemv=False):
+        """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking.
+        decode_lens [B] (one token per sequence, cached): each sequence's KV length, read on the
+        device by the decode attention kernel instead of the mask. gemv: the projections through
+        the decode GEMVs."""
         b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k, v = self._keys_values(x, cos, sin, positions, kv_len)
+        q = apply_rotary(project(self.q_proj, x, gemv).view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
+                         cos, sin)
+        k, v = self._keys_values(x, cos, sin, positions, kv_len, gemv)
+        if decode_lens is not None:
+            y = ops.decode_attention(q[:, :, 0], k, v, decode_lens, window=self.window or 0)
+            return project(self.o_proj, y.view(b, t, -1), gemv)
         causal = isinstance(mask, str)
         if self.backend == "flash_attn" and (causal or mask is None):
             # flash-attn takes [B, T, heads, D] and grouped KV heads as they are; explicit masks
@@ -178,6 +195,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attention_backend = "sdpa"
+        self.decode_paths = DecodePaths()
         self.cache_batch = 0
         self.cache_len = 0
         # Changes whenever the KV caches are replaced: what was captured on the old ones (CUDA
@@ -303,8 +321,11 @@ class Transformer(nn.Module):
             positions = q_pos
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(q_pos, kv_len, h.dtype)
-        step = _Step(cos, sin, self.attention_masks(q_pos, kv_len, shared_start), positions, kv_len, seq_lens,
-                     stats, online, taps)
+        # The decode attention kernel reads each sequence's length on the device: no mask.
+        kernel = schedule.decode_attention == "kernel" and positions is not None
+        masks = {} if kernel else self.attention_masks(q_pos, kv_len, shared_start)
+        step = _Step(cos, sin, masks, positions, kv_len, seq_lens, stats, online, taps,
+                     decode_lens=positions[:, 0] + 1 if kernel else None, gemv=schedule.gemv_projections)
 
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
@@ -316,7 +337,7 @@ class Transformer(nn.Module):
                 ops.io_similarity_stats(layer_input, h, block_stats, i, seq_lens=seq_lens)
         if logits_index is not None:
             x = x[torch.arange(b, device=device), logits_index]
-        return self.lm_head(x)
+        return project(self.lm_head, x, schedule.gemv_lm_head)
 
     def _sublayer(self, s: int, todo, x: torch.Tensor, h: torch.Tensor, step: "_Step") -> torch.Tensor:
         """Carries out sublayer s as the schedule says (adaskip.runtime.sublayer.run_sublayer): x
@@ -327,8 +348,8 @@ class Transformer(nn.Module):
         attention = layer.self_attn
         return run_sublayer(
             s, todo, x, h, step, norm_weight=norm.weight, eps=norm.eps,
-            attend=lambda y: attention(y, step.cos, step.sin, step.masks[attention.window], step.positions,
-                                       step.kv_len),
+            attend=lambda y: attention(y, step.cos, step.sin, step.masks.get(attention.window), step.positions,
+                                       step.kv_len, step.decode_lens, step.gemv),
             store_kv=lambda y: attention.store_kv(y, step.cos, step.sin, step.positions, step.kv_len),
             dense_ffn=lambda y: layer.mlp.dense(y), mlp=layer.mlp)
 
@@ -400,3 +421,5 @@ class _Step:
     stats: Optional[torch.Tensor]
     online: object
     taps: object = None
+    decode_lens: Optional[torch.Tensor] = None  # [B]: the decode attention kernel's KV lengths
+    gemv: bool = False  # attention projections through the decode GEMVs

@@ -59,6 +59,28 @@ def ffn_prefers_gemv(batch: int, tokens: int, dtype: torch.dtype, device_type: s
     return device_type == "cuda" and not grad and gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
 
 
+@dataclass
+class DecodePaths:
+    """How a model runs the parts of a decode step (one token per sequence) that have a decode
+    kernel; each is used only where it serves the step (GPU, dtype, shapes, no autograd).
+    attention: "kernel" (the split-KV decode attention kernel) or "sdpa"; projections (q/k/v/o)
+    and lm_head: "gemv" (the decode GEMVs) or "cublas"."""
+
+    attention: str = "kernel"
+    projections: str = "cublas"
+    lm_head: str = "cublas"
+
+    def __post_init__(self):
+        for name, value, choices in (("attention", self.attention, ("kernel", "sdpa")),
+                                     ("projections", self.projections, ("gemv", "cublas")),
+                                     ("lm_head", self.lm_head, ("gemv", "cublas"))):
+            if value not in choices:
+                raise ValueError(f"adaskip: decode path {name} must be one of {choices}, got {value!r}")
+
+
+NO_DECODE_KERNELS = DecodePaths("sdpa", "cublas", "cublas")
+
+
 @dataclass(frozen=True)
 class SublayerStep:
     action: str
@@ -82,6 +104,12 @@ class StepSchedule:
     tokens: int  # tokens per sequence in this step
     dtype: torch.dtype
     attention_backend: str = "sdpa"
+    # Decode paths (one token per sequence, from the cache): "kernel" (the split-KV decode
+    # attention kernel, lengths read on the device) or "sdpa"; the attention projections and the
+    # lm_head through the decode GEMVs (else cuBLAS).
+    decode_attention: str = "sdpa"
+    gemv_projections: bool = False
+    gemv_lm_head: bool = False
     stats: bool = False  # IO-similarity statistics of the sublayers that run ungated
     block_stats: bool = False  # the same for whole layers (ShortGPT's ranking)
     # Closes a decode step of online learning: decide the gates whose window is complete.
@@ -129,6 +157,14 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     stand_ins = getattr(plan, "stand_ins", None) or {}
     kv_only = getattr(plan, "kv_only_attention", ()) or ()
     gemv = gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
+    args = model.args
+    paths = getattr(model, "decode_paths", NO_DECODE_KERNELS)  # a model whose attention is not ours
+    fast = tokens == 1 and device_type == "cuda" and not grad  # the decode kernels: no backward
+    kernel = fast and paths.attention == "kernel" and ops.decode_attention_serves(
+        args.head_dim, args.num_heads, args.num_kv_heads, dtype, device_type)
+    gemv_proj = fast and paths.projections == "gemv" and gemv_serves(batch, tokens, dtype, device_type,
+                                                                       args.qkv_bias or args.o_bias)
+    gemv_head = fast and paths.lm_head == "gemv" and gemv_serves(batch, tokens, dtype, device_type, False)
     steps = []
     for s in range(2 * num_layers):
         attention = s % 2 == 0
@@ -152,5 +188,6 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
             action = RUN
         steps.append(SublayerStep(action))
     return StepSchedule(tuple(steps), batch=batch, tokens=tokens, dtype=dtype,
-                        attention_backend=model.attention_backend, stats=stats, block_stats=block_stats,
-                        online_update=online_update)
+                        attention_backend=model.attention_backend, decode_attention="kernel" if kernel else "sdpa",
+                        gemv_projections=gemv_proj, gemv_lm_head=gemv_head, stats=stats,
+                        block_stats=block_stats, online_update=online_update)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..runtime.config import ModelArgs
+from ..runtime.schedule import schedule_step
 
 MODES = ("prefill", "decode")
 
@@ -301,20 +302,24 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         x = torch.randn(batch, t, args.hidden_size, generator=gen, device=device, dtype=torch.float32).to(dtype)
         # Every sublayer is timed, not one per kind: layers differ in sliding window (mask
         # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
+        # The decode kernels the runtime's step would choose (schedule_step decides).
+        sched = schedule_step(model, batch=batch, tokens=t)
+        decode_lens = q_pos[:, 0] + 1 if sched.decode_attention == "kernel" else None
         per = []
         for layer in model.model.layers:
             attn = layer.self_attn
             mask = masks[attn.window]
-            per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len)))
+            per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len, decode_lens, sched.gemv_projections)))
             per.append(time_it(lambda: layer.mlp(x)))
-        fixed = _measure_fixed(model, batch, t, time_it, gen)
+        fixed = _measure_fixed(model, batch, t, time_it, gen, sched.gemv_lm_head)
     return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
                          source="measured in CUDA graphs" if graphs else "measured",
                          device=_device_name(device), batch=int(batch))
 
 
-def _measure_fixed(model, batch: int, tokens: int, time_it, gen) -> float:
+def _measure_fixed(model, batch: int, tokens: int, time_it, gen, gemv_lm_head: bool) -> float:
     from .. import ops
+    from ..runtime.model import project
 
     args = model.args
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
@@ -330,7 +335,7 @@ def _measure_fixed(model, batch: int, tokens: int, time_it, gen) -> float:
         ops.fused_add_rms_norm(out, h, norm.weight, norm.eps)
 
     embed = time_it(lambda: model.model.embed_tokens(ids))
-    head = time_it(lambda: model.lm_head(last))
+    head = time_it(lambda: project(model.lm_head, last, gemv_lm_head))
     one_norm = time_it(norm_pass)
     return embed + head + (2 * args.num_layers + 1) * one_norm
 

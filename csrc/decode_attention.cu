@@ -1,0 +1,409 @@
+// Decode attention: one query token per sequence against a static KV cache, split over the KV
+// length (flash-decoding), with each sequence's length read from device memory.
+//
+// Why: at batch 1 a kernel that parallelises over batch x heads alone fills a few dozen of the
+// SMs, and a graph-captured decode that attends over the whole static cache under a mask keeps
+// SDPA off its fused kernels and reads every slot. Here the grid is (splits, kv_heads, batch):
+// the splits are fixed on the host from the cache's capacity (so one captured graph serves every
+// step), and each block divides its sequence's current length among them on the device, so only
+// the filled part of the cache is read, once.
+//
+// One block takes one KV head and all G query heads that share it (GQA), so K and V are read
+// once per KV head. Lanes form groups of D / 8 lanes; a group holds one key row at a time in
+// 16-byte vectors and sums its partial dot products with shuffles. Each group keeps an online
+// softmax (running max, sum, and its slice of the output) over the keys it is dealt; the block
+// merges its groups through shared memory in a fixed order and writes the split's normalised
+// output and log-sum-exp. A second kernel merges the splits, again in a fixed order: the result
+// is deterministic. With one split the first kernel writes the output itself.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "common.cuh"
+#include "launch.h"
+#include "ops.h"
+
+namespace adaskip {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kVec = 8;                 // 16-bit elements per 16-byte load
+constexpr int kMaxGroup = 8;            // query heads per KV head the kernels take
+constexpr int kMaxSplits = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+struct Layout {
+  static constexpr int kLanesPerKey = D / kVec;                     // 8 (D 64) or 16 (D 128)
+  static constexpr int kGroupsPerWarp = 32 / kLanesPerKey;          // 4 or 2
+  static constexpr int kGroups = kWarps * kGroupsPerWarp;           // key groups per block
+};
+
+// Keys each group loads before using any of them: enough 16-byte loads in flight to cover the
+// memory latency, few enough registers for G query heads' state.
+template <int G>
+constexpr int keys_per_tile() {
+  return G <= 4 ? 8 : 4;
+}
+
+template <typename T>
+__device__ __forceinline__ void to_float(const Vec<T, kVec>& v, float (&f)[kVec]) {
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) f[e] = static_cast<float>(v.v[e]);
+}
+
+// Sums v over the `lanes` consecutive lanes of a group (a power of two dividing 32); every lane
+// of the group gets the sum. Fixed order: deterministic.
+template <int LANES>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int off = LANES / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+struct CacheView {
+  const void* k;
+  const void* v;
+  int64_t k_batch, k_head, k_pos;  // strides in elements
+  int64_t v_batch, v_head, v_pos;
+  int64_t capacity;                // slots per sequence
+};
+
+struct Lens {
+  const void* p;
+  bool is64;
+  __device__ __forceinline__ int64_t operator[](int64_t b) const {
+    return is64 ? static_cast<const int64_t*>(p)[b] : static_cast<const int32_t*>(p)[b];
+  }
+};
+
+// The keys sequence b attends to, [first, end): its length clamped to the cache, the last
+// `window` of them when window > 0.
+__device__ __forceinline__ void key_range(const Lens& lens, int64_t b, int64_t capacity, int64_t window,
+                                          int64_t& first, int64_t& end) {
+  end = lens[b];
+  end = end < 0 ? 0 : (end > capacity ? capacity : end);
+  first = window > 0 && end > window ? end - window : 0;
+}
+
+// Grid (splits, kv_heads, batch). Writes, per (sequence, query head, split), the split's
+// softmax-weighted value sum divided by its softmax sum (part_o, float32 [B, H, S, D]) and its
+// log2-sum-exp2 of the scaled scores (part_lse, float32 [B, H, S]; -inf for a split without
+// keys). With one split (part_o null) writes the output instead.
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kThreads)
+split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheView cache, Lens lens,
+                int64_t window, int group, float scale_log2, float* __restrict__ part_o,
+                float* __restrict__ part_lse, T* __restrict__ out, int64_t out_batch, int64_t out_head) {
+  using L = Layout<D>;
+  constexpr int kLanes = L::kLanesPerKey;
+  constexpr int kGroups = L::kGroups;
+  constexpr int kTile = keys_per_tile<G>();
+  constexpr int kKeysPerPass = kGroups * kTile;
+
+  const int split = blockIdx.x, num_splits = gridDim.x;
+  const int kv_head = blockIdx.y, kv_heads = gridDim.y;
+  const int64_t b = blockIdx.z;
+  const int lane = threadIdx.x & 31;
+  const int key_group = threadIdx.x / kLanes;  // 0 .. kGroups-1
+  const int slice = lane % kLanes;             // which 8 elements of a row this lane holds
+  const int heads = kv_heads * group;
+
+  // Wait for the kernels that wrote q and the cache (programmatic dependent launch).
+  wait_for_primary_grid();
+
+  int64_t first, end;
+  key_range(lens, b, cache.capacity, window, first, end);
+  const int64_t n = end - first;
+  // Each split gets a whole number of passes: only the last pass of the last busy split is short.
+  const int64_t per_split = ((n + num_splits - 1) / num_splits + kKeysPerPass - 1) / kKeysPerPass * kKeysPerPass;
+  const int64_t lo = first + split * per_split;
+  const int64_t hi = end < lo + per_split ? end : lo + per_split;
+
+  float qf[G][kVec];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int h = kv_head * group + g;
+    if (g < group) {
+      const Vec<T, kVec> qv = load_vec<T, kVec>(q + b * q_batch + h * q_head + slice * kVec);
+      to_float(qv, qf[g]);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) qf[g][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) qf[g][e] = 0.f;
+    }
+  }
+
+  const T* kp = static_cast<const T*>(cache.k) + b * cache.k_batch + kv_head * cache.k_head + slice * kVec;
+  const T* vp = static_cast<const T*>(cache.v) + b * cache.v_batch + kv_head * cache.v_head + slice * kVec;
+
+  float m[G], l[G], acc[G][kVec];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
+  }
+
+  for (int64_t base = lo; base < hi; base += kKeysPerPass) {
+    Vec<T, kVec> kt[kTile], vt[kTile];
+    bool valid[kTile];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
+      const int64_t key = base + t * kGroups + key_group;
+      valid[t] = key < hi;
+      if (valid[t]) {
+        kt[t] = load_vec<T, kVec>(kp + key * cache.k_pos);
+        vt[t] = load_vec<T, kVec>(vp + key * cache.v_pos);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) kt[t].v[e] = vt[t].v[e] = static_cast<T>(0.f);
+      }
+    }
+    float s[kTile][G];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
+      float kf[kVec];
+      to_float(kt[t], kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) d += qf[g][e] * kf[e];
+        s[t][g] = group_sum<kLanes>(d);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) tile_max = valid[t] ? fmaxf(tile_max, s[t][g]) : tile_max;
+      const float m_new = fmaxf(m[g], tile_max);
+      if (m_new == -INFINITY) continue;  // no key of this group yet
+      const float corr = exp2f(m[g] - m_new);
+      l[g] *= corr;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[g][e] *= corr;
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) {
+        const float p = valid[t] ? exp2f(s[t][g] - m_new) : 0.f;
+        l[g] += p;
+        float vf[kVec];
+        to_float(vt[t], vf);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[g][e] += p * vf[e];
+      }
+      m[g] = m_new;
+    }
+  }
+  allow_dependent_launch();
+
+  // Merge the groups of the block in a fixed order.
+  __shared__ float sm_m[kGroups][G];
+  __shared__ float sm_l[kGroups][G];
+  __shared__ float sm_acc[kGroups][G][D];
+  if (slice == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      sm_m[key_group][g] = m[g];
+      sm_l[key_group][g] = l[g];
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sm_acc[key_group][g][slice * kVec + e] = acc[g][e];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += kThreads) {
+    const int g = i / D, d = i % D;
+    if (g >= group) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int kg = 0; kg < kGroups; ++kg) mx = fmaxf(mx, sm_m[kg][g]);
+    float sum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int kg = 0; kg < kGroups; ++kg) {
+        const float w = exp2f(sm_m[kg][g] - mx);  // 0 for a group without keys
+        sum += w * sm_l[kg][g];
+        o += w * sm_acc[kg][g][d];
+      }
+      o /= sum;
+    }
+    const int h = kv_head * group + g;
+    if (part_o == nullptr) {
+      out[b * out_batch + h * out_head + d] = static_cast<T>(o);
+    } else {
+      const int64_t row = (b * heads + h) * num_splits + split;
+      part_o[row * D + d] = o;
+      if (d == 0) part_lse[row] = mx == -INFINITY ? -INFINITY : mx + log2f(sum);
+    }
+  }
+}
+
+// Grid (heads, batch), D threads: out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max).
+// A sequence without keys gets zeros.
+template <typename T, int D>
+__global__ void __launch_bounds__(D)
+merge_splits_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse, int num_splits,
+                    T* __restrict__ out, int64_t out_batch, int64_t out_head) {
+  wait_for_primary_grid();
+  const int h = blockIdx.x, heads = gridDim.x;
+  const int64_t b = blockIdx.y;
+  const int d = threadIdx.x;
+  const int64_t row0 = (b * heads + h) * num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[row0 + s]);
+  float sum = 0.f, o = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = exp2f(part_lse[row0 + s] - mx);
+      sum += w;
+      o += w * part_o[(row0 + s) * D + d];
+    }
+    o /= sum;
+  }
+  out[b * out_batch + h * out_head + d] = static_cast<T>(o);
+}
+
+// Splits per (sequence, KV head): about two blocks per SM over the whole grid, but no split
+// shorter than 64 slots of the cache's capacity (the combine would cost more than it saves).
+int choose_splits(int64_t batch, int64_t kv_heads, int64_t capacity, int sms) {
+  const int64_t blocks = batch * kv_heads;
+  int64_t s = (2 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
+  s = std::min<int64_t>(s, (capacity + 63) / 64);
+  s = std::min<int64_t>(s, kMaxSplits);
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+template <typename T, int D, int G>
+void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
+            float scale_log2, at::Tensor& out, int num_splits) {
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = heads / group;
+  const int device = q.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const dim3 grid(num_splits, kv_heads, batch);
+  if (num_splits == 1) {
+    launch_dependent(split_kv_kernel<T, D, G>, device, grid, dim3(kThreads), stream, qp, q.stride(0),
+                     q.stride(1), cache, lens, window, group, scale_log2, static_cast<float*>(nullptr),
+                     static_cast<float*>(nullptr), op, out.stride(0), out.stride(1));
+    return;
+  }
+  // Workspace from torch's caching allocator on the current stream (a graph's own pool when
+  // captured), so nothing is allocated outside torch's view.
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({batch, heads, num_splits, D}, f32);
+  at::Tensor part_lse = at::empty({batch, heads, num_splits}, f32);
+  launch_dependent(split_kv_kernel<T, D, G>, device, grid, dim3(kThreads), stream, qp, q.stride(0), q.stride(1),
+                   cache, lens, window, group, scale_log2, part_o.data_ptr<float>(), part_lse.data_ptr<float>(),
+                   op, out.stride(0), out.stride(1));
+  launch_dependent(merge_splits_kernel<T, D>, device, dim3(heads, batch), dim3(D), stream,
+                   static_cast<const float*>(part_o.data_ptr<float>()),
+                   static_cast<const float*>(part_lse.data_ptr<float>()), num_splits, op, out.stride(0),
+                   out.stride(1));
+}
+
+template <typename T, int D>
+void launch_group(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
+                  float scale_log2, at::Tensor& out, int num_splits) {
+  if (group == 1) launch<T, D, 1>(q, cache, lens, window, group, scale_log2, out, num_splits);
+  else if (group == 2) launch<T, D, 2>(q, cache, lens, window, group, scale_log2, out, num_splits);
+  else if (group <= 4) launch<T, D, 4>(q, cache, lens, window, group, scale_log2, out, num_splits);
+  else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, num_splits);
+}
+
+void check_cache(const at::Tensor& c, const char* name, const at::Tensor& q, int64_t kv_heads_expected) {
+  check_cuda(c, name, q.device());
+  TORCH_CHECK_VALUE(c.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
+                    " but 'q' has ", q.scalar_type());
+  TORCH_CHECK_VALUE(c.dim() == 4, "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim], got shape ",
+                    c.sizes());
+  TORCH_CHECK_VALUE(c.size(0) == q.size(0), "adaskip: '", name, "' holds ", c.size(0), " sequences but 'q' has ",
+                    q.size(0));
+  TORCH_CHECK_VALUE(c.size(3) == q.size(2), "adaskip: '", name, "' has head_dim ", c.size(3), " but 'q' has ",
+                    q.size(2));
+  if (kv_heads_expected >= 0) {
+    TORCH_CHECK_VALUE(c.size(1) == kv_heads_expected, "adaskip: '", name, "' has ", c.size(1),
+                      " KV heads but 'k_cache' has ", kv_heads_expected);
+  }
+  TORCH_CHECK_VALUE(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
+                    c.strides());
+  TORCH_CHECK_VALUE(c.stride(0) % kVec == 0 && c.stride(1) % kVec == 0 && c.stride(2) % kVec == 0 &&
+                        aligned16(c.data_ptr()),
+                    "adaskip: '", name, "' must be 16-byte aligned with strides that are multiples of 8, got "
+                    "strides ", c.strides());
+}
+
+}  // namespace
+
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out) {
+  const at::Device device = q.device();
+  check_cuda(q, "q", device);
+  check_cuda(out, "out", device);
+  check_cuda(kv_lens, "kv_lens", device);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'q' must be float16 or bfloat16 ",
+                    "(the decode attention kernel), got ", dt);
+  TORCH_CHECK_VALUE(q.dim() == 3, "adaskip: 'q' must be [batch, heads, head_dim] (one token per sequence), ",
+                    "got shape ", q.sizes());
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  TORCH_CHECK_VALUE(dim == 64 || dim == 128, "adaskip: the decode attention kernel takes head_dim 64 or 128, got ",
+                    dim);
+  TORCH_CHECK_VALUE(q.stride(2) == 1 && q.stride(0) % kVec == 0 && q.stride(1) % kVec == 0 && aligned16(q.data_ptr()),
+                    "adaskip: 'q' must be contiguous in head_dim and 16-byte aligned, got strides ", q.strides());
+  check_cache(k_cache, "k_cache", q, -1);
+  check_cache(v_cache, "v_cache", q, k_cache.size(1));
+  const int64_t kv_heads = k_cache.size(1);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "adaskip: 'q' has ", heads,
+                    " heads, not a multiple of the cache's ", kv_heads, " KV heads");
+  const int64_t group = heads / kv_heads;
+  TORCH_CHECK_VALUE(group <= kMaxGroup, "adaskip: the decode attention kernel takes at most ", kMaxGroup,
+                    " query heads per KV head, got ", group);
+  TORCH_CHECK_VALUE(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
+                    " slots but 'k_cache' holds ", k_cache.size(2));
+  TORCH_CHECK_VALUE(kv_lens.scalar_type() == at::kInt || kv_lens.scalar_type() == at::kLong,
+                    "adaskip: 'kv_lens' must be int32 or int64, got ", kv_lens.scalar_type());
+  TORCH_CHECK_VALUE(kv_lens.dim() == 1 && kv_lens.size(0) == batch, "adaskip: 'kv_lens' must be [batch] = [",
+                    batch, "], got shape ", kv_lens.sizes());
+  TORCH_CHECK_VALUE(kv_lens.is_contiguous(), "adaskip: 'kv_lens' must be contiguous");
+  TORCH_CHECK_VALUE(window >= 0, "adaskip: 'window' must be >= 0 (0: no sliding window), got ", window);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "adaskip: 'scale' must be a positive finite number, got ",
+                    scale);
+  TORCH_CHECK_VALUE(out.scalar_type() == dt && out.sizes() == q.sizes(), "adaskip: 'out' must be ", dt, " ",
+                    q.sizes(), ", got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK_VALUE(out.stride(2) == 1, "adaskip: 'out' must be contiguous in head_dim");
+  if (batch == 0 || heads == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int64_t capacity = k_cache.size(2);
+  const int num_splits = choose_splits(batch, kv_heads, capacity, sms);
+  const CacheView cache{k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+                        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), capacity};
+  const Lens lens{kv_lens.data_ptr(), kv_lens.scalar_type() == at::kLong};
+  const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  const int g = static_cast<int>(group);
+  if (dt == at::kHalf) {
+    if (dim == 64) launch_group<c10::Half, 64>(q, cache, lens, window, g, scale_log2, out, num_splits);
+    else launch_group<c10::Half, 128>(q, cache, lens, window, g, scale_log2, out, num_splits);
+  } else {
+    if (dim == 64) launch_group<c10::BFloat16, 64>(q, cache, lens, window, g, scale_log2, out, num_splits);
+    else launch_group<c10::BFloat16, 128>(q, cache, lens, window, g, scale_log2, out, num_splits);
+  }
+}
+
+}  // namespace adaskip
