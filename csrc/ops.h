@@ -49,4 +49,11 @@ void gated_swiglu_up(const at::Tensor& x, const at::Tensor& w_gate, const at::Te
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out);
 
+// One decode token per sequence: q [batch, heads, head_dim] rotated in place; k [batch, kv_heads,
+// head_dim] rotated and v copied into k_cache / v_cache [batch, kv_heads, capacity, head_dim] at
+// slot positions[b] (int64; a position outside the cache is not written). cos, sin [batch,
+// head_dim]: the rotary table at each sequence's position. fp32 / fp16 / bf16.
+void rotary_kv_write(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                     const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions);
+
 }  // namespace adaskip

@@ -31,6 +31,9 @@ TORCH_LIBRARY(adaskip, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, float scale, "
       "int window, Tensor(a!) out) -> ()");
+  m.def(
+      "rotary_kv_write(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
+      "Tensor(c!) v_cache, Tensor positions) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
@@ -42,4 +45,5 @@ TORCH_LIBRARY_IMPL(adaskip, CUDA, m) {
   m.impl("gated_linear", &adaskip::gated_linear);
   m.impl("gated_swiglu_up", &adaskip::gated_swiglu_up);
   m.impl("decode_attention", &adaskip::decode_attention);
+  m.impl("rotary_kv_write", &adaskip::rotary_kv_write);
 }

@@ -1,7 +1,8 @@
-"""The decode attention op (adaskip.ops.decode_attention): its PyTorch reference on the CPU
-against a float64 oracle, its argument checks, and (GPU only) the split-KV kernel against the
-reference: GQA groups 1-8, head_dim 64 / 128, lengths read on the device, sliding windows,
-cache views, determinism and one CUDA graph replayed over changing lengths."""
+"""The decode kernels. adaskip.ops.decode_attention: its reference on the CPU against a float64
+oracle, its argument checks, and (GPU only) the split-KV kernel against the reference: GQA groups
+1-8, head_dim 64 / 128, lengths read on the device, sliding windows, cache views, determinism and
+one CUDA graph replayed over changing lengths. adaskip.ops.rotary_kv_write: the reference is the
+unfused runtime path bit for bit, and the kernel is the reference bit for bit."""
 import pytest
 import torch
 
@@ -179,3 +180,105 @@ def test_one_cuda_graph_serves_every_length():
         graph.replay()
         torch.cuda.synchronize()
         assert _rel_err(out, oracle_decode_attention(q, k, v, lens)) < 1e-2, n
+
+
+# -- rotary embedding + KV-cache write (adaskip.ops.rotary_kv_write) -------------------------------
+
+def _rotary_inputs(batch, heads, kv_heads, dim, capacity, dtype, device, gen, positions):
+    from adaskip.runtime.rope import cos_sin
+
+    q = rand((batch, heads, dim), dtype, device, gen)
+    k = rand((batch, kv_heads, dim), dtype, device, gen)
+    v = rand((batch, kv_heads, dim), dtype, device, gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    pos = torch.tensor(positions, device=device)
+    cos, sin = cos_sin(inv, pos.clamp_min(0)[:, None], dtype)
+    caches = [rand((batch, kv_heads, capacity, dim), dtype, device, gen) for _ in range(2)]
+    return q, k, v, cos[:, 0], sin[:, 0], caches[0], caches[1], pos
+
+
+def _unfused(q, k, v, cos, sin, k_cache, v_cache, positions):
+    """What the runtime did before the fused op: apply_rotary on [B, heads, 1, D] views and the
+    KV cache's indexed write (positions inside the cache only)."""
+    from adaskip.runtime.rope import apply_rotary
+
+    q_out = apply_rotary(q[:, :, None], cos[:, None], sin[:, None])[:, :, 0]
+    k_rot = apply_rotary(k[:, :, None], cos[:, None], sin[:, None])[:, :, 0]
+    kc, vc = k_cache.clone(), v_cache.clone()
+    for b, p in enumerate(positions.tolist()):
+        if 0 <= p < kc.shape[2]:
+            kc[b, :, p] = k_rot[b]
+            vc[b, :, p] = v[b]
+    return q_out, kc, vc
+
+
+ROTARY_CASES = [(1, 32, 8, 128, 40, [39]), (3, 9, 3, 64, 17, [0, 16, 5]), (2, 4, 4, 6, 5, [4, 9]),
+                (2, 6, 2, 80, 8, [-1, 3])]  # odd head_dim 6 / 80; positions outside the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+@pytest.mark.parametrize("case", ROTARY_CASES, ids=str)
+def test_rotary_kv_write_reference_is_the_unfused_path_bit_for_bit(dtype, case):
+    g = torch.Generator().manual_seed(21)
+    args = _rotary_inputs(*case[:5], dtype, "cpu", g, case[5])
+    want = _unfused(*args)
+    q, k, v, cos, sin, kc, vc, pos = args
+    ops.rotary_kv_write(q, k, v, cos, sin, kc, vc, pos)
+    assert torch.equal(q, want[0]) and torch.equal(kc, want[1]) and torch.equal(vc, want[2])
+
+
+def test_rotary_kv_write_bad_arguments_change_nothing():
+    g = torch.Generator().manual_seed(22)
+    q, k, v, cos, sin, kc, vc, pos = _rotary_inputs(2, 8, 2, 64, 16, torch.bfloat16, "cpu", g, [3, 5])
+    before = [t.clone() for t in (q, kc, vc)]
+    cases = [
+        ("'q' must be \\[batch, heads, head_dim\\]", dict(q=q[:, None])),
+        ("head_dim must be even", dict(q=q[..., :63], k=k[..., :63], v=v[..., :63], cos=cos[:, :63], sin=sin[:, :63],
+                                       kc=kc[..., :63], vc=vc[..., :63])),
+        ("'k' has dtype", dict(k=k.half())),
+        ("'v' has 1 heads but 'k' has 2", dict(v=v[:, :1])),
+        ("'cos' must be \\[batch, head_dim\\] = \\[2, 64\\]", dict(cos=cos[:1])),
+        ("'sin' has dtype", dict(sin=sin.float())),
+        ("'k_cache' must be \\[batch, kv_heads, capacity, head_dim\\]", dict(kc=kc[:, :1])),
+        ("'v_cache' holds 8 slots but 'k_cache' holds 16", dict(vc=vc[:, :, :8])),
+        ("'positions' must be int64 \\[batch\\]", dict(pos=pos.int())),
+        ("'positions' must be int64 \\[batch\\]", dict(pos=pos[:1])),
+    ]
+    for message, kw in cases:
+        a = dict(q=q, k=k, v=v, cos=cos, sin=sin, kc=kc, vc=vc, pos=pos, **{})
+        a.update(kw)
+        with pytest.raises(ValueError, match=message):
+            ops.rotary_kv_write(a["q"], a["k"], a["v"], a["cos"], a["sin"], a["kc"], a["vc"], a["pos"])
+        assert all(torch.equal(x, y) for x, y in zip(before, (q, kc, vc))), message
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+@pytest.mark.parametrize("case", ROTARY_CASES + [(2, 32, 8, 128, 4096, [4095, 17])], ids=str)
+def test_rotary_kv_write_kernel_is_the_reference_bit_for_bit(dtype, case):
+    g = torch.Generator().manual_seed(23)
+    args = _rotary_inputs(*case[:5], dtype, "cuda", g, case[5])
+    cpu = [t.cpu().clone() for t in args]
+    ops.rotary_kv_write(*args)
+    ops.rotary_kv_write(*cpu)
+    for got, want in zip((args[0], args[5], args[6]), (cpu[0], cpu[5], cpu[6])):
+        assert torch.equal(got.cpu(), want)
+
+
+@on_gpu
+def test_rotary_kv_write_kernel_takes_strided_views():
+    """As the runtime passes them: q, k, v views of a projection output, cos / sin rows of a
+    [B, 1, D] table, the caches a batch slice of a larger static cache."""
+    g = torch.Generator().manual_seed(24)
+    fused = rand((2, (8 + 2 + 2) * 64), torch.bfloat16, "cuda", g)
+    q, k, v = fused[:, :512].view(2, 8, 64), fused[:, 512:640].view(2, 2, 64), fused[:, 640:].view(2, 2, 64)
+    table = rand((2, 3, 64), torch.bfloat16, "cuda", g)
+    big = [rand((4, 2, 30, 64), torch.bfloat16, "cuda", g) for _ in range(2)]
+    pos = torch.tensor([29, 0], device="cuda")
+    args = (q, k, v, table[:, 1], table[:, 2], big[0][:2], big[1][:2], pos)
+    cpu = [t.cpu().clone() for t in args]
+    untouched = [b[2:].clone() for b in big]
+    ops.rotary_kv_write(*args)
+    ops.rotary_kv_write(*cpu)
+    assert torch.equal(q.cpu(), cpu[0]) and torch.equal(big[0][:2].cpu(), cpu[5]) and torch.equal(big[1][:2].cpu(), cpu[6])
+    assert all(torch.equal(b[2:], u) for b, u in zip(big, untouched))

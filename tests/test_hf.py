@@ -15,6 +15,7 @@ from adaskip import SkipPlan  # noqa: E402
 from adaskip.runtime.config import ModelArgs, UnsupportedArchitecture  # noqa: E402
 from adaskip.runtime.loading import build_model  # noqa: E402
 from adaskip.runtime.stand_in import StandIn  # noqa: E402
+from adaskip.runtime.schedule import NO_DECODE_KERNELS  # noqa: E402
 from helpers import randomize_norms_and_biases  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -266,9 +267,12 @@ def test_calibration_on_hf_equals_the_runtimes(pair):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_bf16_generate_matches_the_runtime(batch):
     """On the GPU in bf16 the FFNs run on the gated decode GEMVs (1-2 sequences) or dense and
-    discarded (3): the same tokens and gates as our runtime, which runs the same kernels."""
+    discarded (3): the same tokens and gates as our runtime, which runs the same kernels (SDPA
+    for attention, as transformers does)."""
     hf, ours = _pair("llama")
     hf, ours = hf.to("cuda", torch.bfloat16), ours.to("cuda", torch.bfloat16)
+    # transformers attends with SDPA: the runtime's decode attention kernel rounds differently.
+    ours.decode_paths = NO_DECODE_KERNELS
     ids = _ids(batch, 16, seed=10).cuda()
     plan = _plans("e2e", online=True)
     with torch.no_grad(), adaskip.hf.apply(hf, plan) as applied:

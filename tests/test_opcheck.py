@@ -37,6 +37,9 @@ def _samples(device, dtype):
         ("skip_or_scale", (r(2, 3, 13), gates, scales, 0, ch(3, 13))),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8)),
         ("update_gates", (acc, gates.clone(), scales.clone(), 20, 0.8, torch.ones(3, dtype=torch.bool, device=device))),
+        # rotary + KV write: one position inside the cache, one past it (not written)
+        ("rotary_kv_write", (r(2, 6, 64), r(2, 2, 64), r(2, 2, 64), r(2, 64), r(2, 64), r(2, 2, 9, 64), r(2, 2, 9, 64),
+                             torch.tensor([8, 9], device=device))),
     ]
     if dtype != torch.float32:  # the gated GEMVs take fp16 / bf16
         samples += [

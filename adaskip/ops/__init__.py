@@ -29,11 +29,11 @@ __all__ = [
     "GATE_UNDECIDED", "GATE_SKIP", "GATE_RUN", "backend", "extension_error",
     "fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
     "new_stats", "new_gates", "new_scales", "mean_stats", "gated_linear", "gated_swiglu_up",
-    "decode_attention", "decode_attention_serves",
+    "decode_attention", "decode_attention_serves", "rotary_kv_write",
 ]
 
 _OP_NAMES = ("fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
-             "gated_swiglu_up", "decode_attention")
+             "gated_swiglu_up", "decode_attention", "rotary_kv_write")
 
 
 def _load_extension():
@@ -70,6 +70,9 @@ if HAS_EXTENSION:
                 # Shapes, dtypes and strides as the kernel checks them (fake tensors have no
                 # addresses to check for alignment).
                 _ref.check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned=False)
+        elif _name == "rotary_kv_write":
+            def _fake(q, k, v, cos, sin, k_cache, v_cache, positions):
+                _ref.check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
 
         torch.library.register_fake(f"adaskip::{_name}", _fake, lib=_lib)
 else:
@@ -241,3 +244,17 @@ def decode_attention_serves(head_dim: int, num_heads: int, num_kv_heads: int, dt
     return (device_type == "cuda" and HAS_EXTENSION and dtype in (torch.float16, torch.bfloat16)
             and head_dim in _ref.DECODE_HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0
             and num_heads // num_kv_heads <= _ref.DECODE_MAX_GROUP)
+
+
+def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A decode step's rotary embedding and KV-cache write in one launch (one token per sequence).
+
+    q [batch, heads, head_dim] is rotated in place; k [batch, kv_heads, head_dim] is rotated and
+    written, with v, into k_cache / v_cache [batch, kv_heads, capacity, head_dim] at slot
+    positions[b] (int64, on the device; a position outside the cache is not written: the host
+    bounds them). cos, sin [batch, head_dim]: the rotary table at each sequence's position, in
+    q's dtype. Rounds as torch's eager x * cos + rotate_half(x) * sin does. Returns q."""
+    _op("rotary_kv_write", q, k, v, cos, sin, k_cache, v_cache, positions)(
+        q, k, v, cos, sin, k_cache, v_cache, positions)
+    return q

@@ -403,3 +403,73 @@ def decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out) -> None:
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a sequence without keys: zeros
     out.copy_(torch.einsum("bhk,bhkd->bhd", p, v).to(out.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step's rotary embedding and KV-cache write in one op.
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in x's dtype, each product and the sum rounded (torch's
+    eager rounding); cos, sin broadcast against x."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions) -> None:
+    """The checks of csrc/rotary_kv.cu, same messages."""
+    check_float_dtype(q, "q")
+    if q.dim() != 3:
+        _fail(f"'q' must be [batch, heads, head_dim] (one token per sequence), got shape {tuple(q.shape)}")
+    if q.stride(2) != 1:
+        _fail(f"'q' must be contiguous in head_dim, got strides {q.stride()}")
+    batch, _, dim = q.shape
+    if dim % 2 or dim == 0 or dim > 1024:
+        _fail(f"head_dim must be even and at most 1024, got {dim}")
+    for name, t in (("k", k), ("v", v)):
+        check_same_device(name, t, q.device)
+        if t.dtype != q.dtype:
+            _fail(f"'{name}' has dtype {t.dtype} but 'q' has {q.dtype}")
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != dim:
+            _fail(f"'{name}' must be [batch, heads, head_dim] with the batch and head_dim of 'q', got shape "
+                  f"{tuple(t.shape)}")
+        if name == "v" and t.shape[1] != k.shape[1]:
+            _fail(f"'v' has {t.shape[1]} heads but 'k' has {k.shape[1]}")
+        if t.stride(2) != 1:
+            _fail(f"'{name}' must be contiguous in head_dim, got strides {t.stride()}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_same_device(name, t, q.device)
+        if t.dtype != q.dtype:
+            _fail(f"'{name}' has dtype {t.dtype} but 'q' has {q.dtype}")
+        if t.dim() != 2 or tuple(t.shape) != (batch, dim):
+            _fail(f"'{name}' must be [batch, head_dim] = [{batch}, {dim}], got shape {tuple(t.shape)}")
+        if t.stride(1) != 1:
+            _fail(f"'{name}' must be contiguous in head_dim")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_same_device(name, c, q.device)
+        if c.dtype != q.dtype:
+            _fail(f"'{name}' has dtype {c.dtype} but 'q' has {q.dtype}")
+        if c.dim() != 4 or c.shape[0] != batch or c.shape[1] != k.shape[1] or c.shape[3] != dim:
+            _fail(f"'{name}' must be [batch, kv_heads, capacity, head_dim] = [{batch}, {k.shape[1]}, capacity, "
+                  f"{dim}], got shape {tuple(c.shape)}")
+        if c.stride(3) != 1:
+            _fail(f"'{name}' must be contiguous in head_dim")
+    if v_cache.shape[2] != k_cache.shape[2]:
+        _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
+    check_same_device("positions", positions, q.device)
+    if positions.dtype != torch.int64 or positions.dim() != 1 or positions.shape[0] != batch:
+        _fail(f"'positions' must be int64 [batch] = [{batch}], got {positions.dtype} {list(positions.shape)}")
+    if not positions.is_contiguous():
+        _fail("'positions' must be contiguous")
+
+
+def rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions) -> None:
+    check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
+    c, s = cos[:, None], sin[:, None]
+    q.copy_(rotate(q, c, s))
+    keys = rotate(k, c, s)
+    inside = (positions >= 0) & (positions < k_cache.shape[2])  # a position outside the cache: not written
+    rows = torch.arange(q.shape[0], device=q.device)[inside]
+    slots = positions[inside]
+    k_cache[rows, :, slots] = keys[inside]
+    v_cache[rows, :, slots] = v[inside]

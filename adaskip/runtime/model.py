@@ -99,18 +99,18 @@ class Attention(nn.Module):
         if positions is not None:
             self._keys_values(x, cos, sin, positions, kv_len)
 
-    def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode_lens=None, gemv=False):
+    def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode=None, gemv=False):
         """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking.
-        decode_lens [B] (one token per sequence, cached): each sequence's KV length, read on the
-        device by the decode attention kernel instead of the mask. gemv: the projections through
-        the decode GEMVs."""
+        decode: (positions [B], lengths [B]) of a decode step (one token per sequence, cached):
+        the decode kernels instead (rotary + cache write in one launch, then attention over each
+        sequence's length read on the device, no mask). gemv: the projections through the
+        decode GEMVs."""
+        if decode is not None:
+            return self._decode(x, cos, sin, kv_len, decode, gemv)
         b, t, _ = x.shape
         q = apply_rotary(project(self.q_proj, x, gemv).view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
                          cos, sin)
         k, v = self._keys_values(x, cos, sin, positions, kv_len, gemv)
-        if decode_lens is not None:
-            y = ops.decode_attention(q[:, :, 0], k, v, decode_lens, window=self.window or 0)
-            return project(self.o_proj, y.view(b, t, -1), gemv)
         causal = isinstance(mask, str)
         if self.backend == "flash_attn" and (causal or mask is None):
             # flash-attn takes [B, T, heads, D] and grouped KV heads as they are; explicit masks
@@ -120,6 +120,21 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _decode(self, x, cos, sin, kv_len, decode, gemv):
+        if self.kv_cache is None:
+            raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
+                               "caches with the plan you run (Transformer.setup_caches)")
+        b = x.shape[0]
+        q = project(self.q_proj, x, gemv).view(b, self.num_heads, self.head_dim)
+        k = project(self.k_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim)
+        keys, values = self.kv_cache.k[:b], self.kv_cache.v[:b]
+        positions, lengths = decode
+        ops.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], keys, values, positions)
+        y = ops.decode_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], lengths, window=self.window or 0)
+        return project(self.o_proj, y.view(b, 1, -1), gemv)
 
 
 class FeedForward(nn.Module):
@@ -324,8 +339,12 @@ class Transformer(nn.Module):
         # The decode attention kernel reads each sequence's length on the device: no mask.
         kernel = schedule.decode_attention == "kernel" and positions is not None
         masks = {} if kernel else self.attention_masks(q_pos, kv_len, shared_start)
-        step = _Step(cos, sin, masks, positions, kv_len, seq_lens, stats, online, taps,
-                     decode_lens=positions[:, 0] + 1 if kernel else None, gemv=schedule.gemv_projections)
+        decode = None
+        if kernel:
+            first = positions[:, 0].contiguous()
+            decode = (first, first + 1)
+        step = _Step(cos, sin, masks, positions, kv_len, seq_lens, stats, online, taps, decode=decode,
+                     gemv=schedule.gemv_projections)
 
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
@@ -349,7 +368,7 @@ class Transformer(nn.Module):
         return run_sublayer(
             s, todo, x, h, step, norm_weight=norm.weight, eps=norm.eps,
             attend=lambda y: attention(y, step.cos, step.sin, step.masks.get(attention.window), step.positions,
-                                       step.kv_len, step.decode_lens, step.gemv),
+                                       step.kv_len, step.decode, step.gemv),
             store_kv=lambda y: attention.store_kv(y, step.cos, step.sin, step.positions, step.kv_len),
             dense_ffn=lambda y: layer.mlp.dense(y), mlp=layer.mlp)
 
@@ -421,5 +440,5 @@ class _Step:
     stats: Optional[torch.Tensor]
     online: object
     taps: object = None
-    decode_lens: Optional[torch.Tensor] = None  # [B]: the decode attention kernel's KV lengths
+    decode: Optional[tuple] = None  # (positions [B], KV lengths [B]): a step of the decode kernels
     gemv: bool = False  # attention projections through the decode GEMVs

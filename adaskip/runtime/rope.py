@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.reference import rotate
 from .config import ModelArgs
 
 
@@ -47,8 +48,6 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; cos, sin: [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: [B, heads, T, D]; cos, sin: [B, T, D]. The same arithmetic as the decode kernel's
+    (adaskip.ops.rotary_kv_write), whose reference this is."""
+    return rotate(x, cos[:, None], sin[:, None])

@@ -304,12 +304,15 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         # path), and on a GPU the placement of each layer's weights can matter. Cheap enough.
         # The decode kernels the runtime's step would choose (schedule_step decides).
         sched = schedule_step(model, batch=batch, tokens=t)
-        decode_lens = q_pos[:, 0] + 1 if sched.decode_attention == "kernel" else None
+        decode = None
+        if sched.decode_attention == "kernel":
+            first = q_pos[:, 0].contiguous()
+            decode = (first, first + 1)
         per = []
         for layer in model.model.layers:
             attn = layer.self_attn
             mask = masks[attn.window]
-            per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len, decode_lens, sched.gemv_projections)))
+            per.append(time_it(lambda: attn(x, cos, sin, mask, q_pos, kv_len, decode, sched.gemv_projections)))
             per.append(time_it(lambda: layer.mlp(x)))
         fixed = _measure_fixed(model, batch, t, time_it, gen, sched.gemv_lm_head)
     return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
