@@ -204,3 +204,50 @@ def print_breakdown(r: dict) -> None:
             print(f"    {kind:<40}{ms:>9.3f} ms{100 * r['kinds_share'][kind]:>7.1f} %")
         print(f"    {'kernels in all / gaps':<40}{r['kernel_ms']:>9.3f} ms / {r['gaps_ms']:.3f} ms "
               f"(profiled: {r['profiled']})")
+
+
+@torch.inference_mode()
+def prefill_breakdown(model, context: int, *, batch: int = 1, plan=None, repeats: int = 2, seed: int = 0) -> dict:
+    """One prefill pass of `context` random tokens (one chunk, as `bench e2e` runs it): its
+    median time (CUDA events) and the device time of its kernels by kind (one profiled pass).
+    Set against the full model's, it shows what a plan's skipped sublayers still cost and where
+    the rest of the gap to the ideal goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        raise ValueError("adaskip: the prefill breakdown times CUDA kernels: it needs a GPU")
+    gen = torch.Generator().manual_seed(seed)
+    with model.scratch_caches(batch, context, model.attention_layers_for(plan)):
+        ids = torch.randint(0, model.args.vocab_size, (batch, context), generator=gen).to(device)
+        lens = torch.full((batch,), context, dtype=torch.long, device=device)
+        prefill(model, ids, lens, plan=plan, chunk=context)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            prefill(model, ids, lens, plan=plan, chunk=context)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            prefill(model, ids, lens, plan=plan, chunk=context)
+            torch.cuda.synchronize()
+    kinds = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + t / 1e3
+    prefill_ms = statistics.median(times)
+    kernel_ms = sum(kinds.values())
+    return {"context": context, "batch": batch, "prefill_ms": round(prefill_ms, 4), "kernel_ms": round(kernel_ms, 4),
+            "gaps_ms": round(prefill_ms - kernel_ms, 4),
+            "kinds_ms": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+
+
+def print_prefill_breakdown(r: dict, label: str) -> None:
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["kinds_ms"].items())
+    print(f"  prefill {r['context']} ({label}): {r['prefill_ms']:.1f} ms, kernels {r['kernel_ms']:.1f} ms "
+          f"(gaps {r['gaps_ms']:.1f}): {kinds}")

@@ -387,19 +387,23 @@ def run(args) -> dict:
 def _breakdowns(model, length: int, batch: int, variants: list, plans: list, copy_bw: float) -> list:
     """The graph decode step of the full model with each decode-path variant (the first with
     its per-kernel breakdown), then of each offline plan with the model's own paths."""
-    from .breakdown import graph_decode_breakdown, print_breakdown
+    from .breakdown import graph_decode_breakdown, prefill_breakdown, print_breakdown, print_prefill_breakdown
 
     out = []
     for i, paths in enumerate(variants):
         r = graph_decode_breakdown(model, length, batch=batch, paths=paths, copy_bw=copy_bw, profile=i == 0)
         r["plan"] = "full"
+        if i == 0:
+            r["prefill"] = prefill_breakdown(model, length, batch=batch)
+            print_prefill_breakdown(r["prefill"], "full")
         print_breakdown(r)
         out.append(r)
     for s, k, p, conditional in plans:
         if p.online or conditional or p.ramp:
             continue  # their step changes from token to token
         r = graph_decode_breakdown(model, length, batch=batch, plan=p, copy_bw=copy_bw, profile=False)
-        r.update(plan=s, num_sublayers=k)
+        r.update(plan=s, num_sublayers=k, prefill=prefill_breakdown(model, length, batch=batch, plan=p))
+        print_prefill_breakdown(r["prefill"], f"{s} {k}")
         print(f"  {s} {k}:", end="")
         print_breakdown(r)
         out.append(r)
