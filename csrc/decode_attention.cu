@@ -46,11 +46,27 @@ struct Layout {
   static constexpr int kGroups = kWarps * kGroupsPerWarp;           // key groups per block
 };
 
-// Keys each group loads before using any of them: enough 16-byte loads in flight to cover the
-// memory latency, few enough registers for G query heads' state.
-template <int G>
-constexpr int keys_per_tile() {
-  return G <= 4 ? 8 : 4;
+// Keys of one group per pipeline stage, and stages: each thread streams its own rows of K and V
+// into shared memory with asynchronous copies, kStages - 1 tiles ahead of the one it computes, so
+// the memory system always has the next tiles in flight while the current one is computed, and
+// no register holds a load in waiting.
+constexpr int kKeysPerGroup = 8;
+constexpr int kStages = 3;
+// Bytes of one stage: K and V, kKeysPerGroup 16-byte chunks per thread each.
+constexpr int kStageBytes = 2 * kKeysPerGroup * kThreads * 16;
+constexpr int kSmemBytes = kStages * kStageBytes;  // 96 KiB: fits sm_80, sm_89 and sm_90 blocks
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 template <typename T>
@@ -105,15 +121,14 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
   using L = Layout<D>;
   constexpr int kLanes = L::kLanesPerKey;
   constexpr int kGroups = L::kGroups;
-  constexpr int kTile = keys_per_tile<G>();
-  constexpr int kKeysPerPass = kGroups * kTile;
+  constexpr int kTileKeys = kGroups * kKeysPerGroup;  // keys of one stage, over the block
+  extern __shared__ __align__(16) unsigned char smem[];
 
   const int split = blockIdx.x, num_splits = gridDim.x;
   const int kv_head = blockIdx.y, kv_heads = gridDim.y;
   const int64_t b = blockIdx.z;
-  const int lane = threadIdx.x & 31;
   const int key_group = threadIdx.x / kLanes;  // 0 .. kGroups-1
-  const int slice = lane % kLanes;             // which 8 elements of a row this lane holds
+  const int slice = threadIdx.x % kLanes;      // which 8 elements of a row this thread holds
   const int heads = kv_heads * group;
 
   // Wait for the kernels that wrote q and the cache (programmatic dependent launch).
@@ -122,10 +137,34 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
   int64_t first, end;
   key_range(lens, b, cache.capacity, window, first, end);
   const int64_t n = end - first;
-  // Each split gets a whole number of passes: only the last pass of the last busy split is short.
-  const int64_t per_split = ((n + num_splits - 1) / num_splits + kKeysPerPass - 1) / kKeysPerPass * kKeysPerPass;
+  // Each split gets whole tiles: only the last tile of the last busy split is short.
+  const int64_t per_split = ((n + num_splits - 1) / num_splits + kTileKeys - 1) / kTileKeys * kTileKeys;
   const int64_t lo = first + split * per_split;
   const int64_t hi = end < lo + per_split ? end : lo + per_split;
+  const int tiles = hi > lo ? static_cast<int>((hi - lo + kTileKeys - 1) / kTileKeys) : 0;
+
+  const T* kp = static_cast<const T*>(cache.k) + b * cache.k_batch + kv_head * cache.k_head + slice * kVec;
+  const T* vp = static_cast<const T*>(cache.v) + b * cache.v_batch + kv_head * cache.v_head + slice * kVec;
+  // This thread's chunks of a stage: key t of its group at [stage][K or V][t][thread].
+  auto chunk = [&](int stage, int kind, int t) {
+    return smem + (((stage * 2 + kind) * kKeysPerGroup + t) * kThreads + threadIdx.x) * 16;
+  };
+  auto issue = [&](int tile) {
+    if (tile < tiles) {
+      const int stage = tile % kStages;
+#pragma unroll
+      for (int t = 0; t < kKeysPerGroup; ++t) {
+        const int64_t key = lo + static_cast<int64_t>(tile) * kTileKeys + t * kGroups + key_group;
+        const bool valid = key < hi;
+        const int64_t row = valid ? key : lo;  // a readable address even when nothing is read
+        cp_async16(chunk(stage, 0, t), kp + row * cache.k_pos, valid);
+        cp_async16(chunk(stage, 1, t), vp + row * cache.v_pos, valid);
+      }
+    }
+    cp_async_commit();  // an empty group past the end keeps the count uniform
+  };
+#pragma unroll
+  for (int tile = 0; tile < kStages - 1; ++tile) issue(tile);
 
   float qf[G][kVec];
 #pragma unroll
@@ -142,9 +181,6 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
     }
   }
 
-  const T* kp = static_cast<const T*>(cache.k) + b * cache.k_batch + kv_head * cache.k_head + slice * kVec;
-  const T* vp = static_cast<const T*>(cache.v) + b * cache.v_batch + kv_head * cache.v_head + slice * kVec;
-
   float m[G], l[G], acc[G][kVec];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -154,26 +190,16 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
     for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
   }
 
-  for (int64_t base = lo; base < hi; base += kKeysPerPass) {
-    Vec<T, kVec> kt[kTile], vt[kTile];
-    bool valid[kTile];
+  for (int tile = 0; tile < tiles; ++tile) {
+    issue(tile + kStages - 1);
+    cp_async_wait<kStages - 1>();  // this thread's copies of `tile` have landed
+    const int stage = tile % kStages;
+    const int64_t base = lo + static_cast<int64_t>(tile) * kTileKeys + key_group;
+    float s[kKeysPerGroup][G];
 #pragma unroll
-    for (int t = 0; t < kTile; ++t) {
-      const int64_t key = base + t * kGroups + key_group;
-      valid[t] = key < hi;
-      if (valid[t]) {
-        kt[t] = load_vec<T, kVec>(kp + key * cache.k_pos);
-        vt[t] = load_vec<T, kVec>(vp + key * cache.v_pos);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) kt[t].v[e] = vt[t].v[e] = static_cast<T>(0.f);
-      }
-    }
-    float s[kTile][G];
-#pragma unroll
-    for (int t = 0; t < kTile; ++t) {
+    for (int t = 0; t < kKeysPerGroup; ++t) {
       float kf[kVec];
-      to_float(kt[t], kf);
+      to_float(*reinterpret_cast<const Vec<T, kVec>*>(chunk(stage, 0, t)), kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float d = 0.f;
@@ -186,42 +212,50 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
     for (int g = 0; g < G; ++g) {
       float tile_max = -INFINITY;
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) tile_max = valid[t] ? fmaxf(tile_max, s[t][g]) : tile_max;
+      for (int t = 0; t < kKeysPerGroup; ++t) {
+        if (base + t * kGroups < hi) tile_max = fmaxf(tile_max, s[t][g]);
+      }
       const float m_new = fmaxf(m[g], tile_max);
       if (m_new == -INFINITY) continue;  // no key of this group yet
       const float corr = exp2f(m[g] - m_new);
       l[g] *= corr;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) acc[g][e] *= corr;
+      m[g] = m_new;
+    }
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) {
-        const float p = valid[t] ? exp2f(s[t][g] - m_new) : 0.f;
+    for (int t = 0; t < kKeysPerGroup; ++t) {
+      if (base + t * kGroups >= hi) continue;  // zero-filled: its score must not count
+      float vf[kVec];
+      to_float(*reinterpret_cast<const Vec<T, kVec>*>(chunk(stage, 1, t)), vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float p = exp2f(s[t][g] - m[g]);
         l[g] += p;
-        float vf[kVec];
-        to_float(vt[t], vf);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) acc[g][e] += p * vf[e];
       }
-      m[g] = m_new;
     }
   }
+  cp_async_wait<0>();
   allow_dependent_launch();
 
-  // Merge the groups of the block in a fixed order.
-  __shared__ float sm_m[kGroups][G];
-  __shared__ float sm_l[kGroups][G];
-  __shared__ float sm_acc[kGroups][G][D];
+  // Merge the groups of the block in a fixed order, in the (now idle) stage memory.
+  __syncthreads();
+  float* sm_m = reinterpret_cast<float*>(smem);  // [kGroups][G]
+  float* sm_l = sm_m + kGroups * G;               // [kGroups][G]
+  float* sm_acc = sm_l + kGroups * G;             // [kGroups][G][D]
   if (slice == 0) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      sm_m[key_group][g] = m[g];
-      sm_l[key_group][g] = l[g];
+      sm_m[key_group * G + g] = m[g];
+      sm_l[key_group * G + g] = l[g];
     }
   }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) sm_acc[key_group][g][slice * kVec + e] = acc[g][e];
+    for (int e = 0; e < kVec; ++e) sm_acc[(key_group * G + g) * D + slice * kVec + e] = acc[g][e];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < G * D; i += kThreads) {
@@ -229,14 +263,14 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
     if (g >= group) continue;
     float mx = -INFINITY;
 #pragma unroll
-    for (int kg = 0; kg < kGroups; ++kg) mx = fmaxf(mx, sm_m[kg][g]);
+    for (int kg = 0; kg < kGroups; ++kg) mx = fmaxf(mx, sm_m[kg * G + g]);
     float sum = 0.f, o = 0.f;
     if (mx != -INFINITY) {
 #pragma unroll
       for (int kg = 0; kg < kGroups; ++kg) {
-        const float w = exp2f(sm_m[kg][g] - mx);  // 0 for a group without keys
-        sum += w * sm_l[kg][g];
-        o += w * sm_acc[kg][g][d];
+        const float w = exp2f(sm_m[kg * G + g] - mx);  // 0 for a group without keys
+        sum += w * sm_l[kg * G + g];
+        o += w * sm_acc[(kg * G + g) * D + d];
       }
       o /= sum;
     }
@@ -276,29 +310,51 @@ merge_splits_kernel(const float* __restrict__ part_o, const float* __restrict__ 
   out[b * out_batch + h * out_head + d] = static_cast<T>(o);
 }
 
-// Splits per (sequence, KV head): about two blocks per SM over the whole grid, but no split
-// shorter than 64 slots of the cache's capacity (the combine would cost more than it saves).
-int choose_splits(int64_t batch, int64_t kv_heads, int64_t capacity, int sms) {
-  const int64_t blocks = batch * kv_heads;
-  int64_t s = (2 * static_cast<int64_t>(sms) + blocks - 1) / blocks;
-  s = std::min<int64_t>(s, (capacity + 63) / 64);
+// Splits per (sequence, KV head): as many as fill the resident blocks of the whole GPU in one
+// wave (a second, nearly empty wave would double the time), but no split shorter than one tile
+// of the cache's capacity.
+int choose_splits(int64_t batch, int64_t kv_heads, int64_t capacity, int resident_blocks, int tile_keys) {
+  const int64_t pairs = batch * kv_heads;
+  int64_t s = std::max<int64_t>(resident_blocks / pairs, 1);
+  s = std::min<int64_t>(s, (capacity + tile_keys - 1) / tile_keys);
   s = std::min<int64_t>(s, kMaxSplits);
   return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
+// Opts the kernel into its dynamic shared memory (above the 48 KiB default) and returns how many
+// of its blocks an SM holds; once per kernel and device.
+template <typename T, int D, int G>
+int prepare(int device) {
+  // One table per instantiation: kernels of one signature (same T) are still different kernels.
+  static int resident[64] = {};
+  const auto kernel = split_kv_kernel<T, D, G>;
+  if (device < 0 || device >= 64) device = 0;
+  if (resident[device] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
+    resident[device] = std::max(blocks, 1);
+  }
+  return resident[device];
+}
+
 template <typename T, int D, int G>
 void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
-            float scale_log2, at::Tensor& out, int num_splits) {
+            float scale_log2, at::Tensor& out, int sms) {
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = heads / group;
   const int device = q.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const T* qp = reinterpret_cast<const T*>(q.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
+  const auto kernel = split_kv_kernel<T, D, G>;
+  const int per_sm = prepare<T, D, G>(device);
+  const int num_splits =
+      choose_splits(batch, kv_heads, cache.capacity, per_sm * sms, Layout<D>::kGroups * kKeysPerGroup);
   const dim3 grid(num_splits, kv_heads, batch);
   if (num_splits == 1) {
-    launch_dependent(split_kv_kernel<T, D, G>, device, grid, dim3(kThreads), stream, qp, q.stride(0),
-                     q.stride(1), cache, lens, window, group, scale_log2, static_cast<float*>(nullptr),
-                     static_cast<float*>(nullptr), op, out.stride(0), out.stride(1));
+    launch_dependent(kernel, device, grid, dim3(kThreads), kSmemBytes, stream, qp, q.stride(0), q.stride(1), cache,
+                     lens, window, group, scale_log2, static_cast<float*>(nullptr), static_cast<float*>(nullptr), op,
+                     out.stride(0), out.stride(1));
     return;
   }
   // Workspace from torch's caching allocator on the current stream (a graph's own pool when
@@ -306,10 +362,10 @@ void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_o = at::empty({batch, heads, num_splits, D}, f32);
   at::Tensor part_lse = at::empty({batch, heads, num_splits}, f32);
-  launch_dependent(split_kv_kernel<T, D, G>, device, grid, dim3(kThreads), stream, qp, q.stride(0), q.stride(1),
-                   cache, lens, window, group, scale_log2, part_o.data_ptr<float>(), part_lse.data_ptr<float>(),
-                   op, out.stride(0), out.stride(1));
-  launch_dependent(merge_splits_kernel<T, D>, device, dim3(heads, batch), dim3(D), stream,
+  launch_dependent(kernel, device, grid, dim3(kThreads), kSmemBytes, stream, qp, q.stride(0), q.stride(1), cache,
+                   lens, window, group, scale_log2, part_o.data_ptr<float>(), part_lse.data_ptr<float>(), op,
+                   out.stride(0), out.stride(1));
+  launch_dependent(merge_splits_kernel<T, D>, device, dim3(heads, batch), dim3(D), 0, stream,
                    static_cast<const float*>(part_o.data_ptr<float>()),
                    static_cast<const float*>(part_lse.data_ptr<float>()), num_splits, op, out.stride(0),
                    out.stride(1));
@@ -317,11 +373,11 @@ void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64
 
 template <typename T, int D>
 void launch_group(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
-                  float scale_log2, at::Tensor& out, int num_splits) {
-  if (group == 1) launch<T, D, 1>(q, cache, lens, window, group, scale_log2, out, num_splits);
-  else if (group == 2) launch<T, D, 2>(q, cache, lens, window, group, scale_log2, out, num_splits);
-  else if (group <= 4) launch<T, D, 4>(q, cache, lens, window, group, scale_log2, out, num_splits);
-  else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, num_splits);
+                  float scale_log2, at::Tensor& out, int sms) {
+  if (group == 1) launch<T, D, 1>(q, cache, lens, window, group, scale_log2, out, sms);
+  else if (group == 2) launch<T, D, 2>(q, cache, lens, window, group, scale_log2, out, sms);
+  else if (group <= 4) launch<T, D, 4>(q, cache, lens, window, group, scale_log2, out, sms);
+  else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, sms);
 }
 
 void check_cache(const at::Tensor& c, const char* name, const at::Tensor& q, int64_t kv_heads_expected) {
@@ -391,18 +447,17 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
   const int64_t capacity = k_cache.size(2);
-  const int num_splits = choose_splits(batch, kv_heads, capacity, sms);
   const CacheView cache{k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
                         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), capacity};
   const Lens lens{kv_lens.data_ptr(), kv_lens.scalar_type() == at::kLong};
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
   const int g = static_cast<int>(group);
   if (dt == at::kHalf) {
-    if (dim == 64) launch_group<c10::Half, 64>(q, cache, lens, window, g, scale_log2, out, num_splits);
-    else launch_group<c10::Half, 128>(q, cache, lens, window, g, scale_log2, out, num_splits);
+    if (dim == 64) launch_group<c10::Half, 64>(q, cache, lens, window, g, scale_log2, out, sms);
+    else launch_group<c10::Half, 128>(q, cache, lens, window, g, scale_log2, out, sms);
   } else {
-    if (dim == 64) launch_group<c10::BFloat16, 64>(q, cache, lens, window, g, scale_log2, out, num_splits);
-    else launch_group<c10::BFloat16, 128>(q, cache, lens, window, g, scale_log2, out, num_splits);
+    if (dim == 64) launch_group<c10::BFloat16, 64>(q, cache, lens, window, g, scale_log2, out, sms);
+    else launch_group<c10::BFloat16, 128>(q, cache, lens, window, g, scale_log2, out, sms);
   }
 }
 

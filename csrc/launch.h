@@ -21,12 +21,12 @@ inline bool supports_dependent_launch(int device) {
 
 // Launches `kernel` so that it may overlap the tail of the previous kernel on `stream`.
 template <typename... Params, typename... Args>
-void launch_dependent(void (*kernel)(Params...), int device, dim3 grid, dim3 block,
+void launch_dependent(void (*kernel)(Params...), int device, dim3 grid, dim3 block, size_t smem_bytes,
                       cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

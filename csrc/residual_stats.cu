@@ -323,7 +323,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   });
 
   if (st.token_stats != nullptr) {
-    launch_dependent(reduce_token_stats_kernel, device.index(), dim3(fs.batch), dim3(kReduceThreads),
+    launch_dependent(reduce_token_stats_kernel, device.index(), dim3(fs.batch), dim3(kReduceThreads), 0,
                      stream, static_cast<const float*>(st.token_stats), static_cast<int>(fs.seq),
                      static_cast<const int*>(st.seq_lens), st.slot);
   }

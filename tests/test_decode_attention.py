@@ -90,13 +90,14 @@ def _bad_calls(device):
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.HAS_EXTENSION else []))
-def test_bad_arguments_are_a_clear_error_and_write_nothing(device):
+@pytest.mark.parametrize("case", range(len(_bad_calls("cpu")[1])), ids=[m for m, _ in _bad_calls("cpu")[1]])
+def test_bad_arguments_are_a_clear_error_and_write_nothing(device, case):
     out, cases = _bad_calls(device)
-    for message, call in cases:
-        out.fill_(7.0)
-        with pytest.raises(ValueError, match=message):
-            call()
-        assert (out == 7.0).all(), message
+    message, call = cases[case]
+    out.fill_(7.0)
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert (out == 7.0).all(), message
 
 
 # -- the CUDA kernel -------------------------------------------------------------------------------

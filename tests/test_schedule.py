@@ -239,7 +239,7 @@ def _fake_model(dtype, device, paths, head_dim=128, heads=32, kv_heads=8, bias=F
 @pytest.mark.parametrize("case", [
     # (paths, batch, tokens, dtype, device, grad, geometry, (attention, projections, lm_head))
     (("kernel", "gemv", "gemv"), 1, 1, torch.bfloat16, "cuda", False, {}, ("kernel", True, True)),
-    (("kernel", "gemv", "gemv"), 2, 1, torch.float16, "cuda", False, {}, ("kernel", True, True)),
+    (("kernel", "gemv", "gemv"), 2, 1, torch.float16, "cuda", False, {}, ("kernel", False, True)),  # proj: 1 seq
     (("kernel", "gemv", "gemv"), 3, 1, torch.bfloat16, "cuda", False, {}, ("kernel", False, False)),  # GEMVs: <= 2
     (("kernel", "gemv", "gemv"), 1, 2, torch.bfloat16, "cuda", False, {}, ("sdpa", False, False)),  # not decode
     (("kernel", "gemv", "gemv"), 1, 1, torch.float32, "cuda", False, {}, ("sdpa", False, False)),
@@ -257,9 +257,11 @@ def test_which_decode_steps_take_the_decode_kernels(case, monkeypatch):
     model = _fake_model(dtype, device, sch.DecodePaths(*paths), **geometry)
     s = sch.schedule_step(model, batch=batch, tokens=tokens, grad=grad)
     assert (s.decode_attention, s.gemv_projections, s.gemv_lm_head) == want
+    # The fused rotary + KV write serves every GPU decode step, whatever the attention.
+    assert s.decode_rotary == (tokens == 1 and device == "cuda" and not grad)
     monkeypatch.setattr(ops, "HAS_EXTENSION", False)  # no extension: no kernels
     s = sch.schedule_step(model, batch=batch, tokens=tokens, grad=grad)
-    assert (s.decode_attention, s.gemv_projections, s.gemv_lm_head) == ("sdpa", False, False)
+    assert (s.decode_attention, s.decode_rotary, s.gemv_projections, s.gemv_lm_head) == ("sdpa", False, False, False)
 
 
 def test_decode_paths_name_what_they_expect():

@@ -101,12 +101,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode=None, gemv=False):
         """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking.
-        decode: (positions [B], lengths [B]) of a decode step (one token per sequence, cached):
-        the decode kernels instead (rotary + cache write in one launch, then attention over each
-        sequence's length read on the device, no mask). gemv: the projections through the
-        decode GEMVs."""
+        decode: (positions [B], lengths [B] or None) of a decode step on the GPU (one token per
+        sequence, cached): rotary + cache write in one kernel, then the decode attention kernel
+        over each sequence's length read on the device (lengths given) or SDPA under `mask`.
+        gemv: the projections through the decode GEMVs."""
         if decode is not None:
-            return self._decode(x, cos, sin, kv_len, decode, gemv)
+            return self._decode(x, cos, sin, mask, kv_len, decode, gemv)
         b, t, _ = x.shape
         q = apply_rotary(project(self.q_proj, x, gemv).view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
                          cos, sin)
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
-    def _decode(self, x, cos, sin, kv_len, decode, gemv):
+    def _decode(self, x, cos, sin, mask, kv_len, decode, gemv):
         if self.kv_cache is None:
             raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
                                "caches with the plan you run (Transformer.setup_caches)")
@@ -133,8 +133,14 @@ class Attention(nn.Module):
         keys, values = self.kv_cache.k[:b], self.kv_cache.v[:b]
         positions, lengths = decode
         ops.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], keys, values, positions)
-        y = ops.decode_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], lengths, window=self.window or 0)
-        return project(self.o_proj, y.view(b, 1, -1), gemv)
+        keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        if lengths is not None:
+            y = ops.decode_attention(q, keys, values, lengths, window=self.window or 0)
+        else:  # one query: a "causal" mask is no mask
+            y = F.scaled_dot_product_attention(q[:, :, None], keys, values,
+                                               attn_mask=None if isinstance(mask, str) else mask,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        return project(self.o_proj, y.reshape(b, 1, -1), gemv)
 
 
 class FeedForward(nn.Module):
@@ -340,9 +346,9 @@ class Transformer(nn.Module):
         kernel = schedule.decode_attention == "kernel" and positions is not None
         masks = {} if kernel else self.attention_masks(q_pos, kv_len, shared_start)
         decode = None
-        if kernel:
+        if schedule.decode_rotary and positions is not None:
             first = positions[:, 0].contiguous()
-            decode = (first, first + 1)
+            decode = (first, first + 1 if kernel else None)
         step = _Step(cos, sin, masks, positions, kv_len, seq_lens, stats, online, taps, decode=decode,
                      gemv=schedule.gemv_projections)
 

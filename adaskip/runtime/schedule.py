@@ -63,12 +63,13 @@ def ffn_prefers_gemv(batch: int, tokens: int, dtype: torch.dtype, device_type: s
 class DecodePaths:
     """How a model runs the parts of a decode step (one token per sequence) that have a decode
     kernel; each is used only where it serves the step (GPU, dtype, shapes, no autograd).
-    attention: "kernel" (the split-KV decode attention kernel) or "sdpa"; projections (q/k/v/o)
-    and lm_head: "gemv" (the decode GEMVs) or "cublas"."""
+    attention: "kernel" (the split-KV decode attention kernel) or "sdpa" (over the whole cache
+    under a mask of the positions); projections (q/k/v/o) and lm_head: "gemv" (the decode GEMVs)
+    or "cublas". Either way a GPU decode step rotates q and k and writes the cache in one kernel."""
 
     attention: str = "kernel"
-    projections: str = "cublas"
-    lm_head: str = "cublas"
+    projections: str = "gemv"
+    lm_head: str = "gemv"
 
     def __post_init__(self):
         for name, value, choices in (("attention", self.attention, ("kernel", "sdpa")),
@@ -108,6 +109,8 @@ class StepSchedule:
     # attention kernel, lengths read on the device) or "sdpa"; the attention projections and the
     # lm_head through the decode GEMVs (else cuBLAS).
     decode_attention: str = "sdpa"
+    # The decode step's rotary embedding and KV write in one kernel (GPU, one token per sequence).
+    decode_rotary: bool = False
     gemv_projections: bool = False
     gemv_lm_head: bool = False
     stats: bool = False  # IO-similarity statistics of the sublayers that run ungated
@@ -160,10 +163,12 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     args = model.args
     paths = getattr(model, "decode_paths", NO_DECODE_KERNELS)  # a model whose attention is not ours
     fast = tokens == 1 and device_type == "cuda" and not grad  # the decode kernels: no backward
-    kernel = fast and paths.attention == "kernel" and ops.decode_attention_serves(
+    rotary = fast and ops.HAS_EXTENSION and args.head_dim % 2 == 0
+    kernel = rotary and paths.attention == "kernel" and ops.decode_attention_serves(
         args.head_dim, args.num_heads, args.num_kv_heads, dtype, device_type)
-    gemv_proj = fast and paths.projections == "gemv" and gemv_serves(batch, tokens, dtype, device_type,
-                                                                       args.qkv_bias or args.o_bias)
+    # One sequence only: at two, the narrow k / v projections run slower on the GEMV than on cuBLAS.
+    gemv_proj = fast and batch == 1 and paths.projections == "gemv" and gemv_serves(
+        batch, tokens, dtype, device_type, args.qkv_bias or args.o_bias)
     gemv_head = fast and paths.lm_head == "gemv" and gemv_serves(batch, tokens, dtype, device_type, False)
     steps = []
     for s in range(2 * num_layers):
@@ -189,5 +194,6 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
         steps.append(SublayerStep(action))
     return StepSchedule(tuple(steps), batch=batch, tokens=tokens, dtype=dtype,
                         attention_backend=model.attention_backend, decode_attention="kernel" if kernel else "sdpa",
+                        decode_rotary=rotary,
                         gemv_projections=gemv_proj, gemv_lm_head=gemv_head, stats=stats,
                         block_stats=block_stats, online_update=online_update)

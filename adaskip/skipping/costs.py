@@ -305,9 +305,9 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         # The decode kernels the runtime's step would choose (schedule_step decides).
         sched = schedule_step(model, batch=batch, tokens=t)
         decode = None
-        if sched.decode_attention == "kernel":
+        if sched.decode_rotary:
             first = q_pos[:, 0].contiguous()
-            decode = (first, first + 1)
+            decode = (first, first + 1 if sched.decode_attention == "kernel" else None)
         per = []
         for layer in model.model.layers:
             attn = layer.self_attn
