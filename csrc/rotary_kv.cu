@@ -31,11 +31,13 @@ struct CacheRows {  // a [batch, kv_heads, capacity, head_dim] cache
   int64_t batch, head, pos;
 };
 
+// Explicitly rounded products and sum (__fmul_rn / __fadd_rn): in float32 the compiler would
+// otherwise contract them into one fused multiply-add, which rounds once where torch rounds twice.
 template <typename T>
 __device__ __forceinline__ T rope(T x, T partner_signed, T c, T s) {
-  const T a = static_cast<T>(static_cast<float>(x) * static_cast<float>(c));
-  const T b = static_cast<T>(static_cast<float>(partner_signed) * static_cast<float>(s));
-  return static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  const T a = static_cast<T>(__fmul_rn(static_cast<float>(x), static_cast<float>(c)));
+  const T b = static_cast<T>(__fmul_rn(static_cast<float>(partner_signed), static_cast<float>(s)));
+  return static_cast<T>(__fadd_rn(static_cast<float>(a), static_cast<float>(b)));
 }
 
 template <typename T>
