@@ -1,14 +1,61 @@
 // Host-side argument checks shared by the ops. Every message names the argument at fault;
-// TORCH_CHECK_VALUE surfaces in Python as ValueError.
+// ADASKIP_CHECK (TORCH_CHECK_VALUE) surfaces in Python as ValueError.
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <optional>
+#include <string>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include "common.cuh"
+
+namespace adaskip {
+
+// Error messages are formatted here, numbers with std::to_string, not by iostreams: where a
+// toolchain links parts of libstdc++ statically into the extension (seen on a GPU machine's
+// image), inserting a number into a stream uses the static copy's facets against the shared
+// library's locale and crashes. Strings alone go through the stream safely.
+inline void append(std::string& out, const char* v) { out += v; }
+inline void append(std::string& out, const std::string& v) { out += v; }
+inline void append(std::string& out, char v) { out += v; }
+inline void append(std::string& out, bool v) { out += v ? "true" : "false"; }
+template <typename I, typename std::enable_if<std::is_integral<I>::value, int>::type = 0>
+inline void append(std::string& out, I v) { out += std::to_string(v); }
+inline void append(std::string& out, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  out += buf;
+}
+inline void append(std::string& out, float v) { append(out, static_cast<double>(v)); }
+inline void append(std::string& out, c10::IntArrayRef v) {
+  out += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(v[i]);
+  }
+  out += ']';
+}
+inline void append(std::string& out, c10::ScalarType v) { out += c10::toString(v); }
+inline void append(std::string& out, const c10::Device& v) { out += v.str(); }
+
+template <typename... Args>
+inline std::string msg(const Args&... args) {
+  std::string out;
+  (append(out, args), ...);
+  return out;
+}
+
+}  // namespace adaskip
+
+// A failed check of an argument: ValueError in Python, with the message of msg(...).
+#define ADASKIP_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, ::adaskip::msg(__VA_ARGS__))
 
 namespace adaskip {
 
@@ -19,16 +66,16 @@ struct RowShape {
 };
 
 inline void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "adaskip: '", name, "' must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == device, "adaskip: '", name, "' is on ", t.device(),
+  ADASKIP_CHECK(t.is_cuda(), "adaskip: '", name, "' must be a CUDA tensor, got ", t.device());
+  ADASKIP_CHECK(t.device() == device, "adaskip: '", name, "' is on ", t.device(),
                     " but the other inputs are on ", device);
 }
 
 inline RowShape row_shape(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, "adaskip: '", name,
+  ADASKIP_CHECK(t.dim() == 2 || t.dim() == 3, "adaskip: '", name,
                     "' must be [tokens, hidden] or [batch, seq, hidden], got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(-1) > 0, "adaskip: '", name, "' has an empty hidden dimension");
-  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1, "adaskip: '", name,
+  ADASKIP_CHECK(t.size(-1) > 0, "adaskip: '", name, "' has an empty hidden dimension");
+  ADASKIP_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "adaskip: '", name,
                     "' must be contiguous in its last (hidden) dimension, got strides ", t.strides());
   RowShape r;
   if (t.dim() == 2) {
@@ -46,7 +93,7 @@ inline RowShape row_shape(const at::Tensor& t, const char* name) {
 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto d = t.scalar_type();
-  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, "adaskip: '", name,
+  ADASKIP_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, "adaskip: '", name,
                     "' must be float32, float16 or bfloat16, got ", d);
 }
 
@@ -54,14 +101,14 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
 inline void check_stats(const at::Tensor& stats, int64_t batch, int64_t sublayer,
                         const at::Device& device) {
   check_cuda(stats, "stats", device);
-  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat, "adaskip: 'stats' must be float32, got ",
+  ADASKIP_CHECK(stats.scalar_type() == at::kFloat, "adaskip: 'stats' must be float32, got ",
                     stats.scalar_type());
-  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(2) == 3, "adaskip: 'stats' must be ",
+  ADASKIP_CHECK(stats.dim() == 3 && stats.size(2) == 3, "adaskip: 'stats' must be ",
                     "[num_sublayers, batch, 3], got shape ", stats.sizes());
-  TORCH_CHECK_VALUE(stats.is_contiguous(), "adaskip: 'stats' must be contiguous");
-  TORCH_CHECK_VALUE(stats.size(1) == batch, "adaskip: 'stats' holds ", stats.size(1),
+  ADASKIP_CHECK(stats.is_contiguous(), "adaskip: 'stats' must be contiguous");
+  ADASKIP_CHECK(stats.size(1) == batch, "adaskip: 'stats' holds ", stats.size(1),
                     " sequences but the input has batch ", batch);
-  TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < stats.size(0), "adaskip: 'sublayer' ", sublayer,
+  ADASKIP_CHECK(sublayer >= 0 && sublayer < stats.size(0), "adaskip: 'sublayer' ", sublayer,
                     " is out of range for 'stats' with ", stats.size(0), " sublayers");
 }
 
@@ -70,16 +117,16 @@ inline void check_gates_scales(const at::Tensor& gates, const at::Tensor& scales
                                const at::Device& device) {
   check_cuda(gates, "gates", device);
   check_cuda(scales, "scales", device);
-  TORCH_CHECK_VALUE(gates.scalar_type() == at::kByte, "adaskip: 'gates' must be uint8, got ",
+  ADASKIP_CHECK(gates.scalar_type() == at::kByte, "adaskip: 'gates' must be uint8, got ",
                     gates.scalar_type());
-  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat, "adaskip: 'scales' must be float32, got ",
+  ADASKIP_CHECK(scales.scalar_type() == at::kFloat, "adaskip: 'scales' must be float32, got ",
                     scales.scalar_type());
-  TORCH_CHECK_VALUE(gates.dim() == 2, "adaskip: 'gates' must be [num_sublayers, batch], got shape ",
+  ADASKIP_CHECK(gates.dim() == 2, "adaskip: 'gates' must be [num_sublayers, batch], got shape ",
                     gates.sizes());
-  TORCH_CHECK_VALUE(scales.sizes() == gates.sizes(), "adaskip: 'scales' has shape ", scales.sizes(),
+  ADASKIP_CHECK(scales.sizes() == gates.sizes(), "adaskip: 'scales' has shape ", scales.sizes(),
                     " but 'gates' has shape ", gates.sizes());
-  TORCH_CHECK_VALUE(gates.is_contiguous(), "adaskip: 'gates' must be contiguous");
-  TORCH_CHECK_VALUE(scales.is_contiguous(), "adaskip: 'scales' must be contiguous");
+  ADASKIP_CHECK(gates.is_contiguous(), "adaskip: 'gates' must be contiguous");
+  ADASKIP_CHECK(scales.is_contiguous(), "adaskip: 'scales' must be contiguous");
 }
 
 // channel_scales: a float32 per-channel compensation table, contiguous, on `device`:
@@ -88,18 +135,18 @@ inline void check_gates_scales(const at::Tensor& gates, const at::Tensor& scales
 inline void check_channel_scales(const at::Tensor& cs, int64_t num_sublayers, int64_t hidden,
                                  const at::Device& device) {
   check_cuda(cs, "channel_scales", device);
-  TORCH_CHECK_VALUE(cs.scalar_type() == at::kFloat, "adaskip: 'channel_scales' must be float32, got ",
+  ADASKIP_CHECK(cs.scalar_type() == at::kFloat, "adaskip: 'channel_scales' must be float32, got ",
                     cs.scalar_type());
   if (num_sublayers < 0) {
-    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == hidden,
+    ADASKIP_CHECK(cs.dim() == 1 && cs.size(0) == hidden,
                       "adaskip: 'channel_scales' must be [hidden] = [", hidden, "], got shape ",
                       cs.sizes());
   } else {
-    TORCH_CHECK_VALUE(cs.dim() == 2 && cs.size(0) == num_sublayers && cs.size(1) == hidden,
+    ADASKIP_CHECK(cs.dim() == 2 && cs.size(0) == num_sublayers && cs.size(1) == hidden,
                       "adaskip: 'channel_scales' must be [num_sublayers, hidden] = [", num_sublayers,
                       ", ", hidden, "], got shape ", cs.sizes());
   }
-  TORCH_CHECK_VALUE(cs.is_contiguous(), "adaskip: 'channel_scales' must be contiguous");
+  ADASKIP_CHECK(cs.is_contiguous(), "adaskip: 'channel_scales' must be contiguous");
 }
 
 // Valid lengths of right-padded sequences, as int32 on the device (values are clamped to
@@ -109,9 +156,9 @@ inline std::optional<at::Tensor> prepare_seq_lens(const std::optional<at::Tensor
   if (!seq_lens.has_value()) return std::nullopt;
   const at::Tensor& l = *seq_lens;
   check_cuda(l, "seq_lens", device);
-  TORCH_CHECK_VALUE(l.scalar_type() == at::kInt || l.scalar_type() == at::kLong,
+  ADASKIP_CHECK(l.scalar_type() == at::kInt || l.scalar_type() == at::kLong,
                     "adaskip: 'seq_lens' must be int32 or int64, got ", l.scalar_type());
-  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == batch, "adaskip: 'seq_lens' must be [batch] = [",
+  ADASKIP_CHECK(l.dim() == 1 && l.size(0) == batch, "adaskip: 'seq_lens' must be [batch] = [",
                     batch, "], got shape ", l.sizes());
   return l.to(at::kInt).contiguous();
 }

@@ -382,21 +382,21 @@ void launch_group(const at::Tensor& q, const CacheView& cache, const Lens& lens,
 
 void check_cache(const at::Tensor& c, const char* name, const at::Tensor& q, int64_t kv_heads_expected) {
   check_cuda(c, name, q.device());
-  TORCH_CHECK_VALUE(c.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
+  ADASKIP_CHECK(c.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
                     " but 'q' has ", q.scalar_type());
-  TORCH_CHECK_VALUE(c.dim() == 4, "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim], got shape ",
+  ADASKIP_CHECK(c.dim() == 4, "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim], got shape ",
                     c.sizes());
-  TORCH_CHECK_VALUE(c.size(0) == q.size(0), "adaskip: '", name, "' holds ", c.size(0), " sequences but 'q' has ",
+  ADASKIP_CHECK(c.size(0) == q.size(0), "adaskip: '", name, "' holds ", c.size(0), " sequences but 'q' has ",
                     q.size(0));
-  TORCH_CHECK_VALUE(c.size(3) == q.size(2), "adaskip: '", name, "' has head_dim ", c.size(3), " but 'q' has ",
+  ADASKIP_CHECK(c.size(3) == q.size(2), "adaskip: '", name, "' has head_dim ", c.size(3), " but 'q' has ",
                     q.size(2));
   if (kv_heads_expected >= 0) {
-    TORCH_CHECK_VALUE(c.size(1) == kv_heads_expected, "adaskip: '", name, "' has ", c.size(1),
+    ADASKIP_CHECK(c.size(1) == kv_heads_expected, "adaskip: '", name, "' has ", c.size(1),
                       " KV heads but 'k_cache' has ", kv_heads_expected);
   }
-  TORCH_CHECK_VALUE(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
+  ADASKIP_CHECK(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
                     c.strides());
-  TORCH_CHECK_VALUE(c.stride(0) % kVec == 0 && c.stride(1) % kVec == 0 && c.stride(2) % kVec == 0 &&
+  ADASKIP_CHECK(c.stride(0) % kVec == 0 && c.stride(1) % kVec == 0 && c.stride(2) % kVec == 0 &&
                         aligned16(c.data_ptr()),
                     "adaskip: '", name, "' must be 16-byte aligned with strides that are multiples of 8, got "
                     "strides ", c.strides());
@@ -411,36 +411,36 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   check_cuda(out, "out", device);
   check_cuda(kv_lens, "kv_lens", device);
   const auto dt = q.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'q' must be float16 or bfloat16 ",
+  ADASKIP_CHECK(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'q' must be float16 or bfloat16 ",
                     "(the decode attention kernel), got ", dt);
-  TORCH_CHECK_VALUE(q.dim() == 3, "adaskip: 'q' must be [batch, heads, head_dim] (one token per sequence), ",
+  ADASKIP_CHECK(q.dim() == 3, "adaskip: 'q' must be [batch, heads, head_dim] (one token per sequence), ",
                     "got shape ", q.sizes());
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  TORCH_CHECK_VALUE(dim == 64 || dim == 128, "adaskip: the decode attention kernel takes head_dim 64 or 128, got ",
+  ADASKIP_CHECK(dim == 64 || dim == 128, "adaskip: the decode attention kernel takes head_dim 64 or 128, got ",
                     dim);
-  TORCH_CHECK_VALUE(q.stride(2) == 1 && q.stride(0) % kVec == 0 && q.stride(1) % kVec == 0 && aligned16(q.data_ptr()),
+  ADASKIP_CHECK(q.stride(2) == 1 && q.stride(0) % kVec == 0 && q.stride(1) % kVec == 0 && aligned16(q.data_ptr()),
                     "adaskip: 'q' must be contiguous in head_dim and 16-byte aligned, got strides ", q.strides());
   check_cache(k_cache, "k_cache", q, -1);
   check_cache(v_cache, "v_cache", q, k_cache.size(1));
   const int64_t kv_heads = k_cache.size(1);
-  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "adaskip: 'q' has ", heads,
+  ADASKIP_CHECK(kv_heads > 0 && heads % kv_heads == 0, "adaskip: 'q' has ", heads,
                     " heads, not a multiple of the cache's ", kv_heads, " KV heads");
   const int64_t group = heads / kv_heads;
-  TORCH_CHECK_VALUE(group <= kMaxGroup, "adaskip: the decode attention kernel takes at most ", kMaxGroup,
+  ADASKIP_CHECK(group <= kMaxGroup, "adaskip: the decode attention kernel takes at most ", kMaxGroup,
                     " query heads per KV head, got ", group);
-  TORCH_CHECK_VALUE(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
+  ADASKIP_CHECK(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
                     " slots but 'k_cache' holds ", k_cache.size(2));
-  TORCH_CHECK_VALUE(kv_lens.scalar_type() == at::kInt || kv_lens.scalar_type() == at::kLong,
+  ADASKIP_CHECK(kv_lens.scalar_type() == at::kInt || kv_lens.scalar_type() == at::kLong,
                     "adaskip: 'kv_lens' must be int32 or int64, got ", kv_lens.scalar_type());
-  TORCH_CHECK_VALUE(kv_lens.dim() == 1 && kv_lens.size(0) == batch, "adaskip: 'kv_lens' must be [batch] = [",
+  ADASKIP_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == batch, "adaskip: 'kv_lens' must be [batch] = [",
                     batch, "], got shape ", kv_lens.sizes());
-  TORCH_CHECK_VALUE(kv_lens.is_contiguous(), "adaskip: 'kv_lens' must be contiguous");
-  TORCH_CHECK_VALUE(window >= 0, "adaskip: 'window' must be >= 0 (0: no sliding window), got ", window);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "adaskip: 'scale' must be a positive finite number, got ",
+  ADASKIP_CHECK(kv_lens.is_contiguous(), "adaskip: 'kv_lens' must be contiguous");
+  ADASKIP_CHECK(window >= 0, "adaskip: 'window' must be >= 0 (0: no sliding window), got ", window);
+  ADASKIP_CHECK(std::isfinite(scale) && scale > 0, "adaskip: 'scale' must be a positive finite number, got ",
                     scale);
-  TORCH_CHECK_VALUE(out.scalar_type() == dt && out.sizes() == q.sizes(), "adaskip: 'out' must be ", dt, " ",
+  ADASKIP_CHECK(out.scalar_type() == dt && out.sizes() == q.sizes(), "adaskip: 'out' must be ", dt, " ",
                     q.sizes(), ", got ", out.scalar_type(), " ", out.sizes());
-  TORCH_CHECK_VALUE(out.stride(2) == 1, "adaskip: 'out' must be contiguous in head_dim");
+  ADASKIP_CHECK(out.stride(2) == 1, "adaskip: 'out' must be contiguous in head_dim");
   if (batch == 0 || heads == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);

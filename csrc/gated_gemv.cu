@@ -165,40 +165,40 @@ void run_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* w_up,
   check_cuda(w, w_name, device);
   check_cuda(out, "out", device);
   const auto dt = x.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'x' must be float16 or bfloat16 ",
+  ADASKIP_CHECK(dt == at::kHalf || dt == at::kBFloat16, "adaskip: 'x' must be float16 or bfloat16 ",
                     "(the gated decode GEMV), got ", dt);
-  TORCH_CHECK_VALUE(x.dim() == 2, "adaskip: 'x' must be [tokens, in_features], got shape ", x.sizes());
+  ADASKIP_CHECK(x.dim() == 2, "adaskip: 'x' must be [tokens, in_features], got shape ", x.sizes());
   const int64_t tokens = x.size(0), k = x.size(1);
-  TORCH_CHECK_VALUE(tokens >= 1 && tokens <= kMaxTokens, "adaskip: the gated GEMV takes 1 to ", kMaxTokens,
+  ADASKIP_CHECK(tokens >= 1 && tokens <= kMaxTokens, "adaskip: the gated GEMV takes 1 to ", kMaxTokens,
                     " tokens, got ", tokens);
-  TORCH_CHECK_VALUE(x.stride(1) == 1, "adaskip: 'x' must be contiguous in its last dimension");
+  ADASKIP_CHECK(x.stride(1) == 1, "adaskip: 'x' must be contiguous in its last dimension");
   for (const at::Tensor* m : {&w, w_up}) {
     if (m == nullptr) continue;
     const char* name = m == &w ? w_name : "w_up";
     check_cuda(*m, name, device);
-    TORCH_CHECK_VALUE(m->scalar_type() == dt, "adaskip: '", name, "' has dtype ", m->scalar_type(),
+    ADASKIP_CHECK(m->scalar_type() == dt, "adaskip: '", name, "' has dtype ", m->scalar_type(),
                       " but 'x' has ", dt);
-    TORCH_CHECK_VALUE(m->dim() == 2 && m->size(1) == k, "adaskip: '", name, "' must be [out_features, ", k,
+    ADASKIP_CHECK(m->dim() == 2 && m->size(1) == k, "adaskip: '", name, "' must be [out_features, ", k,
                       "], got shape ", m->sizes());
-    TORCH_CHECK_VALUE(m->is_contiguous(), "adaskip: '", name, "' must be contiguous");
+    ADASKIP_CHECK(m->is_contiguous(), "adaskip: '", name, "' must be contiguous");
   }
   const int64_t rows = w.size(0);
   if (w_up != nullptr) {
-    TORCH_CHECK_VALUE(w_up->size(0) == rows, "adaskip: 'w_up' has ", w_up->size(0), " rows but '", w_name,
+    ADASKIP_CHECK(w_up->size(0) == rows, "adaskip: 'w_up' has ", w_up->size(0), " rows but '", w_name,
                       "' has ", rows);
   }
-  TORCH_CHECK_VALUE(out.scalar_type() == dt && out.dim() == 2 && out.size(0) == tokens && out.size(1) == rows,
+  ADASKIP_CHECK(out.scalar_type() == dt && out.dim() == 2 && out.size(0) == tokens && out.size(1) == rows,
                     "adaskip: 'out' must be ", dt, " [", tokens, ", ", rows, "], got ", out.scalar_type(), " ",
                     out.sizes());
-  TORCH_CHECK_VALUE(out.stride(1) == 1, "adaskip: 'out' must be contiguous in its last dimension");
+  ADASKIP_CHECK(out.stride(1) == 1, "adaskip: 'out' must be contiguous in its last dimension");
   const uint8_t* g = nullptr;
   if (gates.has_value()) {
     check_cuda(*gates, "gates", device);
-    TORCH_CHECK_VALUE(gates->scalar_type() == at::kByte && gates->dim() == 2 && gates->is_contiguous(),
+    ADASKIP_CHECK(gates->scalar_type() == at::kByte && gates->dim() == 2 && gates->is_contiguous(),
                       "adaskip: 'gates' must be contiguous uint8 [num_sublayers, batch]");
-    TORCH_CHECK_VALUE(gates->size(1) == tokens, "adaskip: 'gates' holds ", gates->size(1),
+    ADASKIP_CHECK(gates->size(1) == tokens, "adaskip: 'gates' holds ", gates->size(1),
                       " sequences but 'x' has ", tokens, " tokens (one per sequence)");
-    TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
+    ADASKIP_CHECK(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
                       " is out of range for 'gates' with ", gates->size(0), " sublayers");
     g = gates->data_ptr<uint8_t>() + sublayer * tokens;
   }

@@ -82,9 +82,9 @@ void skip_or_scale(at::Tensor& residual, const at::Tensor& gates, const at::Tens
   check_float_dtype(residual, "residual");
   const RowShape rs = row_shape(residual, "residual");
   check_gates_scales(gates, scales, device);
-  TORCH_CHECK_VALUE(gates.size(1) == rs.batch, "adaskip: 'gates' holds ", gates.size(1),
+  ADASKIP_CHECK(gates.size(1) == rs.batch, "adaskip: 'gates' holds ", gates.size(1),
                     " sequences but 'residual' has batch ", rs.batch);
-  TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates.size(0), "adaskip: 'sublayer' ", sublayer,
+  ADASKIP_CHECK(sublayer >= 0 && sublayer < gates.size(0), "adaskip: 'sublayer' ", sublayer,
                     " is out of range for 'gates' with ", gates.size(0), " sublayers");
   if (channel_scales.has_value())
     check_channel_scales(*channel_scales, gates.size(0), rs.hidden, device);
@@ -124,20 +124,20 @@ void update_gates(const at::Tensor& stats, at::Tensor& gates, at::Tensor& scales
   const at::Device device = gates.device();
   check_gates_scales(gates, scales, device);
   check_stats(stats, gates.size(1), 0, device);
-  TORCH_CHECK_VALUE(stats.size(0) == gates.size(0), "adaskip: 'stats' has ", stats.size(0),
+  ADASKIP_CHECK(stats.size(0) == gates.size(0), "adaskip: 'stats' has ", stats.size(0),
                     " sublayers but 'gates' has ", gates.size(0));
-  TORCH_CHECK_VALUE(window >= 1, "adaskip: 'window' must be at least 1 token, got ", window);
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= -1.0 && beta <= 1.0,
+  ADASKIP_CHECK(window >= 1, "adaskip: 'window' must be at least 1 token, got ", window);
+  ADASKIP_CHECK(std::isfinite(beta) && beta >= -1.0 && beta <= 1.0,
                     "adaskip: 'beta' is a cosine-similarity threshold in [-1, 1], got ", beta);
   const int64_t sublayers = gates.size(0), batch = gates.size(1);
   if (running.has_value()) {
     check_cuda(*running, "running", device);
-    TORCH_CHECK_VALUE(running->scalar_type() == at::kBool, "adaskip: 'running' must be bool, got ",
+    ADASKIP_CHECK(running->scalar_type() == at::kBool, "adaskip: 'running' must be bool, got ",
                       running->scalar_type());
-    TORCH_CHECK_VALUE(running->dim() == 1 && running->size(0) == sublayers,
+    ADASKIP_CHECK(running->dim() == 1 && running->size(0) == sublayers,
                       "adaskip: 'running' must be [num_sublayers] = [", sublayers, "], got shape ",
                       running->sizes());
-    TORCH_CHECK_VALUE(running->is_contiguous(), "adaskip: 'running' must be contiguous");
+    ADASKIP_CHECK(running->is_contiguous(), "adaskip: 'running' must be contiguous");
   }
   if (sublayers == 0) return;
   const c10::cuda::CUDAGuard guard(device);

@@ -235,44 +235,44 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
   check_cuda(first, first_name, device);
   check_cuda(second, second_name, device);
   check_float_dtype(first, first_name);
-  TORCH_CHECK_VALUE(second.scalar_type() == first.scalar_type(), "adaskip: '", second_name,
+  ADASKIP_CHECK(second.scalar_type() == first.scalar_type(), "adaskip: '", second_name,
                     "' has dtype ", second.scalar_type(), " but '", first_name, "' has ",
                     first.scalar_type());
   const RowShape fs = row_shape(first, first_name);
   const RowShape ss = row_shape(second, second_name);
-  TORCH_CHECK_VALUE(first.sizes() == second.sizes(), "adaskip: '", first_name, "' has shape ",
+  ADASKIP_CHECK(first.sizes() == second.sizes(), "adaskip: '", first_name, "' has shape ",
                     first.sizes(), " but '", second_name, "' has shape ", second.sizes());
   if (weight != nullptr) {
     check_cuda(*weight, "weight", device);
-    TORCH_CHECK_VALUE(weight->scalar_type() == first.scalar_type(), "adaskip: 'weight' has dtype ",
+    ADASKIP_CHECK(weight->scalar_type() == first.scalar_type(), "adaskip: 'weight' has dtype ",
                       weight->scalar_type(), " but '", first_name, "' has ", first.scalar_type());
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == fs.hidden,
+    ADASKIP_CHECK(weight->dim() == 1 && weight->size(0) == fs.hidden,
                       "adaskip: 'weight' must be [hidden] = [", fs.hidden, "], got shape ",
                       weight->sizes());
-    TORCH_CHECK_VALUE(weight->is_contiguous(), "adaskip: 'weight' must be contiguous");
-    TORCH_CHECK_VALUE(eps > 0.0, "adaskip: 'eps' must be positive, got ", eps);
+    ADASKIP_CHECK(weight->is_contiguous(), "adaskip: 'weight' must be contiguous");
+    ADASKIP_CHECK(eps > 0.0, "adaskip: 'eps' must be positive, got ", eps);
   }
   if constexpr (ADD_NORM) {
-    TORCH_CHECK_VALUE(!first.is_same(second) && first.data_ptr() != second.data_ptr(),
+    ADASKIP_CHECK(!first.is_same(second) && first.data_ptr() != second.data_ptr(),
                       "adaskip: 'x' and 'residual' must be different tensors");
   }
-  TORCH_CHECK_VALUE(fs.hidden <= (int64_t{1} << 24), "adaskip: hidden size ", fs.hidden,
+  ADASKIP_CHECK(fs.hidden <= (int64_t{1} << 24), "adaskip: hidden size ", fs.hidden,
                     " is too large");
   if (stats.has_value()) check_stats(*stats, fs.batch, sublayer, device);
-  TORCH_CHECK_VALUE(gates.has_value() == scales.has_value(),
+  ADASKIP_CHECK(gates.has_value() == scales.has_value(),
                     "adaskip: pass 'gates' and 'scales' together");
   GateArgs gate{nullptr, nullptr, skip_scale.has_value(),
                 static_cast<float>(skip_scale.value_or(1.0)), nullptr};
   if (skip_scale.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*skip_scale), "adaskip: 'scale' must be finite, got ",
+    ADASKIP_CHECK(std::isfinite(*skip_scale), "adaskip: 'scale' must be finite, got ",
                       *skip_scale);
-    TORCH_CHECK_VALUE(!gates.has_value(), "adaskip: a uniform skip scale takes no gates");
+    ADASKIP_CHECK(!gates.has_value(), "adaskip: a uniform skip scale takes no gates");
   }
   if (gates.has_value()) {
     check_gates_scales(*gates, *scales, device);
-    TORCH_CHECK_VALUE(gates->size(1) == fs.batch, "adaskip: 'gates' holds ", gates->size(1),
+    ADASKIP_CHECK(gates->size(1) == fs.batch, "adaskip: 'gates' holds ", gates->size(1),
                       " sequences but '", second_name, "' has batch ", fs.batch);
-    TORCH_CHECK_VALUE(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
+    ADASKIP_CHECK(sublayer >= 0 && sublayer < gates->size(0), "adaskip: 'sublayer' ", sublayer,
                       " is out of range for 'gates' with ", gates->size(0), " sublayers");
     gate.gates = gates->data_ptr<uint8_t>() + sublayer * fs.batch;
     gate.scales = scales->data_ptr<float>() + sublayer * fs.batch;
@@ -282,7 +282,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
       check_channel_scales(*channel_scales, -1, fs.hidden, device);
       gate.channel_scales = channel_scales->data_ptr<float>();
     } else {
-      TORCH_CHECK_VALUE(gates.has_value(), "adaskip: 'channel_scales' is only allowed together ",
+      ADASKIP_CHECK(gates.has_value(), "adaskip: 'channel_scales' is only allowed together ",
                         "with 'gates' and 'scales'");
       check_channel_scales(*channel_scales, gates->size(0), fs.hidden, device);
       gate.channel_scales = channel_scales->data_ptr<float>() + sublayer * fs.hidden;
@@ -292,7 +292,7 @@ void run_rows(at::Tensor& first, const char* first_name, at::Tensor& second,
 
   const int64_t tokens = fs.batch * fs.seq;
   if (tokens == 0) return;
-  TORCH_CHECK_VALUE(fs.seq <= INT32_MAX, "adaskip: sequence length ", fs.seq, " is too large");
+  ADASKIP_CHECK(fs.seq <= INT32_MAX, "adaskip: sequence length ", fs.seq, " is too large");
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

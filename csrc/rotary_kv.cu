@@ -75,34 +75,34 @@ __global__ void rotary_kv_write_kernel(T* __restrict__ q, HeadRows qs, const T* 
 
 void check_rows3(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t heads) {
   check_cuda(t, name, q.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", t.scalar_type(),
+  ADASKIP_CHECK(t.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", t.scalar_type(),
                     " but 'q' has ", q.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(2) == q.size(2), "adaskip: '", name,
+  ADASKIP_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(2) == q.size(2), "adaskip: '", name,
                     "' must be [batch, heads, head_dim] with the batch and head_dim of 'q', got shape ", t.sizes());
   if (heads >= 0) {
-    TORCH_CHECK_VALUE(t.size(1) == heads, "adaskip: '", name, "' has ", t.size(1), " heads but 'k' has ", heads);
+    ADASKIP_CHECK(t.size(1) == heads, "adaskip: '", name, "' has ", t.size(1), " heads but 'k' has ", heads);
   }
-  TORCH_CHECK_VALUE(t.stride(2) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
+  ADASKIP_CHECK(t.stride(2) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
                     t.strides());
 }
 
 void check_table(const at::Tensor& t, const char* name, const at::Tensor& q) {
   check_cuda(t, name, q.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", t.scalar_type(),
+  ADASKIP_CHECK(t.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", t.scalar_type(),
                     " but 'q' has ", q.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(2), "adaskip: '", name,
+  ADASKIP_CHECK(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(2), "adaskip: '", name,
                     "' must be [batch, head_dim] = [", q.size(0), ", ", q.size(2), "], got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.stride(1) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
+  ADASKIP_CHECK(t.stride(1) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
 }
 
 void check_kv_cache(const at::Tensor& c, const char* name, const at::Tensor& k) {
   check_cuda(c, name, k.device());
-  TORCH_CHECK_VALUE(c.scalar_type() == k.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
+  ADASKIP_CHECK(c.scalar_type() == k.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
                     " but 'q' has ", k.scalar_type());
-  TORCH_CHECK_VALUE(c.dim() == 4 && c.size(0) == k.size(0) && c.size(1) == k.size(1) && c.size(3) == k.size(2),
+  ADASKIP_CHECK(c.dim() == 4 && c.size(0) == k.size(0) && c.size(1) == k.size(1) && c.size(3) == k.size(2),
                     "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim] = [", k.size(0), ", ",
                     k.size(1), ", capacity, ", k.size(2), "], got shape ", c.sizes());
-  TORCH_CHECK_VALUE(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
+  ADASKIP_CHECK(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
 }
 
 }  // namespace
@@ -112,11 +112,11 @@ void rotary_kv_write(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const at::Device device = q.device();
   check_cuda(q, "q", device);
   check_float_dtype(q, "q");
-  TORCH_CHECK_VALUE(q.dim() == 3, "adaskip: 'q' must be [batch, heads, head_dim] (one token per sequence), got "
+  ADASKIP_CHECK(q.dim() == 3, "adaskip: 'q' must be [batch, heads, head_dim] (one token per sequence), got "
                     "shape ", q.sizes());
-  TORCH_CHECK_VALUE(q.stride(2) == 1, "adaskip: 'q' must be contiguous in head_dim, got strides ", q.strides());
+  ADASKIP_CHECK(q.stride(2) == 1, "adaskip: 'q' must be contiguous in head_dim, got strides ", q.strides());
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  TORCH_CHECK_VALUE(dim % 2 == 0 && dim > 0 && dim <= 1024, "adaskip: head_dim must be even and at most 1024, got ",
+  ADASKIP_CHECK(dim % 2 == 0 && dim > 0 && dim <= 1024, "adaskip: head_dim must be even and at most 1024, got ",
                     dim);
   check_rows3(k, "k", q, -1);
   check_rows3(v, "v", q, k.size(1));
@@ -124,13 +124,13 @@ void rotary_kv_write(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   check_table(sin, "sin", q);
   check_kv_cache(k_cache, "k_cache", k);
   check_kv_cache(v_cache, "v_cache", k);
-  TORCH_CHECK_VALUE(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
+  ADASKIP_CHECK(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
                     " slots but 'k_cache' holds ", k_cache.size(2));
   check_cuda(positions, "positions", device);
-  TORCH_CHECK_VALUE(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == batch,
+  ADASKIP_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == batch,
                     "adaskip: 'positions' must be int64 [batch] = [", batch, "], got ", positions.scalar_type(), " ",
                     positions.sizes());
-  TORCH_CHECK_VALUE(positions.is_contiguous(), "adaskip: 'positions' must be contiguous");
+  ADASKIP_CHECK(positions.is_contiguous(), "adaskip: 'positions' must be contiguous");
   const int64_t kv_heads = k.size(1);
   if (batch == 0 || heads + kv_heads == 0) return;
   const c10::cuda::CUDAGuard guard(device);

@@ -235,6 +235,28 @@ def test_device_info_and_commit(monkeypatch):
     assert info["device"].startswith("CPU") and info["torch"] == torch.__version__ and "backend" in info
 
 
+def test_commit_of_a_changed_checkout_says_so(tmp_path, monkeypatch):
+    """A tree whose tracked files differ from HEAD did not run HEAD's code: "+dirty"."""
+    import subprocess
+
+    from adaskip.benchmarks import common
+
+    monkeypatch.delenv("ADASKIP_GIT_COMMIT", raising=False)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(common, "_PACKAGE_ROOT", tmp_path)
+    head = git("rev-parse", "HEAD")
+    assert git_commit() == head
+    (tmp_path / "new.py").write_text("")  # untracked files do not count
+    assert git_commit() == head
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert git_commit() == head + "+dirty"
+
+
 def test_result_paths_and_json_cleaning(tmp_path):
     assert output_path(tmp_path / "x.json", None, "e2e", "CPU", None) == tmp_path / "x.json"
     assert output_path(None, None, "e2e", "CPU", None) is None

@@ -22,12 +22,17 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 def git_commit() -> str:
     """ADASKIP_GIT_COMMIT when set (a copied tree has no .git), else `git rev-parse HEAD` of the
-    checkout the package lives in, else "unknown"."""
+    checkout the package lives in, with "+dirty" when tracked files differ from it (the code that
+    ran is then not that commit), else "unknown"."""
     if os.environ.get("ADASKIP_GIT_COMMIT"):
         return os.environ["ADASKIP_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_PACKAGE_ROOT, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip() or "unknown"
+        run = lambda *a: subprocess.run(["git", *a], cwd=_PACKAGE_ROOT, capture_output=True,  # noqa: E731
+                                        text=True, check=True, timeout=10).stdout.strip()
+        head = run("rev-parse", "HEAD") or "unknown"
+        if head != "unknown" and run("status", "--porcelain", "--untracked-files=no"):
+            head += "+dirty"
+        return head
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

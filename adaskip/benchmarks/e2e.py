@@ -90,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", dest="plot", action="store_false", help="no PNG")
 
 
-DEFAULT_DECODE_PATHS = "kernel/gemv/gemv,kernel/cublas/cublas,sdpa/gemv/gemv,sdpa/cublas/cublas"
+DEFAULT_DECODE_PATHS = "sdpa/gemv/gemv,kernel/gemv/gemv,sdpa/cublas/cublas,kernel/cublas/cublas"
 
 
 def decode_path_variants(spec: str) -> list:

@@ -67,7 +67,9 @@ class DecodePaths:
     under a mask of the positions); projections (q/k/v/o) and lm_head: "gemv" (the decode GEMVs)
     or "cublas". Either way a GPU decode step rotates q and k and writes the cache in one kernel."""
 
-    attention: str = "kernel"
+    # SDPA by default: its flash-decoding kernels on the masked cache are as fast as our split-KV
+    # kernel or faster (bench/results/README.md).
+    attention: str = "sdpa"
     projections: str = "gemv"
     lm_head: str = "gemv"
 
