@@ -365,3 +365,16 @@ def test_decode_breakdown_needs_a_gpu_and_paths_are_checked():
                          ("kernel/gemv/fast", "decode path lm_head must be one of"), (" , ", "names no paths")):
         with pytest.raises(ValueError, match=message):
             e2e.decode_path_variants(bad)
+
+
+def test_profile_kernel_times_keep_device_events_only():
+    """kernel_ms sums device time per kernel name (us -> ms) and leaves host events out; older
+    torch names the attribute self_cuda_time_total."""
+    from adaskip.benchmarks.breakdown import kernel_ms
+
+    ev = lambda key, t, dev, old=False: SimpleNamespace(  # noqa: E731
+        key=key, device_type=f"DeviceType.{dev}", **({"self_cuda_time_total": t} if old else {"self_device_time_total": t}))
+    prof = SimpleNamespace(key_averages=lambda: [ev("gemv", 1500.0, "CUDA"), ev("aten::mm", 900.0, "CPU"),
+                                                 ev("gemv", 500.0, "CUDA"), ev("split_kv", 250.0, "CUDA", old=True),
+                                                 ev("idle", 0.0, "CUDA")])
+    assert kernel_ms(prof) == {"gemv": 2.0, "split_kv": 0.25}

@@ -161,6 +161,19 @@ def graph_decode_breakdown(model, context: int, *, batch: int = 1, plan=None, pa
     return out
 
 
+def kernel_ms(prof) -> dict:
+    """Device milliseconds per kernel name in a finished torch profile (the attribute is
+    self_device_time_total in recent torch, self_cuda_time_total before)."""
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            out[e.key] = out.get(e.key, 0.0) + t / 1e3
+    return out
+
+
 def _profile(run_step, restart, steps: int):
     """Device time per step of the kernels of `steps` calls of run_step, by kind, and the ten
     costliest kernels."""
@@ -174,13 +187,7 @@ def _profile(run_step, restart, steps: int):
         for _ in range(steps):
             run_step()
         torch.cuda.synchronize()
-    per_kernel = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
-            per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t / 1e3 / steps  # us -> ms per step
+    per_kernel = {name: ms / steps for name, ms in kernel_ms(prof).items()}
     kinds = {}
     for name, ms in per_kernel.items():
         if name.lower().startswith(("memcpy", "memset")) and ms == 0:
@@ -234,12 +241,8 @@ def prefill_breakdown(model, context: int, *, batch: int = 1, plan=None, repeats
             prefill(model, ids, lens, plan=plan, chunk=context)
             torch.cuda.synchronize()
     kinds = {}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + t / 1e3
+    for name, ms in kernel_ms(prof).items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     prefill_ms = statistics.median(times)
     kernel_ms = sum(kinds.values())
     return {"context": context, "batch": batch, "prefill_ms": round(prefill_ms, 4), "kernel_ms": round(kernel_ms, 4),
