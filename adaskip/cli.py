@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -393,6 +394,7 @@ def main(argv=None) -> None:
     from .runtime.stand_in import KINDS as STAND_IN_KINDS
 
     p = argparse.ArgumentParser(prog="adaskip", description="Adaptive sublayer skipping for long-context inference")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q):
@@ -548,12 +550,35 @@ def main(argv=None) -> None:
     from .benchmarks import register
 
     register(sub)
+    for q in sub.choices.values():  # `adaskip run ... --debug` too; SUPPRESS keeps a top-level --debug
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
 
     a = p.parse_args(argv)
+    debug = a.debug or os.environ.get("ADASKIP_DEBUG", "") not in ("", "0")
     try:
         a.func(a)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except USER_ERRORS as e:
+        if debug:  # the traceback, for a bug report
+            raise
+        raise SystemExit(user_error_line(e)) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise SystemExit("adaskip: interrupted (what was already written stays; see the lines above)") from None
+
+
+# Errors a user's input causes (a bad value, a missing or unreadable file, a malformed JSON or
+# config): one line, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def user_error_line(e: BaseException) -> str:
+    """The one line printed for a user error: its message, prefixed once with 'adaskip:'."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text if text.startswith("adaskip:") else f"adaskip: error: {text}"
 
 
 if __name__ == "__main__":
