@@ -178,7 +178,11 @@ def _read_json_object(file: Path, what: str) -> dict:
     return data
 
 
-# Geometry a model config must give as positive integers (ModelArgs names).
+# Geometry an HF config gives as positive integers: always, and where present.
+# (A DeciLM config may give intermediate_size per block only.)
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+_HF_OPTIONAL = ("intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
+# The same geometry as ModelArgs holds it (DeciLM configs derive some of it).
 _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
              "max_position_embeddings")
 
@@ -186,6 +190,14 @@ _POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "nu
 def args_from_config(config: dict, where) -> ModelArgs:
     """ModelArgs of an HF config dict, with the key or value at fault named with `where` (the
     file) instead of a KeyError or a shape error deep in the model."""
+    for key in _HF_REQUIRED + _HF_OPTIONAL:  # named as the file names them, before any arithmetic on them
+        if key not in config or (key in _HF_OPTIONAL and config[key] is None):
+            if key in _HF_REQUIRED:
+                raise ValueError(f"adaskip: {where} misses the key {key!r}")
+            continue
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"adaskip: {where}: {key} must be a positive integer, got {value!r}")
     try:
         args = ModelArgs.from_hf_config(config)
     except KeyError as e:
