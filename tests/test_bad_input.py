@@ -105,3 +105,297 @@ def test_generate_takes_tensors_and_numpy_ids_like_lists(model):
     as_numpy = [np.array(r, dtype=np.int64) for r in ids]
     assert adaskip.generate(model, as_numpy, max_new_tokens=3, eos_token_ids=[]).tokens == expected
     assert [len(t) for t in expected] == [3, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: every bad argument is refused in one line, before any model loads, and
+# leaves every file as it was.
+
+from adaskip.cli import main  # noqa: E402
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for calibration on text: one id per character, below the tiny
+    model's vocabulary."""
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % 100 + 1 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(96 + i % 26) for i in ids)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was refused")
+
+
+@pytest.fixture(scope="module")
+def files(profile_dict, tmp_path_factory):
+    """A folder of inputs, good and bad, that the command lines below name."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "profile.json").write_text(json.dumps(profile_dict))
+    bad = json.loads(json.dumps(profile_dict))
+    bad["block_similarity"][0] = float("nan")
+    (root / "nan-profile.json").write_text(json.dumps(bad))
+    (root / "list.json").write_text("[1, 2, 3]")
+    (root / "notjson.json").write_text("{'similarity': [")
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    (root / "empty.txt").write_text("   \n")
+    (root / "folder").mkdir()
+    (root / "full").mkdir()
+    (root / "full" / "x").write_text("x")
+    (root / "notok").mkdir()  # a model folder without tokenizer files
+    (root / "notok" / "config.json").write_text(json.dumps(CONFIG))
+    for name, text in (("cfg-notjson", "{hidden_size: 64"), ("cfg-list", "[]"),
+                       ("cfg-nokey", json.dumps({k: v for k, v in CONFIG.items() if k != "hidden_size"})),
+                       ("cfg-type", json.dumps({**CONFIG, "num_hidden_layers": "four"})),
+                       ("cfg-zero", json.dumps({**CONFIG, "num_attention_heads": 0}))):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(text)
+        (root / name / "tokenizer.json").write_text("{}")
+    return root
+
+
+CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def _refused(argv, files, tmp_path, capsys):
+    """Runs the CLI in-process on `argv` ({f}: the inputs folder, {t}: an empty scratch folder)
+    and returns (exit code, the message), asserting that no file changed or appeared."""
+    argv = [a.format(f=files, t=tmp_path) for a in argv]
+    before, scratch = _snapshot(files), _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code = e.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    assert _snapshot(files) == before and _snapshot(tmp_path) == scratch, "a refused command wrote a file"
+    return (1 if isinstance(code, str) else code), message
+
+
+CLI_CASES = [
+    # calibrate: methods, strategies, budgets, ranges, paths, device
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search", "bogus"], "--search: unknown 'bogus'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search", "loss,kll"], "unknown 'kll'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "2",
+      "--validate-strategies", "adaskip,fast"], "--validate-strategies: unknown 'fast'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "2,-1"],
+     "--validate-budgets must be distinct numbers of sublayers >= 0"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "2,2"], "distinct"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "3",
+      "--validate-strategies", "shortgpt"], "need even budgets"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "two"], "'two'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validate-budgets", "2",
+      "--validate-strategies", "greedy-kl"], "needs the kl search; add --search kl"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--validation-requests", "3"],
+     "need --validate-budgets"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--prompt-len", "0"], "--prompt-len must be >= 2"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--num-requests", "0"], "--num-requests must be"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search", "loss", "--search-max", "0"],
+     "--search-max must be >= 1"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search-candidates", "0"],
+     "--search-candidates must be >= 1"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search-requests", "-1"], "--search-requests"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{f}/folder"], "--out {f}/folder is a folder"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{f}/text.txt/p.json"], "cannot create the folder"),
+    (["calibrate", "--data", "{f}/nothing.txt", "--out", "{t}/p.json"], "'{f}/nothing.txt' is not a file"),
+    (["calibrate", "--data", "{f}/folder", "--out", "{t}/p.json"], "no calibration data texts found"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--device", "bogus"],
+     "--device: unknown device 'bogus'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--device", "mps"], "--device: device 'mps'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--device", "cuda:99"], "--device"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--model", "{f}/no-model"],
+     "--model '{f}/no-model' does not exist"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--model", "{f}/notok"], "has no tokenizer"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search-stand-in", "cubic"],
+     "invalid choice: 'cubic'"),
+    # run: the prompt, the plan, the profile
+    (["run", "--prompt", "hi", "--prompt-file", "{f}/text.txt"], "not allowed with argument"),
+    (["run", "--strategy", "full"], "one of the arguments --prompt --prompt-file is required"),
+    (["run", "--prompt-file", "{f}/nothing.txt", "--strategy", "full"], "--prompt-file {f}/nothing.txt does not exist"),
+    (["run", "--prompt-file", "{f}/folder", "--strategy", "full"], "--prompt-file {f}/folder is a folder"),
+    (["run", "--prompt-file", "{f}/empty.txt", "--strategy", "full"], "--prompt-file {f}/empty.txt is empty"),
+    (["run", "--prompt", "  ", "--strategy", "full"], "--prompt is empty"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--window", "-1"], "--window must be >= 0"),
+    (["run", "--prompt", "hi", "--strategy", "early-exit", "--num-sublayers", "-2"], "--num-sublayers must be >= 0"),
+    (["run", "--prompt", "hi", "--strategy", "early-exit", "--num-sublayers", "3"], "needs an even --num-sublayers"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--alpha", "0.5"], "--alpha must be >= 1.0"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--alpha", "40"], "alpha must be in [1, 4]"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--num-sublayers", "99"], "num_sublayers must be in"),
+    (["run", "--prompt", "hi", "--alpha", "1.2", "--num-sublayers", "2"], "not allowed with argument --alpha"),
+    (["run", "--prompt", "hi"], "--strategy adaskip needs an importance profile"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--strategy", "greedy-kl", "--num-sublayers", "2"],
+     "no 'kl' search"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--num-sublayers", "4", "--strategy", "greedy-loss"],
+     "covers budgets up to 3 sublayers"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--min-agreement", "1.5"],
+     "--min-agreement must be in [0, 1]"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--max-kl", "-1"], "--max-kl must be >= 0"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--min-agreement", "0.9", "--alpha", "1.2"],
+     "not both"),
+    (["run", "--prompt", "hi", "--min-agreement", "0.9"], "give --profile"),
+    (["run", "--prompt", "hi", "--profile", "{f}/profile.json", "--min-agreement", "0.9"],
+     "no validation of 'adaskip'"),
+    (["run", "--prompt", "hi", "--profile", "{f}/nothing.json"], "--profile {f}/nothing.json does not exist"),
+    (["run", "--prompt", "hi", "--profile", "{f}/folder"], "--profile {f}/folder is a folder"),
+    (["run", "--prompt", "hi", "--profile", "{f}/notjson.json"], "cannot read profile {f}/notjson.json"),
+    (["run", "--prompt", "hi", "--profile", "{f}/list.json"], "{f}/list.json is not an adaskip importance profile"),
+    (["run", "--prompt", "hi", "--profile", "{f}/nan-profile.json", "--strategy", "shortgpt"],
+     "'block_similarity' holds nan at index 0"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--lossless", "--draft-tokens", "0"], "--draft-tokens must be"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--lossless", "--cuda-graph"], "drop --cuda-graph"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--context-len", "0"], "--context-len must be >= 1"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--model", "{f}/notok"], "has no tokenizer"),
+    (["run", "--prompt", "hi", "--strategy", "fastest"], "invalid choice: 'fastest'"),
+    # demo
+    (["demo", "--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
+    (["demo", "--max-kl", "0.1", "--alpha", "1.1"], "not both"),
+    # export
+    (["export", "--profile", "{f}/profile.json", "--out", "{f}/text.txt"], "the export folder {f}/text.txt is a file"),
+    (["export", "--profile", "{f}/profile.json", "--out", "{f}/full"], "is not empty"),
+    (["export", "--strategy", "full", "--out", "{t}/x"], "the full model needs no export"),
+    (["export", "--profile", "{f}/nan-profile.json", "--out", "{t}/x"], "'block_similarity' holds nan"),
+    (["export", "--profile", "{f}/profile.json", "--num-sublayers", "99", "--out", "{t}/x"],
+     "num_sublayers must be in"),
+    (["export", "--profile", "{f}/profile.json", "--out", "{t}/x", "--device", "bogus"], "--device"),
+    # eval
+    (["eval", "--strategies", "adaskip,bogus", "--out", "{t}/e"], "--strategies: unknown 'bogus'"),
+    (["eval", "--tasks", "ppl,quiz", "--out", "{t}/e"], "unknown eval tasks ['quiz']"),
+    (["eval", "--budgets", "4,-2", "--out", "{t}/e"], "budgets are numbers of sublayers >= 0"),
+    (["eval", "--budgets", "4,x", "--out", "{t}/e"], "'4,x'"),
+    (["eval", "--windows", "0", "--out", "{t}/e"], "--windows must be >= 1"),
+    (["eval", "--window-len", "1", "--out", "{t}/e"], "--window-len must be >= 2"),
+    (["eval", "--num-requests", "0", "--out", "{t}/e"], "--num-requests must be >= 1"),
+    (["eval", "--prompt-len", "0", "--out", "{t}/e"], "--prompt-len must be >= 2"),
+    (["eval", "--tasks", "passkey", "--retrieval-depths", "0.5,1.5", "--out", "{t}/e"], "--retrieval-depths"),
+    (["eval", "--tasks", "needle", "--retrieval-lengths", "0", "--out", "{t}/e"], "--retrieval-lengths"),
+    (["eval", "--tasks", "passkey", "--retrieval-samples", "0", "--out", "{t}/e"], "--retrieval-samples must be"),
+    (["eval", "--tasks", "longbench", "--out", "{t}/e"], "--longbench-dir"),
+    (["eval", "--tasks", "longbench", "--longbench-dir", "{f}/nothing", "--out", "{t}/e"],
+     "--longbench-dir {f}/nothing is not a folder"),
+    (["eval", "--tasks", "generation", "--generation-tokens", "0", "--out", "{t}/e"], "must be >= 1"),
+    (["eval", "--min-agreement", "2", "--out", "{t}/e"], "minimum agreements must be in [0, 1]"),
+    (["eval", "--speedups", "0.5", "--out", "{t}/e"], "target speedups must be >= 1"),
+    (["eval", "--stand-ins", "cubic", "--strategies", "greedy-kl", "--out", "{t}/e"], "unknown stand-in kinds"),
+    (["eval", "--stand-ins", "channel", "--out", "{t}/e"], "add it to the strategies"),
+    (["eval", "--out", "{f}/text.txt"], "--out {f}/text.txt is a file"),
+    (["eval", "--profile", "{f}/profile.json", "--strategies", "greedy-kl", "--out", "{t}/e"],
+     "the profile has no ['kl'] search"),
+    (["eval", "--profile", "{f}/nan-profile.json", "--out", "{t}/e"], "'block_similarity' holds nan"),
+    (["eval", "--calibration-data", "{f}/nothing", "--out", "{t}/e"], "calibration data '{f}/nothing'"),
+    (["eval", "--profile", "{f}/profile.json", "--strategies", "shortgpt", "--documents", "{f}/nothing",
+      "--out", "{t}/e"], "documents '{f}/nothing'"),
+    (["eval", "--device", "cuda:99", "--out", "{t}/e"], "--device"),
+    (["eval", "--model", "{f}/notok", "--out", "{t}/e"], "has no tokenizer"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CLI_CASES, ids=[" ".join(a[:1] + a[-2:]) + f" #{i}"
+                                                          for i, (a, _) in enumerate(CLI_CASES)])
+def test_the_cli_refuses_bad_arguments_before_loading_anything(argv, message, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("adaskip.runtime.loading.load_model", _no_model)
+    code, text = _refused(argv, files, tmp_path, capsys)
+    lines = text.strip().splitlines()
+    # One line: ours (exit 1), or argparse's error line after its usage (exit 2).
+    assert code in (1, 2) and (code == 2 or len(lines) == 1) and "Traceback" not in text
+    assert message.format(f=files, t=tmp_path) in lines[-1]
+
+
+@pytest.mark.parametrize("folder,message", [
+    ("cfg-notjson", "cannot read {f}/cfg-notjson/config.json as JSON (a model config)"),
+    ("cfg-list", "{f}/cfg-list/config.json must hold a JSON object (a model config), got list"),
+    ("cfg-nokey", "{f}/cfg-nokey/config.json misses the key 'hidden_size'"),
+    ("cfg-type", "{f}/cfg-type/config.json: num_hidden_layers must be a positive integer, got 'four'"),
+    ("cfg-zero", "{f}/cfg-zero/config.json: num_attention_heads must be a positive integer, got 0"),
+])
+def test_a_malformed_model_config_is_one_line_naming_the_file(folder, message, files, tmp_path, capsys):
+    code, text = _refused(["run", "--strategy", "full", "--prompt", "hi", "--model", f"{{f}}/{folder}"], files,
+                          tmp_path, capsys)
+    assert code == 1 and "\n" not in text.strip() and message.format(f=files) in text
+
+
+def test_debug_shows_the_error_itself(files, tmp_path, monkeypatch):
+    argv = ["run", "--strategy", "full", "--prompt", "hi", "--model", f"{files}/cfg-nokey"]
+    with pytest.raises(ValueError, match="misses the key 'hidden_size'"):
+        main(["--debug", *argv])
+    with pytest.raises(ValueError, match="misses the key"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("ADASKIP_DEBUG", "1")
+    with pytest.raises(ValueError, match="misses the key"):
+        main(argv)
+
+
+def test_a_programming_error_keeps_its_traceback(monkeypatch, files):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr("adaskip.runtime.loading.load_model", broken)
+    with pytest.raises(KeyError):
+        main(["run", "--strategy", "full", "--prompt", "hi"])
+
+
+@pytest.fixture
+def tiny_loaded(model, monkeypatch):
+    """load_model gives the tiny model and a character tokenizer (the command runs past loading)."""
+    monkeypatch.setattr("adaskip.runtime.loading.load_model", lambda *a, **k: (model, _CharTokenizer()))
+
+
+def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, files, tmp_path, monkeypatch, capsys):
+    """The search's result is on disk before validation starts; an interrupt during validation
+    leaves it there (one line, naming what was kept)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adaskip.skipping.calibration.validate", interrupted)
+    out = tmp_path / "new" / "p.json"
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24", "--out", str(out),
+              "--search", "loss", "--search-max", "2", "--search-candidates", "2", "--search-requests", "1",
+              "--validate-budgets", "2", "--validation-requests", "1"])
+    assert "interrupted" in str(e.value.code)
+    assert f"{out} keeps the profile up to the last step saved (loss search)" in capsys.readouterr().err
+    kept = ImportanceProfile.load(out)
+    assert kept.search["loss"]["order"] and len(kept.search["loss"]["order"]) == 2 and not kept.validation
+    assert [p.name for p in out.parent.iterdir()] == ["p.json"]  # no temporary file left behind
+
+
+def test_an_interrupted_search_keeps_its_first_choices(model, tmp_path, monkeypatch):
+    """After each choice the profile holds the search so far; saved, it loads and plans up to it."""
+    from adaskip.skipping import greedy
+
+    real, calls = greedy._measure, []
+
+    def measure_then_stop(*args, **kwargs):  # the 2nd step's statistics pass is never reached
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(greedy, "_measure", measure_then_stop)
+    path = tmp_path / "p.json"
+    steps = []
+
+    def checkpoint(profile, step, done):
+        profile.save(path)
+        steps.append((step, done))
+
+    requests = [torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(3)).tolist()]
+    with pytest.raises(KeyboardInterrupt):
+        adaskip.calibrate(model, requests, num_requests=1, prompt_len=20, progress=False, search="loss",
+                          search_max_sublayers=3, search_candidates=2, checkpoint=checkpoint)
+    assert steps == [("calibration", True), ("loss search", False)]
+    kept = ImportanceProfile.load(path)
+    partial = kept.search_result("loss")
+    assert len(partial.order) == 1 and partial.notes == {"complete": False} and len(partial.loss) == 2
+    assert adaskip.plan(kept, strategy="greedy-loss", num_sublayers=1).skip_scales
+    with pytest.raises(ValueError, match="covers budgets up to 1 sublayers"):
+        adaskip.plan(kept, strategy="greedy-loss", num_sublayers=2)
