@@ -52,6 +52,35 @@ def _set(d, dotted, value):
     ("search.loss.loss", [5.0, 4.0], "field 'loss' must hold 4 values"),
     ("search.loss.scales[1]", float("nan"), "'search.loss.scales' holds nan"),
     ("search.loss.scales[2]", -0.5, "must be positive"),
+    ("search.loss.scales[0]", 1e9, "'search.loss.scales' holds 1000000000.0 at index 0; a compensation scale must be "
+     "positive and at most 10000"),
+    ("scale[1]", 3e5, "'scale' holds 300000.0 at index 1"),
+    ("similarity[0]", 1.7, "'similarity' holds 1.7 at index 0; expected a number in [-1.001, 1.001]"),
+    ("block_similarity[2]", -3.0, "'block_similarity' holds -3.0 at index 2"),
+    ("similarity_std[0]", -0.1, "'similarity_std' holds -0.1 at index 0; expected a number >= 0"),
+    ("search.loss.similarity[0]", float("nan"), "'search.loss.similarity' holds nan"),
+    ("search.loss.loss[0]", float("-inf"), "'search.loss.loss' holds -inf"),
+    ("search.loss.order", [1, 2], "field 'scales' must hold 2 values"),
+    ("search.loss.order", [1, 2, True], "outside [0, 8)"),
+    ("search.loss.order", "0,1,2", "no 'order' list"),
+    ("search.loss", [0, 1], "'loss' search is malformed"),
+    ("search.loss.objective", [0.0, 0.1], "field 'objective' must hold 4 values"),
+    ("search.loss.objective", [0.0, 0.1, float("nan"), 0.2], "'search.loss.objective' holds nan"),
+    ("similarity", 0.9, "'similarity' has float, expected a list of 8"),
+    ("scale", [1.0] * 6, "'scale' has 6 values, expected a list of 8"),
+    ("block_similarity", [0.5] * 8, "'block_similarity' has 8 values, expected a list of 4"),
+    ("num_layers", "4", "'num_layers' must be an integer >= 1, got '4'"),
+    ("num_layers", 0, "'num_layers' must be an integer >= 1"),
+    ("tokens", -5, "'tokens' must be an integer >= 0, got -5"),
+    ("fingerprint", [1], "'fingerprint' must be a JSON object, got list"),
+    ("search", [], "'search' must be a JSON object"),
+    ("validation", {"adaskip": {"budgets": [2], "kl": [float("nan")], "top1_agreement": [0.9], "sublayers": [[0, 1]]}},
+     "'validation.adaskip.kl' holds nan"),
+    ("validation", {"adaskip": {"budgets": [2], "kl": [0.1], "top1_agreement": [1.2], "sublayers": [[0, 1]]}},
+     "'validation.adaskip.top1_agreement' holds 1.2 at index 0; expected a number in [0, 1]"),
+    ("validation", {"adaskip": {"budgets": [2, 4], "kl": [0.1], "top1_agreement": [0.9], "sublayers": [[0, 1]]}},
+     "validation of 'adaskip' is malformed"),
+    ("surprise", 1, "malformed"),
 ])
 def test_a_profile_with_impossible_values_is_refused_on_load(profile_dict, tmp_path, field, value, message):
     data = json.loads(json.dumps(profile_dict))
@@ -399,3 +428,88 @@ def test_an_interrupted_search_keeps_its_first_choices(model, tmp_path, monkeypa
     assert adaskip.plan(kept, strategy="greedy-loss", num_sublayers=1).skip_scales
     with pytest.raises(ValueError, match="covers budgets up to 1 sublayers"):
         adaskip.plan(kept, strategy="greedy-loss", num_sublayers=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: the same refusals, as ValueError naming the argument, before any work.
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(device="bogus"), "unknown device 'bogus'; expected 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(device="mps"), "device 'mps' is not supported"),
+    (dict(device="cuda:99"), "'cuda:99'"),
+    (dict(device=3.5), "unknown device 3.5"),
+    (dict(dtype=torch.int8), "unsupported dtype torch.int8"),
+    (dict(dtype=torch.float64), "unsupported dtype torch.float64"),
+    (dict(dtype="bf16"), "unsupported dtype 'bf16'"),
+])
+def test_load_model_refuses_devices_and_dtypes_before_reading(kwargs, message, monkeypatch):
+    monkeypatch.setattr("adaskip.runtime.gguf.find_smollm2_gguf", _no_model)  # nothing may be read
+    with pytest.raises(ValueError, match=re.escape(message)):
+        adaskip.load_model("smollm2", **kwargs)
+
+
+@pytest.mark.parametrize("data,message", [
+    ([[5, 6, 7, 101]], "calibration data: request 0 holds token ids outside the vocabulary [0, 101): [101]"),
+    ([[5, 6, 7], [1, -2, 3]], "request 1 holds token ids outside the vocabulary"),
+    ([5, 6, 7, 8], "calibration data is a flat list of token ids"),
+    ([[5, 6, 7], [1.5, 2, 3]], "outside the vocabulary"),
+    ([], "no calibration data were given"),
+    ([[5, 6], "some text"], "not a mix"),
+    (42, "calibration data must be texts, files or token-id lists, got int"),
+])
+def test_calibrate_checks_token_ids_on_the_host(model, data, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        adaskip.calibrate(model, data, num_requests=1, prompt_len=8, progress=False)
+
+
+def test_search_and_validate_check_their_requests(model, profile_dict, tmp_path):
+    from adaskip.skipping.calibration import validate
+    from adaskip.skipping.greedy import search
+
+    with pytest.raises(ValueError, match="search requests must be a batch of token-id lists; got a string"):
+        search(model, "some text", max_sublayers=2)
+    with pytest.raises(ValueError, match=re.escape("request 0 holds token ids outside the vocabulary [0, 101)")):
+        search(model, [[1, 2, 500]], max_sublayers=2)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile_dict))
+    with pytest.raises(ValueError, match="validation requests is a flat list of token ids"):
+        validate(model, ImportanceProfile.load(path), [1, 2, 3, 4], budgets=[2])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(strategy="fastest", num_sublayers=2), "unknown strategy 'fastest'"),
+    (dict(planner="magic", num_sublayers=2), "unknown planner 'magic'"),
+    (dict(mode="train", num_sublayers=2), "mode must be one of"),
+    (dict(num_sublayers=-1), "num_sublayers must be in [0, 6]"),
+    (dict(num_sublayers=7), "num_sublayers must be in [0, 6]"),
+    (dict(alpha=0.5), "alpha must be in [1, 4]"),
+    (dict(alpha=2.0, num_sublayers=2), "exactly one budget"),
+    (dict(min_agreement=1.5), "min_agreement must be in [0, 1]"),
+    (dict(max_kl=-0.1), "max_kl must be >= 0"),
+    (dict(min_agreement=0.9), "no validation of 'adaskip'"),
+    (dict(strategy="greedy-kl", num_sublayers=2), "no 'kl' search"),
+    (dict(strategy="shortgpt", num_sublayers=3), "needs an even number of sublayers"),
+    (dict(stand_in="cubic", num_sublayers=2), "unknown stand-in kind 'cubic'"),
+    (dict(stand_in="linear", num_sublayers=2), "use strategy 'greedy-kl'"),
+])
+def test_plan_refuses_bad_arguments(profile_dict, tmp_path, kwargs, message):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile_dict))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        adaskip.plan(ImportanceProfile.load(path), **kwargs)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from adaskip._util import write_json
+
+    path = write_json(tmp_path / "r.json", {"ok": 1})
+    path.chmod(0o640)
+    with pytest.raises(TypeError):
+        write_json(path, {"not json": object()})
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"ok": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    write_json(path, {"ok": 3})
+    assert json.loads(path.read_text()) == {"ok": 3} and path.stat().st_mode & 0o777 == 0o640

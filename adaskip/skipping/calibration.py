@@ -120,7 +120,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                              f"profile; add it to search=")
     else:
         validation_requests = 0
-    data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
+    try:
+        data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
+    except TypeError:
+        raise ValueError(f"adaskip: calibration data must be texts, files or token-id lists, got "
+                         f"{type(data).__name__}") from None
     is_text = [isinstance(d, (str, os.PathLike)) for d in data]
     if any(is_text) and not all(is_text):
         raise ValueError("adaskip: calibration data must be all texts and files, or all token-id lists, not a mix")

@@ -44,7 +44,7 @@ def check_requests(model, requests, what: str = "requests") -> list:
         return _check_prompts(requests, model.args.vocab_size)
     except ValueError as e:
         message = str(e).removeprefix("adaskip: ").replace("prompts", what).replace("prompt ", "request ")
-        raise ValueError(f"adaskip: {message}") from None
+        raise ValueError(f"adaskip: {message if what in message else f'{what}: {message}'}") from None
 
 
 @torch.inference_mode()
