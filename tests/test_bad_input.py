@@ -513,3 +513,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
     write_json(path, {"ok": 3})
     assert json.loads(path.read_text()) == {"ok": 3} and path.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("input_ids,message", [
+    ([[1, 2, 3]], "must be a \\[batch, tokens\\] tensor of token ids, got list"),
+    (torch.tensor([1, 2, 3]), "must be \\[batch, tokens\\], got shape \\(3,\\)"),
+    (torch.tensor([[1.0, 2.0]]), "must hold integer token ids, got torch.float32"),
+    (torch.tensor([[True, False]]), "must hold integer token ids, got torch.bool"),
+    (torch.tensor([[1, 101]]), "outside the vocabulary \\[0, 101\\): \\[101\\]"),
+    (torch.tensor([[-1, 5], [7, 200]]), "outside the vocabulary \\[0, 101\\): \\[-1, 200\\]"),
+])
+def test_input_ids_for_the_model_are_checked_on_the_host(input_ids, message):
+    from adaskip.runtime.ids import check_input_ids
+
+    with pytest.raises(ValueError, match=message):
+        check_input_ids(input_ids, 101)
+    check_input_ids(torch.tensor([[0, 100]]), 101)  # the edges of the vocabulary pass
