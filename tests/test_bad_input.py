@@ -529,3 +529,22 @@ def test_input_ids_for_the_model_are_checked_on_the_host(input_ids, message):
     with pytest.raises(ValueError, match=message):
         check_input_ids(input_ids, 101)
     check_input_ids(torch.tensor([[0, 100]]), 101)  # the edges of the vocabulary pass
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--budgets", "2,99", "--out", "{t}"], "budgets of 99 sublayers exceed what a model of 4 layers can skip (6"),
+    (["eval", "--budgets", "2", "--window-len", "500", "--out", "{t}"], "ppl windows of 500 tokens exceed the model's context of 128"),
+    (["eval", "--budgets", "2", "--tasks", "generation", "--generation-lengths", "120", "--out", "{t}"],
+     "context of 128"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--prompt-len", "64", "--validate-budgets", "2,99"],
+     "validation budgets must be distinct numbers of sublayers in [0, 6]"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--prompt-len", "500"],
+     "prompt_len 500 exceeds the model's context of 128"),
+    (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--num-requests", "50", "--prompt-len", "64"],
+     "gives only"),
+    (["run", "--strategy", "full", "--prompt", "hi", "--max-new-tokens", "500"], "exceeds the model's context of 128"),
+])
+def test_what_needs_the_model_is_refused_right_after_it_loads(argv, message, tiny_loaded, files, tmp_path, capsys):
+    """Checks against the model's geometry come before any calibration or generation."""
+    code, text = _refused(argv, files, tmp_path, capsys)
+    assert code == 1 and "\n" not in text.strip() and message in text
