@@ -388,7 +388,9 @@ def _plan(a, profile, num_layers: int, planner=None, model_args=None):
                 stand_in=a.stand_in, **budget)
 
 
-def _build_plan(a, model, profile):
+def _build_plan(a, model, profile=None):
+    """The plan for `model`; `profile`: the --profile already loaded (else it is loaded here)."""
+    profile = profile if profile is not None else _load_profile(a)
     if profile is not None:
         profile.check_model(model)
     return _plan(a, profile, model.args.num_layers, model_args=model.args)

@@ -80,6 +80,10 @@ def _set(d, dotted, value):
      "'validation.adaskip.top1_agreement' holds 1.2 at index 0; expected a number in [0, 1]"),
     ("validation", {"adaskip": {"budgets": [2, 4], "kl": [0.1], "top1_agreement": [0.9], "sublayers": [[0, 1]]}},
      "validation of 'adaskip' is malformed"),
+    ("validation", {"adaskip": {"budgets": [2], "kl": [0.1], "top1_agreement": [0.9], "sublayers": [[3]]}},
+     "lists [3] as the plan of budget 2; expected 2 distinct sublayers in [0, 8)"),
+    ("validation", {"adaskip": {"budgets": [2], "kl": [0.1], "top1_agreement": [0.9], "sublayers": [[3, 3]]}},
+     "expected 2 distinct sublayers"),
     ("surprise", 1, "malformed"),
 ])
 def test_a_profile_with_impossible_values_is_refused_on_load(profile_dict, tmp_path, field, value, message):

@@ -193,6 +193,11 @@ class ImportanceProfile:
             if not isinstance(entry, dict) or any(not isinstance(entry.get(k), list) for k in lists) \
                     or len({len(entry[k]) for k in lists}) != 1 or any(not 0 <= int(b) < n for b in entry["budgets"]):
                 raise ValueError(f"adaskip: the profile's validation of {strategy!r} is malformed")
+            for b, chosen in zip(entry["budgets"], entry["sublayers"]):
+                if not isinstance(chosen, list) or len(chosen) != int(b) or len(set(chosen)) != len(chosen) \
+                        or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n for x in chosen):
+                    raise ValueError(f"adaskip: the profile's validation of {strategy!r} lists {chosen!r} as the "
+                                     f"plan of budget {b}; expected {b} distinct sublayers in [0, {n})")
             # What plan(min_agreement=, max_kl=) picks by: a NaN would compare false and pick wrongly.
             _check_numbers(f"validation.{strategy}.kl", entry["kl"], positive=True)
             _check_numbers(f"validation.{strategy}.top1_agreement", entry["top1_agreement"], within=(0.0, 1.0))
