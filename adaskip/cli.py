@@ -509,6 +509,7 @@ def cmd_export(a) -> None:
         raise SystemExit("adaskip: the full model needs no export; choose a strategy that skips sublayers")
     profile = _load_profile(a)
     _check_plan_args(a, profile)
+    _make_folder("--out", a.out, Path(a.out).expanduser().parent)  # last; export writes beside it, then renames
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device or "cpu")
     plan = _build_plan(a, model, profile)
     if a.stand_in is None and plan.stand_ins:

@@ -172,6 +172,7 @@ def files(profile_dict, tmp_path_factory):
     bad["block_similarity"][0] = float("nan")
     (root / "nan-profile.json").write_text(json.dumps(bad))
     (root / "list.json").write_text("[1, 2, 3]")
+    (root / "binary.json").write_bytes(bytes(range(128, 256)))
     (root / "notjson.json").write_text("{'similarity': [")
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     (root / "empty.txt").write_text("   \n")
@@ -280,6 +281,7 @@ CLI_CASES = [
     (["run", "--prompt", "hi", "--profile", "{f}/nothing.json"], "--profile {f}/nothing.json does not exist"),
     (["run", "--prompt", "hi", "--profile", "{f}/folder"], "--profile {f}/folder is a folder"),
     (["run", "--prompt", "hi", "--profile", "{f}/notjson.json"], "cannot read profile {f}/notjson.json"),
+    (["run", "--prompt", "hi", "--profile", "{f}/binary.json"], "cannot read profile {f}/binary.json: 'utf-8'"),
     (["run", "--prompt", "hi", "--profile", "{f}/list.json"], "{f}/list.json is not an adaskip importance profile"),
     (["run", "--prompt", "hi", "--profile", "{f}/nan-profile.json", "--strategy", "shortgpt"],
      "'block_similarity' holds nan at index 0"),
@@ -296,6 +298,7 @@ CLI_CASES = [
     (["export", "--profile", "{f}/profile.json", "--out", "{f}/text.txt"], "the export folder {f}/text.txt is a file"),
     (["export", "--profile", "{f}/profile.json", "--out", "{f}/full"], "is not empty"),
     (["export", "--strategy", "full", "--out", "{t}/x"], "the full model needs no export"),
+    (["export", "--profile", "{f}/profile.json", "--out", "{f}/text.txt/x"], "--out {f}/text.txt/x: cannot create"),
     (["export", "--profile", "{f}/nan-profile.json", "--out", "{t}/x"], "'block_similarity' holds nan"),
     (["export", "--profile", "{f}/profile.json", "--num-sublayers", "99", "--out", "{t}/x"],
      "num_sublayers must be in"),

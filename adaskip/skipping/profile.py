@@ -258,7 +258,7 @@ class ImportanceProfile:
     def load(cls, path) -> "ImportanceProfile":
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # a folder, a binary file, not JSON
             raise ValueError(f"adaskip: cannot read profile {path}: {e}") from e
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ValueError(f"adaskip: {path} is not an adaskip importance profile ({FORMAT})")
