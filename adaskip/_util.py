@@ -1,6 +1,7 @@
 """Small helpers every layer may use: the JSON writer and the progress bar."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,6 +32,8 @@ def write_atomic(path, blob: bytes) -> Path:
     """Writes `blob` to `path` through a temporary file beside it and a rename: an interrupt or
     a full disk leaves the old file (or none), never half of the new one."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the write, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file name", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -519,6 +519,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         write_json(path, {"ok": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"ok": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(IsADirectoryError, match=f"is a folder; expected a file name: '{tmp_path}'"):
+        write_json(tmp_path, {"ok": 4})
     write_json(path, {"ok": 3})
     assert json.loads(path.read_text()) == {"ok": 3} and path.stat().st_mode & 0o777 == 0o640
 
