@@ -52,12 +52,12 @@ def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, pro
     from .skipping.calibration import calibrate
 
     description = f"{', '.join(data)}: {num_requests} requests x <= {prompt_len} tokens"
-    return calibrate(model, paths, tokenizer=tokenizer, checkpoint=checkpoint, num_requests=num_requests, prompt_len=prompt_len,
+    return calibrate(model, paths, tokenizer=tokenizer, num_requests=num_requests, prompt_len=prompt_len,
                      progress=progress, description=description, search=search_methods,
                      search_max_sublayers=search_max, search_candidates=search_candidates,
                      search_requests=search_requests, validate_budgets=validate_budgets,
                      validate_strategies=validate_strategies, validation_requests=validation_requests,
-                     search_stand_in=search_stand_in, search_weighting=search_weighting)
+                     search_stand_in=search_stand_in, search_weighting=search_weighting, checkpoint=checkpoint)
 
 
 def cmd_calibrate(a) -> None:

@@ -395,8 +395,9 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, f
     monkeypatch.setattr("adaskip.skipping.calibration.validate", interrupted)
     out = tmp_path / "new" / "p.json"
     with pytest.raises(SystemExit) as e:
-        main(["calibrate", "--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24", "--out", str(out),
-              "--search", "loss", "--search-max", "2", "--search-candidates", "2", "--search-requests", "1",
+        main(["calibrate", "--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24",
+              "--out", str(out), "--search", "loss", "--search-max", "2", "--search-candidates", "2",
+              "--search-requests", "1",
               "--validate-budgets", "2", "--validation-requests", "1"])
     assert "interrupted" in str(e.value.code)
     assert f"{out} keeps the profile up to the last step saved (loss search)" in capsys.readouterr().err
@@ -542,8 +543,10 @@ def test_input_ids_for_the_model_are_checked_on_the_host(input_ids, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["eval", "--budgets", "2,99", "--out", "{t}"], "budgets of 99 sublayers exceed what a model of 4 layers can skip (6"),
-    (["eval", "--budgets", "2", "--window-len", "500", "--out", "{t}"], "ppl windows of 500 tokens exceed the model's context of 128"),
+    (["eval", "--budgets", "2,99", "--out", "{t}"],
+     "budgets of 99 sublayers exceed what a model of 4 layers can skip (6"),
+    (["eval", "--budgets", "2", "--window-len", "500", "--out", "{t}"],
+     "ppl windows of 500 tokens exceed the model's context of 128"),
     (["eval", "--budgets", "2", "--tasks", "generation", "--generation-lengths", "120", "--out", "{t}"],
      "context of 128"),
     (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--prompt-len", "64", "--validate-budgets", "2,99"],

@@ -140,7 +140,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         notes["candidates"] = ("every remaining sublayer tried at each step" if everything else
                                f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")
     return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
-                        candidates=tried_per_step(method, candidates, pool), requests=len(requests), tokens=sum(len(r) for r in requests),
+                        candidates=tried_per_step(method, candidates, pool), requests=len(requests),
+                        tokens=sum(len(r) for r in requests),
                         forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
 
 
@@ -209,7 +210,8 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
         bar.update(1)
         if on_step is not None:
             on_step(_partial("kl", order, scales, sims, losses, len(pool) if candidates is None else candidates,
-                             requests, passes, start, notes={"stand_in": stand_in, "weighting": weighting, "rank": rank},
+                             requests, passes, start,
+                             notes={"stand_in": stand_in, "weighting": weighting, "rank": rank},
                              objective=objective[:step + 2], fits=list(fits)))
     bar.close()
     args = model.args
