@@ -81,15 +81,17 @@ def cmd_calibrate(a) -> None:
     paths = _text_paths(a.data)
     out = _check_out_file("--out", a.out)  # last: the checks above create nothing
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    # Each step's result is written as soon as it exists (atomically): a later step that fails
-    # or is interrupted leaves the profile of the steps before it.
+    # Each step's result is written as soon as it exists (atomically) to a partial profile beside
+    # --out: a later step that fails or is interrupted leaves the steps before it there, and --out
+    # itself only ever holds a finished profile (what `make demo` takes an existing file for).
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
     saved = []
 
     def checkpoint(profile, step, done):
-        profile.save(out)
+        profile.save(partial)
         saved.append(step if done else f"{step}: {len(profile.search[step.split()[0]]['order'])} choices so far")
         if done:
-            print(f"saved {out} ({step})", flush=True)
+            print(f"saved {partial} ({step})", flush=True)
 
     try:
         profile = _calibrate(model, tokenizer, a.data, paths, a.num_requests, a.prompt_len, searches,
@@ -100,9 +102,11 @@ def cmd_calibrate(a) -> None:
                              checkpoint=checkpoint)
     except BaseException:
         if saved:
-            print(f"adaskip: {out} keeps the profile up to the last step saved ({saved[-1]})", file=sys.stderr)
+            print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
+                  "profile like any other", file=sys.stderr)
         raise
     profile.save(out)
+    _remove_profile(partial)
     print(f"wrote {a.out}: {profile.num_requests} requests, {profile.tokens} tokens")
     for method, r in profile.search.items():
         print(f"  {method} search: {len(r['order'])} sublayers, {r['forward_passes']} forward passes, "
@@ -111,6 +115,14 @@ def cmd_calibrate(a) -> None:
         print(f"  {strategy} validated on {v['requests']} requests ({v['tokens']} tokens): "
               + ", ".join(f"{k} sublayers KL {kl:.4g} agreement {ag:.3f}"
                           for k, kl, ag in zip(v["budgets"], v["kl"], v["top1_agreement"])))
+
+
+def _remove_profile(path: Path) -> None:
+    """Deletes a profile and its stand-in file, if there."""
+    from .skipping.profile import STAND_IN_SUFFIX
+
+    for f in (path, path.with_name(path.stem + STAND_IN_SUFFIX)):
+        f.unlink(missing_ok=True)
 
 
 def _split(text, kind):

@@ -387,8 +387,9 @@ def tiny_loaded(model, monkeypatch):
 
 
 def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, files, tmp_path, monkeypatch, capsys):
-    """The search's result is on disk before validation starts; an interrupt during validation
-    leaves it there (one line, naming what was kept)."""
+    """The search's result is on disk (a partial profile beside --out) before validation starts;
+    an interrupt during validation leaves it there and --out unwritten (one line, naming what
+    was kept)."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -400,10 +401,19 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, f
               "--search-requests", "1",
               "--validate-budgets", "2", "--validation-requests", "1"])
     assert "interrupted" in str(e.value.code)
-    assert f"{out} keeps the profile up to the last step saved (loss search)" in capsys.readouterr().err
-    kept = ImportanceProfile.load(out)
+    partial = out.parent / "p.partial.json"
+    assert f"{partial} keeps the steps finished before this one (up to loss search)" in capsys.readouterr().err
+    kept = ImportanceProfile.load(partial)
     assert kept.search["loss"]["order"] and len(kept.search["loss"]["order"]) == 2 and not kept.validation
-    assert [p.name for p in out.parent.iterdir()] == ["p.json"]  # no temporary file left behind
+    assert [p.name for p in out.parent.iterdir()] == ["p.partial.json"]  # no temporary file, no --out
+
+
+def test_a_finished_calibration_leaves_only_its_profile(tiny_loaded, files, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    main(["calibrate", "--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24", "--out", str(out),
+          "--search", "similarity", "--search-max", "2", "--search-requests", "1"])
+    assert "saved" in capsys.readouterr().out and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+    assert len(ImportanceProfile.load(out).search["similarity"]["order"]) == 2
 
 
 def test_an_interrupted_search_keeps_its_first_choices(model, tmp_path, monkeypatch):
