@@ -571,3 +571,34 @@ def test_what_needs_the_model_is_refused_right_after_it_loads(argv, message, tin
     """Checks against the model's geometry come before any calibration or generation."""
     code, text = _refused(argv, files, tmp_path, capsys)
     assert code == 1 and "\n" not in text.strip() and message in text
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: SkipPlan(0, {}), "num_layers must be an integer >= 1, got 0"),
+    (lambda m: SkipPlan(4, [2, 3]), "skip_scales must be a dict"),
+    (lambda m: SkipPlan(4, {"2": 1.0}), "sublayers must be integer indices, got ['2']"),
+    (lambda m: SkipPlan(4, {2.0: 1.0}), "sublayers must be integer indices"),
+    (lambda m: SkipPlan(4, {9: 1.0}), "sublayers [9] are out of range for a model with 4 layers"),
+    (lambda m: SkipPlan(4, {2: 1.0}, stand_ins=[1]), "stand_ins must be a dict"),
+    (lambda m: adaskip.generate(m, [[1, 2]], max_new_tokens="5"), "max_new_tokens must be an integer >= 1, got '5'"),
+    (lambda m: adaskip.generate(m, [[1, 2]], max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    (lambda m: adaskip.generate(m, [[1, 2]], max_new_tokens=2, plan={2: 1.0}), "plan must be an adaskip SkipPlan"),
+    (lambda m: adaskip.generate(m, [[1, 2]], max_new_tokens=2, plan=SkipPlan(6, {2: 1.0})), "6 layers"),
+    (lambda m: adaskip.generate(m, [[1] * 127], max_new_tokens=5), "exceeds the model's context of 128"),
+    (lambda m: adaskip.plan(None, num_layers=4, strategy="early-exit", num_sublayers="2"),
+     "num_sublayers must be an integer, got '2'"),
+    (lambda m: adaskip.plan(None, num_layers=4, strategy="early-exit", alpha=float("nan")), "got nan"),
+    (lambda m: adaskip.plan(None, strategy="early-exit", num_sublayers=2), "pass a profile or num_layers"),
+    (lambda m: adaskip.calibrate(m, [[1, 2, 3]], num_requests=1, prompt_len="8"), "prompt_len must be an integer"),
+    (lambda m: adaskip.calibrate(m, [[1, 2, 3]], num_requests=1.5, prompt_len=8), "num_requests must be an integer"),
+    (lambda m: adaskip.calibrate(m, [[1, 2, 3]], num_requests=1, prompt_len=8, search="bogus"),
+     "unknown search methods ['bogus']"),
+    (lambda m: adaskip.calibrate(m, [[1, 2, 3]], num_requests=1, prompt_len=8, validate_budgets=[2],
+                                 validate_strategies=["fast"]), "cannot validate strategies ['fast']"),
+    (lambda m: adaskip.calibrate(m, ["some text"], num_requests=1, prompt_len=8), "needs the model's tokenizer"),
+    (lambda m: ImportanceProfile.load(None), "cannot read profile None"),
+    (lambda m: adaskip.load_model(None), "model source 'None' does not exist"),
+])
+def test_public_functions_refuse_bad_arguments(model, call, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        call(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -89,6 +90,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
     nothing finished to a later failure or an interrupt."""
+    for name, value in (("num_requests", num_requests), ("prompt_len", prompt_len),
+                        ("search_max_sublayers", search_max_sublayers), ("search_requests", search_requests),
+                        ("validation_requests", validation_requests), ("search_candidates", search_candidates)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"adaskip: {name} must be an integer, got {value!r}")
     if num_requests < 1:
         raise ValueError(f"adaskip: num_requests must be >= 1, got {num_requests}")
     if prompt_len < 2:

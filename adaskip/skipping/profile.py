@@ -256,9 +256,9 @@ class ImportanceProfile:
 
     @classmethod
     def load(cls, path) -> "ImportanceProfile":
-        try:
+        try:  # a folder, no path at all, a binary file, not JSON: all one message naming it
             data = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # a folder, a binary file, not JSON
+        except (OSError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"adaskip: cannot read profile {path}: {e}") from e
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ValueError(f"adaskip: {path} is not an adaskip importance profile ({FORMAT})")
