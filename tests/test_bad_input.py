@@ -1,5 +1,8 @@
 """Bad input is refused with a message that names it, before any work: profiles and plans with
-values no plan can be built on, and prompts that are not a batch of in-vocabulary token ids."""
+values no plan can be built on, prompts that are not a batch of in-vocabulary token ids, and
+every command line whose arguments can be checked without a model (refused in one line before
+one loads, leaving every file as it was). Finished calibration steps survive a later failure.
+All on the tiny random model; the command line runs in-process."""
 import json
 import re
 
@@ -9,6 +12,7 @@ import torch
 
 import adaskip
 from adaskip import ImportanceProfile, SkipPlan
+from adaskip.cli import main
 from behaviour_cases import tiny_model
 
 
@@ -144,7 +148,10 @@ def test_generate_takes_tensors_and_numpy_ids_like_lists(model):
 # The command line: every bad argument is refused in one line, before any model loads, and
 # leaves every file as it was.
 
-from adaskip.cli import main  # noqa: E402
+
+# The tiny model's config, for model folders with a broken one.
+CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
 class _CharTokenizer:
@@ -190,9 +197,6 @@ def files(profile_dict, tmp_path_factory):
         (root / name / "tokenizer.json").write_text("{}")
     return root
 
-
-CONFIG = dict(architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=96,
-              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
 def _snapshot(root):
@@ -324,7 +328,7 @@ CLI_CASES = [
     (["eval", "--speedups", "0.5", "--out", "{t}/e"], "target speedups must be >= 1"),
     (["eval", "--stand-ins", "cubic", "--strategies", "greedy-kl", "--out", "{t}/e"], "unknown stand-in kinds"),
     (["eval", "--stand-ins", "channel", "--out", "{t}/e"], "add it to the strategies"),
-    (["eval", "--out", "{f}/text.txt"], "--out {f}/text.txt is a file"),
+    (["eval", "--calibration-data", "{f}/text.txt", "--out", "{f}/text.txt"], "--out {f}/text.txt is a file"),
     (["eval", "--profile", "{f}/profile.json", "--strategies", "greedy-kl", "--out", "{t}/e"],
      "the profile has no ['kl'] search"),
     (["eval", "--profile", "{f}/nan-profile.json", "--out", "{t}/e"], "'block_similarity' holds nan"),
@@ -552,12 +556,16 @@ def test_input_ids_for_the_model_are_checked_on_the_host(input_ids, message):
     check_input_ids(torch.tensor([[0, 100]]), 101)  # the edges of the vocabulary pass
 
 
+# eval on the test's own text rather than the essays (a package the test need not have)
+EVAL_TEXT = ["eval", "--calibration-data", "{f}/text.txt", "--documents", "{f}/text.txt"]
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["eval", "--budgets", "2,99", "--window-len", "64", "--out", "{t}"],
+    ([*EVAL_TEXT, "--budgets", "2,99", "--window-len", "64", "--out", "{t}"],
      "budgets of 99 sublayers exceed what a model of 4 layers can skip (6"),
-    (["eval", "--budgets", "2", "--window-len", "500", "--out", "{t}"],
+    ([*EVAL_TEXT, "--budgets", "2", "--window-len", "500", "--out", "{t}"],
      "ppl windows of 500 tokens exceed the model's context of 128"),
-    (["eval", "--budgets", "2", "--tasks", "generation", "--generation-lengths", "120", "--out", "{t}"],
+    ([*EVAL_TEXT, "--budgets", "2", "--tasks", "generation", "--generation-lengths", "120", "--out", "{t}"],
      "context of 128"),
     (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--prompt-len", "64", "--validate-budgets", "2,99"],
      "validation budgets must be distinct numbers of sublayers in [0, 6]"),
