@@ -329,8 +329,9 @@ def cmd_eval(a) -> None:
                              searches, max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
                              a.search_candidates, a.search_requests, search_stand_in=a.search_stand_in,
                              search_weighting=a.search_weighting,
-                             checkpoint=lambda p, step, done: p.save(out / "profile.json"))
-        profile.save(out / "profile.json")
+                             checkpoint=lambda p, step, done: p.save(out / "profile.partial.json"))
+        profile.save(out / "profile.json")  # as calibrate does: the finished steps beside it until then
+        _remove_profile(out / "profile.partial.json")
     documents = []
     if paths:
         kept = held_out(paths, profile)

@@ -610,3 +610,14 @@ def test_what_needs_the_model_is_refused_right_after_it_loads(argv, message, tin
 def test_public_functions_refuse_bad_arguments(model, call, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         call(model)
+
+
+def test_eval_keeps_its_calibration_when_a_later_step_fails(tiny_loaded, files, tmp_path):
+    """Calibration read the only document, so nothing is left to evaluate: refused after it, with
+    its profile on disk (and no partial one)."""
+    out = tmp_path / "e"
+    with pytest.raises(SystemExit, match="every evaluation document was read by calibration"):
+        main([arg.format(f=files) for arg in EVAL_TEXT] + ["--strategies", "adaskip", "--budgets", "2",
+             "--window-len", "64", "--num-requests", "2", "--prompt-len", "24", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["profile.json"]
+    assert ImportanceProfile.load(out / "profile.json").num_requests == 2
