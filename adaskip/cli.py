@@ -735,9 +735,7 @@ def main(argv=None) -> None:
     from .benchmarks import register
 
     register(sub)
-    for q in sub.choices.values():  # `adaskip run ... --debug` too; SUPPRESS keeps a top-level --debug
-        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
+    _add_debug(sub)
 
     a = p.parse_args(argv)
     debug = a.debug or os.environ.get("ADASKIP_DEBUG", "") not in ("", "0")
@@ -751,6 +749,17 @@ def main(argv=None) -> None:
         if debug:
             raise
         raise SystemExit("adaskip: interrupted (what was already written stays; see the lines above)") from None
+
+
+def _add_debug(subparsers) -> None:
+    """--debug on every subcommand, nested ones (bench e2e) included: `adaskip run ... --debug`
+    as well as `adaskip --debug run ...` (SUPPRESS: a subcommand's default does not undo the latter)."""
+    for q in subparsers.choices.values():
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
+        for action in q._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_debug(action)
 
 
 # Errors a user's input causes (a bad value, a missing or unreadable file, a malformed JSON or

@@ -375,6 +375,13 @@ def test_debug_shows_the_error_itself(files, tmp_path, monkeypatch):
         main(argv)
 
 
+@pytest.mark.parametrize("command", [["calibrate"], ["eval"], ["bench", "e2e"], ["bench", "kernels"]])
+def test_every_subcommand_takes_debug(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--debug", "--help"])
+    assert e.value.code == 0 and "--debug" in capsys.readouterr().out
+
+
 def test_a_programming_error_keeps_its_traceback(monkeypatch, files):
     def broken(*args, **kwargs):
         raise KeyError("a bug, not bad input")
