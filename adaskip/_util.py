@@ -1,8 +1,11 @@
 """Small helpers every layer may use: the JSON writer and the progress bar."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -18,11 +21,39 @@ def json_safe(value):
 
 
 def write_json(path, data) -> Path:
-    """Writes `data` as indented standard JSON (non-finite floats as null), creating folders."""
+    """Writes `data` as indented standard JSON (non-finite floats as null), creating folders;
+    whole or not at all (write_atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
+    return write_atomic(path, (json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n").encode())
+
+
+def write_atomic(path, blob: bytes) -> Path:
+    """Writes `blob` to `path` through a temporary file beside it and a rename: an interrupt or
+    a full disk leaves the old file (or none), never half of the new one."""
+    path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the write, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder; expected a file name", str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, _new_file_mode(path))  # mkstemp makes it private; the result is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode the file replaced had, or what open() would give a new one (0o666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 class _Quiet:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,42 +44,69 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
     return paths
 
 
-def _calibrate(model, tokenizer, data: list, num_requests: int, prompt_len: int, search_methods=(),
+def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True,
                validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4,
-               search_stand_in: str = "linear", search_weighting: str = "late"):
-    """adaskip.calibrate on the files that `data` (command-line items) names."""
+               search_stand_in: str = "linear", search_weighting: str = "late", checkpoint=None):
+    """adaskip.calibrate on `paths`, the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
     description = f"{', '.join(data)}: {num_requests} requests x <= {prompt_len} tokens"
-    return calibrate(model, _text_paths(data), tokenizer=tokenizer, num_requests=num_requests, prompt_len=prompt_len,
+    return calibrate(model, paths, tokenizer=tokenizer, num_requests=num_requests, prompt_len=prompt_len,
                      progress=progress, description=description, search=search_methods,
                      search_max_sublayers=search_max, search_candidates=search_candidates,
                      search_requests=search_requests, validate_budgets=validate_budgets,
                      validate_strategies=validate_strategies, validation_requests=validation_requests,
-                     search_stand_in=search_stand_in, search_weighting=search_weighting)
+                     search_stand_in=search_stand_in, search_weighting=search_weighting, checkpoint=checkpoint)
 
 
 def cmd_calibrate(a) -> None:
     from .runtime.loading import load_model
-
+    from .skipping.greedy import METHODS
     from .skipping.strategies import searches_needed
 
+    _check_common(a, needs_tokenizer=True)
+    _at_least(a, num_requests=1, prompt_len=2, search_max=1, search_candidates=1, search_requests=1,
+              validation_requests=1)
     searches, budgets = _split(a.search, str), _split(a.validate_budgets, int)
     strategies = _split(a.validate_strategies, str)
+    _check_names("--search", searches, METHODS)
+    _check_budgets_and_strategies(budgets, strategies, "--validate-budgets", "--validate-strategies")
     missing = [m for m in searches_needed(strategies) if m not in searches]
     if budgets and missing:  # before the model loads: the search would have to run in this calibration
         raise SystemExit(f"adaskip: validating {','.join(strategies)} needs the {','.join(missing)} search; "
                          f"add --search {','.join(sorted(set(searches) | set(missing)))}")
     if not budgets and (a.validate_strategies != "adaskip" or a.validation_requests is not None):
         raise SystemExit("adaskip: --validate-strategies and --validation-requests need --validate-budgets")
+    paths = _text_paths(a.data)
+    out = _check_out_file("--out", a.out)  # last: the checks above create nothing
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    profile = _calibrate(model, tokenizer, a.data, a.num_requests, a.prompt_len, searches,
-                         a.search_max, a.search_candidates, a.search_requests, validate_budgets=budgets,
-                         validate_strategies=strategies,
-                         validation_requests=4 if a.validation_requests is None else a.validation_requests,
-                         search_stand_in=a.search_stand_in, search_weighting=a.search_weighting)
-    profile.save(a.out)
+    # Each step's result is written as soon as it exists (atomically) to a partial profile beside
+    # --out: a later step that fails or is interrupted leaves the steps before it there, and --out
+    # itself only ever holds a finished profile (what `make demo` takes an existing file for).
+    partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    saved = []
+
+    def checkpoint(profile, step, done):
+        profile.save(partial)
+        saved.append(step if done else f"{step}: {len(profile.search[step.split()[0]]['order'])} choices so far")
+        if done:
+            print(f"saved {partial} ({step})", flush=True)
+
+    try:
+        profile = _calibrate(model, tokenizer, a.data, paths, a.num_requests, a.prompt_len, searches,
+                             a.search_max, a.search_candidates, a.search_requests, validate_budgets=budgets,
+                             validate_strategies=strategies,
+                             validation_requests=4 if a.validation_requests is None else a.validation_requests,
+                             search_stand_in=a.search_stand_in, search_weighting=a.search_weighting,
+                             checkpoint=checkpoint)
+    except BaseException:
+        if saved:
+            print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
+                  "profile like any other", file=sys.stderr)
+        raise
+    profile.save(out)
+    _remove_profile(partial)
     print(f"wrote {a.out}: {profile.num_requests} requests, {profile.tokens} tokens")
     for method, r in profile.search.items():
         print(f"  {method} search: {len(r['order'])} sublayers, {r['forward_passes']} forward passes, "
@@ -89,6 +117,14 @@ def cmd_calibrate(a) -> None:
                           for k, kl, ag in zip(v["budgets"], v["kl"], v["top1_agreement"])))
 
 
+def _remove_profile(path: Path) -> None:
+    """Deletes a profile and its stand-in file, if there."""
+    from .skipping.profile import STAND_IN_SUFFIX
+
+    for f in (path, path.with_name(path.stem + STAND_IN_SUFFIX)):
+        f.unlink(missing_ok=True)
+
+
 def _split(text, kind):
     if not text:
         return []
@@ -96,6 +132,121 @@ def _split(text, kind):
         return [kind(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"adaskip: cannot read {text!r} as a comma-separated list") from None
+
+
+# Checks that run before any model loads or any text is read: a typo must not cost a calibration.
+
+def _at_least(a, **minimums) -> None:
+    """Refuses numeric options below their minimum (an option left unset passes)."""
+    for dest, low in minimums.items():
+        value = getattr(a, dest, None)
+        if value is not None and not value >= low:
+            raise SystemExit(f"adaskip: --{dest.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def _check_names(flag: str, names, allowed) -> None:
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise SystemExit(f"adaskip: {flag}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+
+
+def _check_budgets_and_strategies(budgets, strategies, budget_flag: str, strategy_flag: str) -> None:
+    """Budgets are distinct sublayer counts >= 0; whole-layer strategies need even ones."""
+    from .skipping.strategies import STRATEGIES, SUBLAYER_STRATEGIES
+
+    _check_names(strategy_flag, strategies, [s for s in STRATEGIES if s != "full"])
+    if any(b < 0 for b in budgets) or len(set(budgets)) != len(budgets):
+        raise SystemExit(f"adaskip: {budget_flag} must be distinct numbers of sublayers >= 0, got {budgets}")
+    whole = [s for s in strategies if s not in SUBLAYER_STRATEGIES]
+    if whole and any(b % 2 for b in budgets):
+        raise SystemExit(f"adaskip: {budget_flag}: whole-layer strategies ({', '.join(whole)}) need even budgets "
+                         f"(n layers = 2n sublayers), got {budgets}")
+
+
+def _check_common(a, needs_tokenizer: bool = False) -> None:
+    """--model, --device (and --dtype through argparse's choices) before anything loads."""
+    from .runtime.loading import TOKENIZER_FILES, has_tokenizer, resolve_device
+
+    source = str(a.model)
+    if source.lower() not in ("smollm2", "qwen2.5-coder") and not Path(source).expanduser().exists():
+        raise SystemExit(f"adaskip: --model {source!r} does not exist; expected a model folder, a .gguf file, "
+                         "'smollm2' or 'qwen2.5-coder'")
+    if needs_tokenizer and not has_tokenizer(source):
+        raise SystemExit(f"adaskip: --model {source} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                         f"{a.command} reads text, so it needs one")
+    try:
+        resolve_device(a.device)
+    except ValueError as e:
+        raise SystemExit(f"adaskip: --device: {str(e).removeprefix('adaskip: ')}") from None
+
+
+def _check_in_file(flag: str, path) -> Path:
+    f = Path(path).expanduser()
+    if not f.exists():
+        raise SystemExit(f"adaskip: {flag} {path} does not exist")
+    if not f.is_file():
+        raise SystemExit(f"adaskip: {flag} {path} is a folder; expected a file")
+    if not os.access(f, os.R_OK):
+        raise SystemExit(f"adaskip: {flag} {path} is not readable")
+    return f
+
+
+def _check_out_file(flag: str, path) -> Path:
+    """An output file, checked before the work whose result it keeps: refused when it is a
+    folder or when its folder cannot be made or written; the folder is made."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise SystemExit(f"adaskip: {flag} {path} is a folder; expected a file name")
+    _make_folder(flag, path, out.parent)
+    return out
+
+
+def _check_out_dir(flag: str, path) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"adaskip: {flag} {path} is a file; expected a folder")
+    _make_folder(flag, path, out)
+    return out
+
+
+def _make_folder(flag: str, given, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise SystemExit(f"adaskip: {flag} {given}: cannot create the folder {folder} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"adaskip: {flag} {given}: the folder {folder} is not writable")
+
+
+def _load_profile(a):
+    """The --profile, read and checked before the model loads (None without one)."""
+    from .skipping.profile import ImportanceProfile
+
+    if not getattr(a, "profile", None):
+        return None
+    return ImportanceProfile.load(_check_in_file("--profile", a.profile))
+
+
+def _check_plan_args(a, profile) -> None:
+    """Everything about the plan that needs no model: ranges, the profile a strategy needs, and,
+    with a profile, the plan itself built from it (a budget it cannot meet, a search it lacks)."""
+    from .skipping.strategies import PROFILE_FREE_STRATEGIES, SUBLAYER_STRATEGIES
+
+    _at_least(a, num_sublayers=0, context_len=1, window=0, max_new_tokens=1, alpha=1.0)
+    if a.min_agreement is not None and not 0.0 <= a.min_agreement <= 1.0:
+        raise SystemExit(f"adaskip: --min-agreement must be in [0, 1], got {a.min_agreement}")
+    _at_least(a, max_kl=0.0)
+    _check_tolerance(a)
+    if profile is None:
+        if a.strategy not in ("full", *PROFILE_FREE_STRATEGIES):
+            raise SystemExit(f"adaskip: --strategy {a.strategy} needs an importance profile; give --profile (from "
+                             "adaskip calibrate)")
+        if a.strategy not in SUBLAYER_STRATEGIES and a.num_sublayers is not None and a.num_sublayers % 2:
+            raise SystemExit(f"adaskip: whole-layer strategy {a.strategy!r} needs an even --num-sublayers "
+                             f"(n layers = 2n sublayers), got {a.num_sublayers}")
+        return
+    # The cost planner needs the model's geometry; the paper planner refuses the same bad budgets.
+    _plan(a, profile, profile.num_layers, planner="paper")
 
 
 def _cost_model(a, model):
@@ -121,14 +272,17 @@ def _sublayers_for_targets(a, model, targets) -> int:
 def cmd_eval(a) -> None:
     from .evaluation.harness import EvalSettings, held_out, run_eval
     from .runtime.loading import load_model
-    from .skipping.profile import ImportanceProfile
     from .skipping.strategies import searches_needed
     from ._util import write_json
     from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality, retrieval_table
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .skipping.strategies import STRATEGIES
+
+    _check_common(a, needs_tokenizer=True)
+    _at_least(a, num_requests=1, prompt_len=2, search_candidates=1, search_requests=1, window_len=2, windows=1,
+              retrieval_samples=1, retrieval_batch=1, limit=1, context_len=1)
     strategies = _split(a.strategies, str)
+    _check_names("--strategies", strategies, STRATEGIES)
     settings = EvalSettings(strategies=strategies, budgets=_split(a.budgets, int), speedups=_split(a.speedups, float),
                             stand_ins=_split(a.stand_ins, str), min_agreements=_split(a.min_agreement, float),
                             tasks=_split(a.tasks, str), window_len=a.window_len, max_windows=a.windows,
@@ -143,28 +297,43 @@ def cmd_eval(a) -> None:
                             speculative_draft_tokens=_split(a.speculative_draft_tokens, int),
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
-    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    if tokenizer is None:
-        raise SystemExit("adaskip: eval needs the model's tokenizer")
-    settings.check_model(model.args)
+    if {"passkey", "needle"} & set(settings.tasks):
+        if any(n < 1 for n in settings.retrieval_lengths) or not settings.retrieval_lengths:
+            raise SystemExit(f"adaskip: --retrieval-lengths must be token counts >= 1, got {a.retrieval_lengths!r}")
+        if any(not 0.0 <= d <= 1.0 for d in settings.retrieval_depths) or not settings.retrieval_depths:
+            raise SystemExit(f"adaskip: --retrieval-depths must be fractions in [0, 1], got {a.retrieval_depths!r}")
+    if "longbench" in settings.tasks and not Path(a.longbench_dir).is_dir():
+        raise SystemExit(f"adaskip: --longbench-dir {a.longbench_dir} is not a folder (expected a LongBench copy "
+                         "with data/<name>.jsonl)")
     searches = searches_needed(strategies)
-    if a.profile:
-        profile = ImportanceProfile.load(a.profile)
-        profile.check_model(model)
+    profile = _load_profile(a)
+    calibration_paths = []
+    if profile is not None:
         missing = [m for m in searches if m not in profile.search]
         if missing:
             raise SystemExit(f"adaskip: the profile has no {missing} search for the strategies that need it; "
                              f"calibrate with --search {','.join(missing)}")
     else:
+        calibration_paths = _text_paths(a.calibration_data)
+    paths = _text_paths(a.documents, "documents") if {"ppl", "generation", "speculative"} & set(settings.tasks) else []
+    out = _check_out_dir("--out", a.out)  # last: the checks above create nothing
+    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
+    if tokenizer is None:
+        raise SystemExit("adaskip: eval needs the model's tokenizer")
+    settings.check_model(model.args)
+    if profile is not None:
+        profile.check_model(model)
+    else:
         print(f"calibrating on {' '.join(a.calibration_data)} ({a.num_requests} x {a.prompt_len} tokens)")
-        profile = _calibrate(model, tokenizer, a.calibration_data, a.num_requests, a.prompt_len, searches,
-                             max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
+        profile = _calibrate(model, tokenizer, a.calibration_data, calibration_paths, a.num_requests, a.prompt_len,
+                             searches, max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
                              a.search_candidates, a.search_requests, search_stand_in=a.search_stand_in,
-                             search_weighting=a.search_weighting)
-        profile.save(out / "profile.json")
+                             search_weighting=a.search_weighting,
+                             checkpoint=lambda p, step, done: p.save(out / "profile.partial.json"))
+        profile.save(out / "profile.json")  # as calibrate does: the finished steps beside it until then
+        _remove_profile(out / "profile.partial.json")
     documents = []
-    if {"ppl", "generation", "speculative"} & set(settings.tasks):
-        paths = _text_paths(a.documents, "documents")
+    if paths:
         kept = held_out(paths, profile)
         if len(kept) < len(paths):
             settings.notes.append(f"ppl / generation / speculative: {len(paths) - len(kept)} documents left out because "
@@ -214,14 +383,10 @@ def cmd_eval(a) -> None:
     print("wrote " + ", ".join(str(p) for p in written if p is not None))
 
 
-def _build_plan(a, model):
+def _plan(a, profile, num_layers: int, planner=None, model_args=None):
+    """The plan the options ask for (adaskip.plan); the profile was checked against the model."""
     from .skipping.strategies import plan
-    from .skipping.profile import ImportanceProfile
 
-    profile = None
-    if a.profile:
-        profile = ImportanceProfile.load(a.profile)
-        profile.check_model(model)
     budget = {}
     if a.min_agreement is not None or a.max_kl is not None:
         _check_tolerance(a)
@@ -231,9 +396,17 @@ def _build_plan(a, model):
             budget = {"num_sublayers": 8}
         else:
             budget = {"alpha": a.alpha} if a.alpha is not None else {"num_sublayers": a.num_sublayers}
-    return plan(profile, num_layers=model.args.num_layers, strategy=a.strategy, planner=a.planner,
-                context_len=a.context_len, mode=a.mode, window=a.window, model_args=model.args,
+    return plan(profile, num_layers=num_layers, strategy=a.strategy, planner=planner or a.planner,
+                context_len=a.context_len, mode=a.mode, window=a.window, model_args=model_args,
                 stand_in=a.stand_in, **budget)
+
+
+def _build_plan(a, model, profile=None):
+    """The plan for `model`; `profile`: the --profile already loaded (else it is loaded here)."""
+    profile = profile if profile is not None else _load_profile(a)
+    if profile is not None:
+        profile.check_model(model)
+    return _plan(a, profile, model.args.num_layers, model_args=model.args)
 
 
 def _check_tolerance(a) -> None:
@@ -258,11 +431,11 @@ def _prompt_ids(a, tokenizer, text: str):
     return tokenizer(text)["input_ids"]
 
 
-def _compare(a, model, tokenizer, text: str) -> dict:
+def _compare(a, model, tokenizer, text: str, profile) -> dict:
     """Generates for one prompt with the full model and with the plan, timed in the same run."""
     from .runtime.generation import generate
 
-    skip_plan = _build_plan(a, model)
+    skip_plan = _build_plan(a, model, profile)
     ids = _prompt_ids(a, tokenizer, text)
     if len(ids) + a.max_new_tokens > model.args.max_position_embeddings:
         raise SystemExit(f"adaskip: the prompt has {len(ids)} tokens; with {a.max_new_tokens} new tokens that "
@@ -313,18 +486,26 @@ def _print_report(r: dict) -> None:
 def cmd_run(a) -> None:
     from .runtime.loading import load_model
 
-    if a.prompt is None and a.prompt_file is None:
-        raise SystemExit("adaskip: give --prompt TEXT or --prompt-file FILE")
+    _check_common(a, needs_tokenizer=True)
     if a.lossless and a.cuda_graph:
         raise SystemExit("adaskip: --lossless decodes eagerly for now; drop --cuda-graph")
-    if a.draft_tokens < 1:
-        raise SystemExit(f"adaskip: --draft-tokens must be >= 1, got {a.draft_tokens}")
-    _check_tolerance(a)
-    text = a.prompt if a.prompt is not None else Path(a.prompt_file).read_text(errors="replace")
+    _at_least(a, draft_tokens=1)
+    profile = _load_profile(a)
+    _check_plan_args(a, profile)
+    if a.prompt is not None:
+        text = a.prompt
+    else:
+        try:
+            text = _check_in_file("--prompt-file", a.prompt_file).read_text(errors="replace")
+        except OSError as e:
+            raise SystemExit(f"adaskip: --prompt-file {a.prompt_file}: cannot read it ({e.strerror or e})") from None
+    if not text.strip():
+        raise SystemExit(f"adaskip: {'--prompt' if a.prompt is not None else '--prompt-file ' + a.prompt_file} "
+                         "is empty; give the text to answer")
     if a.question:
         text = f"{text}\n\n{a.question}"
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
-    report = _compare(a, model, tokenizer, text)
+    report = _compare(a, model, tokenizer, text, profile)
     if a.json:
         print(json.dumps(report))
     else:
@@ -334,15 +515,16 @@ def cmd_run(a) -> None:
 def cmd_export(a) -> None:
     from .exporting import check_out_dir, export
     from .runtime.loading import load_model
-    from .skipping.profile import ImportanceProfile
 
     check_out_dir(a.out, a.force)  # before anything loads
-    _check_tolerance(a)
+    _check_common(a)
     if a.strategy == "full":
         raise SystemExit("adaskip: the full model needs no export; choose a strategy that skips sublayers")
-    profile = ImportanceProfile.load(a.profile) if a.profile else None
+    profile = _load_profile(a)
+    _check_plan_args(a, profile)
+    _make_folder("--out", a.out, Path(a.out).expanduser().parent)  # last; export writes beside it, then renames
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device or "cpu")
-    plan = _build_plan(a, model)
+    plan = _build_plan(a, model, profile)
     if a.stand_in is None and plan.stand_ins:
         raise SystemExit("adaskip: this plan's fitted stand-ins have no serving format; pass --stand-in scalar")
     out = export(model, plan, a.out, tokenizer=tokenizer, profile=profile, format=a.format, force=a.force,
@@ -358,7 +540,10 @@ def cmd_demo(a) -> None:
     from .data import essay_paths
     from .runtime.loading import load_model
 
-    _check_tolerance(a)
+    _check_common(a, needs_tokenizer=True)
+    _at_least(a, prompt_tokens=1)
+    profile = _load_profile(a)
+    _check_plan_args(a, profile)
     print(__doc_demo__)
     model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     # An essay the calibration did not see (calibration reads the essays from the first on).
@@ -370,7 +555,7 @@ def cmd_demo(a) -> None:
             break
     ids = tokenizer(text)["input_ids"][-a.prompt_tokens:]
     a.question = a.question or DEMO_QUESTION
-    report = _compare(a, model, tokenizer, tokenizer.decode(ids) + "\n\n" + a.question)
+    report = _compare(a, model, tokenizer, tokenizer.decode(ids) + "\n\n" + a.question, profile)
     print(f"question: {a.question}")
     _print_report(report)
 
@@ -393,6 +578,7 @@ def main(argv=None) -> None:
     from .runtime.stand_in import KINDS as STAND_IN_KINDS
 
     p = argparse.ArgumentParser(prog="adaskip", description="Adaptive sublayer skipping for long-context inference")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q):
@@ -459,8 +645,9 @@ def main(argv=None) -> None:
     r = sub.add_parser("run", help="answer a prompt with the full model and with a skip plan, timed side by side")
     common(r)
     planning(r)
-    r.add_argument("--prompt")
-    r.add_argument("--prompt-file")
+    prompt = r.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to answer")
+    prompt.add_argument("--prompt-file", help="a file with the text to answer")
     r.add_argument("--question", help="appended after the prompt")
     r.add_argument("--lossless", action="store_true",
                    help="self-speculative decoding: the plan drafts, the full model verifies (greedy: the full "
@@ -548,12 +735,44 @@ def main(argv=None) -> None:
     from .benchmarks import register
 
     register(sub)
+    _add_debug(sub)
 
     a = p.parse_args(argv)
+    debug = a.debug or os.environ.get("ADASKIP_DEBUG", "") not in ("", "0")
     try:
         a.func(a)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except USER_ERRORS as e:
+        if debug:  # the traceback, for a bug report
+            raise
+        raise SystemExit(user_error_line(e)) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise SystemExit("adaskip: interrupted (what was already written stays; see the lines above)") from None
+
+
+def _add_debug(subparsers) -> None:
+    """--debug on every subcommand, nested ones (bench e2e) included: `adaskip run ... --debug`
+    as well as `adaskip --debug run ...` (SUPPRESS: a subcommand's default does not undo the latter)."""
+    for q in subparsers.choices.values():
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also: ADASKIP_DEBUG=1)")
+        for action in q._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_debug(action)
+
+
+# Errors a user's input causes (a bad value, a missing or unreadable file, a malformed JSON or
+# config): one line, no traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def user_error_line(e: BaseException) -> str:
+    """The one line printed for a user error: its message, prefixed once with 'adaskip:'."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text if text.startswith("adaskip:") else f"adaskip: error: {text}"
 
 
 if __name__ == "__main__":

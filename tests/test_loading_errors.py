@@ -72,3 +72,32 @@ def test_loads_to_the_requested_dtype(tmp_path):
     _save_tiny(tmp_path)
     model, _ = adaskip.load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_broken_tokenizer_is_named(tmp_path):
+    _save_tiny(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{\"version\": ")
+    with pytest.raises(ValueError, match=f"cannot read the tokenizer of {tmp_path}"):
+        adaskip.load_model(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("index,message", [
+    ("not json", "cannot read .*model.safetensors.index.json as JSON"),
+    ("[]", "must hold a JSON object"),
+    ('{"metadata": {}}', "no 'weight_map'"),
+    ('{"weight_map": {"model.norm.weight": 3}}', "no 'weight_map'"),
+])
+def test_malformed_safetensors_index(tmp_path, index, message):
+    _save_tiny(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=message):
+        adaskip.load_model(tmp_path, device="cpu")
+
+
+def test_heads_that_do_not_split_into_kv_heads(tmp_path):
+    _save_tiny(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["num_key_value_heads"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="config.json: 2 attention heads do not split into 3 key/value heads"):
+        adaskip.load_model(tmp_path, device="cpu")

@@ -96,7 +96,8 @@ class EvalSettings:
 
 
     def check_model(self, args) -> None:
-        """Fails before any work when a length does not fit the model's context."""
+        """Fails before any work (the calibration included) when a budget does not fit the model's
+        layers or a length its context."""
         context = args.max_position_embeddings
         if "ppl" in self.tasks and self.window_len > context:
             raise ValueError(f"adaskip: ppl windows of {self.window_len} tokens exceed the model's context of "
@@ -112,6 +113,10 @@ class EvalSettings:
         if "generation" in self.tasks and max(self.generation_lengths) + self.generation_tokens > context:
             raise ValueError(f"adaskip: generation prompts of {max(self.generation_lengths)} tokens plus "
                              f"{self.generation_tokens} new tokens exceed the model's context of {context} tokens")
+        most = 2 * args.num_layers - 2  # all but one layer
+        if any(b > most for b in self.budgets):
+            raise ValueError(f"adaskip: budgets of {max(self.budgets)} sublayers exceed what a model of "
+                             f"{args.num_layers} layers can skip ({most}: all but one layer)")
 
 
 def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windows: int) -> list:

@@ -14,6 +14,7 @@ from .decode import DecodeState, HostFlag, StepMarks, decode_one_token, decode_s
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .schedule import schedule_step
+from .skip_plan import SkipPlan
 
 
 @dataclass
@@ -126,10 +127,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     sampling = sampling or SamplingParams()
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)
-    if max_new_tokens < 1:
-        raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prefill_chunk < 1:
-        raise ValueError(f"adaskip: prefill_chunk must be >= 1, got {prefill_chunk}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk", prefill_chunk)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"adaskip: {name} must be an integer >= 1, got {value!r}")
+    if plan is not None and not isinstance(plan, SkipPlan):
+        raise ValueError(f"adaskip: plan must be an adaskip SkipPlan (adaskip.plan(...)), got {type(plan).__name__}")
     if plan is not None:
         plan.check_model(args.num_layers)
         plan.check_hidden(args.hidden_size)

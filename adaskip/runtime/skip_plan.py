@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -55,6 +56,18 @@ class SkipPlan:
     kv_only_attention: frozenset = frozenset()
 
     def __post_init__(self):
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"adaskip: a plan's num_layers must be an integer >= 1, got {self.num_layers!r}")
+        if not isinstance(self.skip_scales, dict):
+            raise ValueError(f"adaskip: skip_scales must be a dict of sublayer -> compensation scale, got "
+                             f"{type(self.skip_scales).__name__}")
+        if not isinstance(self.stand_ins, dict):
+            raise ValueError(f"adaskip: stand_ins must be a dict of sublayer -> StandIn, got "
+                             f"{type(self.stand_ins).__name__}")
+        # Sublayers are integers ('2' or 2.5 would be read as another sublayer, or none).
+        bad = [s for s in self.skip_scales if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise ValueError(f"adaskip: sublayers must be integer indices, got {bad}")
         bad = [s for s in self.skip_scales if not 0 <= int(s) < 2 * self.num_layers]
         if bad:
             raise ValueError(f"adaskip: sublayers {bad} are out of range for a model with "

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from .._version import __version__
 from . import greedy
 from ..runtime.stand_in import KINDS
-from .measurement import POSITION_WEIGHTS, compare_requests, measure_requests
+from .measurement import POSITION_WEIGHTS, check_requests, compare_requests, measure_requests
 from .profile import ImportanceProfile, model_fingerprint
 from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
 
@@ -66,7 +67,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               search_candidates: Optional[int] = None, search_requests: int = 2,
               validate_budgets: Sequence[int] = (), validate_strategies: Sequence[str] = ("adaskip",),
               validation_requests: int = 4, search_stand_in: str = "linear",
-              search_weighting: str = "late") -> ImportanceProfile:
+              search_weighting: str = "late", checkpoint: Optional[Callable] = None) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -84,7 +85,16 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     validate_budgets: also run `validate` for `validate_strategies` at these budgets on
     `validation_requests` requests that calibration and the searches did not read: for texts and
     files the windows after those calibration took (a window identical to a calibration request
-    is passed over; their texts join `sources`), for token lists the next lists of `data`."""
+    is passed over; their texts join `sources`), for token lists the next lists of `data`.
+    checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
+    (step: "calibration", "<method> search", "validation"; done False after each choice of a
+    search, whose partial result the profile then holds): a caller that saves it there loses
+    nothing finished to a later failure or an interrupt."""
+    for name, value in (("num_requests", num_requests), ("prompt_len", prompt_len),
+                        ("search_max_sublayers", search_max_sublayers), ("search_requests", search_requests),
+                        ("validation_requests", validation_requests), ("search_candidates", search_candidates)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"adaskip: {name} must be an integer, got {value!r}")
     if num_requests < 1:
         raise ValueError(f"adaskip: num_requests must be >= 1, got {num_requests}")
     if prompt_len < 2:
@@ -116,7 +126,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                              f"profile; add it to search=")
     else:
         validation_requests = 0
-    data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
+    try:
+        data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
+    except TypeError:
+        raise ValueError(f"adaskip: calibration data must be texts, files or token-id lists, got "
+                         f"{type(data).__name__}") from None
     is_text = [isinstance(d, (str, os.PathLike)) for d in data]
     if any(is_text) and not all(is_text):
         raise ValueError("adaskip: calibration data must be all texts and files, or all token-id lists, not a mix")
@@ -140,6 +154,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                         break
         sources = sorted({source_id(data[i]) for i in used})
     else:
+        data = check_requests(model, data, "calibration data")  # before any kernel sees an id
         requests = [list(r)[:prompt_len] for r in data][:num_requests]
         held = [list(r)[:prompt_len] for r in data][num_requests:num_requests + validation_requests]
     if len(requests) < num_requests:
@@ -161,14 +176,23 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         block_similarity=blocks.mean(0).tolist(), fingerprint=model_fingerprint(model),
         num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
         data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources)
+    save = checkpoint or (lambda profile, step, done: None)
+    save(profile, "calibration", True)
     for method in methods:
         extra = dict(stand_in=search_stand_in, weighting=search_weighting) if method == "kl" else {}
+
+        def partial(result, method=method):  # what the search has chosen so far, kept should it stop
+            profile.add_search(result)
+            save(profile, f"{method} search", False)
+
         result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
                                max_sublayers=min(search_max_sublayers, 2 * args.num_layers - 2), progress=progress,
-                               **extra)
+                               on_step=partial if checkpoint else None, **extra)
         profile.add_search(result)
+        save(profile, f"{method} search", True)
     if budgets:
         validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress)
+        save(profile, "validation", True)
     return profile
 
 
@@ -201,8 +225,8 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
     profile.check_model(model)
     budgets = sorted(int(b) for b in budgets)
     _check_validation(profile.num_layers, strategies, budgets)
-    requests = [list(r) for r in requests]
-    if not requests or any(len(r) < 2 for r in requests):
+    requests = check_requests(model, requests, "validation requests")
+    if any(len(r) < 2 for r in requests):
         raise ValueError("adaskip: validation needs at least one request, each of at least 2 tokens")
     # Every plan is built before any forward, so a missing search or an odd whole-layer budget fails at once.
     plans = {(s, k): plan(profile, strategy=s, num_sublayers=k) for s in strategies for k in budgets}

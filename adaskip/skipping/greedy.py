@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .._util import progress_bar
 from ..runtime.skip_plan import SkipPlan
 from ..runtime.stand_in import KINDS
-from .measurement import POSITION_WEIGHTS, divergence, measure_requests, reference_logprobs
+from .measurement import POSITION_WEIGHTS, check_requests, divergence, measure_requests, reference_logprobs
 from .profile import SearchResult
 from .stand_ins import StandInFit, default_rank
 
@@ -61,7 +61,7 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
            candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
            progress: bool = True, stand_in: str = "linear", weighting: str = "late",
-           rank: Optional[int] = None) -> SearchResult:
+           rank: Optional[int] = None, on_step: Optional[Callable] = None) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
@@ -75,6 +75,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     position weighting of the KL ("late" or "uniform"), the rank of linear stand-ins (default
     hidden / 8). "kl" costs one pass per request for the full model's distributions, then per
     step one for the statistics, one to fit the shortlist's stand-ins and one per candidate.
+    on_step: called after each choice with the result so far (a SearchResult of the choices
+    made, notes["complete"] False), so that a search that stops keeps what it completed.
     """
     if method not in METHODS:
         raise ValueError(f"adaskip: search method must be one of {METHODS}, got {method!r}")
@@ -85,7 +87,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         raise ValueError(f"adaskip: max_sublayers must be in [1, {2 * m - 2}] (all but one layer), got {max_sublayers}")
     if candidates is not None and candidates < 1:
         raise ValueError(f"adaskip: candidates must be >= 1, got {candidates}")
-    if not requests or any(len(r) < 2 for r in requests):
+    requests = check_requests(model, requests, "search requests")
+    if any(len(r) < 2 for r in requests):
         raise ValueError("adaskip: the search needs calibration requests of at least 2 tokens each")
     pool = set(range(2 * m)) if allowed is None else {int(s) for s in allowed}
     if any(not 0 <= s < 2 * m for s in pool):
@@ -94,7 +97,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
 
     if method == "kl":
-        return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank)
+        return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
+                          on_step)
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
     identity = method in IDENTITY_METHODS
     start = time.perf_counter()
@@ -123,6 +127,9 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         if trial:
             losses[step + 1] = trial[best]
         bar.update(1)
+        if on_step is not None:
+            on_step(_partial(method, order, scales, sims, losses, tried_per_step(method, candidates, pool), requests,
+                             passes, start))
     if losses[-1] is None:  # no trial measured the last choice's loss (similarity; or one candidate was left)
         losses[-1], _, _ = _measure(model, requests, chosen, want_stats=False)
         passes += len(requests)
@@ -132,13 +139,29 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         notes["variant"] = "all" if everything else "shortlist"
         notes["candidates"] = ("every remaining sublayer tried at each step" if everything else
                                f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")
-    tried = 1 if method == "similarity" else len(pool) if candidates is None else candidates  # the most per step
     return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
-                        candidates=tried, requests=len(requests), tokens=sum(len(r) for r in requests),
+                        candidates=tried_per_step(method, candidates, pool), requests=len(requests),
+                        tokens=sum(len(r) for r in requests),
                         forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
 
 
-def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank) -> SearchResult:
+def tried_per_step(method: str, candidates: Optional[int], pool) -> int:
+    """The most candidates a search tries at one step."""
+    return 1 if method == "similarity" else len(pool) if candidates is None else candidates
+
+
+def _partial(method, order, scales, sims, losses, tried, requests, passes, start, **extra) -> SearchResult:
+    """The result of a search's first choices (losses[k] may still be unmeasured: None)."""
+    k = len(order)
+    return SearchResult(method=method, order=list(order), scales=list(scales), similarity=list(sims),
+                        loss=list(losses[:k + 1]), candidates=tried, requests=len(requests),
+                        tokens=sum(len(r) for r in requests), forward_passes=passes,
+                        wall_s=time.perf_counter() - start, notes={"complete": False, **extra.pop("notes", {})},
+                        **extra)
+
+
+def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
+               on_step=None) -> SearchResult:
     if stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
     if weighting not in POSITION_WEIGHTS:
@@ -185,6 +208,11 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
         fits.append(fitted[best])
         objective[step + 1], losses[step + 1] = trial[best]
         bar.update(1)
+        if on_step is not None:
+            on_step(_partial("kl", order, scales, sims, losses, len(pool) if candidates is None else candidates,
+                             requests, passes, start,
+                             notes={"stand_in": stand_in, "weighting": weighting, "rank": rank},
+                             objective=objective[:step + 2], fits=list(fits)))
     bar.close()
     args = model.args
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim

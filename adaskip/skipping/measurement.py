@@ -34,6 +34,19 @@ class Measurement:
         return self.nll / self.predicted_tokens
 
 
+def check_requests(model, requests, what: str = "requests") -> list:
+    """`requests` as token-id lists, checked on the host (adaskip.generate's check): a string, a
+    flat list of ids or an id outside the vocabulary is refused here, naming `what`, instead of
+    ending in a device-side assert on a GPU."""
+    from ..runtime.generation import _check_prompts
+
+    try:
+        return _check_prompts(requests, model.args.vocab_size)
+    except ValueError as e:
+        message = str(e).removeprefix("adaskip: ").replace("prompts", what).replace("prompt ", "request ")
+        raise ValueError(f"adaskip: {message if what in message else f'{what}: {message}'}") from None
+
+
 @torch.inference_mode()
 def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, stats: bool = True,
                      block_stats: bool = False, nll: bool = False, progress: bool = False,
@@ -47,9 +60,7 @@ def measure_requests(model, requests: Sequence[Sequence[int]], *, plan=None, sta
     adaskip.skipping.stand_ins.StandInFit; its flush() is called after each request)."""
     if not (stats or block_stats or nll or taps is not None):
         raise ValueError("adaskip: measure_requests was asked for nothing (stats, block_stats and nll are all off)")
-    requests = [list(r) for r in requests]
-    if not requests:
-        raise ValueError("adaskip: measure_requests needs at least one request")
+    requests = check_requests(model, requests)
     if nll and any(len(r) < 2 for r in requests):
         raise ValueError("adaskip: the next-token NLL needs requests of at least 2 tokens each")
     if any(len(r) < 1 for r in requests):
@@ -96,6 +107,7 @@ def compare_requests(model, requests: Sequence[Sequence[int]], named_plans: Sequ
     next-token NLL, top-1 agreement with the full model and KL(full || plan). named_plans: (name,
     SkipPlan or None for the full model) pairs; the full model's logits are computed once per
     request and stand for every None. Returns (predicted tokens, {name: {"nll", "agree", "kl"}})."""
+    requests = check_requests(model, requests)
     device = model.lm_head.weight.device
     sums = {name: {"nll": 0.0, "agree": 0, "kl": 0.0} for name, _ in named_plans}
     tokens = 0

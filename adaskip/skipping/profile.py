@@ -75,9 +75,19 @@ class SearchResult:
         return cls(**d, fits=list(fits))
 
 
-def _check_numbers(name: str, values, positive: bool = False) -> None:
+# A compensation scale multiplies the residual stream; real ones stay within a few tens (the
+# first layers of small models), and one this large is a corrupted file, not a plan.
+MAX_SCALE = 1e4
+# Cosine similarities, up to float rounding of the means.
+SIMILARITY_RANGE = (-1.0 - 1e-3, 1.0 + 1e-3)
+
+
+def _check_numbers(name: str, values, positive: bool = False, within=None, scale: bool = False) -> None:
     """Refuses a list holding a value that is not a finite number (or, for compensation scales,
-    not positive): a plan built on it would run and answer garbage."""
+    not positive and below MAX_SCALE; with `within`, outside that range): a plan built on it
+    would run and answer garbage."""
+    if not isinstance(values, list):
+        raise ValueError(f"adaskip: profile field {name!r} must be a list of numbers, got {type(values).__name__}")
     for i, v in enumerate(values):
         try:
             number = None if isinstance(v, bool) else float(v)
@@ -85,9 +95,19 @@ def _check_numbers(name: str, values, positive: bool = False) -> None:
             number = None
         if number is None or not math.isfinite(number):
             raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; expected a finite number")
-        if positive and not number > 0:
+        if scale and not 0 < number <= MAX_SCALE:
             raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; a compensation scale must be "
-                             "positive")
+                             f"positive and at most {MAX_SCALE:g}")
+        if positive and not number >= 0:
+            raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; expected a number >= 0")
+        if within is not None and not within[0] <= number <= within[1]:
+            raise ValueError(f"adaskip: profile field {name!r} holds {v!r} at index {i}; expected a number in "
+                             f"[{within[0]:g}, {within[1]:g}]")
+
+
+def _check_count(name: str, value, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"adaskip: profile field {name!r} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_search(method: str, result, num_sublayers: int) -> None:
@@ -104,9 +124,16 @@ def _check_search(method: str, result, num_sublayers: int) -> None:
         if not isinstance(values, list) or len(values) != length:
             raise ValueError(f"adaskip: the profile's {method!r} search field {name!r} must hold {length} values "
                              f"for its {len(order)} choices")
-    _check_numbers(f"search.{method}.scales", result["scales"], positive=True)
-    _check_numbers(f"search.{method}.similarity", result["similarity"])
-    _check_numbers(f"search.{method}.loss", [v for v in result["loss"] if v is not None])
+    _check_numbers(f"search.{method}.scales", result["scales"], scale=True)
+    _check_numbers(f"search.{method}.similarity", result["similarity"], within=SIMILARITY_RANGE)
+    # A loss not yet measured (the last choice of a search that stopped) is null.
+    _check_numbers(f"search.{method}.loss", [v for v in result["loss"] if v is not None], positive=True)
+    objective = result.get("objective", [])
+    if objective:
+        if not isinstance(objective, list) or len(objective) != len(order) + 1:
+            raise ValueError(f"adaskip: the profile's {method!r} search field 'objective' must hold "
+                             f"{len(order) + 1} values for its {len(order)} choices")
+        _check_numbers(f"search.{method}.objective", [v for v in objective if v is not None], positive=True)
 
 
 @dataclass
@@ -136,15 +163,26 @@ class ImportanceProfile:
     fits: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        _check_count("num_layers", self.num_layers, 1)
+        for name in ("num_requests", "tokens", "prompt_len"):
+            _check_count(name, getattr(self, name))
         n = 2 * self.num_layers
-        for name in ("similarity", "scale", "similarity_std", "scale_std"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"adaskip: profile field {name!r} has {len(getattr(self, name))} values, expected {n}")
-        if len(self.block_similarity) != self.num_layers:
-            raise ValueError("adaskip: profile field 'block_similarity' has the wrong length")
-        for name in ("similarity", "similarity_std", "scale_std", "block_similarity"):
-            _check_numbers(name, getattr(self, name))
-        _check_numbers("scale", self.scale, positive=True)
+        for name, length in (("similarity", n), ("scale", n), ("similarity_std", n), ("scale_std", n),
+                             ("block_similarity", self.num_layers)):
+            value = getattr(self, name)
+            if not isinstance(value, list) or len(value) != length:
+                size = f"{len(value)} values" if isinstance(value, list) else type(value).__name__
+                raise ValueError(f"adaskip: profile field {name!r} has {size}, expected a list of {length} "
+                                 f"(the model's {self.num_layers} layers)")
+        for name in ("similarity", "block_similarity"):
+            _check_numbers(name, getattr(self, name), within=SIMILARITY_RANGE)
+        for name in ("similarity_std", "scale_std"):
+            _check_numbers(name, getattr(self, name), positive=True)
+        _check_numbers("scale", self.scale, scale=True)
+        for name in ("fingerprint", "search", "validation"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"adaskip: profile field {name!r} must be a JSON object, got "
+                                 f"{type(getattr(self, name)).__name__}")
         for method, result in self.search.items():
             _check_search(method, result, n)
         for method, per_choice in self.fits.items():
@@ -155,6 +193,14 @@ class ImportanceProfile:
             if not isinstance(entry, dict) or any(not isinstance(entry.get(k), list) for k in lists) \
                     or len({len(entry[k]) for k in lists}) != 1 or any(not 0 <= int(b) < n for b in entry["budgets"]):
                 raise ValueError(f"adaskip: the profile's validation of {strategy!r} is malformed")
+            for b, chosen in zip(entry["budgets"], entry["sublayers"]):
+                if not isinstance(chosen, list) or len(chosen) != int(b) or len(set(chosen)) != len(chosen) \
+                        or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n for x in chosen):
+                    raise ValueError(f"adaskip: the profile's validation of {strategy!r} lists {chosen!r} as the "
+                                     f"plan of budget {b}; expected {b} distinct sublayers in [0, {n})")
+            # What plan(min_agreement=, max_kl=) picks by: a NaN would compare false and pick wrongly.
+            _check_numbers(f"validation.{strategy}.kl", entry["kl"], positive=True)
+            _check_numbers(f"validation.{strategy}.top1_agreement", entry["top1_agreement"], within=(0.0, 1.0))
 
     def validation_of(self, strategy: str) -> dict:
         """The stored validation of `strategy` (calibration.validate)."""
@@ -210,9 +256,9 @@ class ImportanceProfile:
 
     @classmethod
     def load(cls, path) -> "ImportanceProfile":
-        try:
+        try:  # a folder, no path at all, a binary file, not JSON: all one message naming it
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"adaskip: cannot read profile {path}: {e}") from e
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ValueError(f"adaskip: {path} is not an adaskip importance profile ({FORMAT})")
@@ -225,9 +271,9 @@ class ImportanceProfile:
 
 
 def _write_whole(path: Path, blob: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
+    from .._util import write_atomic
+
+    write_atomic(path, blob)
 
 
 def _stand_in_tensors(stand_in: StandIn) -> dict:

@@ -2,6 +2,7 @@
 whole-layer baselines, all at equal budgets (n whole layers <-> 2n sublayers)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from .costs import paper_num_skipped, paper_speedup
@@ -108,6 +109,9 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
                         model_fingerprint=fingerprint)
     if (alpha is None) == (num_sublayers is None):
         raise ValueError("adaskip: give exactly one budget: alpha or num_sublayers")
+    if num_sublayers is not None and (isinstance(num_sublayers, bool)
+                                      or not isinstance(num_sublayers, numbers.Integral)):
+        raise ValueError(f"adaskip: num_sublayers must be an integer, got {num_sublayers!r}")
     if num_sublayers is not None and not 0 <= num_sublayers <= 2 * num_layers - 2:
         raise ValueError(f"adaskip: num_sublayers must be in [0, {2 * num_layers - 2}] "
                          f"(all but one layer), got {num_sublayers}")
