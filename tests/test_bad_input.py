@@ -337,6 +337,10 @@ CLI_CASES = [
       "--out", "{t}/e"], "documents '{f}/nothing'"),
     (["eval", "--device", "cuda:99", "--out", "{t}/e"], "--device"),
     (["eval", "--model", "{f}/notok", "--out", "{t}/e"], "has no tokenizer"),
+    # bench: where the result goes and the device, before any measurement
+    (["bench", "kernels", "--quick", "--out", "{t}"], "--out {t} is a folder"),
+    (["bench", "kernels", "--quick", "--out-dir", "{f}/text.txt"], "--out-dir {f}/text.txt is a file"),
+    (["bench", "e2e", "--device", "bogus", "--out", "{t}/e2e.json"], "unknown device 'bogus'"),
 ]
 
 
@@ -628,3 +632,15 @@ def test_eval_keeps_its_calibration_when_a_later_step_fails(tiny_loaded, files, 
              "--window-len", "64", "--num-requests", "2", "--prompt-len", "24", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["profile.json"]
     assert ImportanceProfile.load(out / "profile.json").num_requests == 2
+
+
+def test_the_model_refuses_token_ids_outside_its_vocabulary(model):
+    """Straight to the model: an out-of-vocabulary id is a clear error on the host (on a GPU it
+    would be a device-side assert in the embedding that ends the process)."""
+    vocab = model.args.vocab_size
+    with pytest.raises(ValueError, match=f"outside the vocabulary \\[0, {vocab}\\): \\[{vocab}\\]"):
+        model(torch.tensor([[1, vocab]]))
+    with pytest.raises(ValueError, match="must be \\[batch, tokens\\]"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.tensor([[1.0, 2.0]]))

@@ -27,6 +27,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     return bench
 
 
+def check_out(args) -> None:
+    """Refuses, before any measurement, an --out that is a folder or whose folder cannot be made,
+    and an --out-dir that is a file; makes the folder."""
+    if args.out is not None:
+        flag, path, folder = "--out", Path(args.out).expanduser(), Path(args.out).expanduser().parent
+        if path.is_dir():
+            raise ValueError(f"adaskip: --out {args.out} is a folder; expected a file name (or use --out-dir)")
+    else:
+        flag, path = "--out-dir", Path(args.out_dir or DEFAULT_OUT_DIR).expanduser()
+        folder = path
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"adaskip: --out-dir {path} is a file; expected a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise ValueError(f"adaskip: {flag} {path}: cannot create the folder {folder} ({e.strerror or e})") from None
+
+
 def _out_path(args, prefix: str, device: str) -> Path:
     from .common import output_path
 
@@ -37,6 +55,7 @@ def cmd_kernels(args) -> dict:
     from . import kernels
     from .._util import write_json
 
+    check_out(args)
     result = kernels.run(args)
     print(f"wrote {write_json(_out_path(args, kernels.result_prefix(args), result['device']), result)}")
     return result
@@ -46,6 +65,7 @@ def cmd_e2e(args) -> dict:
     from . import e2e, report
     from .._util import write_json
 
+    check_out(args)
     result = e2e.run(args)
     out = _out_path(args, e2e.result_prefix(result), result["device"])
     if args.plot:

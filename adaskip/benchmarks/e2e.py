@@ -281,10 +281,10 @@ def run(args) -> dict:
     """Builds the model, measures, returns the result (printing progress and nothing else)."""
     from adaskip.skipping.costs import measure_sublayer_costs
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from adaskip.runtime.loading import resolve_device
+
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no GPU is visible to torch here")
     if on_gpu and ops.backend() != "cuda":
         raise ValueError(f"a GPU run needs the CUDA extension, which is not loaded: {ops.extension_error()}")
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)

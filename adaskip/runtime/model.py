@@ -18,6 +18,7 @@ from torch import nn
 from .. import ops
 from ..ops.reference import rms_norm
 from .config import ModelArgs
+from .ids import check_input_ids
 from .rope import apply_rotary, cos_sin, inv_frequencies
 from .schedule import DecodePaths, StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step
 from .sublayer import gated_swiglu, run_sublayer, swiglu_if
@@ -314,6 +315,7 @@ class Transformer(nn.Module):
           output is added: x its normed input, h the residual stream before it, out its output
           (what fitting stand-ins reads; not for captured steps).
         """
+        check_input_ids(input_ids, self.args.vocab_size)  # reads CPU ids only: no device sync
         b, t = input_ids.shape
         if schedule is None:
             schedule = schedule_step(self, batch=b, tokens=t, plan=plan, online=online, stats=stats is not None,
