@@ -122,7 +122,6 @@ class Attention(nn.Module):
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-
     def _decode(self, x, cos, sin, mask, kv_len, decode, gemv):
         if self.kv_cache is None:
             raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
