@@ -53,6 +53,13 @@ def test_a_lossy_drafter_is_rejected_sometimes_and_still_exact(model):
                            speculative=SpeculativeConfig(drafter, draft_tokens=4))
     assert got.speculative["acceptance_rate"] < 1.0
     assert got.tokens == adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[]).tokens
+    # Time per output token counts tokens, not rounds (a round adds up to draft_tokens + 1).
+    assert got.decode_tokens == 15 and got.decode_steps == got.speculative["rounds"] <= 15
+    assert got.time_per_output_token_s == got.decode_s / 15
+    exact = adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[],
+                             speculative=SpeculativeConfig(SkipPlan(4, {}), draft_tokens=4))
+    assert exact.speculative["rounds"] == 3 and exact.decode_tokens == 15  # every draft kept: 5 a round
+    assert exact.time_per_output_token_s == exact.decode_s / 15
 
 
 def test_eos_stops_a_sequence_as_generate_does(model):

@@ -34,10 +34,14 @@ class GenerationResult:
     step_times_s: Optional[list] = None
     # Speculative decoding (adaskip.runtime.speculative): rounds, drafted / accepted tokens, rates.
     speculative: Optional[dict] = None
+    # Tokens the decode phase added to the longest sequence, when a step can add several (a
+    # speculative round); None: one per step.
+    decode_tokens: Optional[int] = None
 
     @property
     def time_per_output_token_s(self) -> float:
-        return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+        tokens = self.decode_tokens if self.decode_tokens is not None else self.decode_steps
+        return self.decode_s / tokens if tokens else float("nan")
 
 
 def _check_prompts(prompts, vocab_size: int) -> list:

@@ -107,7 +107,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     rounds = drafted = accepted = sequence_rounds = 0
     t1 = time.perf_counter()
     while not all(f or len(o) >= max_new_tokens for f, o in zip(finished, out)):
-        active = torch.tensor([not f and len(o) < max_new_tokens for f, o in zip(finished, out)], device=device)
+        active_host = [not f and len(o) < max_new_tokens for f, o in zip(finished, out)]
+        active = torch.tensor(active_host, device=device)
         top = max(pos_host)  # no device read: attention's bound comes from the host copy
         current, drafts, draft_probs = token, [], []
         for j in range(k):
@@ -129,7 +130,7 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
             agree, nxt = _accept(probabilities(verify_logits, sampling), torch.stack(draft_probs, 1), draft, generator)
         agree_host, draft_host, nxt_host = agree.tolist(), draft.tolist(), nxt.tolist()
         for b in range(batch):
-            if not bool(active[b]):
+            if not active_host[b]:  # the host's own copy: no device read per sequence
                 continue
             new = draft_host[b][:agree_host[b]] + [nxt_host[b]]
             for t in new:
@@ -154,7 +155,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan")}
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
-                            kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats)
+                            kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats,
+                            decode_tokens=max(len(o) - 1 for o in out))
 
 
 def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
