@@ -4,7 +4,8 @@
 # $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."]
 # [BENCHES="ops ffn decode e2e-decode e2e online online-forced conditional"] [TESTS_AFTER="tests/y.py ..."]
 # bash bench/gpu_check.sh. TESTS_AFTER run after the benchmarks (the less urgent ones, when the
-# device time is short).
+# device time is short). The device's copy of .git can be older than the tree it runs: pass
+# ADASKIP_GIT_COMMIT=<the commit that is running> so that the JSON names it.
 # The build always runs (incremental: quick when nothing changed). A device call is limited to
 # 10 minutes: run the stages in separate calls on the warm machine, e.g. STAGES=tests first, then
 # STAGES=bench BENCHES="ffn online".
