@@ -447,12 +447,11 @@ def _compare(a, model, tokenizer, text: str, profile) -> dict:
         if name == "plan" and getattr(a, "lossless", False):  # the plan drafts, the full model verifies: the full model's answer
             from .runtime.speculative import SpeculativeConfig
 
-            out = generate(model, [ids], max_new_tokens=a.max_new_tokens,
+            out = generate(model, [ids], max_new_tokens=a.max_new_tokens, cuda_graph=a.cuda_graph,
                            speculative=SpeculativeConfig(p, draft_tokens=a.draft_tokens))
-            tpot = out.decode_s / max(1, len(out.tokens[0]) - 1)
         else:
             out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p, cuda_graph=a.cuda_graph)
-            tpot = out.time_per_output_token_s
+        tpot = out.time_per_output_token_s
         runs[name] = {"answer": tokenizer.decode(out.tokens[0], skip_special_tokens=True),
                       "ttft_s": out.prefill_s, "tpot_s": tpot,
                       "new_tokens": len(out.tokens[0]), "kv_cache_bytes": out.kv_cache_bytes,
@@ -638,7 +637,8 @@ def main(argv=None) -> None:
         q.add_argument("--window", type=int, default=20, help="online learning window (decoded tokens)")
         q.add_argument("--max-new-tokens", type=int, default=64)
         q.add_argument("--cuda-graph", action="store_true",
-                       help="GPU: decode with the CUDA-graph step (captured per plan, replayed per token)")
+                       help="GPU: decode with the CUDA-graph step (captured per plan, replayed per token; with --lossless, "
+                       "one replay per round)")
         q.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
         q.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from adaskip import SamplingParams, SkipPlan, generate, ops  # noqa: E402
+from adaskip import SamplingParams, SkipPlan, SpeculativeConfig, generate, ops  # noqa: E402
 from adaskip.runtime import conditional  # noqa: E402
 from adaskip.runtime.conditional import only_if  # noqa: E402
 from adaskip.runtime.config import ModelArgs  # noqa: E402
@@ -68,6 +68,36 @@ def test_eos_stops_without_waiting(pair, cuda_graph):
     assert out.tokens[0] == free[: free.index(stop) + 1] and out.finished == [True]
     if not cuda_graph:  # replays run ahead of the GPU, so the graph path may notice later
         assert out.decode_steps < 15  # stopped early, a step or two after the EOS at most
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculative_rounds_are_graph_replays_that_never_wait(pair, k):
+    """Lossless decoding with acceptance on the device: each round (k draft steps, the verify pass
+    over k + 1 positions, the acceptance) is one CUDA-graph replay, the loop never waits on the
+    host, the graph is reused by the next call, and the tokens are those of eager rounds (and, in
+    fp32, of plain greedy decoding)."""
+    _, ours, dtype = pair
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (37, 64, 90)]
+    spec = SpeculativeConfig(SkipPlan(4, {2: 1.0, 5: 1.0}), draft_tokens=k)
+    eager = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[], speculative=spec)
+    graph = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[], speculative=spec, cuda_graph=True,
+                     forbid_host_sync=True)
+    assert graph.tokens == eager.tokens and graph.graphs_captured == 1
+    assert graph.speculative["accepted"] == eager.speculative["accepted"]
+    if dtype == torch.float32:
+        assert graph.tokens == generate(ours, prompts, max_new_tokens=24, eos_token_ids=[]).tokens
+    again = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[], speculative=spec, cuda_graph=True,
+                     forbid_host_sync=True)
+    assert again.tokens == graph.tokens and again.graphs_captured == 0 and again.graphs_reused == 1
+    stop = eager.tokens[1][5]  # the second sequence ends there; the others run on
+    ended = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[stop], speculative=spec, cuda_graph=True,
+                     forbid_host_sync=True)
+    assert ended.tokens[1] == eager.tokens[1][: eager.tokens[1].index(stop) + 1] and ended.finished[1]
+    sampling = SamplingParams(temperature=0.8, top_k=50, seed=11)
+    drawn = [generate(ours, prompts, max_new_tokens=16, eos_token_ids=[], speculative=spec, sampling=sampling,
+                      cuda_graph=True, forbid_host_sync=True).tokens for _ in range(2)]
+    assert drawn[0] == drawn[1]  # the seeded generator's state is registered with the graph
 
 
 def _stand_ins(g) -> dict:

@@ -73,6 +73,47 @@ def test_eos_stops_a_sequence_as_generate_does(model):
     assert got.tokens[0][-1] == eos and len(got.tokens[0]) <= 7
 
 
+def test_one_new_token_and_sequences_that_end_at_once(model):
+    prompts = _prompts(3, 2)
+    spec = SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=3)
+    one = adaskip.generate(model, prompts, max_new_tokens=1, eos_token_ids=[], speculative=spec)
+    assert one.tokens == adaskip.generate(model, prompts, max_new_tokens=1, eos_token_ids=[]).tokens
+    assert one.speculative["rounds"] == 0 and one.decode_tokens == 0
+    first = [t[0] for t in one.tokens]  # every sequence's first token is an end of sequence
+    got = adaskip.generate(model, prompts, max_new_tokens=12, eos_token_ids=first, speculative=spec)
+    assert got.tokens == [[t] for t in first] and all(got.finished) and got.speculative["rounds"] == 0
+
+
+def test_rounds_after_the_end_change_nothing(model):
+    """On a GPU the host learns that every sequence has ended a round or two late: rounds run
+    after that must leave the tokens, positions and counters as they are."""
+    from adaskip.runtime import speculative as spec_module
+    from adaskip.runtime.sampling import SamplingParams
+    from adaskip.runtime.schedule import schedule_step
+
+    prompts = _prompts(3, 9)
+    cfg = SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=3)
+    out = adaskip.generate(model, prompts, max_new_tokens=10, eos_token_ids=[], speculative=cfg)
+    # The state of this call: batch 3, no EOS ids, 3 drafted tokens (kept by batch, EOS count, k).
+    state = next(s for key, s in spec_module.decode_states(model).items()
+                 if key[5:] == ("speculative", 3) and key[1:3] == (3, 0))
+    assert state.finished.all()
+    before = [t.clone() for t in (state.out_tokens, state.emitted, state.pos, state.token, state.accepted,
+                                  state.sequence_rounds, state.rounds)]
+    draft = schedule_step(model, batch=3, tokens=1, plan=cfg.plan.phase("decode"))
+    verify = schedule_step(model, batch=3, tokens=4)
+    for _ in range(2):
+        with torch.inference_mode():
+            spec_module._round(model, state, 3, draft, verify, SamplingParams(), None, [model.cache_len] * 4)
+    after = (state.out_tokens, state.emitted, state.pos, state.token, state.accepted, state.sequence_rounds,
+             state.rounds)
+    width = 10  # what the caller reads: the first `emitted` tokens of each row
+    assert torch.equal(after[0][:, :width], before[0][:, :width])
+    for b, a in zip(before[1:], after[1:]):
+        assert torch.equal(a, b)
+    assert [row[:n] for row, n in zip(after[0].tolist(), after[1].tolist())] == out.tokens
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(plan={2: 1.0}), "SkipPlan"), (dict(draft_tokens=0), "draft_tokens"), (dict(draft_tokens=2.5), "draft_tokens"),
     (dict(plan=SkipPlan(4, {1: 1.0, 3: 1.0}, ramp=True)), "ramp")])
@@ -87,8 +128,8 @@ def test_refused_combinations(model):
     prompts = _prompts(2, 0)
     with pytest.raises(ValueError, match="not plan="):
         adaskip.generate(model, prompts, plan=DRAFTERS["attention-and-ffn"], speculative=spec)
-    with pytest.raises(ValueError, match="eager"):
-        adaskip.generate(model, prompts, cuda_graph=True, speculative=spec)
+    with pytest.raises(ValueError, match="step_timing"):
+        adaskip.generate(model, prompts, step_timing=True, speculative=spec)
     with pytest.raises(ValueError, match="layers"):
         adaskip.generate(model, prompts, speculative=SpeculativeConfig(SkipPlan(6, {1: 1.0})))
     with pytest.raises(ValueError, match="context"):

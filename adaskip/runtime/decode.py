@@ -130,9 +130,10 @@ def decode_one_token(model, state: DecodeState, schedule: StepSchedule, shared_p
 
 
 class StepGraphs:
-    """CUDA graphs of `decode_one_token + record` on one DecodeState, one per graph key,
-    captured on first use into one memory pool (every graph's temporaries are dead once its
-    replay ends, and replays never overlap, so they can share it) and replayed by later calls."""
+    """CUDA graphs of decode steps on fixed buffers (`decode_one_token + record` on a DecodeState,
+    or a speculative round), one per graph key, captured on first use into one memory pool
+    (every graph's temporaries are dead once its replay ends, and replays never overlap, so they
+    can share it) and replayed by later calls."""
 
     MAX_GRAPHS = 32  # beyond this many keys, the oldest graph is dropped
 
@@ -142,8 +143,9 @@ class StepGraphs:
         self.capture_s = 0.0
         self.captures = 0
 
-    def replay(self, model, state: DecodeState, schedule: StepSchedule, key: tuple) -> None:
-        """Replays the graph of `key` (state.graph_key(model, schedule)), capturing it first if new."""
+    def replay(self, key: tuple, step, generator: Optional[torch.Generator] = None) -> None:
+        """Replays the graph of `key`, capturing `step()` (a callable that reads and writes only
+        fixed buffers) first if the key is new. generator: a seeded generator the step draws from."""
         graph = self.graphs.get(key)
         if graph is None:
             # Capturing synchronises (once per key, not per token): allow it even when the
@@ -153,13 +155,12 @@ class StepGraphs:
             torch.cuda.set_sync_debug_mode(0)
             try:
                 graph = torch.cuda.CUDAGraph()
-                if state.generator is not None:
+                if generator is not None:
                     # A seeded generator's Philox offset then advances on the device with every
                     # replay, as it does eagerly (the default generator is registered by torch).
-                    graph.register_generator_state(state.generator)
+                    graph.register_generator_state(generator)
                 with torch.cuda.graph(graph, pool=self.pool):
-                    decode_one_token(model, state, schedule)
-                    state.record()
+                    step()
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
             self.graphs[key] = graph

@@ -112,8 +112,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     the loop, so the loop still never waits), e.g. to see time per token drop once online
     learning has gated FFNs off.
     speculative: an adaskip.runtime.speculative.SpeculativeConfig: lossless decoding, its plan
-    drafting and the full model verifying (eager; `plan` must then be None): greedy output is the
-    full model's, sampled output is distributed as the full model's (rejection sampling).
+    drafting and the full model verifying (`plan` must then be None; with cuda_graph a whole
+    round is one graph replay): greedy output is the full model's, sampled output is distributed
+    as the full model's (rejection sampling).
     A graph is captured per distinct step: its key is the step's schedule (adaskip.runtime.schedule:
     every sublayer's path, batch, dtype; SkipDecode's ramp and online learning settling change it),
     the KV cache and the sampling settings. Graphs and the buffers they were captured on are kept
@@ -124,10 +125,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         if plan is not None:
             raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
                              "drafter's plan in SpeculativeConfig, not plan=")
-        if cuda_graph or stats is not None or step_timing:
-            raise ValueError("adaskip: speculative decoding is eager for now (no cuda_graph, stats or step_timing)")
+        if stats is not None or step_timing or graph_conditionals:
+            raise ValueError("adaskip: speculative decoding collects no statistics and times rounds, not steps "
+                             "(no stats, step_timing or graph_conditionals)")
         return speculative.generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
-                                    prefill_chunk=prefill_chunk, sampling=sampling)
+                                    prefill_chunk=prefill_chunk, sampling=sampling, cuda_graph=cuda_graph,
+                                    forbid_host_sync=forbid_host_sync)
     sampling = sampling or SamplingParams()
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)
@@ -214,7 +217,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
                 # Without a graph yet, the first step runs eagerly: it is also the warm-up.
                 if key in existing:
                     reused.add(key)
-                graphs.replay(model, state, schedule, key)
+                graphs.replay(key, lambda: _step_and_record(model, state, schedule), state.generator)
             else:
                 if graphs is not None:  # eagerly, nothing is captured: no conditional nodes
                     schedule = _decode_schedule(model, state, step_plan, update, capturing=False)
@@ -266,6 +269,11 @@ def prefill(model: Transformer, ids: torch.Tensor, lens: torch.Tensor, *, plan=N
         in_chunk = ((lens - 1) >= start) & ((lens - 1) < end)
         logits = out if logits is None else torch.where(in_chunk[:, None], out, logits)
     return logits
+
+
+def _step_and_record(model: Transformer, state: DecodeState, schedule) -> None:
+    decode_one_token(model, state, schedule)
+    state.record()
 
 
 def _decode_schedule(model: Transformer, state: DecodeState, step_plan, update, capturing: bool):

@@ -10,8 +10,12 @@ pass writes every layer's K/V at all the drafted positions, and whatever a rejec
 behind lies beyond the sequence's position, where attention does not look, until it is
 overwritten.
 
-Each round reads the accepted lengths back on the host (one small copy per round); acceptance
-kept on the device with CUDA-graph draft / verify steps is the next step.
+Acceptance is decided on the device: each round reads and writes fixed buffers
+(`SpeculativeState`: the current token, positions, the tokens emitted so far, end of sequence,
+counters), so the host only launches rounds and learns that every sequence has ended through a
+non-blocking copy, a round or two late (such rounds change nothing). On a GPU with
+`cuda_graph=True` a whole round (k draft steps, the verify pass and the acceptance) is one
+CUDA-graph replay.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .decode import drop_decode_states
+from .decode import HostFlag, StepGraphs, decode_states, drop_decode_states
 from .generation import GenerationResult, _check_prompts, _sync, prefill
 from .sampling import SamplingParams, probabilities
+from .schedule import schedule_step
 from .skip_plan import SkipPlan
 
 
@@ -48,10 +53,78 @@ class SpeculativeConfig:
         return generate_speculative(model, prompts, config=self, **kwargs)
 
 
+class SpeculativeState:
+    """What a speculative round reads and writes, in fixed device buffers (CUDA graphs of rounds
+    are captured on them): the token not yet in the cache and its position per sequence, the
+    tokens emitted so far, end of sequence and the acceptance counters. Refilled in place per call."""
+
+    def __init__(self, batch: int, draft_tokens: int, width: int, num_eos: int, device: torch.device):
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, **long)
+        self.pos = torch.zeros(batch, **long)
+        self.zero = torch.zeros(batch, **long)
+        # A round writes k + 1 candidates after each sequence's last token (those past what it
+        # keeps are overwritten later): room for max_new_tokens + k + 1.
+        self.out_tokens = torch.zeros(batch, width, **long)
+        self.emitted = torch.zeros(batch, **long)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.limit = torch.zeros((), **long)  # max_new_tokens of the call
+        self.eos = torch.zeros(num_eos, **long)
+        self.accepted = torch.zeros((), **long)
+        self.sequence_rounds = torch.zeros((), **long)  # rounds x sequences that were still running
+        self.rounds = torch.zeros((), **long)  # rounds in which some sequence was still running
+        self.offsets = torch.arange(draft_tokens + 1, device=device)
+        self.graphs = StepGraphs() if device.type == "cuda" else None
+        self.seeded = None
+
+    def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        if self.seeded is None:
+            self.seeded = torch.Generator(device=self.token.device)
+        return self.seeded.manual_seed(seed)
+
+    def start(self, token: torch.Tensor, lens: torch.Tensor, max_new_tokens: int, eos: torch.Tensor) -> None:
+        self.token.copy_(token)
+        self.pos.copy_(lens)
+        self.out_tokens.zero_()
+        self.out_tokens[:, 0] = token
+        self.emitted.fill_(1)
+        self.limit.fill_(max_new_tokens)
+        self.eos.copy_(eos)
+        self.finished.copy_(self._is_eos(token) | (self.emitted >= self.limit))
+        for counter in (self.accepted, self.sequence_rounds, self.rounds):
+            counter.zero_()
+
+    def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens[..., None] == self.eos).any(-1)
+
+    def keep(self, draft: torch.Tensor, agree: torch.Tensor, nxt: torch.Tensor) -> None:
+        """Appends, for every running sequence, its `agree` kept drafted tokens and the full model's
+        `nxt`, cut at the first end-of-sequence token and at max_new_tokens; moves its position
+        past them. draft [B, k]; agree, nxt [B]."""
+        active = ~self.finished
+        candidates = torch.cat([draft, draft[:, :1]], 1).scatter(1, agree[:, None], nxt[:, None])  # [B, k + 1]
+        offered = agree + 1
+        eos_at = torch.where(self._is_eos(candidates) & (self.offsets <= agree[:, None]), self.offsets,
+                             self.offsets.numel()).amin(1)
+        kept = torch.minimum(torch.minimum(offered, eos_at + 1), self.limit - self.emitted)
+        kept = torch.where(active, kept, 0)
+        self.out_tokens.scatter_(1, self.emitted[:, None] + self.offsets, candidates)
+        self.emitted += kept
+        self.finished |= active & ((eos_at < kept) | (self.emitted >= self.limit))
+        self.pos += torch.where(active, offered, 0)  # the cache holds the token and the kept drafts
+        self.token.copy_(torch.where(active, nxt, self.token))
+        self.accepted += torch.where(active, agree, 0).sum()
+        self.sequence_rounds += active.sum()
+        self.rounds += active.any()
+
+
 @torch.inference_mode()
 def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: SpeculativeConfig,
                          max_new_tokens: int = 64, eos_token_ids: Optional[Sequence[int]] = None,
-                         prefill_chunk: int = 8192, sampling: Optional[SamplingParams] = None) -> GenerationResult:
+                         prefill_chunk: int = 8192, sampling: Optional[SamplingParams] = None,
+                         cuda_graph: bool = False, forbid_host_sync: bool = False) -> GenerationResult:
     """Generation of up to max_new_tokens per prompt, drafted by config.plan and verified by the
     full model. Greedy (default): the same tokens as generate(model, prompts) without a plan.
     Sampled (`sampling` with temperature > 0): speculative rejection sampling, a drafted token d
@@ -60,13 +133,17 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     max(0, p - q) normalised, and a token from p after a fully kept draft: every token is
     distributed exactly as the full model's sampling would draw it. The result's `speculative`
     holds rounds, drafted and accepted tokens, the acceptance rate and the mean number of tokens
-    each round emits per sequence."""
+    each round emits per sequence.
+    cuda_graph: on a GPU, each round is a CUDA-graph replay (captured on the first round of its
+    shape, kept for later calls of the same batch, draft length and cache); attention then reads
+    the whole cache under masks built from the device positions.
+    forbid_host_sync: on a GPU, any host synchronisation inside the loop of rounds is an error."""
     sampling = sampling or SamplingParams()
     greedy = sampling.temperature == 0
     args = model.args
     prompts = _check_prompts(prompts, args.vocab_size)
-    if max_new_tokens < 1:
-        raise ValueError(f"adaskip: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"adaskip: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     config.plan.check_model(args.num_layers)
     config.plan.check_hidden(args.hidden_size)
     k = config.draft_tokens
@@ -77,86 +154,120 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
         raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens and {k + 1} "
                          f"positions of drafting exceeds the model's context of {args.max_position_embeddings} tokens")
     device = model.lm_head.weight.device
-    eos = set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    eos = torch.tensor(sorted(set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)),
+                       dtype=torch.long, device=device)
     every_layer = model.attention_layers_for(None)  # the verifier runs every attention layer
     if model.cache_batch < batch or model.cache_len < needed or model.cached_attention_layers() != every_layer:
         drop_decode_states(model)
         model.setup_caches(batch, needed, every_layer)
-    draft_plan = config.plan.phase("decode")
+    state = _state(model, batch, k, eos.numel(), device)
+    graphs = state.graphs if cuda_graph else None
+    draft_schedule = schedule_step(model, batch=batch, tokens=1, plan=config.plan.phase("decode"),
+                                   capturing=graphs is not None)
+    verify_schedule = schedule_step(model, batch=batch, tokens=k + 1, capturing=graphs is not None)
 
     ids = torch.zeros(batch, longest, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, :len(p)] = torch.tensor(p)
     ids = ids.to(device)
     lens = torch.tensor(lengths, device=device)
+    generator = state.generator_for(sampling.seed)
     _sync(device)
     t0 = time.perf_counter()
-    generator = None
-    if not greedy and sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
     first = prefill(model, ids, lens, chunk=prefill_chunk)
     token = first.argmax(-1) if greedy else _draw(probabilities(first, sampling), generator)  # not in the cache yet
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
-    out = [[t] for t in token.tolist()]
-    finished = [o[0] in eos for o in out]
-    pos = lens.clone()  # where `token` goes
-    pos_host = list(lengths)  # the same on the host, kept from the accepted lengths read each round
-    rows = torch.arange(batch, device=device)
-    rounds = drafted = accepted = sequence_rounds = 0
+    state.start(token, lens, max_new_tokens, eos)
+    key = (draft_schedule, verify_schedule, model.cache_id,
+           (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
+    captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
+    reused = graphs is not None and key in graphs.graphs
+    done = HostFlag(device)
+    strict = forbid_host_sync and device.type == "cuda"
+    previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
+    if strict:
+        torch.cuda.set_sync_debug_mode("error")
     t1 = time.perf_counter()
-    while not all(f or len(o) >= max_new_tokens for f, o in zip(finished, out)):
-        active_host = [not f and len(o) < max_new_tokens for f, o in zip(finished, out)]
-        active = torch.tensor(active_host, device=device)
-        top = max(pos_host)  # no device read: attention's bound comes from the host copy
-        current, drafts, draft_probs = token, [], []
-        for j in range(k):
-            logits = model(current[:, None], pos + j, kv_len=top + j + 1, plan=draft_plan)[:, 0]
-            if greedy:
-                current = logits.argmax(-1)
+    try:
+        # Every round adds a token to each running sequence: max_new_tokens - 1 rounds finish all.
+        for r in range(max_new_tokens - 1):
+            if done.ready() and bool(done.host):
+                break
+            if graphs is not None and r > 0:  # the first round runs eagerly: it is also the warm-up
+                graphs.replay(key, lambda: _round(model, state, k, draft_schedule, verify_schedule, sampling,
+                                                  generator, [model.cache_len] * (k + 1)), generator)
             else:
-                q = probabilities(logits, sampling)
-                current = _draw(q, generator)
-                draft_probs.append(q)
-            drafts.append(current)
-        draft = torch.stack(drafts, 1)  # [B, k]
-        verify_logits = model(torch.cat([token[:, None], draft], 1), pos, kv_len=top + k + 1)  # [B, k + 1, V]
-        if greedy:
-            verify = verify_logits.argmax(-1)
-            agree = (draft == verify[:, :k]).long().cumprod(1).sum(1)  # [B]: drafted tokens the full model keeps
-            nxt = verify[rows, agree]
-        else:
-            agree, nxt = _accept(probabilities(verify_logits, sampling), torch.stack(draft_probs, 1), draft, generator)
-        agree_host, draft_host, nxt_host = agree.tolist(), draft.tolist(), nxt.tolist()
-        for b in range(batch):
-            if not active_host[b]:  # the host's own copy: no device read per sequence
-                continue
-            new = draft_host[b][:agree_host[b]] + [nxt_host[b]]
-            for t in new:
-                if len(out[b]) >= max_new_tokens:
-                    break
-                out[b].append(t)
-                if t in eos:
-                    finished[b] = True
-                    break
-            drafted += k
-            accepted += agree_host[b]
-            sequence_rounds += 1
-            pos_host[b] += agree_host[b] + 1
-        step = (agree + 1) * active.long()
-        pos = pos + step  # finished sequences stay where they are
-        token = torch.where(active, nxt, token)
-        rounds += 1
+                # Eagerly attention reads only the slots a sequence can have filled by now.
+                bound = longest + r * (k + 1)
+                kv_lens = [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
+                _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens)
+            done.post(state.finished.all())
+    finally:
+        if strict:
+            torch.cuda.set_sync_debug_mode(previous_mode)
     _sync(device)
-    decode_s = time.perf_counter() - t1
-    emitted = sum(len(o) - 1 for o in out)
+    capture_s = graphs.capture_s - capture_s_before if graphs is not None else 0.0
+    decode_s = time.perf_counter() - t1 - capture_s
+
+    counts = state.emitted.tolist()
+    out = [row[:n] for row, n in zip(state.out_tokens.tolist(), counts)]
+    rounds, accepted, sequence_rounds = (int(c) for c in (state.rounds, state.accepted, state.sequence_rounds))
+    drafted = k * sequence_rounds
+    emitted = sum(n - 1 for n in counts)
     stats = {"draft_tokens": k, "rounds": rounds, "drafted": drafted, "accepted": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan")}
+    eos_ids = set(eos.tolist())
+    finished = [bool(f) and o[-1] in eos_ids for f, o in zip(state.finished.tolist(), out)]  # at EOS, not the limit
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats,
-                            decode_tokens=max(len(o) - 1 for o in out))
+                            decode_tokens=max(counts) - 1,
+                            graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
+                            graphs_reused=int(reused), graph_capture_s=capture_s)
+
+
+def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedule, sampling: SamplingParams,
+           generator, kv_lens: list) -> None:
+    """One round on the state's buffers: k draft steps, the verify pass over k + 1 positions and
+    the acceptance, with nothing read back. kv_lens[j]: slots attention reads in draft step j
+    (and, for j = k, in the verify pass)."""
+    greedy = sampling.temperature == 0
+    current, drafts, draft_probs = state.token, [], []
+    for j in range(k):
+        logits = model(current[:, None], state.pos + j, kv_len=kv_lens[j], logits_index=state.zero,
+                       schedule=draft_schedule)
+        if greedy:
+            current = logits.argmax(-1)
+        else:
+            q = probabilities(logits, sampling)
+            current = _draw(q, generator)
+            draft_probs.append(q)
+        drafts.append(current)
+    draft = torch.stack(drafts, 1)  # [B, k]
+    logits = model(torch.cat([state.token[:, None], draft], 1), state.pos, kv_len=kv_lens[k],
+                   schedule=verify_schedule)  # [B, k + 1, V]
+    if greedy:
+        verify = logits.argmax(-1)
+        agree = (draft == verify[:, :k]).long().cumprod(1).sum(1)  # [B]: drafted tokens the full model keeps
+        nxt = verify.gather(1, agree[:, None]).squeeze(1)
+    else:
+        agree, nxt = _accept(probabilities(logits, sampling), torch.stack(draft_probs, 1), draft, generator)
+    state.keep(draft, agree, nxt)
+
+
+def _state(model, batch: int, k: int, num_eos: int, device: torch.device) -> SpeculativeState:
+    """The kept speculative state for this model, batch, draft length and KV cache (its graphs hold
+    the addresses of the weights, the caches and its buffers)."""
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    states = decode_states(model)
+    for stale in [key for key in states if key[0] != weights or key[4] != model.cache_id]:
+        del states[stale]
+    key = (weights, batch, num_eos, device, model.cache_id, "speculative", k)
+    if key not in states:
+        states[key] = SpeculativeState(batch, k, model.cache_len + k + 1, num_eos, device)
+    return states[key]
 
 
 def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
