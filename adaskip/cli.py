@@ -294,6 +294,7 @@ def cmd_eval(a) -> None:
                             generation_instruction=a.generation_instruction,
                             generation_floor_dtype=None if a.generation_floor == "none" else a.generation_floor,
                             generation_batch=a.generation_batch,
+                            generation_online_betas=_split(a.generation_online_betas, float),
                             speculative_draft_tokens=_split(a.speculative_draft_tokens, int),
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
@@ -723,6 +724,9 @@ def main(argv=None) -> None:
     e.add_argument("--generation-floor", choices=["bfloat16", "float16", "float32", "none"], default="bfloat16",
                    help="generation: the first row, the full model in this dtype against itself")
     e.add_argument("--generation-batch", type=int, default=1, help="generation: prompts generated together")
+    e.add_argument("--generation-online-betas", default="",
+                   help="generation: also run plans with online learning at these betas (comma-separated; "
+                   "lower gates more FFNs off)")
     e.add_argument("--speculative-draft-tokens", default="2,4",
                    help="speculative: draft lengths k (comma-separated); prompts as for generation")
     e.add_argument("--seed", type=int, default=0)

@@ -170,6 +170,24 @@ def test_rows_match_direct_generations():
     assert table.splitlines()[2].startswith("| full/bfloat16 |") and "on (3, -1.000)" in table
 
 
+def test_looser_betas_are_rows_of_their_own():
+    """--generation-online-betas: each online plan also runs at the given betas; a beta no FFN
+    reaches gates nothing, beta -1 gates every candidate off, and the rows say which beta ran."""
+    tok, prompts, model = _setup()
+    online = SkipPlan(3, {0: 1.0, 3: 1.0}, strategy="adaskip", beta=0.9999, window=3)
+    out = g.evaluate_generation(model, tok, prompts, {"a": online}, max_new_tokens=12, floor_dtype=None,
+                                progress=False, online_betas=[-1.0])
+    rows = {r["name"]: r for r in out["rows"]}
+    assert list(rows) == ["a", "a/beta=-1", "a/no-online"]
+    assert rows["a/beta=-1"]["beta"] == -1.0 and rows["a/beta=-1"]["extra_ffns_gated"] == 2
+    eos = set(model.args.eos_token_ids)
+    loose = dataclasses.replace(online, beta=-1.0)
+    direct = [[t for t in generate(model, [p.ids], max_new_tokens=12, plan=loose).tokens[0] if t not in eos]
+              for p in prompts]
+    assert rows["a/beta=-1"]["generations"] == [tok.decode(t) for t in direct]
+    assert "on (3, -1.000)" in g.generation_table(out)
+
+
 def test_same_plan_as_full_scores_perfectly_and_floor_can_be_left_out():
     tok, prompts, model = _setup()
     nothing = SkipPlan(3, {}, strategy="custom")
@@ -203,3 +221,10 @@ def test_run_eval_generation_task():
         EvalSettings(tasks=["generation"], generation_lengths=[600]).check_model(model.args)
     with pytest.raises(ValueError, match="needs documents"):
         run_eval(model, tok, None, settings, documents=[], progress=False)
+
+
+def test_betas_outside_cosine_range_are_refused():
+    from adaskip.evaluation.harness import EvalSettings
+
+    with pytest.raises(ValueError, match="online betas"):
+        EvalSettings(tasks=["generation"], generation_online_betas=[0.9, 1.5])

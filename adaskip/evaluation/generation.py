@@ -204,11 +204,13 @@ def _in_dtype(model, dtype):
 @torch.inference_mode()
 def evaluate_generation(model, tokenizer, prompts: Sequence[GenerationPrompt], plans: dict, *,
                         max_new_tokens: int = 64, floor_dtype: Optional[torch.dtype] = torch.bfloat16,
-                        batch_size: int = 1, profile=None, spec=None, progress: bool = True) -> dict:
+                        batch_size: int = 1, profile=None, spec=None, progress: bool = True,
+                        online_betas: Sequence[float] = ()) -> dict:
     """Greedy generations of the full model and of every plan, scored against the full model's.
 
     plans: {name: SkipPlan}; a plan with online learning is also run with learning off (row
-    online False). floor_dtype: also run the full model in this dtype (a copy of the model) and
+    online False) and with each beta of `online_betas` (rows "<name>/beta=<b>": a lower beta gates
+    FFNs off at lower similarity, which shows what online learning costs when it acts). floor_dtype: also run the full model in this dtype (a copy of the model) and
     score it as the first row; None leaves it out. The predicted decode speedup is the roofline
     cost model (adaskip.skipping.costs.sublayer_costs, default device the L20) at each prompt's
     length, over the tokens generated, with the FFNs online learning gated off after its window;
@@ -245,6 +247,7 @@ def evaluate_generation(model, tokenizer, prompts: Sequence[GenerationPrompt], p
             continue
         runs.append((name, plan, True if plan.online else None))
         if plan.online:
+            runs.extend((f"{name}/beta={b:g}", dataclasses.replace(plan, beta=float(b)), True) for b in online_betas)
             runs.append((f"{name}/no-online", dataclasses.replace(plan, beta=None), False))
     bar = progress_bar(len(runs) * len(prompts), progress, "generation", "prompt")
 

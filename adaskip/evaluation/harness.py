@@ -52,6 +52,7 @@ class EvalSettings:
     generation_instruction: str = "summarize"
     generation_floor_dtype: Optional[str] = "bfloat16"  # None: no dtype-floor row
     generation_batch: int = 1
+    generation_online_betas: Sequence[float] = ()  # also run online plans at these (looser) betas
     # speculative (on the generation prompts): draft lengths k
     speculative_draft_tokens: Sequence[int] = (2, 4)
     # longbench
@@ -83,6 +84,9 @@ class EvalSettings:
                                  f"got {self.generation_instruction!r}")
             if self.generation_prompts < 1 or self.generation_tokens < 1 or self.generation_batch < 1:
                 raise ValueError("adaskip: generation prompts, tokens and batch must be >= 1")
+            if any(not -1.0 <= b <= 1.0 for b in self.generation_online_betas):
+                raise ValueError(f"adaskip: online betas are cosine similarities in [-1, 1], got "
+                                 f"{list(self.generation_online_betas)}")
             if not self.generation_lengths or min(self.generation_lengths) < 1:
                 raise ValueError(f"adaskip: generation lengths must be positive, got {list(self.generation_lengths)}")
             if self.generation_floor_dtype not in (None, "float32", "bfloat16", "float16"):
@@ -234,7 +238,8 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
         floor = getattr(torch, settings.generation_floor_dtype) if settings.generation_floor_dtype else None
         generation = evaluate_generation(model, tokenizer, prompts, {k: p for k, p in named.items() if p is not None},
                                          max_new_tokens=settings.generation_tokens, floor_dtype=floor,
-                                         batch_size=settings.generation_batch, profile=profile, progress=progress)
+                                         batch_size=settings.generation_batch, profile=profile, progress=progress,
+                                         online_betas=settings.generation_online_betas)
         timings["generation"] = time.perf_counter() - start
 
     speculative = None
