@@ -14,9 +14,9 @@ from . import ops
 from ._version import __version__
 from .runtime import (GenerationResult, ModelArgs, SamplingParams, SkipPlan, SpeculativeConfig, Transformer, generate,
                       load_model)
-from .skipping import STRATEGIES, ImportanceProfile, calibrate, plan, search
+from .skipping import STRATEGIES, ImportanceProfile, calibrate, plan, plan_drafter, search
 from . import hf  # noqa: E402  (after skipping, which it builds on)
 from .exporting import export  # noqa: E402
 
-__all__ = ["ops", "hf", "export", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "SkipPlan", "STRATEGIES",
+__all__ = ["ops", "hf", "export", "load_model", "calibrate", "ImportanceProfile", "search", "plan", "plan_drafter", "SkipPlan", "STRATEGIES",
            "generate", "SpeculativeConfig", "SamplingParams", "GenerationResult", "ModelArgs", "Transformer", "__version__"]

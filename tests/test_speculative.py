@@ -42,6 +42,9 @@ def test_greedy_tokens_are_the_full_models(model, drafter, k):
         s = got.speculative
         assert s["drafted"] > 0 and 0 <= s["accepted"] <= s["drafted"]
         assert 1 <= s["tokens_per_round"] <= k + 1
+        kept = s["kept_counts"]
+        assert len(kept) == k + 1 and sum(j * n for j, n in enumerate(kept)) == s["accepted"]
+        assert sum(kept) * k == s["drafted"]
         if drafter == "nothing-skipped":  # the drafter is the full model: every draft is kept
             assert s["accepted"] == s["drafted"]
 
@@ -222,3 +225,60 @@ def test_run_eval_speculative_task(model):
         EvalSettings(tasks=["speculative"], speculative_draft_tokens=[0])
     with pytest.raises(ValueError, match="exceed the model's context"):
         EvalSettings(tasks=["speculative"], generation_lengths=[150]).check_model(model.args)
+
+
+# -- choosing the drafter -----------------------------------------------------------------------
+
+
+def test_tokens_per_round_from_kept_counts():
+    from adaskip.skipping.drafting import tokens_per_round
+
+    counts = [2, 1, 3]  # measured at k = 2: 2 rounds kept nothing, 1 kept one draft, 3 kept both
+    assert tokens_per_round(counts, 2) == pytest.approx(1 + 7 / 6)
+    assert tokens_per_round(counts, 1) == pytest.approx(1 + 4 / 6)  # a round that kept 1 or 2 of 2 keeps 1 of 1
+    with pytest.raises(ValueError, match="say nothing about 3"):
+        tokens_per_round(counts, 3)
+
+
+@pytest.fixture(scope="module")
+def profile(model):
+    return adaskip.calibrate(model, _prompts(4, 21, lengths=(30, 40)), num_requests=4, prompt_len=40,
+                             progress=False)
+
+
+def test_plan_drafter_picks_the_fastest_measured_drafter(model, profile):
+    prompts = _prompts(3, 13)
+    choice = adaskip.plan_drafter(model, profile, prompts, budgets=[2, 4], draft_tokens=[1, 3], max_new_tokens=12)
+    rows = [r for r in choice.rows if "unavailable" not in r]
+    assert [(r["budget"], r["draft_tokens"]) for r in rows] == [(2, 1), (2, 3), (4, 1), (4, 3)]
+    best = max(rows, key=lambda r: r["predicted_speedup"])
+    assert choice.predicted_speedup == best["predicted_speedup"] and choice.pays == (best["predicted_speedup"] > 1)
+    assert choice.config.draft_tokens == best["draft_tokens"]
+    expected = adaskip.plan(profile, num_sublayers=best["budget"], online=False)
+    assert choice.config.plan.skip_scales == expected.skip_scales and not choice.config.plan.online
+    # At the longest k the acceptance is what the speculative runs themselves count.
+    for budget in (2, 4):
+        drafter = adaskip.plan(profile, num_sublayers=budget, online=False)
+        runs = [adaskip.generate(model, [p], max_new_tokens=12, eos_token_ids=[],
+                                 speculative=SpeculativeConfig(drafter, draft_tokens=3)).speculative for p in prompts]
+        row = next(r for r in rows if r["budget"] == budget and r["draft_tokens"] == 3)
+        assert row["acceptance_rate"] == pytest.approx(sum(r["accepted"] for r in runs) / sum(r["drafted"] for r in runs))
+        # more skipped sublayers: a cheaper draft step
+    assert rows[2]["draft_speedup"] > rows[0]["draft_speedup"] > 1.0
+    # The default budgets are shares of the sublayers, up to half of them.
+    default = adaskip.plan_drafter(model, profile, prompts[:1], draft_tokens=[2], max_new_tokens=6)
+    assert sorted({r["budget"] for r in default.rows}) == [1, 2, 3, 4]
+
+
+def test_plan_drafter_refuses_what_it_cannot_measure(model, profile):
+    prompts = _prompts(2, 14)
+    for kw, match in ((dict(budgets=[0]), "budgets"), (dict(budgets=[8]), "budgets"), (dict(draft_tokens=[0]), "draft"),
+                      (dict(max_new_tokens=1), "max_new_tokens")):
+        with pytest.raises(ValueError, match=match):
+            adaskip.plan_drafter(model, profile, prompts, **kw)
+    with pytest.raises(ValueError, match="prompts"):
+        adaskip.plan_drafter(model, profile, [])
+    with pytest.raises(ValueError, match="context"):
+        adaskip.plan_drafter(model, profile, [[5] * 150], max_new_tokens=8)
+    with pytest.raises(ValueError, match="no drafter could be measured"):  # this profile has no greedy search
+        adaskip.plan_drafter(model, profile, prompts, strategy="greedy-loss", budgets=[2])

@@ -10,14 +10,7 @@ from typing import Sequence
 import torch
 
 from .._util import check_room, progress_bar
-
-
-def predicted_speedup(tokens_per_round: float, draft_tokens: int, draft_speedup: float,
-                      verify_cost: float = 1.0) -> float:
-    """Decode speedup of a round that costs `draft_tokens` draft steps (each 1 / draft_speedup of
-    a full decode step) plus one verify pass (`verify_cost` full steps: memory-bound, the weights
-    are read once for the k + 1 positions) and emits `tokens_per_round` tokens."""
-    return tokens_per_round / (draft_tokens / draft_speedup + verify_cost)
+from ..skipping.drafting import predicted_speedup
 
 
 @torch.inference_mode()

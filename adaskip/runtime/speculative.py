@@ -73,6 +73,7 @@ class SpeculativeState:
         self.accepted = torch.zeros((), **long)
         self.sequence_rounds = torch.zeros((), **long)  # rounds x sequences that were still running
         self.rounds = torch.zeros((), **long)  # rounds in which some sequence was still running
+        self.kept_counts = torch.zeros(draft_tokens + 1, **long)  # [j]: sequence rounds that kept j drafts
         self.offsets = torch.arange(draft_tokens + 1, device=device)
         self.graphs = StepGraphs() if device.type == "cuda" else None
         self.seeded = None
@@ -93,7 +94,7 @@ class SpeculativeState:
         self.limit.fill_(max_new_tokens)
         self.eos.copy_(eos)
         self.finished.copy_(self._is_eos(token) | (self.emitted >= self.limit))
-        for counter in (self.accepted, self.sequence_rounds, self.rounds):
+        for counter in (self.accepted, self.sequence_rounds, self.rounds, self.kept_counts):
             counter.zero_()
 
     def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -118,6 +119,7 @@ class SpeculativeState:
         self.accepted += torch.where(active, agree, 0).sum()
         self.sequence_rounds += active.sum()
         self.rounds += active.any()
+        self.kept_counts += ((agree[:, None] == self.offsets) & active[:, None]).sum(0)
 
 
 @torch.inference_mode()
@@ -132,8 +134,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     both after temperature / top-k / top-p), the first rejected position resampled from
     max(0, p - q) normalised, and a token from p after a fully kept draft: every token is
     distributed exactly as the full model's sampling would draw it. The result's `speculative`
-    holds rounds, drafted and accepted tokens, the acceptance rate and the mean number of tokens
-    each round emits per sequence.
+    holds rounds, drafted and accepted tokens, the acceptance rate, the mean number of tokens
+    each round emits per sequence and `kept_counts` ([j]: rounds of a sequence that kept j drafts).
     cuda_graph: on a GPU, each round is a CUDA-graph replay (captured on the first round of its
     shape, kept for later calls of the same batch, draft length and cache); attention then reads
     the whole cache under masks built from the device positions.
@@ -218,7 +220,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     emitted = sum(n - 1 for n in counts)
     stats = {"draft_tokens": k, "rounds": rounds, "drafted": drafted, "accepted": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
-             "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan")}
+             "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan"),
+             "kept_counts": state.kept_counts.tolist()}
     eos_ids = set(eos.tolist())
     finished = [bool(f) and o[-1] in eos_ids for f, o in zip(state.finished.tolist(), out)]  # at EOS, not the limit
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
