@@ -149,6 +149,43 @@ inline void check_channel_scales(const at::Tensor& cs, int64_t num_sublayers, in
   ADASKIP_CHECK(cs.is_contiguous(), "adaskip: 'channel_scales' must be contiguous");
 }
 
+// One KV cache [batch, kv_heads, capacity, head_dim] for the one-token queries q [batch, heads,
+// head_dim]: q's device and dtype, contiguous in head_dim. kv_heads < 0: any number of KV heads;
+// else the number `kv_heads_of` has.
+inline void check_kv_cache(const at::Tensor& c, const char* name, const at::Tensor& q, int64_t kv_heads,
+                           const char* kv_heads_of) {
+  check_cuda(c, name, q.device());
+  ADASKIP_CHECK(c.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
+                " but 'q' has ", q.scalar_type());
+  ADASKIP_CHECK(c.dim() == 4, "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim], got shape ",
+                c.sizes());
+  ADASKIP_CHECK(c.size(0) == q.size(0), "adaskip: '", name, "' holds ", c.size(0), " sequences but 'q' has ",
+                q.size(0));
+  if (kv_heads >= 0) {
+    ADASKIP_CHECK(c.size(1) == kv_heads, "adaskip: '", name, "' has ", c.size(1), " KV heads but '", kv_heads_of,
+                  "' has ", kv_heads);
+  }
+  ADASKIP_CHECK(c.size(3) == q.size(2), "adaskip: '", name, "' has head_dim ", c.size(3), " but 'q' has ",
+                q.size(2));
+  ADASKIP_CHECK(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
+                c.strides());
+}
+
+// The key and value caches of a decode op (decode_attention, rotary_kv_write): each as above, with
+// as many KV heads as `kv_heads_of` has (kv_heads < 0: as k_cache has) and the same capacity.
+// Mirrored by check_kv_caches in adaskip/ops/reference.py (same messages).
+inline void check_kv_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& q,
+                            int64_t kv_heads, const char* kv_heads_of) {
+  check_kv_cache(k_cache, "k_cache", q, kv_heads, kv_heads_of);
+  if (kv_heads < 0) {
+    kv_heads = k_cache.size(1);
+    kv_heads_of = "k_cache";
+  }
+  check_kv_cache(v_cache, "v_cache", q, kv_heads, kv_heads_of);
+  ADASKIP_CHECK(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
+                " slots but 'k_cache' holds ", k_cache.size(2));
+}
+
 // Valid lengths of right-padded sequences, as int32 on the device (values are clamped to
 // [0, seq] on the device: checking them here would need a host sync).
 inline std::optional<at::Tensor> prepare_seq_lens(const std::optional<at::Tensor>& seq_lens,

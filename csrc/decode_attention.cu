@@ -380,26 +380,12 @@ void launch_group(const at::Tensor& q, const CacheView& cache, const Lens& lens,
   else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, sms);
 }
 
-void check_cache(const at::Tensor& c, const char* name, const at::Tensor& q, int64_t kv_heads_expected) {
-  check_cuda(c, name, q.device());
-  ADASKIP_CHECK(c.scalar_type() == q.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
-                    " but 'q' has ", q.scalar_type());
-  ADASKIP_CHECK(c.dim() == 4, "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim], got shape ",
-                    c.sizes());
-  ADASKIP_CHECK(c.size(0) == q.size(0), "adaskip: '", name, "' holds ", c.size(0), " sequences but 'q' has ",
-                    q.size(0));
-  ADASKIP_CHECK(c.size(3) == q.size(2), "adaskip: '", name, "' has head_dim ", c.size(3), " but 'q' has ",
-                    q.size(2));
-  if (kv_heads_expected >= 0) {
-    ADASKIP_CHECK(c.size(1) == kv_heads_expected, "adaskip: '", name, "' has ", c.size(1),
-                      " KV heads but 'k_cache' has ", kv_heads_expected);
-  }
-  ADASKIP_CHECK(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim, got strides ",
-                    c.strides());
+// The vector loads read 8 elements (16 bytes) at a time from every row of the cache.
+void check_cache_aligned(const at::Tensor& c, const char* name) {
   ADASKIP_CHECK(c.stride(0) % kVec == 0 && c.stride(1) % kVec == 0 && c.stride(2) % kVec == 0 &&
-                        aligned16(c.data_ptr()),
-                    "adaskip: '", name, "' must be 16-byte aligned with strides that are multiples of 8, got "
-                    "strides ", c.strides());
+                    aligned16(c.data_ptr()),
+                "adaskip: '", name, "' must be 16-byte aligned with strides that are multiples of 8, got "
+                "strides ", c.strides());
 }
 
 }  // namespace
@@ -420,16 +406,15 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                     dim);
   ADASKIP_CHECK(q.stride(2) == 1 && q.stride(0) % kVec == 0 && q.stride(1) % kVec == 0 && aligned16(q.data_ptr()),
                     "adaskip: 'q' must be contiguous in head_dim and 16-byte aligned, got strides ", q.strides());
-  check_cache(k_cache, "k_cache", q, -1);
-  check_cache(v_cache, "v_cache", q, k_cache.size(1));
+  check_kv_caches(k_cache, v_cache, q, -1, "k_cache");
+  check_cache_aligned(k_cache, "k_cache");
+  check_cache_aligned(v_cache, "v_cache");
   const int64_t kv_heads = k_cache.size(1);
   ADASKIP_CHECK(kv_heads > 0 && heads % kv_heads == 0, "adaskip: 'q' has ", heads,
                     " heads, not a multiple of the cache's ", kv_heads, " KV heads");
   const int64_t group = heads / kv_heads;
   ADASKIP_CHECK(group <= kMaxGroup, "adaskip: the decode attention kernel takes at most ", kMaxGroup,
                     " query heads per KV head, got ", group);
-  ADASKIP_CHECK(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
-                    " slots but 'k_cache' holds ", k_cache.size(2));
   ADASKIP_CHECK(kv_lens.scalar_type() == at::kInt || kv_lens.scalar_type() == at::kLong,
                     "adaskip: 'kv_lens' must be int32 or int64, got ", kv_lens.scalar_type());
   ADASKIP_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == batch, "adaskip: 'kv_lens' must be [batch] = [",
@@ -444,8 +429,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   if (batch == 0 || heads == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int sms = multiprocessor_count(device.index());
   const int64_t capacity = k_cache.size(2);
   const CacheView cache{k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
                         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), capacity};

@@ -19,6 +19,21 @@ inline bool supports_dependent_launch(int device) {
   return cached[device] == 2;
 }
 
+// The number of multiprocessors of `device`, read once per device (kernels that size their grid
+// to one wave ask for it on every launch).
+inline int multiprocessor_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }
+  if (cached[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return cached[device];
+}
+
 // Launches `kernel` so that it may overlap the tail of the previous kernel on `stream`.
 template <typename... Params, typename... Args>
 void launch_dependent(void (*kernel)(Params...), int device, dim3 grid, dim3 block, size_t smem_bytes,

@@ -95,16 +95,6 @@ void check_table(const at::Tensor& t, const char* name, const at::Tensor& q) {
   ADASKIP_CHECK(t.stride(1) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
 }
 
-void check_kv_cache(const at::Tensor& c, const char* name, const at::Tensor& k) {
-  check_cuda(c, name, k.device());
-  ADASKIP_CHECK(c.scalar_type() == k.scalar_type(), "adaskip: '", name, "' has dtype ", c.scalar_type(),
-                    " but 'q' has ", k.scalar_type());
-  ADASKIP_CHECK(c.dim() == 4 && c.size(0) == k.size(0) && c.size(1) == k.size(1) && c.size(3) == k.size(2),
-                    "adaskip: '", name, "' must be [batch, kv_heads, capacity, head_dim] = [", k.size(0), ", ",
-                    k.size(1), ", capacity, ", k.size(2), "], got shape ", c.sizes());
-  ADASKIP_CHECK(c.stride(3) == 1, "adaskip: '", name, "' must be contiguous in head_dim");
-}
-
 }  // namespace
 
 void rotary_kv_write(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
@@ -122,10 +112,7 @@ void rotary_kv_write(at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   check_rows3(v, "v", q, k.size(1));
   check_table(cos, "cos", q);
   check_table(sin, "sin", q);
-  check_kv_cache(k_cache, "k_cache", k);
-  check_kv_cache(v_cache, "v_cache", k);
-  ADASKIP_CHECK(v_cache.size(2) == k_cache.size(2), "adaskip: 'v_cache' holds ", v_cache.size(2),
-                    " slots but 'k_cache' holds ", k_cache.size(2));
+  check_kv_caches(k_cache, v_cache, q, k.size(1), "k");
   check_cuda(positions, "positions", device);
   ADASKIP_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == batch,
                     "adaskip: 'positions' must be int64 [batch] = [", batch, "], got ", positions.scalar_type(), " ",

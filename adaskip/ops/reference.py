@@ -333,6 +333,35 @@ DECODE_HEAD_DIMS = (64, 128)
 DECODE_MAX_GROUP = 8  # query heads per KV head
 
 
+def check_kv_cache(c, name: str, q, kv_heads: int, kv_heads_of: str) -> None:
+    """One KV cache [batch, kv_heads, capacity, head_dim] for the one-token queries q [batch,
+    heads, head_dim] (csrc/checks.h, same messages); kv_heads < 0: any number."""
+    check_same_device(name, c, q.device)
+    if c.dtype != q.dtype:
+        _fail(f"'{name}' has dtype {c.dtype} but 'q' has {q.dtype}")
+    if c.dim() != 4:
+        _fail(f"'{name}' must be [batch, kv_heads, capacity, head_dim], got shape {tuple(c.shape)}")
+    if c.shape[0] != q.shape[0]:
+        _fail(f"'{name}' holds {c.shape[0]} sequences but 'q' has {q.shape[0]}")
+    if kv_heads >= 0 and c.shape[1] != kv_heads:
+        _fail(f"'{name}' has {c.shape[1]} KV heads but '{kv_heads_of}' has {kv_heads}")
+    if c.shape[3] != q.shape[2]:
+        _fail(f"'{name}' has head_dim {c.shape[3]} but 'q' has {q.shape[2]}")
+    if c.stride(3) != 1:
+        _fail(f"'{name}' must be contiguous in head_dim, got strides {c.stride()}")
+
+
+def check_kv_caches(k_cache, v_cache, q, kv_heads: int, kv_heads_of: str) -> None:
+    """The key and value caches of decode_attention and rotary_kv_write (csrc/checks.h): as
+    many KV heads as `kv_heads_of` has (kv_heads < 0: as k_cache has), the same capacity."""
+    check_kv_cache(k_cache, "k_cache", q, kv_heads, kv_heads_of)
+    if kv_heads < 0:
+        kv_heads, kv_heads_of = k_cache.shape[1], "k_cache"
+    check_kv_cache(v_cache, "v_cache", q, kv_heads, kv_heads_of)
+    if v_cache.shape[2] != k_cache.shape[2]:
+        _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
+
+
 def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned: bool = True) -> None:
     """The checks of csrc/decode_attention.cu, same messages (aligned: also the 16-byte address
     checks, which tensors without storage, as in tracing, cannot answer)."""
@@ -345,20 +374,8 @@ def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, ali
         _fail(f"the decode attention kernel takes head_dim 64 or 128, got {dim}")
     if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or (aligned and q.data_ptr() % 16):
         _fail(f"'q' must be contiguous in head_dim and 16-byte aligned, got strides {q.stride()}")
+    check_kv_caches(k_cache, v_cache, q, -1, "k_cache")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_same_device(name, c, q.device)
-        if c.dtype != q.dtype:
-            _fail(f"'{name}' has dtype {c.dtype} but 'q' has {q.dtype}")
-        if c.dim() != 4:
-            _fail(f"'{name}' must be [batch, kv_heads, capacity, head_dim], got shape {tuple(c.shape)}")
-        if c.shape[0] != batch:
-            _fail(f"'{name}' holds {c.shape[0]} sequences but 'q' has {batch}")
-        if c.shape[3] != dim:
-            _fail(f"'{name}' has head_dim {c.shape[3]} but 'q' has {dim}")
-        if name == "v_cache" and c.shape[1] != k_cache.shape[1]:
-            _fail(f"'v_cache' has {c.shape[1]} KV heads but 'k_cache' has {k_cache.shape[1]}")
-        if c.stride(3) != 1:
-            _fail(f"'{name}' must be contiguous in head_dim, got strides {c.stride()}")
         if any(s % 8 for s in c.stride()[:3]) or (aligned and c.data_ptr() % 16):
             _fail(f"'{name}' must be 16-byte aligned with strides that are multiples of 8, got strides {c.stride()}")
     kv_heads = k_cache.shape[1]
@@ -367,8 +384,6 @@ def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, ali
     if heads // kv_heads > DECODE_MAX_GROUP:
         _fail(f"the decode attention kernel takes at most {DECODE_MAX_GROUP} query heads per KV head, "
               f"got {heads // kv_heads}")
-    if v_cache.shape[2] != k_cache.shape[2]:
-        _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
     check_same_device("kv_lens", kv_lens, q.device)
     if kv_lens.dtype not in (torch.int32, torch.int64):
         _fail(f"'kv_lens' must be int32 or int64, got {kv_lens.dtype}")
@@ -445,17 +460,7 @@ def check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions) -> Non
             _fail(f"'{name}' must be [batch, head_dim] = [{batch}, {dim}], got shape {tuple(t.shape)}")
         if t.stride(1) != 1:
             _fail(f"'{name}' must be contiguous in head_dim")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_same_device(name, c, q.device)
-        if c.dtype != q.dtype:
-            _fail(f"'{name}' has dtype {c.dtype} but 'q' has {q.dtype}")
-        if c.dim() != 4 or c.shape[0] != batch or c.shape[1] != k.shape[1] or c.shape[3] != dim:
-            _fail(f"'{name}' must be [batch, kv_heads, capacity, head_dim] = [{batch}, {k.shape[1]}, capacity, "
-                  f"{dim}], got shape {tuple(c.shape)}")
-        if c.stride(3) != 1:
-            _fail(f"'{name}' must be contiguous in head_dim")
-    if v_cache.shape[2] != k_cache.shape[2]:
-        _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
+    check_kv_caches(k_cache, v_cache, q, k.shape[1], "k")
     check_same_device("positions", positions, q.device)
     if positions.dtype != torch.int64 or positions.dim() != 1 or positions.shape[0] != batch:
         _fail(f"'positions' must be int64 [batch] = [{batch}], got {positions.dtype} {list(positions.shape)}")
