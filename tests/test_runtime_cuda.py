@@ -100,6 +100,20 @@ def test_speculative_rounds_are_graph_replays_that_never_wait(pair, k):
     assert drawn[0] == drawn[1]  # the seeded generator's state is registered with the graph
 
 
+def test_online_drafting_in_graph_replays(pair):
+    """The drafter's online gates decided on the device inside the replayed rounds, then settled
+    (a new round graph once every sequence has decided): the same tokens and gates as eager rounds."""
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (33, 70)]
+    spec = SpeculativeConfig(SkipPlan(4, {2: 1.0}, beta=-1.0, window=4), draft_tokens=2, online=True)
+    eager = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[], speculative=spec)
+    graph = generate(ours, prompts, max_new_tokens=24, eos_token_ids=[], speculative=spec, cuda_graph=True,
+                     forbid_host_sync=True)
+    assert graph.tokens == eager.tokens and graph.online_skipped == eager.online_skipped == [[1, 3, 5, 7]] * 2
+    assert graph.speculative == eager.speculative and graph.graphs_captured >= 1
+
+
 def _stand_ins(g) -> dict:
     """A linear stand-in for attention sublayer 2 and a channel one for FFN sublayer 5 (hidden 256)."""
     return {2: StandIn("linear", down=0.05 * torch.randn(16, 256, generator=g), down_bias=torch.randn(16, generator=g),

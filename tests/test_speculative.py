@@ -1,5 +1,7 @@
 """Self-speculative decoding: a skip plan drafts, the full model verifies; greedy output is the
 full model's own."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,9 +119,30 @@ def test_rounds_after_the_end_change_nothing(model):
     assert [row[:n] for row, n in zip(after[0].tolist(), after[1].tolist())] == out.tokens
 
 
+def test_online_drafting_gates_the_drafts_ffns_and_changes_no_token(model):
+    """SpeculativeConfig(online=True): the drafter's online learning gates FFNs off per sequence
+    from its own draft steps; the full model verifies, so the tokens stay the full model's."""
+    prompts = _prompts(4, 17)
+    expected = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[]).tokens
+    every = SkipPlan(4, {2: 0.9}, beta=-1.0, window=3)  # beta -1: every candidate FFN gated off after 3 drafts
+    static = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[],
+                              speculative=SpeculativeConfig(every, draft_tokens=2))
+    online = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[],
+                              speculative=SpeculativeConfig(every, draft_tokens=2, online=True))
+    assert static.tokens == online.tokens == expected
+    assert static.online_skipped is None and online.online_skipped == [[1, 3, 5, 7]] * 4
+    assert online.speculative["accepted"] != static.speculative["accepted"]  # the drafts did change
+    never = dataclasses.replace(every, beta=1.0)  # no FFN reaches it: nothing gated, the static drafter's rounds
+    same = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[],
+                            speculative=SpeculativeConfig(never, draft_tokens=2, online=True))
+    assert same.tokens == expected and same.online_skipped == [[]] * 4
+    assert same.speculative == static.speculative
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(plan={2: 1.0}), "SkipPlan"), (dict(draft_tokens=0), "draft_tokens"), (dict(draft_tokens=2.5), "draft_tokens"),
-    (dict(plan=SkipPlan(4, {1: 1.0, 3: 1.0}, ramp=True)), "ramp")])
+    (dict(plan=SkipPlan(4, {1: 1.0, 3: 1.0}, ramp=True)), "ramp"),
+    (dict(online=True), "online learning")])
 def test_bad_configs_are_refused(bad, match):
     kw = {"plan": DRAFTERS["attention-and-ffn"], "draft_tokens": 2, **bad}
     with pytest.raises((TypeError, ValueError), match=match):

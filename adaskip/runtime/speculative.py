@@ -25,8 +25,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import ops
 from .decode import HostFlag, StepGraphs, decode_states, drop_decode_states
 from .generation import GenerationResult, _check_prompts, _sync, prefill
+from .online import OnlineGates
 from .sampling import SamplingParams, probabilities
 from .schedule import schedule_step
 from .skip_plan import SkipPlan
@@ -34,11 +36,14 @@ from .skip_plan import SkipPlan
 
 @dataclass
 class SpeculativeConfig:
-    """plan: the drafter (its decode-phase skips; online learning is not used for drafting);
-    draft_tokens: tokens drafted per round (k)."""
+    """plan: the drafter (its decode-phase skips); draft_tokens: tokens drafted per round (k).
+    online: the drafter also gates FFNs off per sequence by online learning (AdaSkip's decode
+    learning, the plan's window and beta, on the draft steps: close to SWIFT's on-the-fly choice
+    of what to skip); the full model still verifies every token, so the output does not change."""
 
     plan: SkipPlan
     draft_tokens: int = 4
+    online: bool = False
 
     def __post_init__(self):
         if not isinstance(self.plan, SkipPlan):
@@ -47,6 +52,9 @@ class SpeculativeConfig:
             raise ValueError(f"adaskip: draft_tokens must be an int >= 1, got {self.draft_tokens!r}")
         if self.plan.ramp:
             raise ValueError("adaskip: a drafter with SkipDecode's ramp is not supported; use a static plan")
+        if self.online and not self.plan.online:
+            raise ValueError("adaskip: online drafting needs a plan with online learning (a beta and a window, "
+                             "mode decode or e2e)")
 
     def generate(self, model, prompts, **kwargs) -> GenerationResult:
         """generate_speculative with this configuration (what generate(speculative=self) calls)."""
@@ -77,6 +85,7 @@ class SpeculativeState:
         self.offsets = torch.arange(draft_tokens + 1, device=device)
         self.graphs = StepGraphs() if device.type == "cuda" else None
         self.seeded = None
+        self.online_gates = None  # OnlineGates of an online drafter, created on first use
 
     def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
         if seed is None:
@@ -84,6 +93,13 @@ class SpeculativeState:
         if self.seeded is None:
             self.seeded = torch.Generator(device=self.token.device)
         return self.seeded.manual_seed(seed)
+
+    def online_for(self, num_layers: int, candidates) -> OnlineGates:
+        if self.online_gates is None:
+            self.online_gates = OnlineGates.start(num_layers, self.token.shape[0], candidates, self.token.device)
+        else:
+            self.online_gates.restart(candidates)
+        return self.online_gates
 
     def start(self, token: torch.Tensor, lens: torch.Tensor, max_new_tokens: int, eos: torch.Tensor) -> None:
         self.token.copy_(token)
@@ -164,8 +180,11 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
         model.setup_caches(batch, needed, every_layer)
     state = _state(model, batch, k, eos.numel(), device)
     graphs = state.graphs if cuda_graph else None
-    draft_schedule = schedule_step(model, batch=batch, tokens=1, plan=config.plan.phase("decode"),
-                                   capturing=graphs is not None)
+    draft_plan = config.plan.phase("decode")
+    online = None
+    if config.online:
+        candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in draft_plan.skip_scales]
+        online = state.online_for(args.num_layers, candidates)
     verify_schedule = schedule_step(model, batch=batch, tokens=k + 1, capturing=graphs is not None)
 
     ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -182,11 +201,9 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     prefill_s = time.perf_counter() - t0
 
     state.start(token, lens, max_new_tokens, eos)
-    key = (draft_schedule, verify_schedule, model.cache_id,
-           (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
     captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
-    reused = graphs is not None and key in graphs.graphs
-    done = HostFlag(device)
+    existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
+    done, gates_flag = HostFlag(device), HostFlag(device)
     strict = forbid_host_sync and device.type == "cuda"
     previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
     if strict:
@@ -197,15 +214,27 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
         for r in range(max_new_tokens - 1):
             if done.ready() and bool(done.host):
                 break
+            if online is not None and online.learning and gates_flag.ready():
+                online.settle(gates_flag.host)  # decided alike for every sequence: run or skip outright
+                gates_flag.host = None
+            update = (config.plan.window, config.plan.beta) if online is not None and online.learning else None
+            draft_schedule = schedule_step(model, batch=batch, tokens=1, plan=draft_plan, online=online,
+                                           capturing=graphs is not None, online_update=update)
+            key = (draft_schedule, verify_schedule, model.cache_id,
+                   (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
             if graphs is not None and r > 0:  # the first round runs eagerly: it is also the warm-up
+                if key in existing:
+                    reused.add(key)
                 graphs.replay(key, lambda: _round(model, state, k, draft_schedule, verify_schedule, sampling,
-                                                  generator, [model.cache_len] * (k + 1)), generator)
+                                                  generator, [model.cache_len] * (k + 1), online), generator)
             else:
                 # Eagerly attention reads only the slots a sequence can have filled by now.
                 bound = longest + r * (k + 1)
                 kv_lens = [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
-                _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens)
+                _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens, online)
             done.post(state.finished.all())
+            if update is not None and (r + 1) * k >= config.plan.window > r * k:
+                gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
     finally:
         if strict:
             torch.cuda.set_sync_debug_mode(previous_mode)
@@ -222,25 +251,33 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan"),
              "kept_counts": state.kept_counts.tolist()}
+    online_skipped = None
+    if online is not None:
+        g = online.gates.cpu()
+        online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
     eos_ids = set(eos.tolist())
     finished = [bool(f) and o[-1] in eos_ids for f, o in zip(state.finished.tolist(), out)]  # at EOS, not the limit
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats,
                             decode_tokens=max(counts) - 1,
                             graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
-                            graphs_reused=int(reused), graph_capture_s=capture_s)
+                            graphs_reused=len(reused), graph_capture_s=capture_s, online_skipped=online_skipped)
 
 
 def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedule, sampling: SamplingParams,
-           generator, kv_lens: list) -> None:
+           generator, kv_lens: list, online: Optional[OnlineGates] = None) -> None:
     """One round on the state's buffers: k draft steps, the verify pass over k + 1 positions and
     the acceptance, with nothing read back. kv_lens[j]: slots attention reads in draft step j
-    (and, for j = k, in the verify pass)."""
+    (and, for j = k, in the verify pass). online: the drafter's gates (learning from the draft
+    steps of running sequences, decided on the device once the window is full)."""
     greedy = sampling.temperature == 0
+    alive = (~state.finished).to(torch.int32) if online is not None else None
     current, drafts, draft_probs = state.token, [], []
     for j in range(k):
         logits = model(current[:, None], state.pos + j, kv_len=kv_lens[j], logits_index=state.zero,
-                       schedule=draft_schedule)
+                       schedule=draft_schedule, online=online, seq_lens=alive)
+        if draft_schedule.online_update is not None:
+            online.update(*draft_schedule.online_update)
         if greedy:
             current = logits.argmax(-1)
         else:
