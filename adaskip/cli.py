@@ -296,6 +296,7 @@ def cmd_eval(a) -> None:
                             generation_batch=a.generation_batch,
                             generation_online_betas=_split(a.generation_online_betas, float),
                             speculative_draft_tokens=_split(a.speculative_draft_tokens, int),
+                            speculative_online=a.speculative_online,
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
     if {"passkey", "needle"} & set(settings.tasks):
@@ -449,7 +450,7 @@ def _compare(a, model, tokenizer, text: str, profile) -> dict:
             from .runtime.speculative import SpeculativeConfig
 
             out = generate(model, [ids], max_new_tokens=a.max_new_tokens, cuda_graph=a.cuda_graph,
-                           speculative=SpeculativeConfig(p, draft_tokens=a.draft_tokens))
+                           speculative=SpeculativeConfig(p, draft_tokens=a.draft_tokens, online=a.online_draft))
         else:
             out = generate(model, [ids], max_new_tokens=a.max_new_tokens, plan=p, cuda_graph=a.cuda_graph)
         tpot = out.time_per_output_token_s
@@ -487,8 +488,8 @@ def cmd_run(a) -> None:
     from .runtime.loading import load_model
 
     _check_common(a, needs_tokenizer=True)
-    if a.lossless and a.cuda_graph:
-        raise SystemExit("adaskip: --lossless decodes eagerly for now; drop --cuda-graph")
+    if a.online_draft and not a.lossless:
+        raise SystemExit("adaskip: --online-draft is for the drafter of --lossless; add --lossless")
     _at_least(a, draft_tokens=1)
     profile = _load_profile(a)
     _check_plan_args(a, profile)
@@ -654,6 +655,8 @@ def main(argv=None) -> None:
                    help="self-speculative decoding: the plan drafts, the full model verifies (greedy: the full "
                    "model's own answer)")
     r.add_argument("--draft-tokens", type=int, default=4, help="with --lossless: tokens drafted per round")
+    r.add_argument("--online-draft", action="store_true",
+                   help="with --lossless: the drafter's online learning gates FFNs off for this request")
     r.set_defaults(func=cmd_run)
 
     x = sub.add_parser("export", help="write a static plan as a checkpoint vLLM serves natively (scales folded in)")
@@ -729,6 +732,8 @@ def main(argv=None) -> None:
                    "lower gates more FFNs off)")
     e.add_argument("--speculative-draft-tokens", default="2,4",
                    help="speculative: draft lengths k (comma-separated); prompts as for generation")
+    e.add_argument("--speculative-online", action="store_true",
+                   help="speculative: plans with online learning also draft with it (rows <plan>/online)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
     e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")

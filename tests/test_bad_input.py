@@ -290,7 +290,7 @@ CLI_CASES = [
     (["run", "--prompt", "hi", "--profile", "{f}/nan-profile.json", "--strategy", "shortgpt"],
      "'block_similarity' holds nan at index 0"),
     (["run", "--prompt", "hi", "--strategy", "full", "--lossless", "--draft-tokens", "0"], "--draft-tokens must be"),
-    (["run", "--prompt", "hi", "--strategy", "full", "--lossless", "--cuda-graph"], "drop --cuda-graph"),
+    (["run", "--prompt", "hi", "--strategy", "full", "--online-draft"], "add --lossless"),
     (["run", "--prompt", "hi", "--strategy", "full", "--context-len", "0"], "--context-len must be >= 1"),
     (["run", "--prompt", "hi", "--strategy", "full", "--device", "tpu"], "--device: unknown device 'tpu'"),
     (["run", "--prompt", "hi", "--strategy", "full", "--model", "{f}/notok"], "has no tokenizer"),

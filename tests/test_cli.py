@@ -68,8 +68,12 @@ def test_run_lossless_gives_the_full_models_answer(profile):
     text = _cli("run", "--profile", str(profile), "--num-sublayers", "12", "--max-new-tokens", "8", "--lossless",
                 "--prompt", "Name three colours.").stdout
     assert "the full model verifies" in text and "accepted" in text
-    proc = _cli("run", "--profile", str(profile), "--lossless", "--cuda-graph", "--prompt", "hi", ok=False)
-    assert "--lossless" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("run", "--profile", str(profile), "--num-sublayers", "12", "--max-new-tokens", "12", "--json",
+                "--lossless", "--online-draft", "--draft-tokens", "3", "--prompt", "Name three colours.")
+    online = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert online["adaskip"]["answer"] == r["full"]["answer"]  # the drafter's gates change no token
+    proc = _cli("run", "--profile", str(profile), "--online-draft", "--prompt", "hi", ok=False)
+    assert "add --lossless" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_errors(profile, tmp_path):

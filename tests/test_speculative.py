@@ -234,6 +234,29 @@ def test_evaluate_speculative_rows_match_direct_runs(model):
         evaluate_speculative(model, prompts, plans, draft_tokens=[0], progress=False)
 
 
+def test_evaluate_speculative_online_rows(model):
+    """online=True: plans with online learning also draft with it; the row counts the FFNs the
+    drafter gated off and charges the draft step less for them."""
+    from adaskip.evaluation.generation import GenerationPrompt
+    from adaskip.evaluation.speculative import evaluate_speculative
+
+    prompts = [GenerationPrompt(ids=p, length=len(p), document=0, start=0) for p in _prompts(2, 22)]
+    plans = {"o": SkipPlan(4, {2: 0.9}, beta=-1.0, window=3), "s": DRAFTERS["attention-and-ffn"]}
+    out = evaluate_speculative(model, prompts, plans, draft_tokens=[2], max_new_tokens=12, progress=False, online=True)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert list(rows) == ["o", "s", "o/online"]  # the static plan has no online learning: no online row
+    assert rows["o/online"]["online"] and not rows["o"]["online"]
+    assert rows["o/online"]["extra_ffns_gated"] == 4 and rows["o"]["extra_ffns_gated"] == 0
+    assert rows["o/online"]["draft_decode_speedup"] > rows["o"]["draft_decode_speedup"]
+    assert rows["o/online"]["identical"] == 1.0
+    direct = [adaskip.generate(model, [p.ids], max_new_tokens=12, eos_token_ids=[],
+                               speculative=SpeculativeConfig(plans["o"], 2, online=True)).speculative for p in prompts]
+    assert rows["o/online"]["accepted"] == sum(d["accepted"] for d in direct)
+    from adaskip.evaluation.speculative import speculative_table
+
+    assert "| o/online | 2 | 4.0 |" in speculative_table(out) and "| o | 2 | – |" in speculative_table(out)
+
+
 def test_run_eval_speculative_task(model):
     from adaskip.evaluation.harness import EvalSettings, run_eval
     from test_generation_eval import DOCS, WordTokenizer

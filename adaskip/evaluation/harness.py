@@ -55,6 +55,7 @@ class EvalSettings:
     generation_online_betas: Sequence[float] = ()  # also run online plans at these (looser) betas
     # speculative (on the generation prompts): draft lengths k
     speculative_draft_tokens: Sequence[int] = (2, 4)
+    speculative_online: bool = False  # also draft with online learning (plans that have it)
     # longbench
     longbench_dir: Optional[str] = None
     longbench_datasets: Sequence[str] = ("multifieldqa_en", "triviaqa", "trec", "gov_report", "multi_news")
@@ -250,7 +251,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
         prompts = _generation_prompts("speculative", tokenizer, documents, settings)
         speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
                                            max_new_tokens=settings.generation_tokens, profile=profile,
-                                           progress=progress)
+                                           progress=progress, online=settings.speculative_online)
         timings["speculative"] = time.perf_counter() - start
 
     if "longbench" in settings.tasks:

@@ -15,13 +15,17 @@ from ..skipping.drafting import predicted_speedup
 
 @torch.inference_mode()
 def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens: Sequence[int] = (2, 4),
-                         max_new_tokens: int = 64, profile=None, spec=None, progress: bool = True) -> dict:
+                         max_new_tokens: int = 64, profile=None, spec=None, progress: bool = True,
+                         online: bool = False) -> dict:
     """prompts: adaskip.evaluation.generation.GenerationPrompt (their .ids); plans: {name:
     SkipPlan} (None entries are skipped). One row per plan x k: acceptance rate, tokens per round,
     the fraction of outputs identical to plain greedy decoding, the measured decode speedup
     (plain decode time / speculative decode time, summed over the prompts, this device) and the
     predicted one (predicted_speedup with the draft's decode speedup from the roofline cost model
-    at each prompt's length, default device the L20)."""
+    at each prompt's length, default device the L20).
+    online: plans with online learning also draft with it (rows "<name>/online": the drafter's
+    own gates switch FFNs off per request; their draft speedup counts those FFNs as skipped for
+    the whole request, an upper bound, since they run during the window)."""
     from ..runtime.generation import generate
     from ..runtime.speculative import SpeculativeConfig
     from ..skipping.costs import L20_SPEC, sublayer_costs
@@ -35,26 +39,30 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
     check_room([len(p.ids) for p in prompts], max_new_tokens + max(ks) + 1, model.args.max_position_embeddings,
                "speculative prompts")
     spec = spec or L20_SPEC
-    plans = {n: p for n, p in plans.items() if p is not None}
-    bar = progress_bar(len(prompts) * (1 + len(plans) * len(ks)), progress, "speculative", "prompt")
+    runs = [(n, p, False) for n, p in plans.items() if p is not None]
+    if online:
+        runs += [(f"{n}/online", p, True) for n, p, _ in list(runs) if p.online]
+    bar = progress_bar(len(prompts) * (1 + len(runs) * len(ks)), progress, "speculative", "prompt")
     reference = []
     for p in prompts:
         out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[])
         reference.append((out.tokens[0], out.decode_s))
         bar.update(1)
     rows = []
-    for name, plan in plans.items():
-        draft_speedups = []
-        for p in prompts:
-            costs = sublayer_costs(model.args, len(p.ids), "decode", spec=spec)
-            draft_speedups.append(costs.speedup(plan.phase("decode").skip_scales, stand_in_cost(plan, profile, costs)))
+    for name, plan, online_drafts in runs:
+        costs = [sublayer_costs(model.args, len(p.ids), "decode", spec=spec) for p in prompts]
+        skips = set(plan.phase("decode").skip_scales)
         for k in ks:
             drafted = accepted = rounds = emitted = identical = 0
             plain_s = spec_s = 0.0
-            predicted = []
-            for p, (ref_tokens, ref_s), s in zip(prompts, reference, draft_speedups):
+            predicted, draft_speedups, extra = [], [], 0
+            for p, (ref_tokens, ref_s), c in zip(prompts, reference, costs):
                 out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                               speculative=SpeculativeConfig(plan, draft_tokens=k))
+                               speculative=SpeculativeConfig(plan, draft_tokens=k, online=online_drafts))
+                gated = set(out.online_skipped[0]) if out.online_skipped else set()
+                extra += len(gated)
+                s = c.speedup(skips | gated, stand_in_cost(plan, profile, c))
+                draft_speedups.append(s)
                 st = out.speculative
                 drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
                 emitted += len(out.tokens[0]) - 1
@@ -69,7 +77,8 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
                          "draft_decode_speedup": sum(draft_speedups) / len(draft_speedups),
                          "predicted_speedup": sum(predicted) / len(predicted),
                          "measured_decode_speedup": plain_s / spec_s if spec_s > 0 else float("nan"),
-                         "drafted": drafted, "accepted": accepted, "rounds": rounds})
+                         "drafted": drafted, "accepted": accepted, "rounds": rounds,
+                         "online": online_drafts, "extra_ffns_gated": extra / len(prompts)})
     bar.close()
     return {"rows": rows, "prompts": [{"length": p.length, "tokens": len(p.ids)} for p in prompts],
             "max_new_tokens": max_new_tokens, "device": str(model.lm_head.weight.device),
@@ -77,13 +86,18 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
 
 
 def speculative_table(result: dict) -> str:
-    """Markdown: one line per drafter x k."""
+    """Markdown: one line per drafter x k (with online drafting: the FFNs its gates switched off)."""
+    online = any(r.get("online") for r in result["rows"])
     head = ["drafter", "k", "accepted", "tokens / round", "identical to greedy", "draft speedup (roofline)",
             "predicted speedup (roofline)", f"measured decode speedup ({result['device']})"]
+    if online:
+        head.insert(2, "FFNs gated by the drafter")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        lines.append("| " + " | ".join([r["name"], str(r["draft_tokens"]), f"{r['acceptance_rate']:.2f}",
-                                        f"{r['tokens_per_round']:.2f}", f"{r['identical']:.2f}",
-                                        f"{r['draft_decode_speedup']:.3f}", f"{r['predicted_speedup']:.3f}",
-                                        f"{r['measured_decode_speedup']:.3f}"]) + " |")
+        cells = [r["name"], str(r["draft_tokens"]), f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_round']:.2f}",
+                 f"{r['identical']:.2f}", f"{r['draft_decode_speedup']:.3f}", f"{r['predicted_speedup']:.3f}",
+                 f"{r['measured_decode_speedup']:.3f}"]
+        if online:
+            cells.insert(2, f"{r.get('extra_ffns_gated', 0):.1f}" if r.get("online") else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
