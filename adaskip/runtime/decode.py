@@ -49,7 +49,32 @@ class HostFlag:
         return self.host is not None
 
 
-class DecodeState:
+class KeptState:
+    """What the decode states kept between calls share: a seeded generator and online-learning
+    gates, created on first use and refilled in place by later calls (graphs captured on them
+    stay valid). Subclasses set `token` (a [batch] device tensor), `seeded` and `online_gates`."""
+
+    token: torch.Tensor
+    seeded: Optional[torch.Generator] = None
+    online_gates: Optional[OnlineGates] = None
+
+    def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        if self.seeded is None:
+            self.seeded = torch.Generator(device=self.token.device)
+        return self.seeded.manual_seed(seed)
+
+    def online_for(self, num_layers: int, candidates, conditional: bool = False) -> OnlineGates:
+        if self.online_gates is None:
+            self.online_gates = OnlineGates.start(num_layers, self.token.shape[0], candidates, self.token.device,
+                                                  conditional=conditional)
+        else:
+            self.online_gates.restart(candidates, conditional=conditional)
+        return self.online_gates
+
+
+class DecodeState(KeptState):
     """Everything a decode step reads and writes, in fixed device buffers: the current token,
     positions, a device step counter, the output tokens, EOS bookkeeping, the online-learning
     gates and the seeded generator. Refilled in place by each generate call, so that the CUDA
@@ -73,20 +98,6 @@ class DecodeState:
         # Per call.
         self.sampling, self.generator, self.stats, self.online = SamplingParams(), None, None, None
 
-    def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        if seed is None:
-            return None
-        if self.seeded is None:
-            self.seeded = torch.Generator(device=self.token.device)
-        return self.seeded.manual_seed(seed)
-
-    def online_for(self, num_layers: int, candidates, conditional: bool) -> OnlineGates:
-        if self.online_gates is None:
-            self.online_gates = OnlineGates.start(num_layers, self.token.shape[0], candidates, self.token.device,
-                                                  conditional=conditional)
-        else:
-            self.online_gates.restart(candidates, conditional=conditional)
-        return self.online_gates
 
     def start(self, token, lens, max_new_tokens, eos, sampling, generator, stats, online) -> None:
         self.token.copy_(token)

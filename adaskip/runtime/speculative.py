@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from .decode import HostFlag, StepGraphs, decode_states, drop_decode_states
+from .decode import HostFlag, KeptState, StepGraphs, decode_states, drop_decode_states
 from .generation import GenerationResult, _check_prompts, _sync, prefill
 from .online import OnlineGates
 from .sampling import SamplingParams, probabilities
@@ -61,7 +61,7 @@ class SpeculativeConfig:
         return generate_speculative(model, prompts, config=self, **kwargs)
 
 
-class SpeculativeState:
+class SpeculativeState(KeptState):
     """What a speculative round reads and writes, in fixed device buffers (CUDA graphs of rounds
     are captured on them): the token not yet in the cache and its position per sequence, the
     tokens emitted so far, end of sequence and the acceptance counters. Refilled in place per call."""
@@ -86,20 +86,6 @@ class SpeculativeState:
         self.graphs = StepGraphs() if device.type == "cuda" else None
         self.seeded = None
         self.online_gates = None  # OnlineGates of an online drafter, created on first use
-
-    def generator_for(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        if seed is None:
-            return None
-        if self.seeded is None:
-            self.seeded = torch.Generator(device=self.token.device)
-        return self.seeded.manual_seed(seed)
-
-    def online_for(self, num_layers: int, candidates) -> OnlineGates:
-        if self.online_gates is None:
-            self.online_gates = OnlineGates.start(num_layers, self.token.shape[0], candidates, self.token.device)
-        else:
-            self.online_gates.restart(candidates)
-        return self.online_gates
 
     def start(self, token: torch.Tensor, lens: torch.Tensor, max_new_tokens: int, eos: torch.Tensor) -> None:
         self.token.copy_(token)
