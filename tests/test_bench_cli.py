@@ -378,3 +378,37 @@ def test_profile_kernel_times_keep_device_events_only():
                                                  ev("gemv", 500.0, "CUDA"), ev("split_kv", 250.0, "CUDA", old=True),
                                                  ev("idle", 0.0, "CUDA")])
     assert kernel_ms(prof) == {"gemv": 2.0, "split_kv": 0.25}
+
+
+def test_speculative_bench_reports_rounds_and_the_break_even(tmp_path):
+    """`bench speculative` on CPU at tiny size: every drafter x k timed beside the full model's
+    step, the break-even and the predicted speedups derived from those times."""
+    out = tmp_path / "spec.json"
+    _run("speculative", "--config", "tiny", "--layers", "2", "--prompt-lens", "32", "--decode-tokens", "6",
+         "--repeats", "1", "--warmup", "0", "--budgets", "1,2", "--draft-tokens", "1,3", "--tokens-per-round",
+         "1.5,3.5", "--calib-len", "16", "--out", str(out))
+    r = json.loads(out.read_text())
+    for key in ("device", "torch", "git_commit", "date", "definitions", "profile", "smoke_run"):
+        assert key in r
+    assert [(row["budget"], row["draft_tokens"]) for row in r["rows"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    for row in r["rows"]:
+        assert row["step_ms"] > 0 and row["draft_step_ms"] > 0 and row["round_ms"] > 0
+        assert row["break_even_tokens_per_round"] == pytest.approx(row["round_ms"] / row["step_ms"])
+        assert row["verify_ms"] == pytest.approx(row["round_ms"] - row["draft_tokens"] * row["draft_step_ms"])
+        assert row["attention_skipped"] + row["ffn_skipped"] == row["budget"]
+        # a value above k + 1 tokens a round cannot happen: no prediction for it
+        assert set(row["predicted_speedup"]) == ({"1.5"} if row["draft_tokens"] == 1 else {"1.5", "3.5"})
+        assert row["predicted_speedup"]["1.5"] == pytest.approx(1.5 * row["step_ms"] / row["round_ms"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft-tokens", "0"], "--draft-tokens must be integers >= 1"),
+    (["--tokens-per-round", "0.5"], "--tokens-per-round values are >= 1"),
+    (["--strategy", "bogus"], "unknown drafter strategy 'bogus'"),
+    (["--budgets", "9"], "out of range"),
+    (["--decode-tokens", "1"], "--decode-tokens >= 2"),
+])
+def test_speculative_bench_errors_are_clear(argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "speculative", "--config", "tiny", *argv])
+    assert message in str(e.value)

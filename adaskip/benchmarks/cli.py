@@ -1,4 +1,4 @@
-"""`adaskip bench kernels|e2e`: adaskip.cli calls `register(subparsers)`."""
+"""`adaskip bench kernels|e2e|speculative`: adaskip.cli calls `register(subparsers)`."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +8,13 @@ DEFAULT_OUT_DIR = Path("bench/results")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Adds `bench` with `kernels` and `e2e` under it; each sets `func` to its command."""
-    from . import e2e, kernels
+    """Adds `bench` with `kernels`, `e2e` and `speculative` under it; each sets `func` to its command."""
+    from . import e2e, kernels, speculative
 
     bench = subparsers.add_parser("bench", help="speed benchmarks: kernels, end to end",
                                   description="Speed benchmarks. Results go to JSON (and a PNG plot for e2e): "
                                   "--out FILE, or a dated name in --out-dir (default ./bench/results).")
-    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e,speculative}", required=True)
     k = sub.add_parser("kernels", help="microbenchmarks of adaskip.ops against the copy-bandwidth ceiling",
                        description=kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_arguments(k)
@@ -24,6 +24,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     e2e.add_arguments(e)
     e.set_defaults(func=cmd_e2e)
+    s = sub.add_parser("speculative", help="lossless decoding's cost: draft and verify rounds against the full "
+                       "model's step, and the acceptance that breaks even", description=speculative.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    speculative.add_arguments(s)
+    s.set_defaults(func=cmd_speculative)
     return bench
 
 
@@ -73,4 +78,16 @@ def cmd_e2e(args) -> dict:
     print()
     print(report.markdown_tables(result))
     print(f"wrote {write_json(out, result)}")
+    return result
+
+
+def cmd_speculative(args) -> dict:
+    from . import speculative
+    from .._util import write_json
+
+    check_out(args)
+    result = speculative.run(args)
+    print()
+    print(speculative.markdown_table(result))
+    print(f"wrote {write_json(_out_path(args, speculative.result_prefix(result), result['device']), result)}")
     return result

@@ -194,6 +194,7 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
     if strict:
         torch.cuda.set_sync_debug_mode("error")
+    launched = 0
     t1 = time.perf_counter()
     try:
         # Every round adds a token to each running sequence: max_new_tokens - 1 rounds finish all.
@@ -218,6 +219,7 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
                 bound = longest + r * (k + 1)
                 kv_lens = [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
                 _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens, online)
+            launched += 1
             done.post(state.finished.all())
             if update is not None and (r + 1) * k >= config.plan.window > r * k:
                 gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
@@ -236,7 +238,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     stats = {"draft_tokens": k, "rounds": rounds, "drafted": drafted, "accepted": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan"),
-             "kept_counts": state.kept_counts.tolist()}
+             "kept_counts": state.kept_counts.tolist(),
+             "rounds_launched": launched}  # rounds the host ran: a round or two more than `rounds` on a GPU
     online_skipped = None
     if online is not None:
         g = online.gates.cpu()
