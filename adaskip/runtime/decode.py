@@ -98,7 +98,6 @@ class DecodeState(KeptState):
         # Per call.
         self.sampling, self.generator, self.stats, self.online = SamplingParams(), None, None, None
 
-
     def start(self, token, lens, max_new_tokens, eos, sampling, generator, stats, online) -> None:
         self.token.copy_(token)
         self.pos.copy_(lens)
