@@ -324,6 +324,10 @@ def test_plan_drafter_refuses_what_it_cannot_measure(model, profile):
             adaskip.plan_drafter(model, profile, prompts, **kw)
     with pytest.raises(ValueError, match="prompts"):
         adaskip.plan_drafter(model, profile, [])
+    with pytest.raises(ValueError, match="flat list of token ids"):
+        adaskip.plan_drafter(model, profile, [5, 6, 7])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        adaskip.plan_drafter(model, profile, [[5, 6, VOCAB]])
     with pytest.raises(ValueError, match="context"):
         adaskip.plan_drafter(model, profile, [[5] * 150], max_new_tokens=8)
     with pytest.raises(ValueError, match="no drafter could be measured"):  # this profile has no greedy search

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..runtime.generation import generate
+from ..runtime.generation import _check_prompts, generate
 from ..runtime.speculative import SpeculativeConfig
 from .costs import L20_SPEC, sublayer_costs
 from .strategies import plan, stand_in_cost
@@ -73,8 +73,7 @@ def plan_drafter(model, profile, prompts: Sequence[Sequence[int]], *, strategy: 
     prompts' mean length); spec: the device of the roofline (default the L20)."""
     args = model.args
     total = 2 * args.num_layers
-    if not prompts:
-        raise ValueError("adaskip: plan_drafter needs prompts to measure acceptance on")
+    prompts = _check_prompts(prompts, args.vocab_size)  # a batch of in-vocabulary token-id lists
     ks = sorted(set(draft_tokens))
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"adaskip: draft lengths must be integers >= 1, got {list(draft_tokens)}")
