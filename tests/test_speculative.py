@@ -51,6 +51,24 @@ def test_greedy_tokens_are_the_full_models(model, drafter, k):
             assert s["accepted"] == s["drafted"]
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_rounds_as_graphs_run_them_are_exact_too(model, monkeypatch, k):
+    """What a captured round computes (attention over the whole cache under masks built from the
+    device positions), run eagerly on CPU: still the full model's tokens, EOS included."""
+    from adaskip.runtime import speculative as spec_module
+
+    real = spec_module._kv_lens
+    monkeypatch.setattr(spec_module, "_kv_lens", lambda m, longest, r, k_, captured: real(m, longest, r, k_, True))
+    prompts = _prompts(5, 4)
+    plain = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[])
+    eos = plain.tokens[2][7]
+    for ids in ([], [eos]):
+        expected = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=ids)
+        got = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=ids,
+                               speculative=SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=k))
+        assert got.tokens == expected.tokens and got.finished == expected.finished
+
+
 def test_a_lossy_drafter_is_rejected_sometimes_and_still_exact(model):
     prompts = _prompts(4, 11)
     drafter = SkipPlan(4, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})  # most of the model skipped

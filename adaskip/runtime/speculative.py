@@ -209,15 +209,14 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
                                            capturing=graphs is not None, online_update=update)
             key = (draft_schedule, verify_schedule, model.cache_id,
                    (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
-            if graphs is not None and r > 0:  # the first round runs eagerly: it is also the warm-up
+            replay = graphs is not None and r > 0  # the first round runs eagerly: it is also the warm-up
+            kv_lens = _kv_lens(model, longest, r, k, replay)
+            if replay:
                 if key in existing:
                     reused.add(key)
                 graphs.replay(key, lambda: _round(model, state, k, draft_schedule, verify_schedule, sampling,
-                                                  generator, [model.cache_len] * (k + 1), online), generator)
+                                                  generator, kv_lens, online), generator)
             else:
-                # Eagerly attention reads only the slots a sequence can have filled by now.
-                bound = longest + r * (k + 1)
-                kv_lens = [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
                 _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens, online)
             launched += 1
             done.post(state.finished.all())
@@ -251,6 +250,17 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
                             decode_tokens=max(counts) - 1,
                             graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
                             graphs_reused=len(reused), graph_capture_s=capture_s, online_skipped=online_skipped)
+
+
+def _kv_lens(model, longest: int, r: int, k: int, captured: bool) -> list:
+    """Slots attention reads in each draft step of round r and (last) in its verify pass. A
+    captured round reads the whole cache under masks from the device positions (its shapes are
+    baked in); an eager one only what a sequence can have filled by then (each round moves a
+    sequence at most k + 1 positions)."""
+    if captured:
+        return [model.cache_len] * (k + 1)
+    bound = longest + r * (k + 1)
+    return [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
 
 
 def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedule, sampling: SamplingParams,
