@@ -4,7 +4,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from adaskip import plan  # the public name: adaskip.plan
 from adaskip.cli import _build_plan, main

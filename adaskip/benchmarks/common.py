@@ -148,3 +148,20 @@ def ratio(a: Optional[float], b: Optional[float], digits: int = 4) -> Optional[f
     if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
         return None
     return round(a / b, digits)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run_device(device_arg: Optional[str], dtype_arg: Optional[str]) -> tuple:
+    """(device, on_gpu, dtype) of a benchmark run: --device (default cuda if available, else
+    cpu) and --dtype (default bf16 on a GPU, fp32 on a CPU); a GPU run needs the CUDA extension."""
+    from adaskip import ops
+    from adaskip.runtime.loading import resolve_device
+
+    device = resolve_device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu and ops.backend() != "cuda":
+        raise ValueError(f"a GPU run needs the CUDA extension, which is not loaded: {ops.extension_error()}")
+    dtype = DTYPES[dtype_arg] if dtype_arg else (torch.bfloat16 if on_gpu else torch.float32)
+    return device, on_gpu, dtype

@@ -28,10 +28,9 @@ from typing import Optional
 
 import torch
 
-from adaskip import ops
 from adaskip.skipping import strategies as planning
 
-from .common import device_info, git_commit, now_iso
+from .common import DTYPES, device_info, git_commit, now_iso, run_device
 from .measure import DEFINITIONS, baseline_row, compare_with_offline, cost_summary, measure, plan_row
 from .models import CONFIGS, BenchModel, hf_twin, model_args, random_model, real_model
 
@@ -41,7 +40,6 @@ STRATEGIES = ("adaskip", "shortgpt", "early-exit", "skipdecode", "unified")
 GPU_PROMPT_LENS = (2048, 8192, 32768)
 CPU_PROMPT_LENS = (64, 256)
 RANDOM_PROFILE_LABEL = "calibrated on random tokens (speed only)"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="real weights: an HF model directory, a .gguf file, 'smollm2' or "
                      "'qwen2.5-coder'")
     p.add_argument("--layers", type=int, help="shrink a random-weight config to N layers (small GPUs, CPU)")
-    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--prompt-lens", "--contexts", dest="prompt_lens",
                    help="comma-separated prompt lengths in tokens (default: 2048,8192,32768 on a GPU, capped "
@@ -281,13 +279,7 @@ def run(args) -> dict:
     """Builds the model, measures, returns the result (printing progress and nothing else)."""
     from adaskip.skipping.costs import measure_sublayer_costs
 
-    from adaskip.runtime.loading import resolve_device
-
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    if on_gpu and ops.backend() != "cuda":
-        raise ValueError(f"a GPU run needs the CUDA extension, which is not loaded: {ops.extension_error()}")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    device, on_gpu, dtype = run_device(args.device, args.dtype)
     decode_tokens = args.decode_tokens if args.decode_tokens is not None else (32 if on_gpu else 8)
     if decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --decode-tokens >= 1, --repeats >= 1 and --warmup >= 0")

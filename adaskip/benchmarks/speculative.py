@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .common import device_info, git_commit, median, now_iso
-from .e2e import _DTYPES, RANDOM_PROFILE_LABEL, budgets, prompt_lengths
+from .common import DTYPES, device_info, git_commit, median, now_iso, run_device
+from .e2e import RANDOM_PROFILE_LABEL, budgets, prompt_lengths
 from .models import CONFIGS, model_args, random_model
 
 DEFINITIONS = {
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=list(CONFIGS),
                    help="random weights of this geometry (default: llama-3.1-8b on a GPU, tiny on a CPU)")
     p.add_argument("--layers", type=int, help="shrink the config to N layers (small GPUs, CPU)")
-    p.add_argument("--dtype", choices=list(_DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--prompt-lens", "--contexts", dest="prompt_lens",
                    help="comma-separated context lengths (default: 8192,32768 on a GPU; 64,256 on a CPU)")
@@ -79,18 +79,12 @@ def _timed(args, run) -> float:
 
 
 def run(args) -> dict:
-    from adaskip import ops
     from adaskip.runtime.generation import generate
-    from adaskip.runtime.loading import resolve_device
     from adaskip.runtime.speculative import SpeculativeConfig
     from adaskip.skipping.calibration import calibrate
     from adaskip.skipping.strategies import STRATEGIES, plan
 
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    if on_gpu and ops.backend() != "cuda":
-        raise ValueError(f"a GPU run needs the CUDA extension, which is not loaded: {ops.extension_error()}")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    device, on_gpu, dtype = run_device(args.device, args.dtype)
     decode_tokens = args.decode_tokens if args.decode_tokens is not None else (64 if on_gpu else 12)
     if decode_tokens < 2 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --decode-tokens >= 2, --repeats >= 1 and --warmup >= 0")
