@@ -151,11 +151,11 @@ def graph_decode_breakdown(model, context: int, *, batch: int = 1, plan=None, pa
         floor = out["total_bytes"] / copy_bw
         out.update({"roofline_ms": round(floor * 1e3, 4), "of_roofline": round(floor / step_s, 4)})
     if kinds:
-        kernel_ms = sum(kinds.values())
-        out["kernel_ms"] = round(kernel_ms, 4)
+        kernels_ms = sum(kinds.values())
+        out["kernel_ms"] = round(kernels_ms, 4)
         out["kinds_ms"] = {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-        out["kinds_share"] = {k: round(v / kernel_ms, 4) for k, v in out["kinds_ms"].items()}
-        out["gaps_ms"] = round(step_s * 1e3 - kernel_ms, 4)  # launch gaps and idle time inside the step
+        out["kinds_share"] = {k: round(v / kernels_ms, 4) for k, v in out["kinds_ms"].items()}
+        out["gaps_ms"] = round(step_s * 1e3 - kernels_ms, 4)  # launch gaps and idle time inside the step
         out["top_kernels"] = top
         out["profiled"] = source
     return out
@@ -244,7 +244,7 @@ def prefill_breakdown(model, context: int, *, batch: int = 1, plan=None, repeats
     for name, ms in kernel_ms(prof).items():
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
     prefill_ms = statistics.median(times)
-    kernels_ms = sum(kinds.values())  # not `kernel_ms`: that name is the function called above
+    kernels_ms = sum(kinds.values())
     return {"context": context, "batch": batch, "prefill_ms": round(prefill_ms, 4), "kernel_ms": round(kernels_ms, 4),
             "gaps_ms": round(prefill_ms - kernels_ms, 4),
             "kinds_ms": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
