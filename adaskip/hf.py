@@ -397,8 +397,7 @@ class Applied:
         online = self._patched.request.online
         if online is None:
             return None
-        g = online.gates.cpu()
-        return [[s for s in range(g.shape[0]) if g[s, b] == ops.GATE_SKIP] for b in range(g.shape[1])]
+        return online.skipped_per_sequence()
 
 
 def applied_plan(model) -> Optional[SkipPlan]:

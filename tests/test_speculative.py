@@ -111,6 +111,7 @@ def test_rounds_after_the_end_change_nothing(model):
     """On a GPU the host learns that every sequence has ended a round or two late: rounds run
     after that must leave the tokens, positions and counters as they are."""
     from adaskip.runtime import speculative as spec_module
+    from adaskip.runtime.decode import decode_states
     from adaskip.runtime.sampling import SamplingParams
     from adaskip.runtime.schedule import schedule_step
 
@@ -118,18 +119,17 @@ def test_rounds_after_the_end_change_nothing(model):
     cfg = SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=3)
     out = adaskip.generate(model, prompts, max_new_tokens=10, eos_token_ids=[], speculative=cfg)
     # The state of this call: batch 3, no EOS ids, 3 drafted tokens (kept by batch, EOS count, k).
-    state = next(s for key, s in spec_module.decode_states(model).items()
+    state = next(s for key, s in decode_states(model).items()
                  if key[5:] == ("speculative", 3) and key[1:3] == (3, 0))
     assert state.finished.all()
-    before = [t.clone() for t in (state.out_tokens, state.emitted, state.pos, state.token, state.accepted,
-                                  state.sequence_rounds, state.rounds)]
+    before = [t.clone() for t in (state.out_tokens, state.emitted, state.pos, state.token, state.kept_counts,
+                                  state.rounds)]
     draft = schedule_step(model, batch=3, tokens=1, plan=cfg.plan.phase("decode"))
     verify = schedule_step(model, batch=3, tokens=4)
     for _ in range(2):
         with torch.inference_mode():
             spec_module._round(model, state, 3, draft, verify, SamplingParams(), None, [model.cache_len] * 4)
-    after = (state.out_tokens, state.emitted, state.pos, state.token, state.accepted, state.sequence_rounds,
-             state.rounds)
+    after = (state.out_tokens, state.emitted, state.pos, state.token, state.kept_counts, state.rounds)
     width = 10  # what the caller reads: the first `emitted` tokens of each row
     assert torch.equal(after[0][:, :width], before[0][:, :width])
     for b, a in zip(before[1:], after[1:]):

@@ -196,13 +196,20 @@ def decode_state(model, batch: int, num_eos: int, device: torch.device, reuse: b
     or the caches changed since: graphs hold their addresses). reuse False: a state of its own."""
     if not reuse:
         return DecodeState(batch, model.cache_len, num_eos, device)
+    return kept_state(model, (batch, num_eos, device), lambda: DecodeState(batch, model.cache_len, num_eos, device))
+
+
+def kept_state(model, shape: tuple, make):
+    """The state kept for `model` under (weights, *shape[:3], KV cache, *shape[3:]), made by
+    make() when there is none; states of moved weights or replaced caches are dropped first
+    (graphs captured on them hold the old addresses)."""
     weights = tuple(p.data_ptr() for p in model.parameters())
     states = decode_states(model)
     for key in [k for k in states if k[0] != weights or k[4] != model.cache_id]:
         del states[key]
-    key = (weights, batch, num_eos, device, model.cache_id)
+    key = (weights, *shape[:3], model.cache_id, *shape[3:])
     if key not in states:
-        states[key] = DecodeState(batch, model.cache_len, num_eos, device)
+        states[key] = make()
     return states[key]
 
 

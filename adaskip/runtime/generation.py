@@ -8,7 +8,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import ops
 from . import conditional
 from .decode import DecodeState, HostFlag, StepMarks, decode_one_token, decode_state, drop_decode_states
 from .model import Transformer
@@ -239,10 +238,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
 
     counts = generated.tolist()
     token_lists = [row[:n] for row, n in zip(out_tokens[:, :max_new_tokens].tolist(), counts)]
-    online_skipped = None
-    if online is not None:
-        g = online.gates.cpu()
-        online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
+    online_skipped = online.skipped_per_sequence() if online is not None else None
     return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
                             online_skipped=online_skipped,

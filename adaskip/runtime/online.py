@@ -51,6 +51,11 @@ class OnlineGates:
     def update(self, window: int, beta: float) -> None:
         ops.update_gates(self.stats, self.gates, self.scales, window, beta, self.running)
 
+    def skipped_per_sequence(self) -> list:
+        """Per sequence, the sublayers its gates switched off (reads the gates back from the device)."""
+        g = self.gates.cpu()
+        return [[s for s in range(g.shape[0]) if g[s, b] == ops.GATE_SKIP] for b in range(g.shape[1])]
+
     def settle(self, host_gates: torch.Tensor) -> None:
         """With a host copy of the gates: stop paying for sublayers decided alike everywhere:
         skipped by every sequence -> not run; run by every sequence -> no gating."""

@@ -25,8 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import ops
-from .decode import HostFlag, KeptState, StepGraphs, decode_states, drop_decode_states
+from .decode import HostFlag, KeptState, StepGraphs, drop_decode_states, kept_state
 from .generation import GenerationResult, _check_prompts, _sync, prefill
 from .online import OnlineGates
 from .sampling import SamplingParams, probabilities
@@ -78,8 +77,6 @@ class SpeculativeState(KeptState):
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.limit = torch.zeros((), **long)  # max_new_tokens of the call
         self.eos = torch.zeros(num_eos, **long)
-        self.accepted = torch.zeros((), **long)
-        self.sequence_rounds = torch.zeros((), **long)  # rounds x sequences that were still running
         self.rounds = torch.zeros((), **long)  # rounds in which some sequence was still running
         self.kept_counts = torch.zeros(draft_tokens + 1, **long)  # [j]: sequence rounds that kept j drafts
         self.offsets = torch.arange(draft_tokens + 1, device=device)
@@ -96,7 +93,7 @@ class SpeculativeState(KeptState):
         self.limit.fill_(max_new_tokens)
         self.eos.copy_(eos)
         self.finished.copy_(self._is_eos(token) | (self.emitted >= self.limit))
-        for counter in (self.accepted, self.sequence_rounds, self.rounds, self.kept_counts):
+        for counter in (self.rounds, self.kept_counts):
             counter.zero_()
 
     def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -118,8 +115,6 @@ class SpeculativeState(KeptState):
         self.finished |= active & ((eos_at < kept) | (self.emitted >= self.limit))
         self.pos += torch.where(active, offered, 0)  # the cache holds the token and the kept drafts
         self.token.copy_(torch.where(active, nxt, self.token))
-        self.accepted += torch.where(active, agree, 0).sum()
-        self.sequence_rounds += active.sum()
         self.rounds += active.any()
         self.kept_counts += ((agree[:, None] == self.offsets) & active[:, None]).sum(0)
 
@@ -231,18 +226,17 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
 
     counts = state.emitted.tolist()
     out = [row[:n] for row, n in zip(state.out_tokens.tolist(), counts)]
-    rounds, accepted, sequence_rounds = (int(c) for c in (state.rounds, state.accepted, state.sequence_rounds))
+    rounds, kept_counts = int(state.rounds), state.kept_counts.tolist()
+    sequence_rounds = sum(kept_counts)  # rounds x sequences that were still running
+    accepted = sum(j * n for j, n in enumerate(kept_counts))
     drafted = k * sequence_rounds
     emitted = sum(n - 1 for n in counts)
     stats = {"draft_tokens": k, "rounds": rounds, "drafted": drafted, "accepted": accepted,
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan"),
-             "kept_counts": state.kept_counts.tolist(),
+             "kept_counts": kept_counts,
              "rounds_launched": launched}  # rounds the host ran: a round or two more than `rounds` on a GPU
-    online_skipped = None
-    if online is not None:
-        g = online.gates.cpu()
-        online_skipped = [[s for s in range(2 * args.num_layers) if g[s, b] == ops.GATE_SKIP] for b in range(batch)]
+    online_skipped = online.skipped_per_sequence() if online is not None else None
     eos_ids = set(eos.tolist())
     finished = [bool(f) and o[-1] in eos_ids for f, o in zip(state.finished.tolist(), out)]  # at EOS, not the limit
     return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
@@ -299,14 +293,8 @@ def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedu
 def _state(model, batch: int, k: int, num_eos: int, device: torch.device) -> SpeculativeState:
     """The kept speculative state for this model, batch, draft length and KV cache (its graphs hold
     the addresses of the weights, the caches and its buffers)."""
-    weights = tuple(p.data_ptr() for p in model.parameters())
-    states = decode_states(model)
-    for stale in [key for key in states if key[0] != weights or key[4] != model.cache_id]:
-        del states[stale]
-    key = (weights, batch, num_eos, device, model.cache_id, "speculative", k)
-    if key not in states:
-        states[key] = SpeculativeState(batch, k, model.cache_len + k + 1, num_eos, device)
-    return states[key]
+    return kept_state(model, (batch, num_eos, device, "speculative", k),
+                      lambda: SpeculativeState(batch, k, model.cache_len + k + 1, num_eos, device))
 
 
 def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
