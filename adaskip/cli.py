@@ -297,8 +297,16 @@ def cmd_eval(a) -> None:
                             generation_online_betas=_split(a.generation_online_betas, float),
                             speculative_draft_tokens=_split(a.speculative_draft_tokens, int),
                             speculative_online=a.speculative_online,
+                            speculative_cuda_graph=a.speculative_cuda_graph,
                             longbench_dir=a.longbench_dir,
                             longbench_datasets=_split(a.longbench_datasets, str), longbench_limit=a.limit)
+    if settings.speculative_cuda_graph:
+        from .runtime.loading import resolve_device
+
+        if "speculative" not in settings.tasks:
+            raise SystemExit("adaskip: --speculative-cuda-graph is for the speculative task; add it to --tasks")
+        if resolve_device(a.device).type != "cuda":
+            raise SystemExit("adaskip: --speculative-cuda-graph captures CUDA graphs: it needs --device cuda")
     if {"passkey", "needle"} & set(settings.tasks):
         if any(n < 1 for n in settings.retrieval_lengths) or not settings.retrieval_lengths:
             raise SystemExit(f"adaskip: --retrieval-lengths must be token counts >= 1, got {a.retrieval_lengths!r}")
@@ -734,6 +742,9 @@ def main(argv=None) -> None:
                    help="speculative: draft lengths k (comma-separated); prompts as for generation")
     e.add_argument("--speculative-online", action="store_true",
                    help="speculative: plans with online learning also draft with it (rows <plan>/online)")
+    e.add_argument("--speculative-cuda-graph", action="store_true",
+                   help="speculative (GPU): plain decode steps and speculative rounds both as CUDA-graph replays, "
+                   "so that the measured speedup is the device's, not the host's")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--longbench-dir", help="a LongBench copy: data/<name>.jsonl (+ config/ for its prompts)")
     e.add_argument("--longbench-datasets", default="multifieldqa_en,triviaqa,trec,gov_report,multi_news")

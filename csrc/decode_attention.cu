@@ -286,24 +286,51 @@ split_kv_kernel(const T* __restrict__ q, int64_t q_batch, int64_t q_head, CacheV
 }
 
 // Grid (heads, batch), D threads: out[b, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max).
-// A sequence without keys gets zeros.
+// A sequence without keys gets zeros. The splits' log-sum-exps are read by all threads at once
+// and their weights kept in shared memory; each thread then sums its element of the splits'
+// outputs in split order, kMergeUnroll independent loads in flight at a time: a loop that read one
+// split after the other would wait on the memory once per split.
+constexpr int kMergeUnroll = 8;
+
 template <typename T, int D>
 __global__ void __launch_bounds__(D)
 merge_splits_kernel(const float* __restrict__ part_o, const float* __restrict__ part_lse, int num_splits,
                     T* __restrict__ out, int64_t out_batch, int64_t out_head) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float warp_max[D / 32];
   wait_for_primary_grid();
   const int h = blockIdx.x, heads = gridDim.x;
   const int64_t b = blockIdx.y;
   const int d = threadIdx.x;
   const int64_t row0 = (b * heads + h) * num_splits;
+  const float* lse = part_lse + row0;
+
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[row0 + s]);
+  for (int s = d; s < num_splits; s += D) mx = fmaxf(mx, lse[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (d % 32 == 0) warp_max[d / 32] = mx;
+  __syncthreads();
+  mx = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < D / 32; ++w) mx = fmaxf(mx, warp_max[w]);  // a max: the order does not matter
+  for (int s = d; s < num_splits; s += D) weight[s] = mx == -INFINITY ? 0.f : exp2f(lse[s] - mx);
+  __syncthreads();
+
   float sum = 0.f, o = 0.f;
   if (mx != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = exp2f(part_lse[row0 + s] - mx);
-      sum += w;
-      o += w * part_o[(row0 + s) * D + d];
+    const float* po = part_o + row0 * D + d;
+    for (int s0 = 0; s0 < num_splits; s0 += kMergeUnroll) {
+      float v[kMergeUnroll];
+#pragma unroll
+      for (int j = 0; j < kMergeUnroll; ++j) v[j] = s0 + j < num_splits ? po[static_cast<int64_t>(s0 + j) * D] : 0.f;
+#pragma unroll
+      for (int j = 0; j < kMergeUnroll; ++j) {
+        if (s0 + j < num_splits) {
+          sum += weight[s0 + j];
+          o += weight[s0 + j] * v[j];
+        }
+      }
     }
     o /= sum;
   }

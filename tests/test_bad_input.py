@@ -336,6 +336,10 @@ CLI_CASES = [
     (["eval", "--profile", "{f}/profile.json", "--strategies", "shortgpt", "--documents", "{f}/nothing",
       "--out", "{t}/e"], "documents '{f}/nothing'"),
     (["eval", "--device", "cuda:99", "--out", "{t}/e"], "--device"),
+    (["eval", "--speculative-cuda-graph", "--tasks", "generation", "--out", "{t}/e"],
+     "is for the speculative task; add it to --tasks"),
+    (["eval", "--speculative-cuda-graph", "--tasks", "speculative", "--device", "cpu", "--out", "{t}/e"],
+     "it needs --device cuda"),
     (["eval", "--model", "{f}/notok", "--out", "{t}/e"], "has no tokenizer"),
     # bench: where the result goes and the device, before any measurement
     (["bench", "kernels", "--quick", "--out", "{t}"], "--out {t} is a folder"),

@@ -316,6 +316,56 @@ def test_decode_kernels_give_the_sdpa_cublas_logits(pair, paths, batch, monkeypa
         ours.decode_paths = DecodePaths()
     layers = ours.args.num_layers
     assert calls["attention"] == (layers if paths[0] == "kernel" else 0)
-    projections = 4 * layers if paths[1] == "gemv" and batch == 1 else 0
+    projections = 2 * layers if paths[1] == "gemv" and batch == 1 else 0  # q / k / v fused, o
     assert calls["gemv"] - 2 * ffn_gemvs == projections + (1 if paths[2] == "gemv" else 0)
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_fused_qkv_gemv_gives_the_three_gemvs_logits_bit_for_bit(pair):
+    """One GEMV over each attention's fused q / k / v weight (Attention.fuse_qkv): every output row
+    is one warp's dot product, as in three GEMVs, so the decode logits are the same bits."""
+    from adaskip.runtime.schedule import DecodePaths
+
+    _, ours, dtype = pair
+    if dtype != torch.bfloat16:
+        pytest.skip("the decode GEMVs take fp16 / bf16")
+    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(9)).cuda()
+    attentions = [layer.self_attn for layer in ours.model.layers]
+
+    def decode_logits():
+        ours.setup_caches(1, 64)
+        with torch.inference_mode():
+            ours(ids, 0, kv_len=30)
+            return ours(ids[:, -1:], torch.tensor([30], device="cuda"), kv_len=64,
+                        logits_index=torch.zeros(1, dtype=torch.long, device="cuda"))
+
+    ours.decode_paths = DecodePaths("sdpa", "gemv", "gemv")
+    try:
+        assert all(a.fused_qkv() is not None for a in attentions)
+        fused = decode_logits()
+        for a in attentions:
+            a.qkv_weight = None
+        apart = decode_logits()
+    finally:
+        ours.fuse_qkv()
+        ours.decode_paths = DecodePaths()
+    assert torch.equal(fused, apart)
+
+
+def test_evaluate_speculative_with_graph_replays(pair):
+    """eval --speculative-cuda-graph: plain steps and rounds as graph replays, the output still the
+    full model's, capture off the clock."""
+    from adaskip.evaluation.generation import GenerationPrompt
+    from adaskip.evaluation.speculative import evaluate_speculative
+
+    _, ours, dtype = pair
+    g = torch.Generator().manual_seed(12)
+    prompts = [GenerationPrompt(ids=torch.randint(0, 257, (n,), generator=g).tolist(), length=n, document=0, start=0)
+               for n in (40, 72)]
+    out = evaluate_speculative(ours, prompts, {"d": SkipPlan(4, {2: 1.0, 5: 1.0})}, draft_tokens=[2],
+                               max_new_tokens=16, progress=False, cuda_graph=True)
+    row = out["rows"][0]
+    assert out["cuda_graph"] and out["device"] == torch.cuda.get_device_name()
+    assert row["measured_decode_speedup"] > 0 and row["rounds"] > 0
+    if dtype == torch.float32:
+        assert row["identical"] == 1.0

@@ -247,9 +247,11 @@ def test_evaluate_speculative_rows_match_direct_runs(model):
         assert r["measured_decode_speedup"] > 0 and r["predicted_speedup"] > 0
     same = [r for r in out["rows"] if r["name"] == "same"]
     assert all(r["acceptance_rate"] == 1.0 and r["draft_decode_speedup"] == pytest.approx(1.0) for r in same)
-    assert "| a | 3 |" in speculative_table(out)
+    assert "| a | 3 |" in speculative_table(out) and not out["cuda_graph"]
     with pytest.raises(ValueError, match="draft lengths"):
         evaluate_speculative(model, prompts, plans, draft_tokens=[0], progress=False)
+    with pytest.raises(ValueError, match="cuda_graph needs the model on a GPU"):
+        evaluate_speculative(model, prompts, plans, progress=False, cuda_graph=True)
 
 
 def test_evaluate_speculative_online_rows(model):

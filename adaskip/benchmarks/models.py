@@ -78,7 +78,7 @@ def random_weights(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0) -
 
 def random_model(name: str, layers: Optional[int], dtype: torch.dtype, device) -> BenchModel:
     args = model_args(name, layers)
-    model = build_model(args, random_weights(args, dtype, torch.device(device)))
+    model = build_model(args, random_weights(args, dtype, torch.device(device)), consume=True)
     return BenchModel(model, name, "random", hf_config=hf_config_dict(name, layers))
 
 

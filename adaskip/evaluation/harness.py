@@ -56,6 +56,7 @@ class EvalSettings:
     # speculative (on the generation prompts): draft lengths k
     speculative_draft_tokens: Sequence[int] = (2, 4)
     speculative_online: bool = False  # also draft with online learning (plans that have it)
+    speculative_cuda_graph: bool = False  # (GPU) plain steps and speculative rounds as graph replays
     # longbench
     longbench_dir: Optional[str] = None
     longbench_datasets: Sequence[str] = ("multifieldqa_en", "triviaqa", "trec", "gov_report", "multi_news")
@@ -251,7 +252,8 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
         prompts = _generation_prompts("speculative", tokenizer, documents, settings)
         speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
                                            max_new_tokens=settings.generation_tokens, profile=profile,
-                                           progress=progress, online=settings.speculative_online)
+                                           progress=progress, online=settings.speculative_online,
+                                           cuda_graph=settings.speculative_cuda_graph)
         timings["speculative"] = time.perf_counter() - start
 
     if "longbench" in settings.tasks:

@@ -16,7 +16,7 @@ from ..skipping.drafting import predicted_speedup
 @torch.inference_mode()
 def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens: Sequence[int] = (2, 4),
                          max_new_tokens: int = 64, profile=None, spec=None, progress: bool = True,
-                         online: bool = False) -> dict:
+                         online: bool = False, cuda_graph: bool = False) -> dict:
     """prompts: adaskip.evaluation.generation.GenerationPrompt (their .ids); plans: {name:
     SkipPlan} (None entries are skipped). One row per plan x k: acceptance rate, tokens per round,
     the fraction of outputs identical to plain greedy decoding, the measured decode speedup
@@ -25,7 +25,10 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
     at each prompt's length, default device the L20).
     online: plans with online learning also draft with it (rows "<name>/online": the drafter's
     own gates switch FFNs off per request; their draft speedup counts those FFNs as skipped for
-    the whole request, an upper bound, since they run during the window)."""
+    the whole request, an upper bound, since they run during the window).
+    cuda_graph: (GPU) plain decode steps and speculative rounds both as CUDA-graph replays, so that
+    the measured speedup compares the device's time rather than the host's; each is captured by a
+    first, untimed run on the first prompt, and capture time never counts."""
     from ..runtime.generation import generate
     from ..runtime.speculative import SpeculativeConfig
     from ..skipping.costs import L20_SPEC, sublayer_costs
@@ -38,14 +41,19 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
         raise ValueError(f"adaskip: draft lengths must be >= 1, got {list(draft_tokens)}")
     check_room([len(p.ids) for p in prompts], max_new_tokens + max(ks) + 1, model.args.max_position_embeddings,
                "speculative prompts")
+    if cuda_graph and str(model.lm_head.weight.device.type) != "cuda":
+        raise ValueError("adaskip: cuda_graph needs the model on a GPU")
     spec = spec or L20_SPEC
+    graph = {"cuda_graph": True} if cuda_graph else {}
     runs = [(n, p, False) for n, p in plans.items() if p is not None]
     if online:
         runs += [(f"{n}/online", p, True) for n, p, _ in list(runs) if p.online]
     bar = progress_bar(len(prompts) * (1 + len(runs) * len(ks)), progress, "speculative", "prompt")
     reference = []
+    if cuda_graph:  # capture (and first replays) off the clock
+        generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[], **graph)
     for p in prompts:
-        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[])
+        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[], **graph)
         reference.append((out.tokens[0], out.decode_s))
         bar.update(1)
     rows = []
@@ -56,9 +64,13 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
             drafted = accepted = rounds = emitted = identical = 0
             plain_s = spec_s = 0.0
             predicted, draft_speedups, extra = [], [], 0
+            config = SpeculativeConfig(plan, draft_tokens=k, online=online_drafts)
+            if cuda_graph:
+                generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
+                         speculative=config, **graph)
             for p, (ref_tokens, ref_s), c in zip(prompts, reference, costs):
                 out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                               speculative=SpeculativeConfig(plan, draft_tokens=k, online=online_drafts))
+                               speculative=config, **graph)
                 gated = set(out.online_skipped[0]) if out.online_skipped else set()
                 extra += len(gated)
                 s = c.speedup(skips | gated, stand_in_cost(plan, profile, c))
@@ -81,8 +93,15 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
                          "online": online_drafts, "extra_ffns_gated": extra / len(prompts)})
     bar.close()
     return {"rows": rows, "prompts": [{"length": p.length, "tokens": len(p.ids)} for p in prompts],
-            "max_new_tokens": max_new_tokens, "device": str(model.lm_head.weight.device),
+            "max_new_tokens": max_new_tokens, "device": _device_name(model.lm_head.weight.device),
+            "cuda_graph": cuda_graph,
             "roofline": getattr(spec, "name", str(spec))}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return str(device)
 
 
 def speculative_table(result: dict) -> str:

@@ -79,7 +79,7 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
         from .gguf import qwen25_coder_gguf
         with qwen25_coder_gguf() as path:  # reassembled in memory; freed when the readers are gone
             config, weights, tokenizer = _read_gguf(path, dtype, device)
-        return build_model(ModelArgs.from_hf_config(config), weights), tokenizer
+        return build_model(ModelArgs.from_hf_config(config), weights, consume=True), tokenizer
     else:
         path = Path(src).expanduser()
         if not path.exists():
@@ -91,15 +91,18 @@ def load_model(source: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
     else:
         raise ValueError(f"adaskip: cannot load {src!r}; expected {SOURCES_HELP}")
     args = args_from_config(config, src)
-    return build_model(args, weights), tokenizer
+    return build_model(args, weights, consume=True), tokenizer
 
 
-def build_model(args: ModelArgs, weights: dict) -> Transformer:
-    """A Transformer whose parameters are the given tensors (no initialisation, no copies)."""
+def build_model(args: ModelArgs, weights: dict, consume: bool = False) -> Transformer:
+    """A Transformer whose parameters are the given tensors (no initialisation; the only copy is
+    each attention's q, k and v fused into one tensor, Attention.fuse_qkv). consume: empty
+    `weights` once the model holds its tensors, so that the unfused q / k / v are freed as each
+    layer is fused rather than after the whole model (what the loaders do)."""
     with torch.device("meta"):
         model = Transformer(args)
     expected = set(model.state_dict())
-    weights = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    given, weights = weights, {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
     for s in args.absent_sublayers:  # the norm before an absent sublayer is not stored; nothing reads it
         name = f"model.layers.{s // 2}.{'input_layernorm' if s % 2 == 0 else 'post_attention_layernorm'}.weight"
         if name not in weights:
@@ -119,6 +122,10 @@ def build_model(args: ModelArgs, weights: dict) -> Transformer:
         raise ValueError(f"adaskip: the checkpoint's tensors do not fit the config: {e}") from e
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    weights.clear()
+    if consume:
+        given.clear()
+    model.fuse_qkv()
     return model.eval().requires_grad_(False)
 
 

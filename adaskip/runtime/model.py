@@ -81,6 +81,56 @@ class Attention(nn.Module):
         self.window = args.sliding_windows[layer] if args.sliding_windows else None
         self.kv_cache: Optional[KVCache] = None
         self.backend = "sdpa"
+        # q, k and v's weights as one [q + 2 kv rows, hidden] tensor whose row blocks the three
+        # parameters are views of (fuse_qkv); a plain attribute, not a parameter, so that the
+        # state dict keeps Hugging Face's names and nothing is stored twice.
+        self.qkv_weight: Optional[torch.Tensor] = None
+        self.fuse_qkv()
+
+    def fuse_qkv(self) -> None:
+        """Puts q, k and v's weights into one tensor and makes the three parameters views of it,
+        so that a decode step reads them with one GEMV: a GEMV over the 1024 rows of a GQA k or v
+        projection has too few rows in flight to reach the copy bandwidth, one over all three
+        does. The old tensors are released; values, names and the state dict are unchanged."""
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        weights = [lin.weight for lin in linears]
+        self.qkv_weight = None
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            return  # not one matrix; the projections run apart
+        # Normal tensors even under inference_mode (as for the KV caches): the parameters must
+        # stay usable outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([w.detach() for w in weights])
+        for lin, part in zip(linears, fused.split([w.shape[0] for w in weights])):
+            lin.weight = nn.Parameter(part, requires_grad=lin.weight.requires_grad)
+        self.qkv_weight = fused
+
+    def fused_qkv(self) -> Optional[torch.Tensor]:
+        """The fused q / k / v weight while the three parameters are still its views (None once
+        any of them was replaced, e.g. by load_state_dict(assign=True): a stale copy is never
+        read, and is dropped here)."""
+        fused = self.qkv_weight
+        if fused is None:
+            return None
+        offset = 0
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            w = lin.weight
+            if (w.device != fused.device or w.dtype != fused.dtype or w.data_ptr() != fused[offset:].data_ptr()
+                    or w.stride() != fused.stride()):
+                self.qkv_weight = None
+                return None
+            offset += w.shape[0]
+        return fused if offset == fused.shape[0] else None
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the module makes a new tensor of each parameter: fuse them again
+        # rather than keep the old fused copy on the old device.
+        fused = self.qkv_weight is not None
+        self.qkv_weight = None
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_qkv()
+        return out
 
     def _keys_values(self, x, cos, sin, positions, kv_len, gemv=False):
         b, t, _ = x.shape
@@ -127,9 +177,7 @@ class Attention(nn.Module):
             raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
                                "caches with the plan you run (Transformer.setup_caches)")
         b = x.shape[0]
-        q = project(self.q_proj, x, gemv).view(b, self.num_heads, self.head_dim)
-        k = project(self.k_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim)
-        v = project(self.v_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim)
+        q, k, v = self._decode_qkv(x, gemv)
         keys, values = self.kv_cache.k[:b], self.kv_cache.v[:b]
         positions, lengths = decode
         ops.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], keys, values, positions)
@@ -141,6 +189,22 @@ class Attention(nn.Module):
                                                attn_mask=None if isinstance(mask, str) else mask,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
         return project(self.o_proj, y.reshape(b, 1, -1), gemv)
+
+    def _decode_qkv(self, x, gemv):
+        """q [B, heads, D], k and v [B, kv_heads, D] of one decode token per sequence: with the
+        GEMVs, in one pass over the fused weight when there is one (the same numbers: each row is
+        one warp's dot product either way)."""
+        b, nq, nk = x.shape[0], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        fused = self.fused_qkv() if gemv else None
+        if fused is None:
+            return (project(self.q_proj, x, gemv).view(b, self.num_heads, self.head_dim),
+                    project(self.k_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim),
+                    project(self.v_proj, x, gemv).view(b, self.num_kv_heads, self.head_dim))
+        qkv = torch.empty(b, fused.shape[0], dtype=x.dtype, device=x.device)
+        ops.gated_linear(x.reshape(b, -1), fused, None, 0, qkv)
+        q, k, v = qkv.split([nq, nk, nk], dim=1)
+        return (q.view(b, self.num_heads, self.head_dim), k.view(b, self.num_kv_heads, self.head_dim),
+                v.view(b, self.num_kv_heads, self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -233,6 +297,14 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.backend = backend
         self.attention_backend = backend
+
+    def fuse_qkv(self) -> None:
+        """Each attention's q, k and v weights as views of one tensor (Attention.fuse_qkv): done
+        at construction and after every move or cast; call it again after assigning new
+        parameters (build_model does)."""
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, Attention):
+                layer.self_attn.fuse_qkv()
 
     # -- KV cache -------------------------------------------------------------------------
 
