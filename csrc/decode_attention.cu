@@ -367,7 +367,7 @@ int prepare(int device) {
 
 template <typename T, int D, int G>
 void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
-            float scale_log2, at::Tensor& out, int sms) {
+            float scale_log2, at::Tensor& out, int sms, int splits) {
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = heads / group;
   const int device = q.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -375,8 +375,9 @@ void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const auto kernel = split_kv_kernel<T, D, G>;
   const int per_sm = prepare<T, D, G>(device);
-  const int num_splits =
-      choose_splits(batch, kv_heads, cache.capacity, per_sm * sms, Layout<D>::kGroups * kKeysPerGroup);
+  const int num_splits = splits > 0 ? splits
+                                    : choose_splits(batch, kv_heads, cache.capacity, per_sm * sms,
+                                                    Layout<D>::kGroups * kKeysPerGroup);
   const dim3 grid(num_splits, kv_heads, batch);
   if (num_splits == 1) {
     launch_dependent(kernel, device, grid, dim3(kThreads), kSmemBytes, stream, qp, q.stride(0), q.stride(1), cache,
@@ -400,11 +401,11 @@ void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64
 
 template <typename T, int D>
 void launch_group(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64_t window, int group,
-                  float scale_log2, at::Tensor& out, int sms) {
-  if (group == 1) launch<T, D, 1>(q, cache, lens, window, group, scale_log2, out, sms);
-  else if (group == 2) launch<T, D, 2>(q, cache, lens, window, group, scale_log2, out, sms);
-  else if (group <= 4) launch<T, D, 4>(q, cache, lens, window, group, scale_log2, out, sms);
-  else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, sms);
+                  float scale_log2, at::Tensor& out, int sms, int splits) {
+  if (group == 1) launch<T, D, 1>(q, cache, lens, window, group, scale_log2, out, sms, splits);
+  else if (group == 2) launch<T, D, 2>(q, cache, lens, window, group, scale_log2, out, sms, splits);
+  else if (group <= 4) launch<T, D, 4>(q, cache, lens, window, group, scale_log2, out, sms, splits);
+  else launch<T, D, 8>(q, cache, lens, window, group, scale_log2, out, sms, splits);
 }
 
 // The vector loads read 8 elements (16 bytes) at a time from every row of the cache.
@@ -418,7 +419,8 @@ void check_cache_aligned(const at::Tensor& c, const char* name) {
 }  // namespace
 
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out) {
+                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out,
+                      int64_t num_splits) {
   const at::Device device = q.device();
   check_cuda(q, "q", device);
   check_cuda(out, "out", device);
@@ -453,6 +455,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   ADASKIP_CHECK(out.scalar_type() == dt && out.sizes() == q.sizes(), "adaskip: 'out' must be ", dt, " ",
                     q.sizes(), ", got ", out.scalar_type(), " ", out.sizes());
   ADASKIP_CHECK(out.stride(2) == 1, "adaskip: 'out' must be contiguous in head_dim");
+  ADASKIP_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "adaskip: 'num_splits' must be in [0, ",
+                kMaxSplits, "] (0: as many as fill the GPU once), got ", num_splits);
   if (batch == 0 || heads == 0) return;
 
   const c10::cuda::CUDAGuard guard(device);
@@ -463,12 +467,13 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const Lens lens{kv_lens.data_ptr(), kv_lens.scalar_type() == at::kLong};
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
   const int g = static_cast<int>(group);
+  const int splits = static_cast<int>(num_splits);
   if (dt == at::kHalf) {
-    if (dim == 64) launch_group<c10::Half, 64>(q, cache, lens, window, g, scale_log2, out, sms);
-    else launch_group<c10::Half, 128>(q, cache, lens, window, g, scale_log2, out, sms);
+    if (dim == 64) launch_group<c10::Half, 64>(q, cache, lens, window, g, scale_log2, out, sms, splits);
+    else launch_group<c10::Half, 128>(q, cache, lens, window, g, scale_log2, out, sms, splits);
   } else {
-    if (dim == 64) launch_group<c10::BFloat16, 64>(q, cache, lens, window, g, scale_log2, out, sms);
-    else launch_group<c10::BFloat16, 128>(q, cache, lens, window, g, scale_log2, out, sms);
+    if (dim == 64) launch_group<c10::BFloat16, 64>(q, cache, lens, window, g, scale_log2, out, sms, splits);
+    else launch_group<c10::BFloat16, 128>(q, cache, lens, window, g, scale_log2, out, sms, splits);
   }
 }
 

@@ -43,6 +43,15 @@ constexpr int rows_per_warp() {
   return SWIGLU ? 2 : (NT <= 2 ? 1 : 4);
 }
 
+// Chunks of each row a lane loads before it uses the first. A weight load goes to DRAM; how many
+// bytes are in flight decides the bandwidth reached (Little's law). A one-row warp that issued one
+// load at a time kept 512 bytes in flight: too few where a matrix has few rows per SM (the
+// projections of one token). SwiGLU's warps already stream four rows' chunks at once.
+template <int NT, bool SWIGLU>
+constexpr int chunks_in_flight() {
+  return !SWIGLU && rows_per_warp<NT, SWIGLU>() == 1 ? 4 : 1;
+}
+
 // True when every one of the NT sequences is gated off for this sublayer.
 template <int NT>
 __device__ __forceinline__ bool all_skipped(const uint8_t* __restrict__ gates) {
@@ -89,7 +98,35 @@ gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict
   }
   float acc[R][NT] = {};
   float acc_up[R][NT] = {};
-  for (int c = lane; c < k / VEC; c += 32) {
+  const int chunks = k / VEC;
+  int c = lane;
+  // U chunks of the row at a time, all loads first: the sums still take the chunks in order, so
+  // the result is the same as one chunk at a time.
+  constexpr int U = chunks_in_flight<NT, SWIGLU>();
+  static_assert(U == 1 || (R == 1 && !SWIGLU), "several chunks in flight are for one-row, plain warps");
+  if constexpr (U > 1) {
+    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
+      Vec<T, VEC> wv[U], xv[U][NT];
+#pragma unroll
+      for (int u = 0; u < U; ++u) wv[u] = load_vec<T, VEC>(w_rows[0] + (c + 32 * u) * VEC);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xv[u][t] = load_vec<T, VEC>(x + t * x_stride + (c + 32 * u) * VEC);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            acc[0][t] += static_cast<float>(wv[u].v[j]) * static_cast<float>(xv[u][t].v[j]);
+          }
+        }
+      }
+    }
+  }
+  for (; c < chunks; c += 32) {
     Vec<T, VEC> xv[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) xv[t] = load_vec<T, VEC>(x + t * x_stride + c * VEC);

@@ -45,9 +45,11 @@ void gated_swiglu_up(const at::Tensor& x, const at::Tensor& w_gate, const at::Te
 // Attention of one query token per sequence (q [batch, heads, head_dim], fp16/bf16, head_dim 64
 // or 128, at most 8 query heads per KV head) over the first kv_lens[b] slots of a static cache
 // [batch, kv_heads, capacity, head_dim] (the last `window` of them when window > 0), read on the
-// device; out [batch, heads, head_dim]. A sequence with no keys gets zeros.
+// device; out [batch, heads, head_dim]. A sequence with no keys gets zeros. num_splits: blocks per
+// (sequence, KV head) over the length; 0 chooses as many as fill the GPU once.
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out);
+                      const at::Tensor& kv_lens, double scale, int64_t window, at::Tensor& out,
+                      int64_t num_splits);
 
 // One decode token per sequence: q [batch, heads, head_dim] rotated in place; k [batch, kv_heads,
 // head_dim] rotated and v copied into k_cache / v_cache [batch, kv_heads, capacity, head_dim] at

@@ -30,7 +30,7 @@ TORCH_LIBRARY(adaskip, m) {
       "Tensor(a!) out) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, float scale, "
-      "int window, Tensor(a!) out) -> ()");
+      "int window, Tensor(a!) out, int num_splits=0) -> ()");
   m.def(
       "rotary_kv_write(Tensor(a!) q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(b!) k_cache, "
       "Tensor(c!) v_cache, Tensor positions) -> ()");

@@ -64,7 +64,7 @@ def _bad_calls(device):
     out = torch.empty_like(q)
     call = lambda **kw: (lambda: ops.decode_attention(  # noqa: E731
         kw.get("q", q), kw.get("k", k), kw.get("v", v), kw.get("lens", lens), window=kw.get("window", 0),
-        scale=kw.get("scale"), out=kw.get("out", out)))
+        scale=kw.get("scale"), out=kw.get("out", out), num_splits=kw.get("splits", 0)))
     return out, [
         ("'q' must be float16 or bfloat16", call(q=q.float(), out=out.float())),
         ("'q' must be \\[batch, heads, head_dim\\]", call(q=q[:, None])),
@@ -86,6 +86,8 @@ def _bad_calls(device):
         ("'scale' must be a positive finite number", call(scale=0.0)),
         ("'out' must be", call(out=out[:1])),
         ("'out' must be", call(out=out.half())),
+        ("'num_splits' must be in \\[0, 256\\]", call(splits=-1)),
+        ("'num_splits' must be in \\[0, 256\\]", call(splits=257)),
     ]
 
 
@@ -150,6 +152,20 @@ def test_kernel_reads_views_of_a_larger_cache(dtype):
     out = torch.full((2, 16, 128), float("nan"), dtype=dtype, device="cuda")
     ops.decode_attention(q, k, v, lens, out=out)
     assert _rel_err(out, oracle_decode_attention(q, k, v, lens)) < 1e-2
+
+
+@on_gpu
+@pytest.mark.parametrize("splits", [1, 2, 7, 33, 256])
+def test_any_number_of_splits_gives_the_same_attention(splits):
+    """num_splits chosen by the caller (benchmarks sweep it): one split writes the output itself,
+    more are merged, splits past the length hold no keys; all agree with the reference."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, lens = _inputs(2, 32, 8, 128, 3000, torch.bfloat16, "cuda", g, [3000, 450])
+    out = torch.full_like(q, float("nan"))
+    ops.decode_attention(q, k, v, lens, out=out, num_splits=splits)
+    assert not out.isnan().any()
+    assert _rel_err(out, oracle_decode_attention(q, k, v, lens)) < 1e-2
+    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens), rtol=2e-2, atol=2e-3)
 
 
 @on_gpu

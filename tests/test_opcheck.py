@@ -52,6 +52,9 @@ def _samples(device, dtype):
             ("decode_attention", (r(1, 8, 128), r(1, 4, 3000, 128), r(1, 4, 3000, 128),
                                   torch.tensor([2999], dtype=torch.int32, device=device), 0.09, 512,
                                   torch.empty(1, 8, 128, device=device, dtype=dtype))),
+            ("decode_attention", (r(1, 8, 128), r(1, 4, 300, 128), r(1, 4, 300, 128),
+                                  torch.tensor([300], device=device), 0.09, 0,
+                                  torch.empty(1, 8, 128, device=device, dtype=dtype), 5)),  # 5 splits
         ]
     return samples
 

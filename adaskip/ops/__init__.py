@@ -66,10 +66,11 @@ if HAS_EXTENSION:
             return None
 
         if _name == "decode_attention":
-            def _fake(q, k_cache, v_cache, kv_lens, scale, window, out):
+            def _fake(q, k_cache, v_cache, kv_lens, scale, window, out, num_splits=0):
                 # Shapes, dtypes and strides as the kernel checks them (fake tensors have no
                 # addresses to check for alignment).
-                _ref.check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned=False)
+                _ref.check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned=False,
+                                            num_splits=num_splits)
         elif _name == "rotary_kv_write":
             def _fake(q, k, v, cos, sin, k_cache, v_cache, positions):
                 _ref.check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
@@ -218,7 +219,7 @@ def mean_stats(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.T
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor, *,
                      scale: Optional[float] = None, window: int = 0,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, num_splits: int = 0) -> torch.Tensor:
     """Attention of one query token per sequence over a static KV cache, the split-KV decode
     kernel on CUDA tensors (fp16/bf16, head_dim 64 or 128, at most 8 query heads per KV head).
 
@@ -227,13 +228,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     sequence b attends to slots 0 .. kv_lens[b] - 1 (clamped to the capacity; read on the device,
     so one CUDA graph serves every step), or to the last `window` of them when window > 0. scale:
     of the scores, default head_dim ** -0.5. A sequence without keys gets zeros. Writes and
-    returns `out` (default: a new tensor like q)."""
+    returns `out` (default: a new tensor like q). num_splits: blocks per (sequence, KV head) the
+    length is divided among, at most 256; 0 (default) chooses as many as fill the GPU once (the
+    result is the same up to rounding whatever the number)."""
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     _op("decode_attention", q, k_cache, v_cache, kv_lens, out)(
-        q, k_cache, v_cache, kv_lens, float(scale), int(window), out)
+        q, k_cache, v_cache, kv_lens, float(scale), int(window), out, int(num_splits))
     return out
 
 

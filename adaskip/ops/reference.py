@@ -362,7 +362,11 @@ def check_kv_caches(k_cache, v_cache, q, kv_heads: int, kv_heads_of: str) -> Non
         _fail(f"'v_cache' holds {v_cache.shape[2]} slots but 'k_cache' holds {k_cache.shape[2]}")
 
 
-def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned: bool = True) -> None:
+DECODE_MAX_SPLITS = 256
+
+
+def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned: bool = True,
+                           num_splits: int = 0) -> None:
     """The checks of csrc/decode_attention.cu, same messages (aligned: also the 16-byte address
     checks, which tensors without storage, as in tracing, cannot answer)."""
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -400,10 +404,12 @@ def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, ali
         _fail(f"'out' must be {q.dtype} {list(q.shape)}, got {out.dtype} {list(out.shape)}")
     if out.stride(2) != 1:
         _fail("'out' must be contiguous in head_dim")
+    if not 0 <= num_splits <= DECODE_MAX_SPLITS:
+        _fail(f"'num_splits' must be in [0, {DECODE_MAX_SPLITS}] (0: as many as fill the GPU once), got {num_splits}")
 
 
-def decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out) -> None:
-    check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out)
+def decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, num_splits=0) -> None:
+    check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, num_splits=num_splits)
     batch, heads, dim = q.shape
     capacity = k_cache.shape[2]
     group = heads // k_cache.shape[1]
