@@ -330,3 +330,21 @@ def test_scratch_caches_leave_the_models_caches_and_decode_states_alone(pair):
     assert ours.cache_id == cache_id and ours.model.layers[0].self_attn.kv_cache is k_cache
     again = generate(ours, [_prompt(6, 3)], max_new_tokens=4, eos_token_ids=[])
     assert decode_states(ours) == states and again.tokens == first.tokens
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256, 151936, 32000, 1000, 3 * 16384 + 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_is_argmax_with_its_ties(vocab, dtype):
+    """The two-pass greedy choice returns argmax's index, the first on ties (within a chunk and
+    across chunks), and the same for inf / nan rows."""
+    from adaskip.runtime.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(vocab)
+    ties = torch.randint(0, 3, (4, 3, vocab), generator=g).to(dtype)  # the maximum many times over
+    assert torch.equal(greedy_tokens(ties), ties.argmax(-1))
+    x = torch.randn(6, vocab, generator=g).to(dtype)
+    x[0, vocab // 2] = x[0, vocab - 1] = 9.0  # the same maximum in two chunks: the first wins
+    x[1, 7] = x[1, vocab - 3] = float("nan")
+    x[2, 3] = x[2, vocab // 3] = float("inf")
+    x[3] = float("-inf")
+    assert torch.equal(greedy_tokens(x), x.argmax(-1)) and greedy_tokens(x)[0] == vocab // 2

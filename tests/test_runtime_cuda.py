@@ -369,3 +369,17 @@ def test_evaluate_speculative_with_graph_replays(pair):
     assert row["measured_decode_speedup"] > 0 and row["rounds"] > 0
     if dtype == torch.float32:
         assert row["identical"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_on_the_gpu_is_argmax(dtype):
+    """The two-pass greedy choice on CUDA: argmax's index, the first on ties."""
+    from adaskip.runtime.sampling import greedy_tokens
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for vocab in (128256, 151936, 49152):
+        ties = torch.randint(0, 3, (4, 3, vocab), generator=g, device="cuda").to(dtype)
+        assert torch.equal(greedy_tokens(ties), ties.argmax(-1))
+        x = torch.randn(5, vocab, generator=g, device="cuda").to(dtype)
+        x[0, 5] = x[0, vocab - 2] = 50.0
+        assert torch.equal(greedy_tokens(x), x.argmax(-1)) and greedy_tokens(x)[0].item() == 5

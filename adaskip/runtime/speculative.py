@@ -28,7 +28,7 @@ import torch
 from .decode import HostFlag, KeptState, StepGraphs, drop_decode_states, kept_state
 from .generation import GenerationResult, _check_prompts, _sync, prefill
 from .online import OnlineGates
-from .sampling import SamplingParams, probabilities
+from .sampling import SamplingParams, greedy_tokens, probabilities
 from .schedule import schedule_step
 from .skip_plan import SkipPlan
 
@@ -177,7 +177,7 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     _sync(device)
     t0 = time.perf_counter()
     first = prefill(model, ids, lens, chunk=prefill_chunk)
-    token = first.argmax(-1) if greedy else _draw(probabilities(first, sampling), generator)  # not in the cache yet
+    token = greedy_tokens(first) if greedy else _draw(probabilities(first, sampling), generator)  # not in the cache yet
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
@@ -272,7 +272,7 @@ def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedu
         if draft_schedule.online_update is not None:
             online.update(*draft_schedule.online_update)
         if greedy:
-            current = logits.argmax(-1)
+            current = greedy_tokens(logits)
         else:
             q = probabilities(logits, sampling)
             current = _draw(q, generator)
@@ -282,7 +282,7 @@ def _round(model, state: SpeculativeState, k: int, draft_schedule, verify_schedu
     logits = model(torch.cat([state.token[:, None], draft], 1), state.pos, kv_len=kv_lens[k],
                    schedule=verify_schedule)  # [B, k + 1, V]
     if greedy:
-        verify = logits.argmax(-1)
+        verify = greedy_tokens(logits)
         agree = (draft == verify[:, :k]).long().cumprod(1).sum(1)  # [B]: drafted tokens the full model keeps
         nxt = verify.gather(1, agree[:, None]).squeeze(1)
     else:
