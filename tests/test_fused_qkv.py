@@ -64,6 +64,21 @@ def test_moving_or_casting_the_model_fuses_again():
         assert torch.equal(attn.qkv_weight[: attn.q_proj.out_features], new[f"model.layers.{i}.self_attn.q_proj.weight"])
 
 
+def test_a_copied_or_pickled_model_is_fused_with_its_own_tensors():
+    import copy
+    import io
+
+    model = tiny_llama(61)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        for mine, theirs in zip(_attentions(model), _attentions(other)):
+            _assert_fused(theirs)
+            assert theirs.qkv_weight.data_ptr() != mine.qkv_weight.data_ptr()
+            assert torch.equal(theirs.qkv_weight, mine.qkv_weight)
+
+
 def test_a_replaced_parameter_is_never_read_through_the_stale_fused_copy():
     model = tiny_llama(61).to(torch.bfloat16)
     attn = _attentions(model)[0]

@@ -122,6 +122,12 @@ class Attention(nn.Module):
             offset += w.shape[0]
         return fused if offset == fused.shape[0] else None
 
+    def __setstate__(self, state):
+        # A copied or unpickled attention holds its own tensor for each parameter: fuse again.
+        super().__setstate__(state)
+        if self.__dict__.get("qkv_weight") is not None:
+            self.fuse_qkv()
+
     def _apply(self, fn, recurse=True):
         # Moving or casting the module makes a new tensor of each parameter: fuse them again
         # rather than keep the old fused copy on the old device.
