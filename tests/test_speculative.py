@@ -58,7 +58,7 @@ def test_rounds_as_graphs_run_them_are_exact_too(model, monkeypatch, k):
     from adaskip.runtime import speculative as spec_module
 
     real = spec_module._kv_lens
-    monkeypatch.setattr(spec_module, "_kv_lens", lambda m, longest, r, k_, captured: real(m, longest, r, k_, True))
+    monkeypatch.setattr(spec_module, "_kv_lens", lambda m, filled, r, k_, captured: real(m, filled, r, k_, True))
     prompts = _prompts(5, 4)
     plain = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=[])
     eos = plain.tokens[2][7]
@@ -67,6 +67,29 @@ def test_rounds_as_graphs_run_them_are_exact_too(model, monkeypatch, k):
         got = adaskip.generate(model, prompts, max_new_tokens=20, eos_token_ids=ids,
                                speculative=SpeculativeConfig(DRAFTERS["attention-and-ffn"], draft_tokens=k))
         assert got.tokens == expected.tokens and got.finished == expected.finished
+
+
+def test_eager_rounds_read_only_the_cache_the_sequences_filled(model, monkeypatch):
+    """The bound on the slots an eager round reads follows the positions the device reached (read
+    back without waiting; on CPU at once), not k + 1 per round: with most drafts rejected it stays
+    close to the longest sequence."""
+    from adaskip.runtime import speculative as spec_module
+
+    seen = []
+    real = spec_module._kv_lens
+    monkeypatch.setattr(spec_module, "_kv_lens",
+                        lambda m, filled, r, k_, captured: seen.append(real(m, filled, r, k_, captured)) or seen[-1])
+    prompts = _prompts(3, 12)
+    drafter = SkipPlan(4, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})  # most drafts rejected
+    k = 4
+    got = adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[],
+                           speculative=SpeculativeConfig(drafter, draft_tokens=k))
+    assert got.tokens == adaskip.generate(model, prompts, max_new_tokens=16, eos_token_ids=[]).tokens
+    longest = max(len(p) for p in prompts)
+    rounds = len(seen)
+    assert seen[0] == [longest + j + 1 for j in range(k + 1)]
+    # after the last round the longest sequence holds at most longest + 15 tokens
+    assert max(seen[-1]) <= longest + 15 + k + 1 < longest + (rounds - 1) * (k + 1) + k + 1
 
 
 def test_a_lossy_drafter_is_rejected_sometimes_and_still_exact(model):

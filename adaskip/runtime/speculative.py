@@ -184,7 +184,10 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     state.start(token, lens, max_new_tokens, eos)
     captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
     existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
-    done, gates_flag = HostFlag(device), HostFlag(device)
+    done, gates_flag, filled = HostFlag(device), HostFlag(device), HostFlag(device)
+    # The furthest any sequence had got at the start of round known[0] (eager rounds read no more
+    # of the cache than that plus k + 1 slots a round since): read back without waiting.
+    known, posted = (0, longest), 0
     strict = forbid_host_sync and device.type == "cuda"
     previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
     if strict:
@@ -205,7 +208,9 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
             key = (draft_schedule, verify_schedule, model.cache_id,
                    (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
             replay = graphs is not None and r > 0  # the first round runs eagerly: it is also the warm-up
-            kv_lens = _kv_lens(model, longest, r, k, replay)
+            if filled.ready():
+                known, filled.host = (posted, int(filled.host)), None
+            kv_lens = _kv_lens(model, known[1], r - known[0], k, replay)
             if replay:
                 if key in existing:
                     reused.add(key)
@@ -215,6 +220,9 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
                 _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens, online)
             launched += 1
             done.post(state.finished.all())
+            if not replay:
+                filled.post(state.pos.max())
+                posted = r + 1
             if update is not None and (r + 1) * k >= config.plan.window > r * k:
                 gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
     finally:
@@ -246,14 +254,15 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
                             graphs_reused=len(reused), graph_capture_s=capture_s, online_skipped=online_skipped)
 
 
-def _kv_lens(model, longest: int, r: int, k: int, captured: bool) -> list:
-    """Slots attention reads in each draft step of round r and (last) in its verify pass. A
+def _kv_lens(model, filled: int, rounds: int, k: int, captured: bool) -> list:
+    """Slots attention reads in each draft step of a round and (last) in its verify pass. A
     captured round reads the whole cache under masks from the device positions (its shapes are
-    baked in); an eager one only what a sequence can have filled by then (each round moves a
-    sequence at most k + 1 positions)."""
+    baked in); an eager one only what a sequence can have filled by then: `filled`, the furthest
+    position known `rounds` rounds ago, plus k + 1 for each (a round moves a sequence at most
+    that far)."""
     if captured:
         return [model.cache_len] * (k + 1)
-    bound = longest + r * (k + 1)
+    bound = filled + rounds * (k + 1)
     return [min(model.cache_len, bound + j + 1) for j in range(k + 1)]
 
 
