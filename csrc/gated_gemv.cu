@@ -16,8 +16,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "checks.h"
 #include "common.cuh"
+#include "launch.h"
 #include "ops.h"
 
 namespace adaskip {
@@ -43,13 +48,17 @@ constexpr int rows_per_warp() {
   return SWIGLU ? 2 : (NT <= 2 ? 1 : 4);
 }
 
-// Chunks of each row a lane loads before it uses the first. A weight load goes to DRAM; how many
-// bytes are in flight decides the bandwidth reached (Little's law). A one-row warp that issued one
-// load at a time kept 512 bytes in flight: too few where a matrix has few rows per SM (the
-// projections of one token). SwiGLU's warps already stream four rows' chunks at once.
-template <int NT, bool SWIGLU>
+// Pipelined one-row warps (PIPE): each lane loads the next kPipeChunks chunks of its row while
+// it uses the current ones. How many weight bytes are in flight decides the bandwidth a GEMV
+// reaches (Little's law); the compiler keeps about two loads of a plain one-row warp in flight,
+// too few where a matrix has few rows per SM (the projections of one token: o_proj and
+// down_proj ran at 82 % of copy bandwidth, a lone k or v at 44 %). The price is registers (twice
+// the plain kernel's), so fewer blocks fit an SM: launch_gemv chooses per launch.
+constexpr int kPipeChunks = 4;
+
+template <int NT, bool SWIGLU, bool PIPE>
 constexpr int chunks_in_flight() {
-  return !SWIGLU && rows_per_warp<NT, SWIGLU>() == 1 ? 4 : 1;
+  return PIPE && !SWIGLU && rows_per_warp<NT, SWIGLU>() == 1 ? kPipeChunks : 1;
 }
 
 // True when every one of the NT sequences is gated off for this sublayer.
@@ -77,7 +86,7 @@ __device__ __forceinline__ void warp_sum(float (&acc)[R][NT]) {
 // Each warp computes R consecutive rows; each lane streams 16-byte chunks of them with the
 // matching chunks of the NT inputs, and the warp sums its partials with shuffles (a fixed
 // order: deterministic, and the same sums whatever R is).
-template <typename T, int VEC, int NT, bool SWIGLU>
+template <typename T, int VEC, int NT, bool SWIGLU, bool PIPE>
 __global__ void __launch_bounds__(warps_per_block<NT>() * 32)
 gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
                   const T* __restrict__ w_up, int rows, int k, const uint8_t* __restrict__ gates,
@@ -100,29 +109,39 @@ gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict
   float acc_up[R][NT] = {};
   const int chunks = k / VEC;
   int c = lane;
-  // U chunks of the row at a time, all loads first: the sums still take the chunks in order, so
-  // the result is the same as one chunk at a time.
-  constexpr int U = chunks_in_flight<NT, SWIGLU>();
+  // U chunks of the row at a time, and the next U loaded before the current ones are used (double
+  // buffering in registers): the sums still take the chunks in order, so the result is the same
+  // as one chunk at a time.
+  constexpr int U = chunks_in_flight<NT, SWIGLU, PIPE>();
   static_assert(U == 1 || (R == 1 && !SWIGLU), "several chunks in flight are for one-row, plain warps");
   if constexpr (U > 1) {
-    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
-      Vec<T, VEC> wv[U], xv[U][NT];
+    if (c + 32 * (U - 1) < chunks) {
+      Vec<T, VEC> wv[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) wv[u] = load_vec<T, VEC>(w_rows[0] + (c + 32 * u) * VEC);
+      while (true) {
+        const int next = c + 32 * U;
+        const bool more = next + 32 * (U - 1) < chunks;
+        Vec<T, VEC> wn[U];
+        if (more) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+          for (int u = 0; u < U; ++u) wn[u] = load_vec<T, VEC>(w_rows[0] + (next + 32 * u) * VEC);
+        }
 #pragma unroll
-        for (int t = 0; t < NT; ++t) xv[u][t] = load_vec<T, VEC>(x + t * x_stride + (c + 32 * u) * VEC);
-      }
+        for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+          for (int t = 0; t < NT; ++t) {
+            const Vec<T, VEC> xv = load_vec<T, VEC>(x + t * x_stride + (c + 32 * u) * VEC);
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            acc[0][t] += static_cast<float>(wv[u].v[j]) * static_cast<float>(xv[u][t].v[j]);
+            for (int j = 0; j < VEC; ++j) {
+              acc[0][t] += static_cast<float>(wv[u].v[j]) * static_cast<float>(xv.v[j]);
+            }
           }
         }
+        c = next;
+        if (!more) break;
+#pragma unroll
+        for (int u = 0; u < U; ++u) wv[u] = wn[u];
       }
     }
   }
@@ -168,18 +187,63 @@ gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict
   }
 }
 
+// Blocks of `Kernel` (with `threads` threads) one SM holds; once per kernel and device (one table
+// per kernel: the template parameter is the kernel itself, not its type, which kernels share).
+template <auto Kernel>
+int resident_blocks(int threads, int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, 0));
+    cached[device] = std::max(blocks, 1);
+  }
+  return cached[device];
+}
+
+// ADASKIP_GEMV_PIPELINE=on / off forces the pipelined or the plain one-row kernel (benchmarks
+// compare them); unset or "auto", launch_gemv chooses.
+int forced_pipeline() {
+  const char* v = std::getenv("ADASKIP_GEMV_PIPELINE");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == '\0') return -1;
+  if (std::strcmp(v, "on") == 0 || std::strcmp(v, "1") == 0) return 1;
+  if (std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0) return 0;
+  ADASKIP_CHECK(false, "adaskip: ADASKIP_GEMV_PIPELINE must be on, off or auto, got '", v, "'");
+  return -1;
+}
+
+// The pipelined kernel where all its blocks fit the GPU at once: a matrix with few rows per SM,
+// where the plain kernel cannot keep enough bytes in flight. Beyond one wave the plain kernel,
+// with twice the resident blocks, has enough of them (it read the lm_head at the copy bandwidth);
+// a partial second wave of pipelined blocks would keep fewer in flight.
+template <auto Pipelined>
+bool use_pipeline(int threads, int blocks, int device) {
+  const int forced = forced_pipeline();
+  if (forced >= 0) return forced == 1;
+  const int sms = multiprocessor_count(device);
+  const int64_t piped_wave = static_cast<int64_t>(resident_blocks<Pipelined>(threads, device)) * sms;
+  return blocks <= piped_wave;
+}
+
 template <typename T, int VEC, bool SWIGLU>
 void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, int rows, int k,
-                 const uint8_t* gates, T* out, int64_t os, cudaStream_t stream) {
+                 const uint8_t* gates, T* out, int64_t os, cudaStream_t stream, int device) {
   switch (tokens) {
-#define ADASKIP_GEMV_CASE(N)                                                                         \
-  case N: {                                                                                          \
-    constexpr int rows_per_block = warps_per_block<N>() * rows_per_warp<N, SWIGLU>();                \
-    const dim3 block(warps_per_block<N>() * 32);                                                     \
-    const dim3 grid((rows + rows_per_block - 1) / rows_per_block);                                   \
-    gated_gemv_kernel<T, VEC, N, SWIGLU><<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, \
-                                                                      out, os);                      \
-    break;                                                                                           \
+#define ADASKIP_GEMV_CASE(N)                                                                           \
+  case N: {                                                                                            \
+    constexpr int rows_per_block = warps_per_block<N>() * rows_per_warp<N, SWIGLU>();                  \
+    const dim3 block(warps_per_block<N>() * 32);                                                       \
+    const dim3 grid((rows + rows_per_block - 1) / rows_per_block);                                     \
+    constexpr auto plain = gated_gemv_kernel<T, VEC, N, SWIGLU, false>;                                \
+    if constexpr (chunks_in_flight<N, SWIGLU, true>() > 1) {                                           \
+      constexpr auto piped = gated_gemv_kernel<T, VEC, N, SWIGLU, true>;                               \
+      const bool pipe =                                                                                \
+          use_pipeline<piped>(static_cast<int>(block.x), static_cast<int>(grid.x), device);            \
+      (pipe ? piped : plain)<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);     \
+    } else {                                                                                           \
+      plain<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);                      \
+    }                                                                                                  \
+    break;                                                                                             \
   }
     ADASKIP_GEMV_CASE(1)
     ADASKIP_GEMV_CASE(2)
@@ -242,6 +306,7 @@ void run_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* w_up,
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = device.index();
   auto go = [&](auto tag) {
     using T = decltype(tag);
     constexpr int kVec = 16 / sizeof(T);
@@ -253,11 +318,11 @@ void run_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor* w_up,
     T* op = reinterpret_cast<T*>(out.data_ptr());
     const int r = static_cast<int>(rows), kk = static_cast<int>(k), nt = static_cast<int>(tokens);
     if (w_up != nullptr) {
-      if (vec) launch_gemv<T, kVec, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
-      else launch_gemv<T, 1, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+      if (vec) launch_gemv<T, kVec, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream, dev);
+      else launch_gemv<T, 1, true>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream, dev);
     } else {
-      if (vec) launch_gemv<T, kVec, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
-      else launch_gemv<T, 1, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream);
+      if (vec) launch_gemv<T, kVec, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream, dev);
+      else launch_gemv<T, 1, false>(nt, xp, x.stride(0), wp, up, r, kk, g, op, out.stride(0), stream, dev);
     }
   };
   if (dt == at::kHalf) go(c10::Half{});

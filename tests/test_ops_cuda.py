@@ -369,6 +369,31 @@ def test_gated_gemvs_match_reference(dtype, tokens, shape):
     assert skipped.isnan().all()  # every sequence gated off: the kernel wrote nothing
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2])
+# (rows, in_features): one wave or many, the double-buffered loop's remainder, the scalar path
+@pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (1024, 4096), (300, 14336), (77, 1000), (9, 77)],
+                         ids=str)
+def test_pipelined_and_plain_one_row_gemvs_give_the_same_bits(dtype, tokens, shape, monkeypatch):
+    """The pipelined one-row GEMV (next chunks loaded while the current ones are used) sums the
+    same chunks in the same order as the plain one: the same bits, and the reference's values."""
+    g = torch.Generator().manual_seed(47)
+    rows, k = shape
+    x, w = rand((tokens, k), dtype, "cuda", g), rand((rows, k), dtype, "cuda", g, 0.05)
+    got = {}
+    for mode in ("off", "on", "auto"):
+        monkeypatch.setenv("ADASKIP_GEMV_PIPELINE", mode)
+        got[mode] = torch.full((tokens, rows), float("nan"), dtype=dtype, device="cuda")
+        ops.gated_linear(x, w, None, 0, got[mode])
+    assert torch.equal(got["off"], got["on"]) and torch.equal(got["off"], got["auto"])
+    want = torch.empty(tokens, rows, dtype=dtype)
+    ref.gated_linear(*_cpu(x, w), None, 0, want)
+    torch.testing.assert_close(got["on"].cpu(), want, rtol=2e-2, atol=2e-3)
+    monkeypatch.setenv("ADASKIP_GEMV_PIPELINE", "sideways")
+    with pytest.raises(ValueError, match="ADASKIP_GEMV_PIPELINE must be on, off or auto"):
+        ops.gated_linear(x, w, None, 0, got["on"])
+
+
 def test_gated_swiglu_up_reads_the_halves_of_a_fused_gate_up_matrix():
     g = torch.Generator().manual_seed(43)
     fused = rand((2 * 1000, 576), torch.bfloat16, "cuda", g, 0.05)  # [gate; up], as some checkpoints store it
