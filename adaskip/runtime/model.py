@@ -112,15 +112,16 @@ class Attention(nn.Module):
         fused = self.qkv_weight
         if fused is None:
             return None
-        offset = 0
+        # Host arithmetic only (it runs every eager decode step): where each view must start.
+        row_bytes, start, rows = fused.stride(0) * fused.element_size(), fused.data_ptr(), 0
         for lin in (self.q_proj, self.k_proj, self.v_proj):
             w = lin.weight
-            if (w.device != fused.device or w.dtype != fused.dtype or w.data_ptr() != fused[offset:].data_ptr()
+            if (w.device != fused.device or w.dtype != fused.dtype or w.data_ptr() != start + rows * row_bytes
                     or w.stride() != fused.stride()):
                 self.qkv_weight = None
                 return None
-            offset += w.shape[0]
-        return fused if offset == fused.shape[0] else None
+            rows += w.shape[0]
+        return fused if rows == fused.shape[0] else None
 
     def __setstate__(self, state):
         # A copied or unpickled attention holds its own tensor for each parameter: fuse again.
