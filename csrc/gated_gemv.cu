@@ -51,9 +51,9 @@ constexpr int rows_per_warp() {
 // Pipelined one-row warps (PIPE): each lane loads the next kPipeChunks chunks of its row while
 // it uses the current ones. How many weight bytes are in flight decides the bandwidth a GEMV
 // reaches (Little's law); the compiler keeps about two loads of a plain one-row warp in flight,
-// too few where a matrix has few rows per SM (the projections of one token: o_proj and
-// down_proj ran at 82 % of copy bandwidth, a lone k or v at 44 %). The price is registers (twice
-// the plain kernel's), so fewer blocks fit an SM: launch_gemv chooses per launch.
+// too few where a matrix has few rows per SM (a decode token's projections, a GQA k or v most of
+// all). The price is registers (twice the plain kernel's), so fewer blocks fit an SM:
+// launch_gemv chooses per launch.
 constexpr int kPipeChunks = 4;
 
 template <int NT, bool SWIGLU, bool PIPE>
