@@ -2,7 +2,8 @@
 # One pass on a GPU machine: build the extension from source against the machine's torch, run
 # the whole test suite (GPU tests included), run the kernel benchmarks. Logs and JSON go to
 # $OUT (default ./gpu-out). Usage: [STAGES="tests bench"] [TESTS="tests/x.py ..."]
-# [BENCHES="ops ffn decode e2e-decode e2e online online-forced conditional speculative speculative-embedded"]
+# [BENCHES="ops ffn decode e2e-decode e2e-decode-plain e2e online online-forced conditional speculative
+#   speculative-embedded"]
 # [TESTS_AFTER="tests/y.py ..."]
 # bash bench/gpu_check.sh. TESTS_AFTER run after the benchmarks (the less urgent ones, when the
 # device time is short). The device's copy of .git can be older than the tree it runs: pass
@@ -68,6 +69,11 @@ for b in $BENCHES; do
     # per-kernel breakdown, and AdaSkip plans of 8 and 16 sublayers (prefill and decode vs ideal).
     e2e-decode) cmd=($PY -m adaskip bench e2e --config llama-3.1-8b --prompt-lens 8192,32768 --strategies adaskip
                  --budgets 8,16 --decode-tokens 32 --no-hf --no-plot --out "$OUT/e2e-decode.json") ;;
+    # The same full-model step with the plain one-row GEMV kernel forced: what the pipelined one
+    # changes (one plan, to keep the call short).
+    e2e-decode-plain) cmd=(env ADASKIP_GEMV_PIPELINE=off $PY -m adaskip bench e2e --config llama-3.1-8b
+                 --prompt-lens 8192,32768 --strategies adaskip --budgets 8 --decode-tokens 32 --no-hf --no-plot
+                 --out "$OUT/e2e-decode-plain.json") ;;
     # Lossless decoding's cost: a round of k drafts and the verify pass (one graph replay) against
     # the full model's step, for drafters of a quarter and half of the sublayers; the break-even.
     speculative) cmd=($PY -m adaskip bench speculative --config llama-3.1-8b --prompt-lens 8192,32768

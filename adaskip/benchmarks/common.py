@@ -49,7 +49,9 @@ def device_info(device: Optional[torch.device] = None) -> dict:
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
-            "backend": ops.backend()}
+            "backend": ops.backend(),
+            # the one-row decode GEMV kernel: forced by the environment, or chosen per launch
+            "gemv_pipeline": os.environ.get("ADASKIP_GEMV_PIPELINE") or "auto"}
     if device.type != "cuda":
         info["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         info["torch_threads"] = torch.get_num_threads()
