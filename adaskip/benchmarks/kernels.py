@@ -253,7 +253,6 @@ def bench_decode_attention(context: int, batch: int, dtype, copy_bw, args, heads
     return rows
 
 
-
 # LLaMA-3.1-8B's decode projections: (name, out_features, in_features).
 PROJECTIONS = (("q_proj / o_proj", 4096, 4096), ("k_proj / v_proj", 1024, 4096), ("q/k/v fused", 6144, 4096),
                ("down_proj", 4096, 14336), ("lm_head", 128256, 4096))

@@ -31,7 +31,7 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
     first, untimed run on the first prompt, and capture time never counts."""
     from ..runtime.generation import generate
     from ..runtime.speculative import SpeculativeConfig
-    from ..skipping.costs import L20_SPEC, sublayer_costs
+    from ..skipping.costs import L20_SPEC, device_name, sublayer_costs
     from ..skipping.strategies import stand_in_cost
 
     if not prompts:
@@ -41,19 +41,18 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
         raise ValueError(f"adaskip: draft lengths must be >= 1, got {list(draft_tokens)}")
     check_room([len(p.ids) for p in prompts], max_new_tokens + max(ks) + 1, model.args.max_position_embeddings,
                "speculative prompts")
-    if cuda_graph and str(model.lm_head.weight.device.type) != "cuda":
+    if cuda_graph and model.lm_head.weight.device.type != "cuda":
         raise ValueError("adaskip: cuda_graph needs the model on a GPU")
     spec = spec or L20_SPEC
-    graph = {"cuda_graph": True} if cuda_graph else {}
     runs = [(n, p, False) for n, p in plans.items() if p is not None]
     if online:
         runs += [(f"{n}/online", p, True) for n, p, _ in list(runs) if p.online]
     bar = progress_bar(len(prompts) * (1 + len(runs) * len(ks)), progress, "speculative", "prompt")
     reference = []
     if cuda_graph:  # capture (and first replays) off the clock
-        generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[], **graph)
+        generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[], cuda_graph=cuda_graph)
     for p in prompts:
-        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[], **graph)
+        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[], cuda_graph=cuda_graph)
         reference.append((out.tokens[0], out.decode_s))
         bar.update(1)
     rows = []
@@ -67,10 +66,10 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
             config = SpeculativeConfig(plan, draft_tokens=k, online=online_drafts)
             if cuda_graph:
                 generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                         speculative=config, **graph)
+                         speculative=config, cuda_graph=cuda_graph)
             for p, (ref_tokens, ref_s), c in zip(prompts, reference, costs):
                 out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                               speculative=config, **graph)
+                               speculative=config, cuda_graph=cuda_graph)
                 gated = set(out.online_skipped[0]) if out.online_skipped else set()
                 extra += len(gated)
                 s = c.speedup(skips | gated, stand_in_cost(plan, profile, c))
@@ -93,15 +92,9 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
                          "online": online_drafts, "extra_ffns_gated": extra / len(prompts)})
     bar.close()
     return {"rows": rows, "prompts": [{"length": p.length, "tokens": len(p.ids)} for p in prompts],
-            "max_new_tokens": max_new_tokens, "device": _device_name(model.lm_head.weight.device),
+            "max_new_tokens": max_new_tokens, "device": device_name(model.lm_head.weight.device),
             "cuda_graph": cuda_graph,
             "roofline": getattr(spec, "name", str(spec))}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return str(device)
 
 
 def speculative_table(result: dict) -> str:

@@ -317,7 +317,7 @@ def measure_sublayer_costs(model, context_len: int, mode: str, *, repeats: int =
         fixed = _measure_fixed(model, batch, t, time_it, gen, sched.gemv_lm_head)
     return SublayerCosts(per_sublayer=per, fixed=fixed, context_len=n, mode=mode,
                          source="measured in CUDA graphs" if graphs else "measured",
-                         device=_device_name(device), batch=int(batch))
+                         device=device_name(device), batch=int(batch))
 
 
 def _measure_fixed(model, batch: int, tokens: int, time_it, gen, gemv_lm_head: bool) -> float:
@@ -343,7 +343,8 @@ def _measure_fixed(model, batch: int, tokens: int, time_it, gen, gemv_lm_head: b
     return embed + head + (2 * args.num_layers + 1) * one_norm
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name (as torch reports it), or the device as written for a CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return str(device)
