@@ -57,23 +57,27 @@ HAS_EXTENSION = _EXTENSION_ERROR is None
 
 if HAS_EXTENSION:
     # The reference is the CPU kernel; fake implementations let torch.compile / FakeTensor trace
-    # the ops. Every op only mutates its arguments, so the fakes have nothing to return.
+    # the ops. Every op only mutates its arguments, so a fake returns nothing: it makes the op's
+    # checks of shapes, dtypes, strides and devices (the kernels' checks, same messages), all
+    # but those of addresses (aliasing, 16-byte alignment), which fake tensors cannot answer.
+    _FAKE_CHECKS = {
+        "fused_add_rms_norm": lambda *a, **k: _ref.check_fused_add_rms_norm(*a, **k, addresses=False),
+        "scale_rms_norm": lambda *a, **k: _ref.check_scale_rms_norm(*a, **k, addresses=False),
+        "io_similarity_stats": _ref.check_io_similarity_stats,
+        "skip_or_scale": _ref.check_skip_or_scale,
+        "update_gates": _ref.check_update_gates,
+        "gated_linear": _ref.check_gated_linear,
+        "gated_swiglu_up": _ref.check_gated_swiglu_up,
+        "decode_attention": lambda *a, **k: _ref.check_decode_attention(*a, **k, addresses=False),
+        "rotary_kv_write": _ref.check_rotary_kv_write,
+    }
+    assert set(_FAKE_CHECKS) == set(_OP_NAMES)
     _lib = torch.library.Library("adaskip", "IMPL")
     for _name in _OP_NAMES:
         _lib.impl(_name, getattr(_ref, _name), "CPU")
 
-        def _fake(*args, **kwargs):
-            return None
-
-        if _name == "decode_attention":
-            def _fake(q, k_cache, v_cache, kv_lens, scale, window, out, num_splits=0):
-                # Shapes, dtypes and strides as the kernel checks them (fake tensors have no
-                # addresses to check for alignment).
-                _ref.check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned=False,
-                                            num_splits=num_splits)
-        elif _name == "rotary_kv_write":
-            def _fake(q, k, v, cos, sin, k_cache, v_cache, positions):
-                _ref.check_rotary_kv_write(q, k, v, cos, sin, k_cache, v_cache, positions)
+        def _fake(*args, _check=_FAKE_CHECKS[_name], **kwargs) -> None:
+            _check(*args, **kwargs)
 
         torch.library.register_fake(f"adaskip::{_name}", _fake, lib=_lib)
 else:

@@ -162,8 +162,10 @@ def rms_norm(b: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed
 
 
-def _check_norm_args(x, residual, weight, eps):
-    """The checks shared by the add+norm ops; returns [B, S, H] views of x and residual."""
+def _check_norm_args(x, residual, weight, eps, addresses: bool = True):
+    """The checks shared by the add+norm ops; returns [B, S, H] views of x and residual
+    (addresses: also that x and residual are different memory, which tensors without storage,
+    as in tracing, cannot answer)."""
     x3, a3 = _check_pair(x, "x", residual, "residual")
     check_same_device("weight", weight, x.device)
     if weight.dtype != x.dtype:
@@ -174,48 +176,67 @@ def _check_norm_args(x, residual, weight, eps):
         _fail("'weight' must be contiguous")
     if not eps > 0:
         _fail(f"'eps' must be positive, got {eps}")
-    if x.data_ptr() == residual.data_ptr() and x.numel() > 0:
+    if addresses and x.numel() > 0 and x.data_ptr() == residual.data_ptr():
         _fail("'x' and 'residual' must be different tensors")
+    return x3, a3
+
+
+def _check_gates_for(gates, scales, sublayer, batch, device, name: str) -> None:
+    check_gates_scales(gates, scales, device)
+    if gates.shape[1] != batch:
+        _fail(f"'gates' holds {gates.shape[1]} sequences but '{name}' has batch {batch}")
+    if not 0 <= sublayer < gates.shape[0]:
+        _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
+
+
+def check_fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
+                             scales=None, channel_scales=None, addresses: bool = True):
+    """Every check of fused_add_rms_norm (csrc/checks.h); returns [B, S, H] views of x, residual."""
+    x3, a3 = _check_norm_args(x, residual, weight, eps, addresses)
+    device = x.device
+    if stats is not None:
+        check_stats(stats, a3.shape[0], sublayer, device)
+    check_seq_lens(seq_lens, a3.shape[0], device)
+    if (gates is None) != (scales is None):
+        _fail("pass 'gates' and 'scales' together")
+    if gates is not None:
+        _check_gates_for(gates, scales, sublayer, a3.shape[0], device, "residual")
+        if channel_scales is not None:
+            check_channel_scales(channel_scales, gates.shape[0], a3.shape[-1], device)
+    elif channel_scales is not None:
+        _fail("'channel_scales' is only allowed together with 'gates' and 'scales'")
     return x3, a3
 
 
 def fused_add_rms_norm(x, residual, weight, eps, stats=None, sublayer=0, seq_lens=None, gates=None,
                        scales=None, channel_scales=None) -> None:
-    x3, a3 = _check_norm_args(x, residual, weight, eps)
-    device = x.device
-    if stats is not None:
-        check_stats(stats, a3.shape[0], sublayer, device)
-    check_seq_lens(seq_lens, a3.shape[0], device)
+    x3, a3 = check_fused_add_rms_norm(x, residual, weight, eps, stats, sublayer, seq_lens, gates, scales,
+                                      channel_scales)
     b3 = a3 + x3  # rounded to the storage dtype, like the kernel
-    if (gates is None) != (scales is None):
-        _fail("pass 'gates' and 'scales' together")
     if gates is not None:
-        check_gates_scales(gates, scales, device)
-        if gates.shape[1] != a3.shape[0]:
-            _fail(f"'gates' holds {gates.shape[1]} sequences but 'residual' has batch {a3.shape[0]}")
-        if not 0 <= sublayer < gates.shape[0]:
-            _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
         # Gated off: the sublayer did not run (x holds nothing); the compensation stands in.
-        channel = None
-        if channel_scales is not None:
-            check_channel_scales(channel_scales, gates.shape[0], a3.shape[-1], device)
-            channel = channel_scales[sublayer]
+        channel = None if channel_scales is None else channel_scales[sublayer]
         skip = (gates[sublayer] == GATE_SKIP)[:, None, None]
         b3 = torch.where(skip, _compensate(a3, scales[sublayer], channel), b3)
-    elif channel_scales is not None:
-        _fail("'channel_scales' is only allowed together with 'gates' and 'scales'")
     if stats is not None:
         _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
     x3.copy_(rms_norm(b3, weight, eps))
     a3.copy_(b3)
 
 
-def scale_rms_norm(x, residual, weight, eps, scale, channel_scales=None) -> None:
-    _, a3 = _check_norm_args(x, residual, weight, eps)
+def check_scale_rms_norm(x, residual, weight, eps, scale, channel_scales=None, addresses: bool = True):
+    """Every check of scale_rms_norm; returns the [B, S, H] view of residual."""
+    _, a3 = _check_norm_args(x, residual, weight, eps, addresses)
     if not math.isfinite(scale):
         _fail(f"'scale' must be finite, got {scale}")
     if channel_scales is not None:
         check_channel_scales(channel_scales, None, a3.shape[-1], x.device)
+    return a3
+
+
+def scale_rms_norm(x, residual, weight, eps, scale, channel_scales=None) -> None:
+    a3 = check_scale_rms_norm(x, residual, weight, eps, scale, channel_scales)
+    if channel_scales is not None:
         # scale * channel_scales in fp32 (scale rounded to fp32 first, as the kernel takes it).
         a3.copy_(_compensate(a3, scale, channel_scales))
     else:
@@ -225,31 +246,39 @@ def scale_rms_norm(x, residual, weight, eps, scale, channel_scales=None) -> None
     as_rows(x, "x").copy_(rms_norm(a3, weight, eps))
 
 
-def io_similarity_stats(before, after, stats, sublayer, seq_lens=None) -> None:
+def check_io_similarity_stats(before, after, stats, sublayer, seq_lens=None):
+    """Every check of io_similarity_stats; returns [B, S, H] views of before and after."""
     a3, b3 = _check_pair(before, "before", after, "after")
     check_stats(stats, a3.shape[0], sublayer, before.device)
     check_seq_lens(seq_lens, a3.shape[0], before.device)
+    return a3, b3
+
+
+def io_similarity_stats(before, after, stats, sublayer, seq_lens=None) -> None:
+    a3, b3 = check_io_similarity_stats(before, after, stats, sublayer, seq_lens)
     _accumulate_stats(stats, sublayer, a3, b3, seq_lens)
 
 
-def skip_or_scale(residual, gates, scales, sublayer, channel_scales=None) -> None:
+def check_skip_or_scale(residual, gates, scales, sublayer, channel_scales=None):
+    """Every check of skip_or_scale; returns the [B, S, H] view of residual."""
     check_float_dtype(residual, "residual")
     r3 = as_rows(residual, "residual")
-    check_gates_scales(gates, scales, residual.device)
-    if gates.shape[1] != r3.shape[0]:
-        _fail(f"'gates' holds {gates.shape[1]} sequences but 'residual' has batch {r3.shape[0]}")
-    if not 0 <= sublayer < gates.shape[0]:
-        _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
-    channel = None
+    _check_gates_for(gates, scales, sublayer, r3.shape[0], residual.device, "residual")
     if channel_scales is not None:
         check_channel_scales(channel_scales, gates.shape[0], r3.shape[-1], residual.device)
-        channel = channel_scales[sublayer]
+    return r3
+
+
+def skip_or_scale(residual, gates, scales, sublayer, channel_scales=None) -> None:
+    r3 = check_skip_or_scale(residual, gates, scales, sublayer, channel_scales)
+    channel = None if channel_scales is None else channel_scales[sublayer]
     skip = gates[sublayer] == GATE_SKIP
     scaled = _compensate(r3, torch.where(skip, scales[sublayer], 1.0), channel)
     r3.copy_(torch.where(skip[:, None, None], scaled, r3))
 
 
-def update_gates(stats, gates, scales, window, beta, running=None) -> None:
+def check_update_gates(stats, gates, scales, window, beta, running=None) -> None:
+    """Every check of update_gates."""
     check_gates_scales(gates, scales, gates.device)
     if running is not None:
         check_same_device("running", running, gates.device)
@@ -265,6 +294,10 @@ def update_gates(stats, gates, scales, window, beta, running=None) -> None:
         _fail(f"'window' must be at least 1 token, got {window}")
     if not (math.isfinite(beta) and -1.0 <= beta <= 1.0):
         _fail(f"'beta' is a cosine-similarity threshold in [-1, 1], got {beta}")
+
+
+def update_gates(stats, gates, scales, window, beta, running=None) -> None:
+    check_update_gates(stats, gates, scales, window, beta, running)
     count = stats[..., 2]
     ready = (gates == GATE_UNDECIDED) & (count >= float(window))
     safe = count.clamp_min(1.0)
@@ -279,7 +312,7 @@ def update_gates(stats, gates, scales, window, beta, running=None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Gated decode GEMVs: the whole call is skipped when every token's sequence is gated off.
 
-def _check_gemv(x, weights, gates, sublayer, out):
+def _check_gemv(x, weights, gates, sublayer, out) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(f"'x' must be float16 or bfloat16 (the gated decode GEMV), got {x.dtype}")
     if x.dim() != 2:
@@ -287,6 +320,8 @@ def _check_gemv(x, weights, gates, sublayer, out):
     tokens, k = x.shape
     if not 1 <= tokens <= 8:
         _fail(f"the gated GEMV takes 1 to 8 tokens, got {tokens}")
+    if x.stride(1) != 1:
+        _fail("'x' must be contiguous in its last dimension")
     rows = None
     for name, w in weights:
         check_same_device(name, w, x.device)
@@ -294,32 +329,51 @@ def _check_gemv(x, weights, gates, sublayer, out):
             _fail(f"'{name}' has dtype {w.dtype} but 'x' has {x.dtype}")
         if w.dim() != 2 or w.shape[1] != k:
             _fail(f"'{name}' must be [out_features, {k}], got shape {tuple(w.shape)}")
+        if not w.is_contiguous():
+            _fail(f"'{name}' must be contiguous")
         if rows is not None and w.shape[0] != rows:
             _fail(f"'{name}' has {w.shape[0]} rows but the other weight has {rows}")
         rows = w.shape[0]
     check_same_device("out", out, x.device)
     if out.dtype != x.dtype or tuple(out.shape) != (tokens, rows):
         _fail(f"'out' must be {x.dtype} [{tokens}, {rows}], got {out.dtype} {tuple(out.shape)}")
+    if out.stride(1) != 1:
+        _fail("'out' must be contiguous in its last dimension")
     if gates is None:
-        return False
+        return
     check_same_device("gates", gates, x.device)
-    if gates.dtype != torch.uint8 or gates.dim() != 2:
+    if gates.dtype != torch.uint8 or gates.dim() != 2 or not gates.is_contiguous():
         _fail("'gates' must be contiguous uint8 [num_sublayers, batch]")
     if gates.shape[1] != tokens:
         _fail(f"'gates' holds {gates.shape[1]} sequences but 'x' has {tokens} tokens (one per sequence)")
     if not 0 <= sublayer < gates.shape[0]:
         _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
-    return bool((gates[sublayer] == GATE_SKIP).all())
+
+
+def check_gated_linear(x, weight, gates, sublayer, out) -> None:
+    """Every check of gated_linear."""
+    _check_gemv(x, [("weight", weight)], gates, sublayer, out)
+
+
+def check_gated_swiglu_up(x, w_gate, w_up, gates, sublayer, out) -> None:
+    """Every check of gated_swiglu_up."""
+    _check_gemv(x, [("w_gate", w_gate), ("w_up", w_up)], gates, sublayer, out)
+
+
+def _all_gated_off(gates, sublayer) -> bool:
+    return gates is not None and bool((gates[sublayer] == GATE_SKIP).all())
 
 
 def gated_linear(x, weight, gates=None, sublayer=0, out=None) -> None:
-    if _check_gemv(x, [("weight", weight)], gates, sublayer, out):
+    check_gated_linear(x, weight, gates, sublayer, out)
+    if _all_gated_off(gates, sublayer):
         return
     out.copy_((x.float() @ weight.float().t()).to(x.dtype))
 
 
 def gated_swiglu_up(x, w_gate, w_up, gates=None, sublayer=0, out=None) -> None:
-    if _check_gemv(x, [("w_gate", w_gate), ("w_up", w_up)], gates, sublayer, out):
+    check_gated_swiglu_up(x, w_gate, w_up, gates, sublayer, out)
+    if _all_gated_off(gates, sublayer):
         return
     g = (x.float() @ w_gate.float().t()).to(x.dtype)
     u = (x.float() @ w_up.float().t()).to(x.dtype)
@@ -365,10 +419,10 @@ def check_kv_caches(k_cache, v_cache, q, kv_heads: int, kv_heads_of: str) -> Non
 DECODE_MAX_SPLITS = 256
 
 
-def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, aligned: bool = True,
-                           num_splits: int = 0) -> None:
-    """The checks of csrc/decode_attention.cu, same messages (aligned: also the 16-byte address
-    checks, which tensors without storage, as in tracing, cannot answer)."""
+def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, num_splits: int = 0,
+                           addresses: bool = True) -> None:
+    """The checks of csrc/decode_attention.cu, same messages (addresses: also the 16-byte
+    alignment checks, which tensors without storage, as in tracing, cannot answer)."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         _fail(f"'q' must be float16 or bfloat16 (the decode attention kernel), got {q.dtype}")
     if q.dim() != 3:
@@ -376,11 +430,11 @@ def check_decode_attention(q, k_cache, v_cache, kv_lens, scale, window, out, ali
     batch, heads, dim = q.shape
     if dim not in DECODE_HEAD_DIMS:
         _fail(f"the decode attention kernel takes head_dim 64 or 128, got {dim}")
-    if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or (aligned and q.data_ptr() % 16):
+    if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or (addresses and q.data_ptr() % 16):
         _fail(f"'q' must be contiguous in head_dim and 16-byte aligned, got strides {q.stride()}")
     check_kv_caches(k_cache, v_cache, q, -1, "k_cache")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if any(s % 8 for s in c.stride()[:3]) or (aligned and c.data_ptr() % 16):
+        if any(s % 8 for s in c.stride()[:3]) or (addresses and c.data_ptr() % 16):
             _fail(f"'{name}' must be 16-byte aligned with strides that are multiples of 8, got strides {c.stride()}")
     kv_heads = k_cache.shape[1]
     if kv_heads == 0 or heads % kv_heads:
