@@ -91,6 +91,15 @@ def test_stand_in_refuses_bad_tensors():
         SkipPlan(4, {1: 1.0}, stand_ins={3: StandIn("channel", channel=torch.ones(H))})
 
 
+def test_a_scalar_stand_in_is_the_plans_scale_or_refused():
+    # The same scale (up to float32 rounding): the plan keeps it once, in skip_scales.
+    same = SkipPlan(4, {1: 0.9}, stand_ins={1: StandIn("scalar", scale=float(torch.tensor(0.9)))})
+    assert same.stand_ins == {} and same.skip_scales == {1: 0.9} and same.stand_in == "scalar"
+    # Two different scales for one sublayer: which one was meant is not guessed.
+    with pytest.raises(ValueError, match=r"scalar stand-ins whose scale is not the plan's .*\{1: \(0\.5, 0\.9\)\}"):
+        SkipPlan(4, {1: 0.9}, stand_ins={1: StandIn("scalar", scale=0.5)})
+
+
 # -- the runtime ----------------------------------------------------------------------------------
 
 def test_channel_of_one_value_equals_the_scalar(model):

@@ -88,6 +88,13 @@ class SkipPlan:
         wrong = [s for s, v in self.stand_ins.items() if not isinstance(v, StandIn)]
         if wrong:
             raise ValueError(f"adaskip: the stand-ins of sublayers {wrong} are not adaskip StandIn objects")
+        # A scalar stand-in is the scale itself: it must not contradict skip_scales (float32
+        # rounding aside, as a stand-in read from a file holds it).
+        clash = {int(s): (v.scale, self.skip_scales[int(s)]) for s, v in self.stand_ins.items()
+                 if v.kind == "scalar" and not math.isclose(v.scale, self.skip_scales[int(s)], rel_tol=1e-6)}
+        if clash:
+            raise ValueError("adaskip: scalar stand-ins whose scale is not the plan's compensation scale "
+                             f"(sublayer: (stand-in, skip_scales)): {clash}; give the scale once")
         self.stand_ins = {int(s): v for s, v in sorted(self.stand_ins.items()) if v.kind != "scalar"}
 
     @property
