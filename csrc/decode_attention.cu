@@ -353,16 +353,14 @@ int choose_splits(int64_t batch, int64_t kv_heads, int64_t capacity, int residen
 template <typename T, int D, int G>
 int prepare(int device) {
   // One table per instantiation: kernels of one signature (same T) are still different kernels.
-  static int resident[64] = {};
-  const auto kernel = split_kv_kernel<T, D, G>;
-  if (device < 0 || device >= 64) device = 0;
-  if (resident[device] == 0) {
+  static std::atomic<int> resident[kCachedDevices] = {};
+  return once_per_device(resident, device, [] {
+    const auto kernel = split_kv_kernel<T, D, G>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
-    resident[device] = std::max(blocks, 1);
-  }
-  return resident[device];
+    return std::max(blocks, 1);
+  });
 }
 
 template <typename T, int D, int G>

@@ -191,14 +191,12 @@ gated_gemv_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict
 // per kernel: the template parameter is the kernel itself, not its type, which kernels share).
 template <auto Kernel>
 int resident_blocks(int threads, int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
+  static std::atomic<int> cached[kCachedDevices] = {};
+  return once_per_device(cached, device, [threads] {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, 0));
-    cached[device] = std::max(blocks, 1);
-  }
-  return cached[device];
+    return std::max(blocks, 1);
+  });
 }
 
 // ADASKIP_GEMV_PIPELINE=on / off forces the pipelined or the plain one-row kernel (benchmarks
@@ -215,11 +213,12 @@ int forced_pipeline() {
 // The pipelined kernel where all its blocks fit the GPU at once: a matrix with few rows per SM,
 // where the plain kernel cannot keep enough bytes in flight. Beyond one wave the plain kernel,
 // with twice the resident blocks, has enough of them (it read the lm_head at the copy bandwidth);
-// a partial second wave of pipelined blocks would keep fewer in flight.
+// a partial second wave of pipelined blocks would keep fewer in flight. A row too short for two
+// groups of chunks per lane has nothing to overlap: only the occupancy would be lower.
 template <auto Pipelined>
-bool use_pipeline(int threads, int blocks, int device) {
-  const int forced = forced_pipeline();
+bool use_pipeline(int forced, int threads, int blocks, int chunks, int chunks_per_group, int device) {
   if (forced >= 0) return forced == 1;
+  if (chunks < 2 * 32 * chunks_per_group) return false;
   const int sms = multiprocessor_count(device);
   const int64_t piped_wave = static_cast<int64_t>(resident_blocks<Pipelined>(threads, device)) * sms;
   return blocks <= piped_wave;
@@ -228,6 +227,7 @@ bool use_pipeline(int threads, int blocks, int device) {
 template <typename T, int VEC, bool SWIGLU>
 void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, int rows, int k,
                  const uint8_t* gates, T* out, int64_t os, cudaStream_t stream, int device) {
+  const int forced = forced_pipeline();  // read on every launch: a bad value is refused whatever the shape
   switch (tokens) {
 #define ADASKIP_GEMV_CASE(N)                                                                           \
   case N: {                                                                                            \
@@ -237,8 +237,8 @@ void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, 
     constexpr auto plain = gated_gemv_kernel<T, VEC, N, SWIGLU, false>;                                \
     if constexpr (chunks_in_flight<N, SWIGLU, true>() > 1) {                                           \
       constexpr auto piped = gated_gemv_kernel<T, VEC, N, SWIGLU, true>;                               \
-      const bool pipe =                                                                                \
-          use_pipeline<piped>(static_cast<int>(block.x), static_cast<int>(grid.x), device);            \
+      const bool pipe = use_pipeline<piped>(forced, static_cast<int>(block.x), static_cast<int>(grid.x), \
+                                            k / VEC, chunks_in_flight<N, SWIGLU, true>(), device);     \
       (pipe ? piped : plain)<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);     \
     } else {                                                                                           \
       plain<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);                      \

@@ -1,37 +1,50 @@
 // Host side of programmatic dependent launch (see common.cuh).
 #pragma once
 
+#include <atomic>
+
 #include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
 
 namespace adaskip {
 
-// Whether `device` supports programmatic dependent launch (compute capability 9.0 or newer).
-// Read once per device; cudaDeviceGetAttribute does not synchronize.
-inline bool supports_dependent_launch(int device) {
-  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
-  if (device < 0 || device >= 64) return false;
-  if (cached[device] == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    cached[device] = major >= 9 ? 2 : 1;
+constexpr int kCachedDevices = 64;
+
+// A per-device value read once: `table` is the caller's static table (zero: not read yet), `read`
+// returns the value (never zero). Launches from several host threads may fill a slot at once; they
+// store the same value, and the slots are atomics so that this is not a data race. Devices past
+// the table are read every time.
+template <typename Read>
+int once_per_device(std::atomic<int> (&table)[kCachedDevices], int device, Read read) {
+  if (device < 0 || device >= kCachedDevices) return read();
+  int v = table[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = read();
+    table[device].store(v, std::memory_order_relaxed);
   }
-  return cached[device] == 2;
+  return v;
 }
 
-// The number of multiprocessors of `device`, read once per device (kernels that size their grid
-// to one wave ask for it on every launch).
+// Whether `device` supports programmatic dependent launch (compute capability 9.0 or newer).
+// cudaDeviceGetAttribute does not synchronize.
+inline bool supports_dependent_launch(int device) {
+  static std::atomic<int> cached[kCachedDevices] = {};  // 1 no, 2 yes
+  return once_per_device(cached, device, [device] {
+           int major = 0;
+           C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+           return major >= 9 ? 2 : 1;
+         }) == 2;
+}
+
+// The number of multiprocessors of `device` (kernels that size their grid to one wave ask for it
+// on every launch).
 inline int multiprocessor_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) {
+  static std::atomic<int> cached[kCachedDevices] = {};
+  return once_per_device(cached, device, [device] {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     return sms;
-  }
-  if (cached[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  }
-  return cached[device];
+  });
 }
 
 // Launches `kernel` so that it may overlap the tail of the previous kernel on `stream`.

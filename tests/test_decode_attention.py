@@ -156,16 +156,22 @@ def test_kernel_reads_views_of_a_larger_cache(dtype):
 
 @on_gpu
 @pytest.mark.parametrize("splits", [1, 2, 7, 33, 256])
-def test_any_number_of_splits_gives_the_same_attention(splits):
+# (dtype, heads, kv_heads, head_dim, lengths, window)
+@pytest.mark.parametrize("case", [(torch.bfloat16, 32, 8, 128, [3000, 450], 0),
+                                  (torch.float16, 16, 4, 64, [3000, 0], 0),  # a sequence without keys
+                                  (torch.bfloat16, 8, 8, 64, [2999, 5], 700)],  # a sliding window
+                         ids=["bf16-d128", "fp16-d64-empty", "bf16-d64-window"])
+def test_any_number_of_splits_gives_the_same_attention(splits, case):
     """num_splits chosen by the caller (benchmarks sweep it): one split writes the output itself,
     more are merged, splits past the length hold no keys; all agree with the reference."""
+    dtype, heads, kv_heads, dim, lengths, window = case
     g = torch.Generator().manual_seed(11)
-    q, k, v, lens = _inputs(2, 32, 8, 128, 3000, torch.bfloat16, "cuda", g, [3000, 450])
+    q, k, v, lens = _inputs(2, heads, kv_heads, dim, 3000, dtype, "cuda", g, lengths)
     out = torch.full_like(q, float("nan"))
-    ops.decode_attention(q, k, v, lens, out=out, num_splits=splits)
+    ops.decode_attention(q, k, v, lens, window=window, out=out, num_splits=splits)
     assert not out.isnan().any()
-    assert _rel_err(out, oracle_decode_attention(q, k, v, lens)) < 1e-2
-    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens), rtol=2e-2, atol=2e-3)
+    assert _rel_err(out, oracle_decode_attention(q, k, v, lens, window=window)) < 1e-2
+    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens, window=window), rtol=2e-2, atol=2e-3)
 
 
 @on_gpu

@@ -371,15 +371,19 @@ def test_gated_gemvs_match_reference(dtype, tokens, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2])
-# (rows, in_features): one wave or many, the double-buffered loop's remainder, the scalar path
-@pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (1024, 4096), (300, 14336), (77, 1000), (9, 77)],
-                         ids=str)
-def test_pipelined_and_plain_one_row_gemvs_give_the_same_bits(dtype, tokens, shape, monkeypatch):
+# (rows, in_features): one wave or many, the double-buffered loop's remainder, the loop and then a
+# tail on the same lane (1536), the scalar path looping (1001) and not (77)
+@pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (1024, 4096), (300, 14336), (64, 1536), (77, 1000),
+                                   (9, 1001), (9, 77)], ids=str)
+# the weight at an address that is not 16-byte aligned (contiguous all the same): the scalar loads
+@pytest.mark.parametrize("offset", [0, 1])
+def test_pipelined_and_plain_one_row_gemvs_give_the_same_bits(dtype, tokens, shape, offset, monkeypatch):
     """The pipelined one-row GEMV (next chunks loaded while the current ones are used) sums the
     same chunks in the same order as the plain one: the same bits, and the reference's values."""
     g = torch.Generator().manual_seed(47)
     rows, k = shape
-    x, w = rand((tokens, k), dtype, "cuda", g), rand((rows, k), dtype, "cuda", g, 0.05)
+    x = rand((tokens, k), dtype, "cuda", g)
+    w = rand((rows * k + offset,), dtype, "cuda", g, 0.05)[offset:].view(rows, k)
     got = {}
     for mode in ("off", "on", "auto"):
         monkeypatch.setenv("ADASKIP_GEMV_PIPELINE", mode)
