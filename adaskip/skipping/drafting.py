@@ -100,11 +100,9 @@ def plan_drafter(model, profile, prompts: Sequence[Sequence[int]], *, strategy: 
         except ValueError as e:  # e.g. a greedy search that stopped short of this budget
             rows.append({"budget": budget, "unavailable": str(e)})
             continue
-        counts = [0] * (ks[-1] + 1)
-        for p in prompts:
-            out = generate(model, [list(p)], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                           speculative=SpeculativeConfig(drafter, draft_tokens=ks[-1]))
-            counts = [a + b for a, b in zip(counts, out.speculative["kept_counts"])]
+        # One batch of every prompt: the counts are per sequence and round, as one prompt at a time.
+        counts = generate(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens, eos_token_ids=[],
+                          speculative=SpeculativeConfig(drafter, draft_tokens=ks[-1])).speculative["kept_counts"]
         draft_speedup = costs.speedup(drafter.phase("decode").skip_scales, stand_in_cost(drafter, profile, costs))
         rounds = sum(counts)
         for k in ks:
