@@ -43,6 +43,22 @@ class GenerationResult:
         return self.decode_s / tokens if tokens else float("nan")
 
 
+def eos_tensor(args, eos_token_ids: Optional[Sequence[int]], device) -> torch.Tensor:
+    """The ids that end a sequence (the model's own when none are given), on `device`."""
+    ids = args.eos_token_ids if eos_token_ids is None else eos_token_ids
+    return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device)
+
+
+def ensure_caches(model: Transformer, batch: int, needed: int, attention_layers) -> None:
+    """KV caches for `batch` sequences of `needed` positions in `attention_layers`: the model's
+    present ones when they serve, else new ones (the decode graphs that hold the old caches are
+    dropped first, to free them)."""
+    if (model.cache_batch < batch or model.cache_len < needed
+            or model.cached_attention_layers() != attention_layers):
+        drop_decode_states(model)
+        model.setup_caches(batch, needed, attention_layers)
+
+
 def _check_prompts(prompts, vocab_size: int) -> list:
     """A batch of token-id lists, checked on the host before anything reaches a kernel: an id
     outside the vocabulary would otherwise be a device-side assert on a GPU, which ends the
@@ -153,14 +169,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
                          f"model's context of {args.max_position_embeddings} tokens")
     device = model.lm_head.weight.device
-    eos = torch.tensor(sorted(set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)),
-                       dtype=torch.long, device=device)
+    eos = eos_tensor(args, eos_token_ids, device)
     batch = len(prompts)
-    attention_layers = model.attention_layers_for(plan)
-    if (model.cache_batch < batch or model.cache_len < needed
-            or model.cached_attention_layers() != attention_layers):
-        drop_decode_states(model)  # their graphs hold the old caches: free them first
-        model.setup_caches(batch, needed, attention_layers)
+    ensure_caches(model, batch, needed, model.attention_layers_for(plan))
 
     ids = torch.zeros(batch, longest, dtype=torch.long)
     for i, p in enumerate(prompts):

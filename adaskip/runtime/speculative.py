@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .decode import HostFlag, KeptState, StepGraphs, drop_decode_states, kept_state
-from .generation import GenerationResult, _check_prompts, _sync, prefill
+from .decode import HostFlag, KeptState, StepGraphs, kept_state
+from .generation import GenerationResult, _check_prompts, _sync, ensure_caches, eos_tensor, prefill
 from .online import OnlineGates
 from .sampling import SamplingParams, greedy_tokens, probabilities
 from .schedule import schedule_step
@@ -153,12 +153,8 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
         raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens and {k + 1} "
                          f"positions of drafting exceeds the model's context of {args.max_position_embeddings} tokens")
     device = model.lm_head.weight.device
-    eos = torch.tensor(sorted(set(args.eos_token_ids if eos_token_ids is None else eos_token_ids)),
-                       dtype=torch.long, device=device)
-    every_layer = model.attention_layers_for(None)  # the verifier runs every attention layer
-    if model.cache_batch < batch or model.cache_len < needed or model.cached_attention_layers() != every_layer:
-        drop_decode_states(model)
-        model.setup_caches(batch, needed, every_layer)
+    eos = eos_tensor(args, eos_token_ids, device)
+    ensure_caches(model, batch, needed, model.attention_layers_for(None))  # the verifier runs every attention layer
     state = _state(model, batch, k, eos.numel(), device)
     graphs = state.graphs if cuda_graph else None
     draft_plan = config.plan.phase("decode")
