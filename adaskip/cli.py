@@ -47,7 +47,7 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True,
                validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4,
-               search_stand_in: str = "linear", search_weighting: str = "late", checkpoint=None):
+               search_stand_in: str = "linear", search_weighting: str = "late", checkpoint=None, resume=None):
     """adaskip.calibrate on `paths`, the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
@@ -57,7 +57,8 @@ def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, pro
                      search_max_sublayers=search_max, search_candidates=search_candidates,
                      search_requests=search_requests, validate_budgets=validate_budgets,
                      validate_strategies=validate_strategies, validation_requests=validation_requests,
-                     search_stand_in=search_stand_in, search_weighting=search_weighting, checkpoint=checkpoint)
+                     search_stand_in=search_stand_in, search_weighting=search_weighting, checkpoint=checkpoint,
+                     resume=resume)
 
 
 def cmd_calibrate(a) -> None:
@@ -80,11 +81,19 @@ def cmd_calibrate(a) -> None:
         raise SystemExit("adaskip: --validate-strategies and --validation-requests need --validate-budgets")
     paths = _text_paths(a.data)
     out = _check_out_file("--out", a.out)  # last: the checks above create nothing
-    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     # Each step's result is written as soon as it exists (atomically) to a partial profile beside
     # --out: a later step that fails or is interrupted leaves the steps before it there, and --out
     # itself only ever holds a finished profile (what `make demo` takes an existing file for).
     partial = out.with_name(f"{out.stem}.partial{out.suffix}")
+    resume = None
+    if a.resume:
+        from .skipping.profile import ImportanceProfile
+
+        if not partial.is_file():
+            raise SystemExit(f"adaskip: --resume: there is no {partial} to resume (an interrupted calibrate with "
+                             "this --out leaves one)")
+        resume = ImportanceProfile.load(partial)  # validated before the model loads
+    model, tokenizer = load_model(a.model, dtype=_dtype(a.dtype), device=a.device)
     saved = []
 
     def checkpoint(profile, step, done):
@@ -99,11 +108,11 @@ def cmd_calibrate(a) -> None:
                              validate_strategies=strategies,
                              validation_requests=4 if a.validation_requests is None else a.validation_requests,
                              search_stand_in=a.search_stand_in, search_weighting=a.search_weighting,
-                             checkpoint=checkpoint)
+                             checkpoint=checkpoint, resume=resume)
     except BaseException:
         if saved:
             print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
-                  "profile like any other", file=sys.stderr)
+                  "profile like any other, and the same command with --resume goes on from it", file=sys.stderr)
         raise
     profile.save(out)
     _remove_profile(partial)
@@ -623,6 +632,9 @@ def main(argv=None) -> None:
                    help="strategies to validate (comma-separated; greedy ones need their --search)")
     c.add_argument("--validation-requests", type=int,
                    help="validation windows, taken after the calibration ones (default 4)")
+    c.add_argument("--resume", action="store_true",
+                   help="go on from the <out>.partial.json an interrupted calibrate left (same model, data and "
+                   "settings): its statistics and search choices are kept")
     c.set_defaults(func=cmd_calibrate)
 
     def planning(q):

@@ -405,7 +405,8 @@ def tiny_loaded(model, monkeypatch):
     monkeypatch.setattr("adaskip.runtime.loading.load_model", lambda *a, **k: (model, _CharTokenizer()))
 
 
-def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, files, tmp_path, monkeypatch, capsys):
+def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(model, tiny_loaded, files, tmp_path, monkeypatch,
+                                                                  capsys):
     """The search's result is on disk (a partial profile beside --out) before validation starts;
     an interrupt during validation leaves it there and --out unwritten (one line, naming what
     was kept)."""
@@ -425,6 +426,25 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(tiny_loaded, f
     kept = ImportanceProfile.load(partial)
     assert kept.search["loss"]["order"] and len(kept.search["loss"]["order"]) == 2 and not kept.validation
     assert [p.name for p in out.parent.iterdir()] == ["p.partial.json"]  # no temporary file, no --out
+
+    # --resume: the measurement and the finished search are kept (neither runs again), the
+    # validation runs, --out is written and the partial profile goes.
+    monkeypatch.undo()
+    args = ["calibrate", "--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24",
+            "--out", str(out), "--search", "loss", "--search-max", "2", "--search-candidates", "2",
+            "--search-requests", "1", "--validate-budgets", "2", "--validation-requests", "1"]
+    monkeypatch.setattr("adaskip.runtime.loading.load_model", lambda *a, **k: (model, _CharTokenizer()))
+    with pytest.raises(SystemExit, match="read other requests"):
+        main(args[:4] + ["3"] + args[5:] + ["--resume"])  # --num-requests 3: other requests
+    monkeypatch.setattr("adaskip.skipping.calibration.measure_requests", interrupted)
+    monkeypatch.setattr("adaskip.skipping.greedy.search", interrupted)
+    main(args + ["--resume"])
+    done = ImportanceProfile.load(out)
+    assert done.search["loss"] == kept.search["loss"] and done.similarity == kept.similarity
+    assert done.validation["adaskip"]["budgets"] == [2]
+    assert [p.name for p in out.parent.iterdir()] == ["p.json"]
+    with pytest.raises(SystemExit, match=r"--resume: there is no .*p.partial.json to resume"):
+        main(args + ["--resume"])
 
 
 def test_a_finished_calibration_leaves_only_its_profile(tiny_loaded, files, tmp_path, capsys):
@@ -462,10 +482,28 @@ def test_an_interrupted_search_keeps_its_first_choices(model, tmp_path, monkeypa
     assert steps == [("calibration", True), ("loss search", False)]
     kept = ImportanceProfile.load(path)
     partial = kept.search_result("loss")
-    assert len(partial.order) == 1 and partial.notes == {"complete": False} and len(partial.loss) == 2
+    assert len(partial.order) == 1 and partial.notes["complete"] is False and len(partial.loss) == 2
     assert adaskip.plan(kept, strategy="greedy-loss", num_sublayers=1).skip_scales
     with pytest.raises(ValueError, match="covers budgets up to 1 sublayers"):
         adaskip.plan(kept, strategy="greedy-loss", num_sublayers=2)
+    # Resumed, it gives what a calibration that was never interrupted gives.
+    monkeypatch.undo()
+    settings = dict(num_requests=1, prompt_len=20, progress=False, search="loss", search_max_sublayers=3,
+                    search_candidates=2)
+    resumed = adaskip.calibrate(model, requests, resume=kept, **settings)
+    whole = adaskip.calibrate(model, requests, **settings)
+    assert resumed.search["loss"]["order"] == whole.search["loss"]["order"]
+    for key in ("scales", "similarity", "loss"):
+        assert resumed.search["loss"][key] == whole.search["loss"][key]
+    assert resumed.similarity == whole.similarity and resumed.requests_sha256 == whole.requests_sha256
+    with pytest.raises(ValueError, match="read other requests"):
+        adaskip.calibrate(model, [list(reversed(requests[0]))], resume=kept, **settings)
+    with pytest.raises(ValueError, match="records no hash of its requests"):
+        old = ImportanceProfile(**{**{f: getattr(kept, f) for f in ("num_layers", "similarity", "scale",
+                                                                     "similarity_std", "scale_std",
+                                                                     "block_similarity", "fingerprint",
+                                                                     "num_requests", "tokens", "prompt_len")}})
+        adaskip.calibrate(model, requests, resume=old, **settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Greedy sublayer search, its strategies, equal-time planning and the eval report, on a
 tiny random LLaMA (fp32, CPU)."""
+import copy
 import math
 
 import pytest
@@ -267,3 +268,71 @@ def test_report_table_and_plots(tmp_path, profile):
     assert png.stat().st_size > 10_000
     heat = plot_profile_heatmap(profile, tmp_path / "h.png")
     assert heat.stat().st_size > 5_000
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["similarity", "loss", "blockpruner", "kl"])
+def test_a_resumed_search_makes_the_choices_an_uninterrupted_one_makes(tmp_path, model, requests, profile, method):
+    """Stopped after two choices, kept in a saved profile (stand-ins and all), and resumed: the
+    same choices, scales, similarities, losses (and KL) as the search that never stopped. A
+    finished search of fewer sublayers extends the same way."""
+    kw = dict(method=method, candidates=3, progress=False)
+    whole = search(model, requests, max_sublayers=5, **kw)
+    kept = []
+
+    def stop_after_two(partial):
+        kept.append(partial)
+        if len(partial.order) == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        search(model, requests, max_sublayers=5, on_step=stop_after_two, **kw)
+    p = copy.deepcopy(profile)
+    p.add_search(kept[-1])
+    p.save(tmp_path / "partial.json")
+    partial = ImportanceProfile.load(tmp_path / "partial.json").search_result(method)
+    assert partial.notes["complete"] is False and len(partial.order) == 2
+    shorter = search(model, requests, max_sublayers=3, **kw)
+    for start in (partial, shorter):
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            resumed = search(model, requests, max_sublayers=5, resume=start, **kw)
+        finally:
+            hook.remove()
+        if start is partial:  # only the steps after the stop ran (and kl's full-model references again)
+            again = len(requests) if method == "kl" else 0
+            assert len(calls) == whole.forward_passes - partial.forward_passes + again
+        assert resumed.order == whole.order and resumed.scales == whole.scales
+        assert resumed.similarity == whole.similarity and resumed.loss == whole.loss
+        assert resumed.objective == whole.objective and resumed.notes == whole.notes
+        if method == "kl":  # the stand-ins of the resumed choices are the ones fitted before the stop
+            assert all(torch.equal(a["linear"].up, b["linear"].up) for a, b in zip(resumed.fits, whole.fits))
+        elif start is partial:  # (a finished search may have measured its last loss once more)
+            assert resumed.forward_passes == whole.forward_passes
+
+
+def test_a_search_resumes_only_its_own_beginning(model, requests):
+    kw = dict(max_sublayers=4, candidates=3, progress=False)
+    loss = search(model, requests, method="loss", max_sublayers=2, candidates=3, progress=False)
+    kl = search(model, requests, method="kl", max_sublayers=2, candidates=3, progress=False)
+    others = [list(reversed(r)) for r in requests]
+    cases = [
+        (dict(method="similarity", resume=loss), "cannot resume a 'similarity' search from a 'loss' one"),
+        (dict(method="loss", resume=loss, requests=others), "read other requests"),
+        (dict(method="loss", resume=loss, candidates=2), "tried 3 candidates per step, this one would try 2"),
+        (dict(method="loss", resume=loss, max_sublayers=1), "already chose 2 sublayers"),
+        (dict(method="loss", resume=loss, allowed=[s for s in range(12) if s != loss.order[0]]), "not allowed"),
+        (dict(method="kl", resume=kl, weighting="uniform"), "other settings"),
+        (dict(method="kl", resume=kl, stand_in="channel"), "other settings"),
+        (dict(method="loss", resume=loss.to_dict()), "takes a SearchResult"),
+        (dict(method="loss", resume=greedy.SearchResult(**{**loss.to_dict(), "notes": {}})), "records no hash"),
+        (dict(method="kl", resume=greedy.SearchResult.from_dict(kl.to_dict())), "lacks the stand-ins"),
+    ]
+    for extra, needle in cases:
+        args = {**kw, **extra}
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            search(model, args.pop("requests", requests), **args)

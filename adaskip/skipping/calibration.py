@@ -1,6 +1,7 @@
 """Offline importance learning: IO similarity of every sublayer over calibration requests."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import numbers
@@ -67,7 +68,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               search_candidates: Optional[int] = None, search_requests: int = 2,
               validate_budgets: Sequence[int] = (), validate_strategies: Sequence[str] = ("adaskip",),
               validation_requests: int = 4, search_stand_in: str = "linear",
-              search_weighting: str = "late", checkpoint: Optional[Callable] = None) -> ImportanceProfile:
+              search_weighting: str = "late", checkpoint: Optional[Callable] = None,
+              resume: Optional[ImportanceProfile] = None) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -89,7 +91,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
-    nothing finished to a later failure or an interrupt."""
+    nothing finished to a later failure or an interrupt.
+    resume: such a saved profile of an interrupted calibration with the same model and requests:
+    its statistics are kept, its searches go on from their last choice (a finished one of at least
+    `search_max_sublayers` choices is kept as it is; searches not asked for are dropped) and the
+    validation runs again. The result is what an uninterrupted calibration gives."""
     for name, value in (("num_requests", num_requests), ("prompt_len", prompt_len),
                         ("search_max_sublayers", search_max_sublayers), ("search_requests", search_requests),
                         ("validation_requests", validation_requests), ("search_candidates", search_candidates)):
@@ -164,35 +170,67 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         raise ValueError(f"adaskip: the calibration data gives only {len(held)} validation requests after the "
                          f"{num_requests} calibration requests; {validation_requests} were asked for")
 
-    measured = measure_requests(model, requests, stats=True, block_stats=True, progress=progress,
-                                description="calibrating")
-    sim, scale, blocks = measured.similarity, measured.scale, measured.block_similarity
-    std = (lambda t: t.std(0, unbiased=False)) if len(requests) > 1 else (lambda t: torch.zeros(t.shape[1]))
+    digest = greedy.requests_digest(requests)
     args = model.args
-    profile = ImportanceProfile(
-        num_layers=args.num_layers,
-        similarity=sim.mean(0).tolist(), scale=scale.mean(0).tolist(),
-        similarity_std=std(sim).tolist(), scale_std=std(scale).tolist(),
-        block_similarity=blocks.mean(0).tolist(), fingerprint=model_fingerprint(model),
-        num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
-        data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources)
     save = checkpoint or (lambda profile, step, done: None)
-    save(profile, "calibration", True)
+    if resume is not None:
+        profile = _resumed(resume, model, digest, prompt_len, methods)
+    else:
+        measured = measure_requests(model, requests, stats=True, block_stats=True, progress=progress,
+                                    description="calibrating")
+        sim, scale, blocks = measured.similarity, measured.scale, measured.block_similarity
+        std = (lambda t: t.std(0, unbiased=False)) if len(requests) > 1 else (lambda t: torch.zeros(t.shape[1]))
+        profile = ImportanceProfile(
+            num_layers=args.num_layers,
+            similarity=sim.mean(0).tolist(), scale=scale.mean(0).tolist(),
+            similarity_std=std(sim).tolist(), scale_std=std(scale).tolist(),
+            block_similarity=blocks.mean(0).tolist(), fingerprint=model_fingerprint(model),
+            num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
+            data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources,
+            requests_sha256=digest)
+        save(profile, "calibration", True)
+    max_sublayers = min(search_max_sublayers, 2 * args.num_layers - 2)
     for method in methods:
         extra = dict(stand_in=search_stand_in, weighting=search_weighting) if method == "kl" else {}
+        earlier = profile.search_result(method) if method in profile.search else None
+        if earlier is not None and earlier.notes.get("complete", True) and len(earlier.order) >= max_sublayers:
+            continue  # finished before the interrupt
 
         def partial(result, method=method):  # what the search has chosen so far, kept should it stop
             profile.add_search(result)
             save(profile, f"{method} search", False)
 
         result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
-                               max_sublayers=min(search_max_sublayers, 2 * args.num_layers - 2), progress=progress,
-                               on_step=partial if checkpoint else None, **extra)
+                               max_sublayers=max_sublayers, progress=progress,
+                               on_step=partial if checkpoint else None, resume=earlier, **extra)
         profile.add_search(result)
         save(profile, f"{method} search", True)
     if budgets:
         validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress)
         save(profile, "validation", True)
+    return profile
+
+
+def _resumed(resume: ImportanceProfile, model, digest: str, prompt_len: int, methods) -> ImportanceProfile:
+    """A copy of the interrupted calibration's profile to go on from: its statistics and the
+    searches of `methods`, no validation (it runs again after the searches)."""
+    if not isinstance(resume, ImportanceProfile):
+        raise ValueError(f"adaskip: resume takes the ImportanceProfile of an interrupted calibration, got "
+                         f"{type(resume).__name__}")
+    resume.check_model(model)
+    if not resume.requests_sha256:
+        raise ValueError("adaskip: the profile to resume records no hash of its requests (an older adaskip made it), "
+                         "so it cannot be checked to have read the same ones; calibrate anew")
+    if resume.requests_sha256 != digest or resume.prompt_len != prompt_len:
+        raise ValueError(f"adaskip: the profile to resume read other requests (sha256 {resume.requests_sha256}, "
+                         f"prompt_len {resume.prompt_len}; these: {digest}, {prompt_len}); resume with the same data, "
+                         "num_requests and prompt_len")
+    profile = copy.deepcopy(resume)
+    profile.validation = {}
+    for method in list(profile.search):
+        if method not in methods:
+            profile.search.pop(method)
+            profile.fits.pop(method, None)
     return profile
 
 

@@ -21,10 +21,14 @@ attention, whose job is moving information between tokens).
      full model's next-token distribution, weighted toward late positions (`weighting`); the
      chosen sublayer keeps the stand-ins of every kind fitted for it.
 The order is nested (the plan for k sublayers is the first k choices), so one search serves
-every budget up to `max_sublayers`, and the result is stored in the ImportanceProfile.
+every budget up to `max_sublayers`, and the result is stored in the ImportanceProfile. For the
+same reason a search resumes where an earlier one stopped (`resume`): its choices are the first
+steps of the longer search, which goes on from them as if it had made them itself.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from typing import Callable, Optional, Sequence
@@ -61,7 +65,8 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
            candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
            progress: bool = True, stand_in: str = "linear", weighting: str = "late",
-           rank: Optional[int] = None, on_step: Optional[Callable] = None) -> SearchResult:
+           rank: Optional[int] = None, on_step: Optional[Callable] = None,
+           resume: Optional[SearchResult] = None) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
@@ -77,6 +82,10 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     step one for the statistics, one to fit the shortlist's stand-ins and one per candidate.
     on_step: called after each choice with the result so far (a SearchResult of the choices
     made, notes["complete"] False), so that a search that stops keeps what it completed.
+    resume: such a partial result, or a finished one of fewer sublayers: the search goes on
+    from its choices (the same steps an uninterrupted search makes, so the same result). It must
+    come from the same method and settings on the same requests (notes["requests_sha256"]), or it
+    is refused.
     """
     if method not in METHODS:
         raise ValueError(f"adaskip: search method must be one of {METHODS}, got {method!r}")
@@ -96,18 +105,26 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     if len(pool) < max_sublayers:
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
 
+    digest = requests_digest(requests)
+    if resume is not None:
+        _check_resume(resume, method, digest, tried_per_step(method, candidates, pool), max_sublayers, pool)
     if method == "kl":
         return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
-                          on_step)
+                          on_step, resume, digest)
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
     identity = method in IDENTITY_METHODS
-    start = time.perf_counter()
+    start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
     bar = progress_bar(max_sublayers, progress, f"search ({method})", "sublayer")
-    chosen: dict = {}
     order, scales, sims = [], [], []
     losses: list = [None] * (max_sublayers + 1)  # losses[k]: with the first k choices skipped
     passes = 0
-    for step in range(max_sublayers):
+    if resume is not None:
+        order, scales, sims = list(resume.order), list(resume.scales), list(resume.similarity)
+        losses[:len(order) + 1] = resume.loss[:len(order) + 1]
+        passes = resume.forward_passes
+        bar.update(len(order))
+    chosen: dict = dict(zip(order, scales))
+    for step in range(len(order), max_sublayers):
         losses[step], sim, scale = _measure(model, requests, chosen, want_stats=True)
         passes += len(requests)
         remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
@@ -129,12 +146,12 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         bar.update(1)
         if on_step is not None:
             on_step(_partial(method, order, scales, sims, losses, tried_per_step(method, candidates, pool), requests,
-                             passes, start))
+                             passes, start, notes={"requests_sha256": digest}))
     if losses[-1] is None:  # no trial measured the last choice's loss (similarity; or one candidate was left)
         losses[-1], _, _ = _measure(model, requests, chosen, want_stats=False)
         passes += len(requests)
     bar.close()
-    notes = {}
+    notes = {"requests_sha256": digest}
     if method == "blockpruner":
         notes["variant"] = "all" if everything else "shortlist"
         notes["candidates"] = ("every remaining sublayer tried at each step" if everything else
@@ -143,6 +160,41 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
                         candidates=tried_per_step(method, candidates, pool), requests=len(requests),
                         tokens=sum(len(r) for r in requests),
                         forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
+
+
+def requests_digest(requests: Sequence[Sequence[int]]) -> str:
+    """The first 16 hex digits of the SHA-256 of the token ids a search reads (a resumed search
+    must read the same)."""
+    return hashlib.sha256(json.dumps([list(map(int, r)) for r in requests]).encode()).hexdigest()[:16]
+
+
+def _check_resume(resume, method: str, digest: str, tried: int, max_sublayers: int, pool) -> None:
+    """Refuses to go on from a search that is not this one's beginning."""
+    if not isinstance(resume, SearchResult):
+        raise ValueError(f"adaskip: resume takes a SearchResult (profile.search_result(method)), got "
+                         f"{type(resume).__name__}")
+    if resume.method != method:
+        raise ValueError(f"adaskip: cannot resume a {method!r} search from a {resume.method!r} one")
+    recorded = resume.notes.get("requests_sha256")
+    if recorded is None:
+        raise ValueError("adaskip: the search to resume records no hash of its requests (an older adaskip made it), "
+                         "so it cannot be checked to have read the same ones; run the search anew")
+    if recorded != digest:
+        raise ValueError(f"adaskip: the search to resume read other requests (sha256 {recorded}, these: {digest}); "
+                         "resume with the same data, num_requests, prompt_len and search_requests")
+    if resume.candidates != tried:
+        raise ValueError(f"adaskip: the search to resume tried {resume.candidates} candidates per step, this one "
+                         f"would try {tried}; resume with the same candidates")
+    if len(resume.order) > max_sublayers:
+        raise ValueError(f"adaskip: the search to resume already chose {len(resume.order)} sublayers, more than "
+                         f"max_sublayers = {max_sublayers}")
+    k = len(resume.order)
+    if len(resume.scales) != k or len(resume.similarity) != k or len(resume.loss) < k + 1:
+        raise ValueError(f"adaskip: the search to resume is inconsistent: {k} choices but {len(resume.scales)} scales, "
+                         f"{len(resume.similarity)} similarities and {len(resume.loss)} losses")
+    outside = [s for s in resume.order if s not in pool]
+    if outside:
+        raise ValueError(f"adaskip: the search to resume chose sublayers {outside} that are not allowed here")
 
 
 def tried_per_step(method: str, candidates: Optional[int], pool) -> int:
@@ -161,7 +213,7 @@ def _partial(method, order, scales, sims, losses, tried, requests, passes, start
 
 
 def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
-               on_step=None) -> SearchResult:
+               on_step=None, resume=None, digest=None) -> SearchResult:
     if stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
     if weighting not in POSITION_WEIGHTS:
@@ -171,16 +223,35 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
     if not 1 <= rank <= hidden:
         raise ValueError(f"adaskip: a linear stand-in's rank must be in [1, {hidden}], got {rank}")
     m = model.args.num_layers
-    start = time.perf_counter()
+    settings = {"stand_in": stand_in, "weighting": weighting, "rank": rank}
+    if resume is not None:
+        differ = {k: (resume.notes.get(k), v) for k, v in settings.items() if resume.notes.get(k) != v}
+        if differ:
+            raise ValueError(f"adaskip: the kl search to resume ran with other settings (it vs this one: {differ})")
+        if len(resume.objective) < len(resume.order) + 1:
+            raise ValueError(f"adaskip: the kl search to resume has {len(resume.objective)} objective values for "
+                             f"{len(resume.order)} choices")
+        if len(resume.fits) != len(resume.order) or any(stand_in not in f for f in resume.fits):
+            raise ValueError("adaskip: the kl search to resume lacks the stand-ins of its choices (keep the profile's "
+                             ".stand-ins.safetensors file beside its JSON)")
+    start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
     references = reference_logprobs(model, requests)
-    passes = len(requests)
+    passes = len(requests) + (0 if resume is None else resume.forward_passes)
     bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
     chosen: dict = {}  # sublayer -> its compensation scale
     stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
     order, scales, sims, fits = [], [], [], []
     losses: list = [None] * (max_sublayers + 1)
     objective: list = [0.0] + [None] * max_sublayers
-    for step in range(max_sublayers):
+    if resume is not None:
+        order, scales, sims, fits = (list(resume.order), list(resume.scales), list(resume.similarity),
+                                     list(resume.fits))
+        chosen = dict(zip(order, scales))
+        stand_ins = {s: f[stand_in] for s, f in zip(order, fits)}
+        losses[:len(order) + 1] = resume.loss[:len(order) + 1]
+        objective[:len(order) + 1] = resume.objective[:len(order) + 1]
+        bar.update(len(order))
+    for step in range(len(order), max_sublayers):
         current = SkipPlan(m, chosen, stand_ins=stand_ins) if chosen else None
         measured = measure_requests(model, requests, plan=current, stats=True, nll=losses[step] is None)
         passes += len(requests)
@@ -210,14 +281,13 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
         bar.update(1)
         if on_step is not None:
             on_step(_partial("kl", order, scales, sims, losses, len(pool) if candidates is None else candidates,
-                             requests, passes, start,
-                             notes={"stand_in": stand_in, "weighting": weighting, "rank": rank},
+                             requests, passes, start, notes={**settings, "requests_sha256": digest},
                              objective=objective[:step + 2], fits=list(fits)))
     bar.close()
     args = model.args
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     notes = {"objective": f"KL(full || plan) per token, {weighting} position weighting",
-             "stand_in": stand_in, "weighting": weighting, "rank": rank,
+             **settings, "requests_sha256": digest,
              # What the planners weigh a linear stand-in's cost against (multiply-adds per token)
              "attention_multiply_adds": hidden * (q_dim + 2 * kv_dim) + q_dim * hidden,
              "ffn_multiply_adds": 3 * hidden * args.intermediate_size,

@@ -153,6 +153,9 @@ class ImportanceProfile:
     per_request_similarity: list = field(default_factory=list)  # [requests][2 * num_layers]
     # What calibration read, to hold it out of evaluation: file names and content ids of texts (source_id)
     sources: list = field(default_factory=list)
+    # The first 16 hex digits of the SHA-256 of the calibration requests' token ids (greedy.requests_digest):
+    # what a resumed calibration checks it reads again ("" in profiles of older adaskip)
+    requests_sha256: str = ""
     # Greedy searches (adaskip.search), by method: {"order", "scales", "similarity", "loss", ...}
     search: dict = field(default_factory=dict)
     # Quality of plans on validation requests calibration and the searches did not read (calibration.validate),
@@ -179,6 +182,9 @@ class ImportanceProfile:
         for name in ("similarity_std", "scale_std"):
             _check_numbers(name, getattr(self, name), positive=True)
         _check_numbers("scale", self.scale, scale=True)
+        if not isinstance(self.requests_sha256, str):
+            raise ValueError(f"adaskip: profile field 'requests_sha256' must be a string, got "
+                             f"{type(self.requests_sha256).__name__}")
         for name in ("fingerprint", "search", "validation"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"adaskip: profile field {name!r} must be a JSON object, got "
