@@ -437,10 +437,11 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(model, tiny_lo
     with pytest.raises(SystemExit, match="read other requests"):
         main(args[:4] + ["3"] + args[5:] + ["--resume"])  # --num-requests 3: other requests
     monkeypatch.setattr("adaskip.skipping.calibration.measure_requests", interrupted)
-    monkeypatch.setattr("adaskip.skipping.greedy.search", interrupted)
+    monkeypatch.setattr("adaskip.skipping.greedy._measure", interrupted)  # the search is finished: none runs
     main(args + ["--resume"])
     done = ImportanceProfile.load(out)
-    assert done.search["loss"] == kept.search["loss"] and done.similarity == kept.similarity
+    timeless = lambda r: {k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
+    assert timeless(done.search["loss"]) == timeless(kept.search["loss"]) and done.similarity == kept.similarity
     assert done.validation["adaskip"]["budgets"] == [2]
     assert [p.name for p in out.parent.iterdir()] == ["p.json"]
     with pytest.raises(SystemExit, match=r"--resume: there is no .*p.partial.json to resume"):
@@ -496,6 +497,13 @@ def test_an_interrupted_search_keeps_its_first_choices(model, tmp_path, monkeypa
     for key in ("scales", "similarity", "loss"):
         assert resumed.search["loss"][key] == whole.search["loss"][key]
     assert resumed.similarity == whole.similarity and resumed.requests_sha256 == whole.requests_sha256
+    # A finished search is kept as it is (nothing runs), unless it was made with other settings.
+    with pytest.raises(ValueError, match="tried 2 candidates per step, this one would try 3"):
+        adaskip.calibrate(model, requests, resume=whole, **{**settings, "search_candidates": 3})
+    monkeypatch.setattr(greedy, "_measure", measure_then_stop)  # (raises at once now)
+    again = adaskip.calibrate(model, requests, resume=whole, **settings)
+    assert again.search["loss"]["order"] == whole.search["loss"]["order"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="read other requests"):
         adaskip.calibrate(model, [list(reversed(requests[0]))], resume=kept, **settings)
     with pytest.raises(ValueError, match="records no hash of its requests"):

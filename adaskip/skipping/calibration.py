@@ -93,9 +93,10 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     search, whose partial result the profile then holds): a caller that saves it there loses
     nothing finished to a later failure or an interrupt.
     resume: such a saved profile of an interrupted calibration with the same model and requests:
-    its statistics are kept, its searches go on from their last choice (a finished one of at least
-    `search_max_sublayers` choices is kept as it is; searches not asked for are dropped) and the
-    validation runs again. The result is what an uninterrupted calibration gives."""
+    its statistics are kept, its searches go on from their last choice (one of at least
+    `search_max_sublayers` choices keeps them; searches not asked for are dropped; one made with
+    other settings is refused) and the validation runs again. The result is what an
+    uninterrupted calibration gives."""
     for name, value in (("num_requests", num_requests), ("prompt_len", prompt_len),
                         ("search_max_sublayers", search_max_sublayers), ("search_requests", search_requests),
                         ("validation_requests", validation_requests), ("search_candidates", search_candidates)):
@@ -192,16 +193,17 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     max_sublayers = min(search_max_sublayers, 2 * args.num_layers - 2)
     for method in methods:
         extra = dict(stand_in=search_stand_in, weighting=search_weighting) if method == "kl" else {}
+        # A resumed search goes on from its choices (the search checks that they are its own
+        # beginning, with these settings); one that had made as many or more just keeps them.
         earlier = profile.search_result(method) if method in profile.search else None
-        if earlier is not None and earlier.notes.get("complete", True) and len(earlier.order) >= max_sublayers:
-            continue  # finished before the interrupt
+        limit = max_sublayers if earlier is None else max(max_sublayers, len(earlier.order))
 
         def partial(result, method=method):  # what the search has chosen so far, kept should it stop
             profile.add_search(result)
             save(profile, f"{method} search", False)
 
         result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
-                               max_sublayers=max_sublayers, progress=progress,
+                               max_sublayers=limit, progress=progress,
                                on_step=partial if checkpoint else None, resume=earlier, **extra)
         profile.add_search(result)
         save(profile, f"{method} search", True)

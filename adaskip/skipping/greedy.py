@@ -235,8 +235,11 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
             raise ValueError("adaskip: the kl search to resume lacks the stand-ins of its choices (keep the profile's "
                              ".stand-ins.safetensors file beside its JSON)")
     start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
-    references = reference_logprobs(model, requests)
-    passes = len(requests) + (0 if resume is None else resume.forward_passes)
+    passes = 0 if resume is None else resume.forward_passes
+    references = None
+    if resume is None or len(resume.order) < max_sublayers:  # (the full model's, for the steps to come)
+        references = reference_logprobs(model, requests)
+        passes += len(requests)
     bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
     chosen: dict = {}  # sublayer -> its compensation scale
     stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
