@@ -64,6 +64,17 @@ def test_moving_or_casting_the_model_fuses_again():
         assert torch.equal(attn.qkv_weight[: attn.q_proj.out_features], new[f"model.layers.{i}.self_attn.q_proj.weight"])
 
 
+def test_an_in_place_apply_keeps_the_fused_weight():
+    """share_memory() moves the storage in place: the parameters stay views of the same fused
+    weight, now shared, and no second copy is made."""
+    model = tiny_llama(61)
+    fused = [attn.qkv_weight for attn in _attentions(model)]
+    model.share_memory()
+    for attn, before in zip(_attentions(model), fused):
+        _assert_fused(attn)
+        assert attn.qkv_weight is before and attn.qkv_weight.is_shared() and attn.q_proj.weight.is_shared()
+
+
 def test_a_copied_or_pickled_model_is_fused_with_its_own_tensors():
     import copy
     import io

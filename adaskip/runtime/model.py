@@ -131,12 +131,14 @@ class Attention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the module makes a new tensor of each parameter: fuse them again
-        # rather than keep the old fused copy on the old device.
-        fused = self.qkv_weight is not None
-        self.qkv_weight = None
+        # rather than keep the old fused copy on the old device. A function that works in place
+        # (share_memory_) leaves them views of the fused weight, which then stays as it is.
+        fused, self.qkv_weight = self.qkv_weight, None
         out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_qkv()
+        if fused is not None:
+            self.qkv_weight = fused
+            if self.fused_qkv() is None:
+                self.fuse_qkv()
         return out
 
     def _keys_values(self, x, cos, sin, positions, kv_len, gemv=False):
