@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import decode_cases
 from behaviour_cases import STRATEGIES, compute
 
 FIXTURE = Path(__file__).parent / "fixtures" / "behaviour.pt"
+DECODE_FIXTURE = Path(__file__).parent / "fixtures" / "decode.pt"
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +18,22 @@ def now():
 
 
 def test_behaviour_is_bit_identical_to_the_fixtures(now):
+    _check_against(FIXTURE, now)
+
+
+def test_decoding_is_identical_to_its_fixtures():
+    """Speculative rounds, generate's step options and adaskip.hf's generate (tests/decode_cases.py)."""
+    now = decode_cases.compute()
+    if not decode_cases.has_transformers():  # its hf cases were recorded with transformers
+        pytest.skip("transformers is not installed")
+    _check_against(DECODE_FIXTURE, now)
+
+
+def _check_against(fixture: Path, now: dict) -> None:
     if os.environ.get("ADASKIP_REGENERATE_BEHAVIOUR") == "1":
-        torch.save(now, FIXTURE)
-        pytest.skip(f"regenerated {FIXTURE}")
-    before = torch.load(FIXTURE, weights_only=False)
+        torch.save(now, fixture)
+        pytest.skip(f"regenerated {fixture}")
+    before = torch.load(fixture, weights_only=False)
     assert sorted(now) == sorted(before), "the set of cases changed"
     different = []
     for name, value in before.items():
