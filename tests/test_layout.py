@@ -28,7 +28,9 @@ def _imports(path: Path, module: str) -> set:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
+            # `import adaskip` is the top-level package (""), above every layer
             found |= {a.name[len("adaskip."):] for a in node.names if a.name.startswith("adaskip.")}
+            found |= {"" for a in node.names if a.name == "adaskip"}
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 if node.module != "adaskip" and not (node.module or "").startswith("adaskip."):
@@ -63,9 +65,15 @@ def test_every_module_belongs_to_a_layer():
     assert not unknown, f"modules outside the layer map: {unknown}"
 
 
+def _shown(module: str) -> str:
+    return module or "adaskip (the top-level package)"
+
+
 def test_imports_point_downward():
-    upward = [f"{m} -> {t}" for m, targets in _graph().items() for t in targets
-              if t and m and _layer(t) > _layer(m)]
+    # The top-level package ("") counts as a target too: `from adaskip import generate` (or
+    # `from .. import plan`) inside a layer is an upward import of the public API.
+    upward = [f"{_shown(m)} -> {_shown(t)}" for m, targets in _graph().items() for t in targets
+              if _layer(t) > _layer(m)]
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
@@ -120,3 +128,17 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "ops" / "__init__.py").write_text("from ..runtime import model\n")
     with pytest.raises(AssertionError, match="import cycles"):
         test_no_import_cycles()
+
+
+@pytest.mark.parametrize("statement", ["from adaskip import generate", "from .. import generate", "import adaskip",
+                                       "from adaskip import __version__ as v"])
+def test_the_checker_sees_an_import_of_the_top_level_api(tmp_path, monkeypatch, statement):
+    """A layer that imports a name of the package's own __init__ reaches above every layer."""
+    fake = tmp_path / "adaskip"
+    (fake / "runtime").mkdir(parents=True)
+    (fake / "__init__.py").write_text("from .runtime import generate\n")
+    (fake / "runtime" / "__init__.py").write_text("from .model import generate\n")
+    (fake / "runtime" / "model.py").write_text(f"def generate():\n    {statement}\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    with pytest.raises(AssertionError, match=r"runtime.model -> adaskip \(the top-level package\)"):
+        test_imports_point_downward()
