@@ -100,6 +100,23 @@ def test_a_scalar_stand_in_is_the_plans_scale_or_refused():
         SkipPlan(4, {1: 0.9}, stand_ins={1: StandIn("scalar", scale=0.5)})
 
 
+@pytest.mark.parametrize("key", ["1", 1.0, 1.5, True])
+def test_stand_ins_are_keyed_by_integer_sublayers(key):
+    # A key that is not an int was read as int(key): '1' or 1.5 became sublayer 1 without a word.
+    with pytest.raises(ValueError, match="integer sublayer"):
+        SkipPlan(4, {1: 0.9}, stand_ins={key: StandIn("scalar", scale=0.9)})
+
+
+def test_a_stand_in_refuses_the_tensors_of_another_kind():
+    # A scalar stand-in given fitted tensors would be its scale alone: the tensors were dropped.
+    with pytest.raises(ValueError, match="a scalar stand-in takes only a scale; got channel"):
+        StandIn("scalar", scale=0.9, channel=torch.ones(H))
+    with pytest.raises(ValueError, match="a channel stand-in takes channel; got down, up"):
+        StandIn("channel", channel=torch.ones(H), down=torch.zeros(2, H), up=torch.zeros(H, 2))
+    with pytest.raises(ValueError, match="a linear stand-in takes down / down_bias / up; got channel"):
+        StandIn("linear", down=torch.zeros(2, H), up=torch.zeros(H, 2), channel=torch.ones(H))
+
+
 # -- the runtime ----------------------------------------------------------------------------------
 
 def test_channel_of_one_value_equals_the_scalar(model):
@@ -262,7 +279,9 @@ def test_tolerance_plans_use_the_validated_stand_in(profile):
     v = profile.validation["greedy-kl"]
     assert v["stand_in"] == "linear"
     p = adaskip.plan(profile, strategy="greedy-kl", min_agreement=0.0)
-    assert p.stand_in in ("linear", "scalar")  # "scalar" only for the full model
+    # The validated kind is linear: "scalar" is right only for a plan that skips nothing.
+    assert p.stand_in == ("linear" if p.skip_scales else "scalar")
+    assert all(v.kind == "linear" for v in p.stand_ins.values()) and sorted(p.stand_ins) == sorted(p.skip_scales)
     with pytest.raises(ValueError, match="validated"):
         adaskip.plan(profile, strategy="greedy-kl", min_agreement=0.0, stand_in="channel")
 

@@ -82,6 +82,11 @@ class SkipPlan:
         if bad:
             raise ValueError(f"adaskip: compensation scales must be finite and positive; got {bad}")
         self.skip_scales = {int(s): float(v) for s, v in sorted(self.skip_scales.items())}
+        # The stand-ins' sublayers as strictly as skip_scales': a key '3' or 3.5 would be read as
+        # sublayer 3 (or a scalar one dropped into skip_scales' entry) without a word.
+        bad = [s for s in self.stand_ins if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise ValueError(f"adaskip: stand-ins must be keyed by integer sublayer indices, got {bad}")
         stray = sorted(int(s) for s in self.stand_ins if int(s) not in self.skip_scales)
         if stray:
             raise ValueError(f"adaskip: stand-ins given for sublayers {stray} that the plan does not skip")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("scalar", "channel", "linear")
+_TENSORS = {"scalar": (), "channel": ("channel",), "linear": ("down", "down_bias", "up")}  # what each kind reads
 
 
 class StandIn:
@@ -36,6 +37,13 @@ class StandIn:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"adaskip: a stand-in's scale must be finite and positive, got {scale}")
         self.channel = self.down = self.down_bias = self.up = None
+        # Tensors of another kind would be ignored: a StandIn("scalar", channel=...) would then be
+        # compensated by its scale alone, what was fitted dropped without a word.
+        given = [name for name, t in (("channel", channel), ("down", down), ("down_bias", down_bias), ("up", up))
+                 if t is not None and name not in _TENSORS[kind]]
+        if given:
+            raise ValueError(f"adaskip: a {kind} stand-in takes {' / '.join(_TENSORS[kind]) or 'only a scale'}; "
+                             f"got {', '.join(given)} too (is it another kind?)")
         if kind == "channel":
             if channel is None or channel.dim() != 1:
                 raise ValueError("adaskip: a channel stand-in needs a 1-D channel scale vector")
