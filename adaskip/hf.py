@@ -40,10 +40,10 @@ import torch
 
 from . import ops
 from .runtime.config import ModelArgs, UnsupportedArchitecture
-from .runtime.decode import HostFlag
+from .runtime.driver import OnlineLearning
 from .runtime.online import OnlineGates
+from .runtime.request_plan import DECODE, FORWARD, PREFILL, RequestPlan, resolve_applied, resolve_forward
 from .runtime.rope import apply_rotary
-from .runtime.schedule import schedule_step
 from .runtime.skip_plan import SkipPlan
 from .runtime.sublayer import run_sublayer
 from .skipping import calibration
@@ -96,6 +96,7 @@ class _Step:
 
     schedule: object
     online: Optional[OnlineGates] = None
+    learning: Optional[OnlineLearning] = None  # the request's online learning (host side), in a decode step
     stats: Optional[torch.Tensor] = None
     block_stats: Optional[torch.Tensor] = None
     seq_lens: Optional[torch.Tensor] = None
@@ -113,8 +114,7 @@ class _Request:
 
     cache: object = None
     decode_steps: int = 0
-    online: Optional[OnlineGates] = None
-    gates_flag: Optional[HostFlag] = None
+    online: Optional[OnlineLearning] = None
 
 
 class _Patched:
@@ -131,6 +131,7 @@ class _Patched:
         self.step: Optional[_Step] = None
         self._own_step = False  # a calibration forward's step, set by __call__ (apply's hooks leave it)
         self.plan: Optional[SkipPlan] = None
+        self.resolved: Optional[RequestPlan] = None  # the plan resolved once for every request of apply()
         self.request = _Request()
         self.redirect: dict = {}  # layer -> layer whose cache length it reports
         self._caches = weakref.WeakSet()
@@ -148,11 +149,8 @@ class _Patched:
         if input_pos is not None or online is not None or schedule is not None:
             raise ValueError("adaskip.hf: calibration forwards are cache-less, without online learning")
         b, t = input_ids.shape
-        if plan is not None:
-            plan.check_model(self.args.num_layers)
-            plan.check_hidden(self.args.hidden_size)
-        sched = schedule_step(self, batch=b, tokens=t, plan=plan, stats=stats is not None,
-                              block_stats=block_stats is not None)
+        request = resolve_forward(self, plan, stats=stats is not None, block_stats=block_stats is not None)
+        sched = request.schedule(request.phases[FORWARD], batch=b, tokens=t)
         self.step = _Step(sched, stats=stats, block_stats=block_stats, seq_lens=seq_lens, taps=taps)
         self._own_step = True
         try:
@@ -200,29 +198,23 @@ class _Patched:
         shape = (ids if ids is not None else embeds).shape
         b, t = shape[0], shape[1]
         cache = _cache_of(kwargs)
-        plan, req = self.plan, self.request
+        resolved, req = self.resolved, self.request
         decode = t == 1 and cache is not None and cache is req.cache and req.cache is not None
         if not decode:  # a new request
             self.request = req = _Request(cache=cache)
-            sched = schedule_step(self, batch=b, tokens=t, plan=plan.phase("prefill"))
-            self.step = _Step(sched)
+            self.step = _Step(resolved.schedule(resolved.phases[PREFILL], batch=b, tokens=t))
             return None
-        if req.online is None and plan.online:
-            decode_skips = plan.phase("decode").skip_scales
-            candidates = [2 * i + 1 for i in range(self.args.num_layers) if 2 * i + 1 not in decode_skips]
-            req.online = OnlineGates.start(self.args.num_layers, b, candidates, self.lm_head.weight.device)
-            req.gates_flag = HostFlag(self.lm_head.weight.device)
+        if req.online is None:
+            req.online = OnlineLearning.start(resolved, b, self.lm_head.weight.device)
         online = req.online
-        if online is not None and online.learning and req.gates_flag.ready():
-            online.settle(req.gates_flag.host)  # the gates were decided: stop running what every sequence skips
-            req.gates_flag.host = None
-        if online is not None and online.gates.shape[1] != b:
-            raise ValueError(f"adaskip.hf: a decode step of {b} sequences continues a request of "
-                             f"{online.gates.shape[1]}")
-        update = (plan.window, plan.beta) if online is not None and online.learning else None
-        sched = schedule_step(self, batch=b, tokens=1, plan=plan.phase("decode"), online=online,
-                              online_update=update)
-        self.step = _Step(sched, online=online, decode=True)
+        if online is not None:
+            online.settle()  # the gates were decided: stop running what every sequence skips
+            if online.gates.gates.shape[1] != b:
+                raise ValueError(f"adaskip.hf: a decode step of {b} sequences continues a request of "
+                                 f"{online.gates.gates.shape[1]}")
+        gates = online.gates if online is not None else None
+        sched = resolved.schedule(resolved.phases[DECODE], batch=b, tokens=1, online=gates)
+        self.step = _Step(sched, online=gates, learning=online, decode=True)
         return None
 
     def _after_forward(self, module, args, kwargs, output):
@@ -233,11 +225,10 @@ class _Patched:
         if not step.decode:
             return None
         req.decode_steps += 1
-        if step.online is not None:
+        if step.learning is not None:
             if step.schedule.online_update is not None:
                 step.online.update(*step.schedule.online_update)
-            if step.online.learning and req.decode_steps == self.plan.window:
-                req.gates_flag.post(step.online.gates)  # every gate is decided: fetch them without waiting
+            step.learning.learned(req.decode_steps - 1, req.decode_steps)
         return None
 
     # -- one decoder layer ------------------------------------------------------------------
@@ -363,11 +354,11 @@ def apply(model, plan: SkipPlan):
         raise TypeError(f"adaskip.hf.apply needs an adaskip SkipPlan, got {type(plan).__name__}")
     args = check_supported(model)
     plan.check_model(args.num_layers, args.fingerprint())
-    plan.check_hidden(args.hidden_size)
     if plan.ramp:
         raise ValueError("adaskip.hf: SkipDecode's ramp needs the number of decode steps in advance, which "
                          "model.generate does not give its model; use adaskip.generate for ramp plans")
     patched = _Patched(model, args)
+    patched.resolved = resolve_applied(patched, plan)  # validated and resolved once for every request
     patched.redirect = _redirect_for(plan, args)
     patched.install()
     patched.plan = plan
@@ -397,7 +388,7 @@ class Applied:
         online = self._patched.request.online
         if online is None:
             return None
-        return online.skipped_per_sequence()
+        return online.gates.skipped_per_sequence()
 
 
 def applied_plan(model) -> Optional[SkipPlan]:

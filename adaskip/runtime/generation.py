@@ -1,19 +1,19 @@
 """Generation on the static-cache runtime: chunked prefill, decode, greedy and sampled tokens."""
 from __future__ import annotations
 
-import numbers
-import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from . import conditional
-from .decode import DecodeState, HostFlag, StepMarks, decode_one_token, decode_state, drop_decode_states
+from .decode import DecodeState, decode_one_token, decode_state, drop_decode_states
+from .driver import DecodeRun, DecodeStep, OnlineLearning, drive, padded_ids, timed
 from .model import Transformer
+from .request_plan import RequestPlan, check_prompts, resolve_generation, resolve_prefill
 from .sampling import SamplingParams, sample
-from .schedule import schedule_step
-from .skip_plan import SkipPlan
+
+_check_prompts = check_prompts  # the name adaskip.skipping reads it by
 
 
 @dataclass
@@ -59,47 +59,6 @@ def ensure_caches(model: Transformer, batch: int, needed: int, attention_layers)
         model.setup_caches(batch, needed, attention_layers)
 
 
-def _check_prompts(prompts, vocab_size: int) -> list:
-    """A batch of token-id lists, checked on the host before anything reaches a kernel: an id
-    outside the vocabulary would otherwise be a device-side assert on a GPU, which ends the
-    process."""
-    if isinstance(prompts, (str, bytes)):
-        raise ValueError("adaskip: prompts must be a batch of token-id lists; got a string (tokenize it first, "
-                         "e.g. [tokenizer(text)['input_ids']])")
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"adaskip: prompts given as a tensor must be [batch, tokens], got shape "
-                             f"{tuple(prompts.shape)}")
-        prompts = prompts.tolist()
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        raise ValueError(f"adaskip: prompts must be a batch of token-id lists, got {type(prompts).__name__}") from None
-    if not prompts:
-        raise ValueError("adaskip: every prompt needs at least one token (no prompts were given)")
-    batch = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, numbers.Integral) or (isinstance(p, torch.Tensor) and p.dim() == 0):
-            raise ValueError("adaskip: prompts is a flat list of token ids; pass a batch of lists (e.g. [ids] for one "
-                             "prompt)")
-        if isinstance(p, (str, bytes)):
-            raise ValueError(f"adaskip: prompt {i} is a string; prompts must be token-id lists (tokenize it first)")
-        ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
-        if not ids:
-            raise ValueError(f"adaskip: every prompt needs at least one token; prompt {i} is empty")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"adaskip: prompt {i} holds token ids outside the vocabulary [0, {vocab_size}): "
-                             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
-        batch.append([int(t) for t in ids])
-    return batch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
@@ -136,126 +95,109 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     per model (adaskip.runtime.decode), so later calls of the same shape replay them; new caches
     or moved weights drop them.
     """
-    if speculative is not None:  # a SpeculativeConfig runs its own loop (adaskip.runtime.speculative)
-        if plan is not None:
-            raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
-                             "drafter's plan in SpeculativeConfig, not plan=")
-        if stats is not None or step_timing or graph_conditionals:
-            raise ValueError("adaskip: speculative decoding collects no statistics and times rounds, not steps "
-                             "(no stats, step_timing or graph_conditionals)")
+    if speculative is not None:  # a SpeculativeConfig: its rounds are the steps (adaskip.runtime.speculative)
+        _check_speculative(plan, stats, step_timing, graph_conditionals)
         return speculative.generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
                                     prefill_chunk=prefill_chunk, sampling=sampling, cuda_graph=cuda_graph,
                                     forbid_host_sync=forbid_host_sync)
     sampling = sampling or SamplingParams()
-    args = model.args
-    prompts = _check_prompts(prompts, args.vocab_size)
-    for name, value in (("max_new_tokens", max_new_tokens), ("prefill_chunk", prefill_chunk)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"adaskip: {name} must be an integer >= 1, got {value!r}")
-    if plan is not None and not isinstance(plan, SkipPlan):
-        raise ValueError(f"adaskip: plan must be an adaskip SkipPlan (adaskip.plan(...)), got {type(plan).__name__}")
+    prompts = check_prompts(prompts, model.args.vocab_size)
+    request = _resolve(model, prompts, plan, max_new_tokens, prefill_chunk, stats, cuda_graph, graph_conditionals)
+    state, online, prefill_s = _prefill(model, request, prompts, sampling, eos_token_ids, stats, max_new_tokens)
+    step = TokenStep(model, request, state, prompts, graphs=state.graphs if cuda_graph else None)
+    run = drive(step, max_new_tokens - 1, device=state.token.device, online=online,
+                forbid_host_sync=forbid_host_sync, step_timing=step_timing)
+    return _result(model, state, max_new_tokens, online, prefill_s, run)
+
+
+def _check_speculative(plan, stats, step_timing: bool, graph_conditionals: bool) -> None:
     if plan is not None:
-        plan.check_model(args.num_layers)
-        plan.check_hidden(args.hidden_size)
+        raise ValueError("adaskip: with speculative decoding the full model decides every token; give the "
+                         "drafter's plan in SpeculativeConfig, not plan=")
+    if stats is not None or step_timing or graph_conditionals:
+        raise ValueError("adaskip: speculative decoding collects no statistics and times rounds, not steps "
+                         "(no stats, step_timing or graph_conditionals)")
+
+
+def _resolve(model: Transformer, prompts: list, plan, max_new_tokens, prefill_chunk, stats,
+             cuda_graph: bool, graph_conditionals: bool) -> RequestPlan:
+    """The request plan of a generate call (every check on its arguments happens here)."""
     if graph_conditionals:
         if not cuda_graph:
             raise ValueError("adaskip: graph_conditionals puts sublayers in CUDA-graph conditional nodes; "
                              "it needs cuda_graph=True")
         conditional.check_supported()
-    lengths = [len(p) for p in prompts]
-    longest = max(lengths)
-    needed = longest + max_new_tokens
-    if needed > args.max_position_embeddings:
-        raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
-                         f"model's context of {args.max_position_embeddings} tokens")
+    request = resolve_generation(model, [len(p) for p in prompts], plan, max_new_tokens=max_new_tokens,
+                                 prefill_chunk=prefill_chunk, stats=stats is not None,
+                                 conditional=graph_conditionals and model.lm_head.weight.device.type == "cuda")
+    ensure_caches(model, len(prompts), request.needed, request.kv_layers)
+    return request
+
+
+def _prefill(model: Transformer, request: RequestPlan, prompts: list, sampling: SamplingParams, eos_token_ids,
+             stats, max_new_tokens: int) -> tuple:
+    """Fills the caches with the prompts and draws the first token into the decode state (kept per
+    model and batch, unless the caller's statistics buffer is written: its address would be
+    baked into the graphs). Returns (state, its online learning or None, prefill seconds)."""
     device = model.lm_head.weight.device
-    eos = eos_tensor(args, eos_token_ids, device)
-    batch = len(prompts)
-    ensure_caches(model, batch, needed, model.attention_layers_for(plan))
-
-    ids = torch.zeros(batch, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    ids = ids.to(device)
-    lens = torch.tensor(lengths, device=device)
-    # Decode buffers (and the graphs captured on them) are kept for the next call of this batch
-    # size, unless a statistics buffer of the caller's is written (its address would be baked in).
-    state = decode_state(model, batch, eos.numel(), device, reuse=stats is None)
+    eos = eos_tensor(model.args, eos_token_ids, device)
+    state = decode_state(model, len(prompts), eos.numel(), device, reuse=stats is None)
     generator = state.generator_for(sampling.seed)
+    token, lens, prefill_s = first_tokens(model, request, prompts, sampling, generator, stats)
+    online = OnlineLearning.start(request, len(prompts), device, kept=state)
+    state.start(token, lens, max_new_tokens, eos, sampling, generator, stats, online.gates if online else None)
+    state.record()
+    return state, online, prefill_s
 
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = prefill(model, ids, lens, plan=plan, stats=stats, chunk=prefill_chunk)
-    token = sample(logits, sampling, generator)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
 
-    online = None
-    if plan is not None and plan.online:
-        decode_skips = plan.phase("decode").skip_scales
-        candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in decode_skips]
-        online = state.online_for(args.num_layers, candidates, conditional=graph_conditionals and device.type == "cuda")
-    state.start(token, lens, max_new_tokens, eos, sampling, generator, stats, online)
-    done_flag, gates_flag = HostFlag(device), HostFlag(device)
-    graphs = state.graphs if cuda_graph else None
-    captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
-    existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
-    same_length = len(set(lengths)) == 1
-    steps = 0
-    strict = forbid_host_sync and device.type == "cuda"
-    previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
-    if strict:
-        torch.cuda.set_sync_debug_mode("error")
-    marks = StepMarks(device) if step_timing else None
-    t1 = time.perf_counter()
-    try:
-        state.record()
-        if marks is not None:
-            marks.mark()
-        for step in range(max_new_tokens - 1):
-            if done_flag.ready() and bool(done_flag.host):
-                break  # every sequence had finished a step or two ago
-            done_flag.post(state.finished.all())
-            if online is not None and online.learning and gates_flag.ready():
-                online.settle(gates_flag.host)
-                gates_flag.host = None
-            step_plan = plan.phase("decode", step, max_new_tokens - 1) if plan is not None else None
-            update = (plan.window, plan.beta) if online is not None and online.learning else None
-            schedule = _decode_schedule(model, state, step_plan, update, capturing=graphs is not None)
-            key = state.graph_key(model, schedule) if graphs is not None else None
-            if graphs is not None and (step > 0 or key in graphs.graphs):
-                # Without a graph yet, the first step runs eagerly: it is also the warm-up.
-                if key in existing:
-                    reused.add(key)
-                graphs.replay(key, lambda: _step_and_record(model, state, schedule), state.generator)
-            else:
-                if graphs is not None:  # eagerly, nothing is captured: no conditional nodes
-                    schedule = _decode_schedule(model, state, step_plan, update, capturing=False)
-                shared = longest + step if same_length else None
-                decode_one_token(model, state, schedule, shared_pos=shared, kv_len=longest + step + 1)
-                state.record()
-            if online is not None and online.learning and step + 1 == plan.window:
-                gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
-            if marks is not None:
-                marks.mark()
-            steps += 1
-    finally:
-        if strict:
-            torch.cuda.set_sync_debug_mode(previous_mode)
-    _sync(device)
-    capture_s = graphs.capture_s - capture_s_before if graphs is not None else 0.0
-    decode_s = time.perf_counter() - t1 - capture_s
-    out_tokens, generated, finished = state.out_tokens, state.generated, state.finished
+def _result(model: Transformer, state: DecodeState, max_new_tokens: int, online: Optional[OnlineLearning],
+            prefill_s: float, run: DecodeRun) -> GenerationResult:
+    counts = state.generated.tolist()
+    tokens = [row[:n] for row, n in zip(state.out_tokens[:, :max_new_tokens].tolist(), counts)]
+    return GenerationResult(tokens=tokens, prefill_s=prefill_s, decode_s=run.seconds, decode_steps=run.steps,
+                            kv_cache_bytes=model.kv_cache_bytes(), finished=state.finished.tolist(),
+                            online_skipped=online.gates.skipped_per_sequence() if online is not None else None,
+                            graphs_captured=run.captured, graphs_reused=run.reused, graph_capture_s=run.capture_s,
+                            step_times_s=run.step_times_s)
 
-    counts = generated.tolist()
-    token_lists = [row[:n] for row, n in zip(out_tokens[:, :max_new_tokens].tolist(), counts)]
-    online_skipped = online.skipped_per_sequence() if online is not None else None
-    return GenerationResult(tokens=token_lists, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
-                            kv_cache_bytes=model.kv_cache_bytes(), finished=finished.tolist(),
-                            online_skipped=online_skipped,
-                            graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
-                            graphs_reused=len(reused), graph_capture_s=capture_s,
-                            step_times_s=marks.durations() if marks else None)
+
+class TokenStep(DecodeStep):
+    """A decode step of generate: the next token of every sequence (decode_one_token), recorded
+    with its end-of-sequence bookkeeping; its schedule comes from the request plan's phase of
+    the step."""
+
+    def __init__(self, model: Transformer, request: RequestPlan, state: DecodeState, prompts: list, graphs):
+        self.model, self.request, self.state, self.graphs = model, request, state, graphs
+        self.finished, self.generator = state.finished, state.generator
+        lengths = {len(p) for p in prompts}
+        self.longest = max(lengths)
+        self.same_length = len(lengths) == 1  # then attention can take the positions as one host int
+
+    def schedules(self, index: int, capturing: bool) -> tuple:
+        phase = self.request.decode_phase(index)
+        return (self.request.schedule(phase, batch=self.state.token.shape[0], tokens=1, online=self.state.online,
+                                      capturing=capturing),)
+
+    def graph_key(self, schedules: tuple) -> tuple:
+        return self.state.graph_key(self.model, schedules[0])
+
+    def launch(self, index: int, schedules: tuple, captured: bool) -> None:
+        if captured:  # the whole cache, under a mask from the device positions
+            decode_one_token(self.model, self.state, schedules[0])
+        else:  # only the filled part of the cache
+            shared = self.longest + index if self.same_length else None
+            decode_one_token(self.model, self.state, schedules[0], shared_pos=shared, kv_len=self.longest + index + 1)
+        self.state.record()
+
+
+def first_tokens(model: Transformer, request: RequestPlan, prompts: list, sampling: SamplingParams, generator,
+                 stats: Optional[torch.Tensor] = None) -> tuple:
+    """The prefill of the request's prompts and the first new token of each, drawn as `sampling`
+    says: (tokens [B], prompt lengths [B], seconds)."""
+    device = model.lm_head.weight.device
+    ids, lens = padded_ids(prompts, device)
+    token, seconds = timed(device, lambda: sample(run_prefill(model, request, ids, lens, stats), sampling, generator))
+    return token, lens, seconds
 
 
 def prefill(model: Transformer, ids: torch.Tensor, lens: torch.Tensor, *, plan=None,
@@ -263,26 +205,23 @@ def prefill(model: Transformer, ids: torch.Tensor, lens: torch.Tensor, *, plan=N
     """Runs right-padded prompts ids [B, longest] (valid lengths `lens` [B]) through the model
     in chunks of `chunk` tokens, filling the KV caches, with the plan's prefill skips; returns
     each sequence's logits at its last prompt token, [B, vocab]."""
-    longest = ids.shape[1]
-    prefill_plan = plan.phase("prefill") if plan is not None else None
+    request = resolve_prefill(model, ids.shape[1], plan, prefill_chunk=chunk, stats=stats is not None)
+    return run_prefill(model, request, ids, lens, stats)
+
+
+def run_prefill(model: Transformer, request: RequestPlan, ids: torch.Tensor, lens: torch.Tensor,
+                stats: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The request's prefill chunks over ids [B, longest] (lengths `lens`); logits [B, vocab] at
+    each sequence's last prompt token."""
     logits = None
-    for start in range(0, longest, chunk):
-        end = min(start + chunk, longest)
+    for chunk in request.prefill:
+        start, end = chunk.start, chunk.end
         valid = (lens - start).clamp(0, end - start)
         last = (lens - 1 - start).clamp(0, end - start - 1)
-        out = model(ids[:, start:end], start, kv_len=end,
-                    seq_lens=valid, plan=prefill_plan, stats=stats, logits_index=last)
+        schedule = request.schedule(chunk.phase, batch=ids.shape[0], tokens=end - start)
+        out = model(ids[:, start:end], start, kv_len=end, seq_lens=valid, schedule=schedule, stats=stats,
+                    logits_index=last)
         # Keep each sequence's logits from the chunk that holds its last prompt token.
         in_chunk = ((lens - 1) >= start) & ((lens - 1) < end)
         logits = out if logits is None else torch.where(in_chunk[:, None], out, logits)
     return logits
-
-
-def _step_and_record(model: Transformer, state: DecodeState, schedule) -> None:
-    decode_one_token(model, state, schedule)
-    state.record()
-
-
-def _decode_schedule(model: Transformer, state: DecodeState, step_plan, update, capturing: bool):
-    return schedule_step(model, batch=state.token.shape[0], tokens=1, plan=step_plan, online=state.online,
-                         capturing=capturing, stats=state.stats is not None, online_update=update)

@@ -20,7 +20,8 @@ from ..ops.reference import rms_norm
 from .config import ModelArgs
 from .ids import check_input_ids
 from .rope import apply_rotary, cos_sin, inv_frequencies
-from .schedule import DecodePaths, StepSchedule, ffn_prefers_gemv, gemv_serves, schedule_step
+from .request_plan import FORWARD, check_context_fit, kv_layers, resolve_forward
+from .schedule import DecodePaths, StepSchedule, ffn_prefers_gemv, gemv_serves
 from .sublayer import gated_swiglu, run_sublayer, swiglu_if
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
@@ -320,19 +321,15 @@ class Transformer(nn.Module):
     def setup_caches(self, batch: int, max_len: int, attention_layers=None) -> None:
         """Static KV caches for `batch` sequences of up to `max_len` tokens, allocated only for
         `attention_layers` (default: all): layers whose attention a plan skips keep no cache."""
-        self._check_cache_len(max_len)  # before the old caches are freed
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
         self._allocate_caches(batch, max_len, attention_layers)
         self.cache_id += 1
 
-    def _check_cache_len(self, max_len: int) -> None:
-        if max_len > self.args.max_position_embeddings:
-            raise ValueError(f"adaskip: a cache of {max_len} tokens exceeds the model's context of "
-                             f"{self.args.max_position_embeddings} tokens")
-
     def _allocate_caches(self, batch: int, max_len: int, attention_layers) -> None:
-        self._check_cache_len(max_len)
+        """New caches in place of the modules' present ones (checked first, so a cache that does
+        not fit leaves them as they were)."""
+        check_context_fit(self.args, max_len, f"a cache of {max_len} tokens")
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None  # free the old caches before allocating new ones
         keep = set(range(self.args.num_layers)) if attention_layers is None else set(attention_layers)
         keep -= self.args.absent_attention_layers
         p = self.lm_head.weight
@@ -361,8 +358,7 @@ class Transformer(nn.Module):
 
     def attention_layers_for(self, plan) -> set:
         """The attention layers that keep a KV cache under `plan` (None: the full model)."""
-        layers = plan.attention_layers if plan is not None else set(range(self.args.num_layers))
-        return layers - self.args.absent_attention_layers
+        return kv_layers(self.args, plan)
 
     def cached_attention_layers(self) -> set:
         return {i for i, l in enumerate(self.model.layers) if l.self_attn.kv_cache is not None}
@@ -385,7 +381,8 @@ class Transformer(nn.Module):
         here is at that position) or a tensor [B] (per-sequence positions, e.g. decode of prompts
         of different lengths). `kv_len` (a host int, >= every position + 1) bounds the slots read.
         seq_lens [B]: valid tokens per sequence (right padding; for statistics).
-        plan: skipped sublayers and their compensation scales (None: the full model).
+        plan: skipped sublayers and their compensation scales (None: the full model), every skip
+          of it whatever its mode; resolved by request_plan.resolve_forward, as a request's are.
         stats: float32 [2 * num_layers, B, 3] buffer that collects IO-similarity statistics.
         block_stats: float32 [num_layers, B, 3]: the same for whole layers (ShortGPT's ranking).
         online: adaskip.runtime.online.OnlineGates: FFN sublayers gated per sequence on the device.
@@ -397,14 +394,12 @@ class Transformer(nn.Module):
         """
         check_input_ids(input_ids, self.args.vocab_size)  # reads CPU ids only: no device sync
         b, t = input_ids.shape
-        if schedule is None:
-            schedule = schedule_step(self, batch=b, tokens=t, plan=plan, online=online, stats=stats is not None,
-                                     block_stats=block_stats is not None)
+        if schedule is None:  # resolved as a request's steps are (adaskip.runtime.request_plan)
+            request = resolve_forward(self, plan, stats=stats is not None, block_stats=block_stats is not None)
+            schedule = request.schedule(request.phases[FORWARD], batch=b, tokens=t, online=online)
         elif plan is not None:
             raise ValueError("adaskip: pass a plan or a schedule resolved from it, not both")
         self._check_schedule(schedule, b, t, stats, block_stats, online)
-        if plan is not None:
-            plan.check_hidden(self.args.hidden_size)
         device = input_ids.device
         steps = torch.arange(t, device=device)
         shared_start = None

@@ -141,8 +141,9 @@ class SkipPlan:
     def online(self) -> bool:
         return self.beta is not None and self.window > 0 and self.mode in ("decode", "e2e")
 
-    def phase(self, phase: str, step: int = 0, total_steps: int = 1) -> "SkipPlan":
-        """The skips that apply in "prefill" or in decode step `step` of `total_steps`."""
+    def skips_in(self, phase: str, step: int = 0, total_steps: int = 1) -> "PhaseSkips":
+        """The skips that apply in "prefill" or in decode step `step` of `total_steps` (what a
+        request resolves once per phase: adaskip.runtime.request_plan)."""
         if phase == "prefill":
             active = self.skip_scales if self.mode in ("prefill", "e2e") else {}
             kv_only = self.skipped_attention_layers  # mode "prefill": decode runs every attention
@@ -160,9 +161,17 @@ class SkipPlan:
             kv_only = set()
         else:
             raise ValueError(f"adaskip: phase must be 'prefill' or 'decode', got {phase!r}")
-        return SkipPlan(self.num_layers, dict(active), mode="e2e", strategy=self.strategy,
-                        stand_ins={s: v for s, v in self.stand_ins.items() if s in active},
-                        kv_only_attention=frozenset(kv_only))
+        return PhaseSkips(dict(active), {s: v for s, v in self.stand_ins.items() if s in active}, frozenset(kv_only))
+
+    def phase(self, phase: str, step: int = 0, total_steps: int = 1) -> "SkipPlan":
+        """skips_in() as a plan of its own (mode e2e: its skips hold wherever it runs)."""
+        skips = self.skips_in(phase, step, total_steps)
+        return SkipPlan(self.num_layers, dict(skips.skip_scales), mode="e2e", strategy=self.strategy,
+                        stand_ins=dict(skips.stand_ins), kv_only_attention=skips.kv_only_attention)
+
+    def as_skips(self) -> "PhaseSkips":
+        """Every skip of this plan, whatever its mode (what a cache-less forward given the plan runs)."""
+        return PhaseSkips(self.skip_scales, self.stand_ins, frozenset(self.kv_only_attention))
 
     def check_model(self, num_layers: int, fingerprint: Optional[str] = None) -> None:
         if num_layers != self.num_layers:
@@ -200,3 +209,19 @@ class SkipPlan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+
+@dataclass(frozen=True, eq=False)
+class PhaseSkips:
+    """What a plan skips in one phase of a request: sublayer -> compensation scale, the fitted
+    stand-ins of those sublayers, and the attention layers that still store their K/V. Made once
+    per phase (SkipPlan.skips_in) and read by every step of it (adaskip.runtime.schedule)."""
+
+    skip_scales: dict
+    stand_ins: dict
+    kv_only_attention: frozenset = frozenset()
+
+    def same_as(self, other: "PhaseSkips") -> bool:
+        return (self.skip_scales == other.skip_scales and self.kv_only_attention == other.kv_only_attention
+                and self.stand_ins.keys() == other.stand_ins.keys()
+                and all(v is other.stand_ins[s] for s, v in self.stand_ins.items()))

@@ -19,17 +19,17 @@ CUDA-graph replay.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .decode import HostFlag, KeptState, StepGraphs, kept_state
-from .generation import GenerationResult, _check_prompts, _sync, ensure_caches, eos_tensor, prefill
+from .driver import DecodeRun, DecodeStep, OnlineLearning, drive
+from .generation import GenerationResult, ensure_caches, eos_tensor, first_tokens
 from .online import OnlineGates
+from .request_plan import DRAFT, VERIFY, RequestPlan, check_prompts, resolve_speculative
 from .sampling import SamplingParams, greedy_tokens, probabilities
-from .schedule import schedule_step
 from .skip_plan import SkipPlan
 
 
@@ -138,96 +138,63 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
     the whole cache under masks built from the device positions.
     forbid_host_sync: on a GPU, any host synchronisation inside the loop of rounds is an error."""
     sampling = sampling or SamplingParams()
-    greedy = sampling.temperature == 0
-    args = model.args
-    prompts = _check_prompts(prompts, args.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"adaskip: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    config.plan.check_model(args.num_layers)
-    config.plan.check_hidden(args.hidden_size)
+    prompts = check_prompts(prompts, model.args.vocab_size)
     k = config.draft_tokens
-    lengths = [len(p) for p in prompts]
-    longest, batch = max(lengths), len(prompts)
-    needed = longest + max_new_tokens + k + 1  # a round may write k + 1 positions past the last kept one
-    if needed > args.max_position_embeddings:
-        raise ValueError(f"adaskip: a prompt of {longest} tokens plus {max_new_tokens} new tokens and {k + 1} "
-                         f"positions of drafting exceeds the model's context of {args.max_position_embeddings} tokens")
+    request = resolve_speculative(model, [len(p) for p in prompts], config.plan, draft_tokens=k, online=config.online,
+                                  max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk)
+    ensure_caches(model, len(prompts), request.needed, request.kv_layers)
     device = model.lm_head.weight.device
-    eos = eos_tensor(args, eos_token_ids, device)
-    ensure_caches(model, batch, needed, model.attention_layers_for(None))  # the verifier runs every attention layer
-    state = _state(model, batch, k, eos.numel(), device)
-    graphs = state.graphs if cuda_graph else None
-    draft_plan = config.plan.phase("decode")
-    online = None
-    if config.online:
-        candidates = [2 * i + 1 for i in range(args.num_layers) if 2 * i + 1 not in draft_plan.skip_scales]
-        online = state.online_for(args.num_layers, candidates)
-    verify_schedule = schedule_step(model, batch=batch, tokens=k + 1, capturing=graphs is not None)
-
-    ids = torch.zeros(batch, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    ids = ids.to(device)
-    lens = torch.tensor(lengths, device=device)
+    eos = eos_tensor(model.args, eos_token_ids, device)
+    state = _state(model, len(prompts), k, eos.numel(), device)
+    online = OnlineLearning.start(request, len(prompts), device, kept=state)
     generator = state.generator_for(sampling.seed)
-    _sync(device)
-    t0 = time.perf_counter()
-    first = prefill(model, ids, lens, chunk=prefill_chunk)
-    token = greedy_tokens(first) if greedy else _draw(probabilities(first, sampling), generator)  # not in the cache yet
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-
+    token, lens, prefill_s = first_tokens(model, request, prompts, sampling, generator)  # not in the cache yet
     state.start(token, lens, max_new_tokens, eos)
-    captures_before, capture_s_before = (graphs.captures, graphs.capture_s) if graphs is not None else (0, 0.0)
-    existing, reused = (set(graphs.graphs) if graphs is not None else set()), set()
-    done, gates_flag, filled = HostFlag(device), HostFlag(device), HostFlag(device)
-    # The furthest any sequence had got at the start of round known[0] (eager rounds read no more
-    # of the cache than that plus k + 1 slots a round since): read back without waiting.
-    known, posted = (0, longest), 0
-    strict = forbid_host_sync and device.type == "cuda"
-    previous_mode = torch.cuda.get_sync_debug_mode() if strict else 0
-    if strict:
-        torch.cuda.set_sync_debug_mode("error")
-    launched = 0
-    t1 = time.perf_counter()
-    try:
-        # Every round adds a token to each running sequence: max_new_tokens - 1 rounds finish all.
-        for r in range(max_new_tokens - 1):
-            if done.ready() and bool(done.host):
-                break
-            if online is not None and online.learning and gates_flag.ready():
-                online.settle(gates_flag.host)  # decided alike for every sequence: run or skip outright
-                gates_flag.host = None
-            update = (config.plan.window, config.plan.beta) if online is not None and online.learning else None
-            draft_schedule = schedule_step(model, batch=batch, tokens=1, plan=draft_plan, online=online,
-                                           capturing=graphs is not None, online_update=update)
-            key = (draft_schedule, verify_schedule, model.cache_id,
-                   (sampling.temperature, sampling.top_k, sampling.top_p, generator is not None))
-            replay = graphs is not None and r > 0  # the first round runs eagerly: it is also the warm-up
-            if filled.ready():
-                known, filled.host = (posted, int(filled.host)), None
-            kv_lens = _kv_lens(model, known[1], r - known[0], k, replay)
-            if replay:
-                if key in existing:
-                    reused.add(key)
-                graphs.replay(key, lambda: _round(model, state, k, draft_schedule, verify_schedule, sampling,
-                                                  generator, kv_lens, online), generator)
-            else:
-                _round(model, state, k, draft_schedule, verify_schedule, sampling, generator, kv_lens, online)
-            launched += 1
-            done.post(state.finished.all())
-            if not replay:
-                filled.post(state.pos.max())
-                posted = r + 1
-            if update is not None and (r + 1) * k >= config.plan.window > r * k:
-                gates_flag.post(online.gates)  # every gate is decided now: fetch them without waiting
-    finally:
-        if strict:
-            torch.cuda.set_sync_debug_mode(previous_mode)
-    _sync(device)
-    capture_s = graphs.capture_s - capture_s_before if graphs is not None else 0.0
-    decode_s = time.perf_counter() - t1 - capture_s
+    step = SpeculativeRound(model, request, state, sampling, generator, online, max(len(p) for p in prompts),
+                            graphs=state.graphs if cuda_graph else None)
+    # Every round adds a token to each running sequence: max_new_tokens - 1 rounds finish all.
+    run = drive(step, max_new_tokens - 1, device=device, online=online, forbid_host_sync=forbid_host_sync)
+    return _result(model, state, k, eos, online, prefill_s, run)
 
+
+class SpeculativeRound(DecodeStep):
+    """A round as a decode step: k draft steps in the request's draft phase, the verify pass over
+    k + 1 positions in its verify phase, the acceptance (_round)."""
+
+    def __init__(self, model, request: RequestPlan, state: SpeculativeState, sampling: SamplingParams, generator,
+                 online: Optional[OnlineLearning], longest: int, graphs):
+        self.model, self.request, self.state, self.sampling, self.graphs = model, request, state, sampling, graphs
+        self.finished, self.generator = state.finished, generator
+        self.gates = online.gates if online is not None else None
+        self.k = state.kept_counts.numel() - 1
+        # The furthest any sequence had got at the start of round known[0] (eager rounds read no
+        # more of the cache than that plus k + 1 slots a round since): read back without waiting.
+        self.filled, self.known, self.posted = HostFlag(state.token.device), (0, longest), 0
+
+    def schedules(self, index: int, capturing: bool) -> tuple:
+        batch, phases = self.state.token.shape[0], self.request.phases
+        return (self.request.schedule(phases[DRAFT], batch=batch, tokens=1, online=self.gates, capturing=capturing),
+                self.request.schedule(phases[VERIFY], batch=batch, tokens=self.k + 1, capturing=capturing))
+
+    def graph_key(self, schedules: tuple) -> tuple:
+        sp = self.sampling
+        return (*schedules, self.model.cache_id, (sp.temperature, sp.top_k, sp.top_p, self.generator is not None))
+
+    def launch(self, index: int, schedules: tuple, captured: bool) -> None:
+        if not captured and self.filled.ready():
+            self.known, self.filled.host = (self.posted, int(self.filled.host)), None
+        kv_lens = _kv_lens(self.model, self.known[1], index - self.known[0], self.k, captured)
+        _round(self.model, self.state, self.k, *schedules, self.sampling, self.generator, kv_lens, self.gates)
+        if not captured:
+            self.filled.post(self.state.pos.max())
+            self.posted = index + 1
+
+    def tokens_learned(self, steps: int) -> int:
+        return steps * self.k  # the drafter learns from its k draft steps a round
+
+
+def _result(model, state: SpeculativeState, k: int, eos: torch.Tensor, online: Optional[OnlineLearning],
+            prefill_s: float, run: DecodeRun) -> GenerationResult:
     counts = state.emitted.tolist()
     out = [row[:n] for row, n in zip(state.out_tokens.tolist(), counts)]
     rounds, kept_counts = int(state.rounds), state.kept_counts.tolist()
@@ -239,15 +206,14 @@ def generate_speculative(model, prompts: Sequence[Sequence[int]], *, config: Spe
              "acceptance_rate": accepted / drafted if drafted else float("nan"),
              "tokens_per_round": emitted / sequence_rounds if sequence_rounds else float("nan"),
              "kept_counts": kept_counts,
-             "rounds_launched": launched}  # rounds the host ran: a round or two more than `rounds` on a GPU
-    online_skipped = online.skipped_per_sequence() if online is not None else None
+             "rounds_launched": run.steps}  # rounds the host ran: a round or two more than `rounds` on a GPU
     eos_ids = set(eos.tolist())
     finished = [bool(f) and o[-1] in eos_ids for f, o in zip(state.finished.tolist(), out)]  # at EOS, not the limit
-    return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=decode_s, decode_steps=rounds,
+    return GenerationResult(tokens=out, prefill_s=prefill_s, decode_s=run.seconds, decode_steps=rounds,
                             kv_cache_bytes=model.kv_cache_bytes(), finished=finished, speculative=stats,
-                            decode_tokens=max(counts) - 1,
-                            graphs_captured=graphs.captures - captures_before if graphs is not None else 0,
-                            graphs_reused=len(reused), graph_capture_s=capture_s, online_skipped=online_skipped)
+                            decode_tokens=max(counts) - 1, graphs_captured=run.captured, graphs_reused=run.reused,
+                            graph_capture_s=run.capture_s,
+                            online_skipped=online.gates.skipped_per_sequence() if online is not None else None)
 
 
 def _kv_lens(model, filled: int, rounds: int, k: int, captured: bool) -> list:

@@ -82,6 +82,14 @@ class StandIn:
             raise ValueError(f"adaskip: the {self.kind} stand-in of sublayer {sublayer} is for hidden size "
                              f"{self.hidden}, the model's is {hidden}")
 
+    def prepare(self, device, dtype) -> None:
+        """Makes the device copies a forward on `device` in `dtype` reads, ahead of its first step
+        (a request resolves them once: none is made while a CUDA graph is captured)."""
+        if self.kind == "channel":
+            self.channel_on(device)
+        elif self.kind == "linear":
+            self._linear_on(device, dtype)
+
     def channel_on(self, device, dtype=torch.float32) -> torch.Tensor:
         """The channel scales times the scalar, float32 on `device` (made once per device)."""
         key = ("channel", str(device))
@@ -91,12 +99,15 @@ class StandIn:
 
     def apply_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The linear stand-in's output for the sublayer's normed input x [..., hidden]."""
-        key = ("linear", str(x.device), x.dtype)
-        if key not in self._copies:
-            self._copies[key] = tuple(t.to(device=x.device, dtype=x.dtype).contiguous()
-                                      for t in (self.down, self.down_bias, self.up))
-        down, bias, up = self._copies[key]
+        down, bias, up = self._linear_on(x.device, x.dtype)
         return F.linear(F.linear(x, down, bias), up)
+
+    def _linear_on(self, device, dtype) -> tuple:
+        key = ("linear", str(device), dtype)
+        if key not in self._copies:
+            self._copies[key] = tuple(t.to(device=device, dtype=dtype).contiguous()
+                                      for t in (self.down, self.down_bias, self.up))
+        return self._copies[key]
 
     def tensors(self) -> dict:
         """Name -> float32 CPU tensor, for storage."""
