@@ -21,8 +21,8 @@ from .config import ModelArgs
 from .ids import check_input_ids
 from .rope import apply_rotary, cos_sin, inv_frequencies
 from .request_plan import FORWARD, check_context_fit, kv_layers, resolve_forward
-from .schedule import DecodePaths, StepSchedule, ffn_prefers_gemv, gemv_serves
-from .sublayer import gated_swiglu, run_sublayer, swiglu_if
+from .schedule import DecodePaths, StepSchedule, gemv_serves, ungated_ffn_action
+from .sublayer import gated_swiglu, run_ffn, run_sublayer, swiglu_if
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
     from flash_attn import flash_attn_func
@@ -226,11 +226,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=args.mlp_bias)
 
     def forward(self, x):
-        """The FFN as the runtime runs it ungated: on the decode GEMVs where they are faster."""
+        """The FFN as a step of the runtime runs it ungated (its path chosen where a step's is:
+        schedule.ungated_ffn_action): on the decode GEMVs where they are faster."""
         b, t, _ = x.shape
-        if ffn_prefers_gemv(b, t, x.dtype, x.device.type, self.gate_proj.bias is not None, torch.is_grad_enabled()):
-            return self.gated(x, None, 0)
-        return self.dense(x)
+        action = ungated_ffn_action(b, t, x.dtype, x.device.type, self.gate_proj.bias is not None,
+                                    torch.is_grad_enabled())
+        return run_ffn(action, self, x, self.dense)
 
     def dense(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

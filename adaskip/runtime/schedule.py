@@ -59,6 +59,14 @@ def ffn_prefers_gemv(batch: int, tokens: int, dtype: torch.dtype, device_type: s
     return device_type == "cuda" and not grad and gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
 
 
+def ungated_ffn_action(batch: int, tokens: int, dtype: torch.dtype, device_type: str, ffn_bias: bool,
+                       grad: bool) -> str:
+    """RUN_GEMV or RUN: the path of an FFN that runs ungated over this input. The one place it is
+    chosen: schedule_step asks it for every such FFN of a step, FeedForward.forward for a call
+    outside a step (e.g. timing one sublayer)."""
+    return RUN_GEMV if ffn_prefers_gemv(batch, tokens, dtype, device_type, ffn_bias, grad) else RUN
+
+
 @dataclass
 class DecodePaths:
     """How a model runs the parts of a decode step (one token per sequence) that have a decode
@@ -189,8 +197,8 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
                 action = GATED_CONDITIONAL
             else:
                 action = GATED_DISCARD
-        elif not attention and ffn_prefers_gemv(batch, tokens, dtype, device_type, ffn_bias, grad):
-            action = RUN_GEMV
+        elif not attention:
+            action = ungated_ffn_action(batch, tokens, dtype, device_type, ffn_bias, grad)
         else:
             action = RUN
         steps.append(SublayerStep(action))

@@ -44,16 +44,7 @@ def run_sublayer(s: int, todo, x: torch.Tensor, h: torch.Tensor, step, *, norm_w
     if action == GATED_OFF:  # every sequence gated off: the device-side compensation, x not read
         ops.fused_add_rms_norm(x, h, norm_weight, eps, sublayer=s, gates=online.gates, scales=online.scales)
         return x
-    if s % 2 == 0:
-        out = attend(x)
-    elif action == RUN_GEMV:
-        out = gated_swiglu(mlp, x, None, 0)
-    elif action == GATED_GEMV:
-        out = gated_swiglu(mlp, x, online.gates, s)
-    elif action == GATED_CONDITIONAL:
-        out = swiglu_if(mlp, x, online.running[s])
-    else:
-        out = dense_ffn(x)
+    out = attend(x) if s % 2 == 0 else run_ffn(action, mlp, x, dense_ffn, online, s)
     if action in GATED:  # gated-off sequences: the compensation instead of the add, in the same pass
         ops.fused_add_rms_norm(out, h, norm_weight, eps, stats=online.stats, sublayer=s,
                                seq_lens=step.seq_lens, gates=online.gates, scales=online.scales)
@@ -62,6 +53,18 @@ def run_sublayer(s: int, todo, x: torch.Tensor, h: torch.Tensor, step, *, norm_w
             step.taps(s, x, h, out)
         ops.fused_add_rms_norm(out, h, norm_weight, eps, stats=step.stats, sublayer=s, seq_lens=step.seq_lens)
     return out
+
+
+def run_ffn(action: str, mlp, x: torch.Tensor, dense_ffn: Callable, online=None, s: int = 0) -> torch.Tensor:
+    """The output of FFN sublayer s on its normed input x, by the path `action` chose (the
+    schedule's; online: the OnlineGates of a gated action)."""
+    if action == RUN_GEMV:
+        return gated_swiglu(mlp, x, None, 0)
+    if action == GATED_GEMV:
+        return gated_swiglu(mlp, x, online.gates, s)
+    if action == GATED_CONDITIONAL:
+        return swiglu_if(mlp, x, online.running[s])
+    return dense_ffn(x)
 
 
 def gated_swiglu(mlp, x: torch.Tensor, gates: Optional[torch.Tensor], sublayer: int) -> torch.Tensor:
