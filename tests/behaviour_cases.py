@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 
 import torch
 
@@ -157,15 +158,22 @@ def _other_cases(out: dict, name: str) -> None:
     out[f"{name}/generate/plan"] = _generate_case(model, prompts, dataclasses.replace(p, beta=0.5), max_new_tokens=6)
 
 
+@contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block: the same reductions whatever the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def compute() -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same reductions whatever the machine's core count
-    try:
-        out: dict = {}
+    out: dict = {}
+    with one_thread():
         _llama_cases(out)
         for name in ("mistral", "qwen2"):
             _other_cases(out, name)
-        return out
-    finally:
-        torch.set_num_threads(threads)
+    return out

@@ -19,7 +19,7 @@ from adaskip import SamplingParams, SkipPlan, SpeculativeConfig
 from adaskip.runtime.generation import generate
 from adaskip.runtime.stand_in import StandIn
 
-from behaviour_cases import CONFIGS, _tokens, tiny_model
+from behaviour_cases import CONFIGS, _tokens, one_thread, tiny_model
 
 
 def _result(out) -> dict:
@@ -139,14 +139,10 @@ def _runtime_cases(out: dict) -> None:
 
 
 def compute() -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same reductions whatever the machine's core count
-    try:
-        out: dict = {}
+    out: dict = {}
+    with one_thread():
         _runtime_cases(out)
         if has_transformers():
             with torch.no_grad():
                 _hf_cases(out)
-        return out
-    finally:
-        torch.set_num_threads(threads)
+    return out

@@ -97,3 +97,17 @@ def test_an_ffn_path_is_chosen_in_one_place(model, monkeypatch):
     with torch.inference_mode():
         torch.testing.assert_close(mlp(x), mlp.dense(x), rtol=0, atol=0)
     assert len(chosen) == 1
+
+
+def test_generate_and_speculative_rounds_stop_alike_once_every_sequence_ended(model):
+    """The driver posts the end flag after each step: on CPU (the flag lands at once) the loop
+    stops right after the step in which the last sequence ended, for tokens and rounds alike."""
+    prompts = random_requests(2, 11, seed=9)
+    full = adaskip.generate(model, prompts, max_new_tokens=12, eos_token_ids=[])
+    eos = [full.tokens[0][2], full.tokens[1][3]]
+    ends = [min(i for i, t in enumerate(row) if t in eos) for row in full.tokens]
+    out = adaskip.generate(model, prompts, max_new_tokens=12, eos_token_ids=eos)
+    assert out.finished == [True, True] and out.decode_steps == max(ends)
+    config = SpeculativeConfig(SkipPlan(4, {2: 0.9}), draft_tokens=2)
+    spec = adaskip.generate(model, prompts, max_new_tokens=12, eos_token_ids=eos, speculative=config)
+    assert spec.tokens == out.tokens and spec.speculative["rounds_launched"] == spec.decode_steps
