@@ -13,9 +13,11 @@ out, the same code our runtime runs. The model's own attention, MLP, rotary embe
 caches are used as they are: nothing of transformers is copied or patched at class level.
 
 Steps. A forward of one token per sequence that continues the request's cache is a decode step;
-any other forward is a prefill and starts a new request (online learning restarts). Online
-decode learning (plan.beta / plan.window) then keeps per-sequence gates on the device, exactly
-as our runtime's generate does.
+any other forward is a prefill and starts a new request (online learning restarts). The plan
+is resolved once, on entering apply() (adaskip.runtime.request_plan: phases, candidates, the
+stand-ins' device copies), and each step looks its schedule up there. Online decode learning
+(plan.beta / plan.window) then keeps per-sequence gates on the device with the decode driver's
+OnlineLearning (adaskip.runtime.driver), exactly as our runtime's generate does.
 
 KV cache. In e2e mode a layer whose attention the plan skips never computes K/V, so its cache
 layer is never filled (DynamicCache and StaticCache allocate a layer on its first write).

@@ -1,6 +1,7 @@
 """The LLaMA-family runtime: model arguments, the model, loading (HF directories, GGUF, the
-embedded SmolLM2), skip plans and the per-step schedule that executes them, online gates, and
-generation (prefill, decode, CUDA-graph decode steps)."""
+embedded SmolLM2), skip plans, the request plan that resolves one for a request
+(request_plan) and the per-step schedule that executes it, online gates, and generation (prefill,
+the decode driver shared by generate, speculative rounds and adaskip.hf, CUDA-graph decode steps)."""
 from .config import ModelArgs
 from .generation import GenerationResult, SamplingParams, generate
 from .loading import load_model

@@ -1,8 +1,8 @@
 """What every sublayer does in one forward step: the one place where a sublayer's fate is decided.
 
 A StepSchedule is resolved before a forward (a prefill chunk, a decode step, a cache-less
-forward) from the plan's skips in this step, the online-learning state and the shape of the
-step. `Transformer.forward` only carries it out, and a captured CUDA-graph step is keyed by it:
+forward) from the plan's skips in the step's phase, the online-learning state and the shape of
+the step; a request resolves each distinct one once (adaskip.runtime.request_plan). `Transformer.forward` only carries it out, and a captured CUDA-graph step is keyed by it:
 two steps with equal schedules run the same kernels with the same host arguments, so a graph
 captured for one replays correctly for the other, and any host value that changes what forward
 does is a field here.
@@ -151,8 +151,8 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
                   grad: Optional[bool] = None) -> StepSchedule:
     """Resolves what every sublayer of `model` does in a step of `batch` x `tokens` tokens.
 
-    plan: the skips of this step (a SkipPlan; for generation, `plan.phase(...)` of the step):
-      a skipped sublayer is not run and its compensation scale stands in; an attention listed in
+    plan: the skips of this step: a PhaseSkips (a request plan's phase, SkipPlan.skips_in) or a
+      SkipPlan, whose every skip then holds; a skipped sublayer is not run and its compensation scale stands in; an attention listed in
       `plan.kv_only_attention` still stores its K/V.
     online: adaskip.runtime.online.OnlineGates: FFNs in `online.learning` run gated per sequence
       (by the GEMVs where they serve the input, else in a CUDA-graph conditional node when
