@@ -47,7 +47,9 @@ def _text_paths(spec: list, what: str = "calibration data") -> list:
 def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, prompt_len: int, search_methods=(),
                search_max: int = 16, search_candidates=None, search_requests: int = 2, progress: bool = True,
                validate_budgets=(), validate_strategies=("adaskip",), validation_requests: int = 4,
-               search_stand_in: str = "linear", search_weighting: str = "late", checkpoint=None, resume=None):
+               search_stand_in: str = "linear", search_weighting: str = "late", checkpoint=None, resume=None,
+               search_retrieval_weight=None, search_probes: int = 4, validation_probes=None,
+               validation_len=None):
     """adaskip.calibrate on `paths`, the files that `data` (command-line items) names."""
     from .skipping.calibration import calibrate
 
@@ -58,7 +60,8 @@ def _calibrate(model, tokenizer, data: list, paths: list, num_requests: int, pro
                      search_requests=search_requests, validate_budgets=validate_budgets,
                      validate_strategies=validate_strategies, validation_requests=validation_requests,
                      search_stand_in=search_stand_in, search_weighting=search_weighting, checkpoint=checkpoint,
-                     resume=resume)
+                     resume=resume, search_retrieval_weight=search_retrieval_weight, search_probes=search_probes,
+                     validation_probes=validation_probes, validation_len=validation_len)
 
 
 def cmd_calibrate(a) -> None:
@@ -68,7 +71,10 @@ def cmd_calibrate(a) -> None:
 
     _check_common(a, needs_tokenizer=True)
     _at_least(a, num_requests=1, prompt_len=2, search_max=1, search_candidates=1, search_requests=1,
-              validation_requests=1)
+              validation_requests=1, search_retrieval_weight=0.0, search_probes=0, validation_probes=0,
+              validation_len=64)
+    if (a.search_retrieval_weight or 0) > 0 and a.search_probes == 0:
+        raise SystemExit("adaskip: --search-retrieval-weight > 0 needs --search-probes >= 1 (or give weight 0)")
     searches, budgets = _split(a.search, str), _split(a.validate_budgets, int)
     strategies = _split(a.validate_strategies, str)
     _check_names("--search", searches, METHODS)
@@ -108,7 +114,9 @@ def cmd_calibrate(a) -> None:
                              validate_strategies=strategies,
                              validation_requests=4 if a.validation_requests is None else a.validation_requests,
                              search_stand_in=a.search_stand_in, search_weighting=a.search_weighting,
-                             checkpoint=checkpoint, resume=resume)
+                             checkpoint=checkpoint, resume=resume, search_retrieval_weight=a.search_retrieval_weight,
+                             search_probes=a.search_probes, validation_probes=a.validation_probes,
+                             validation_len=a.validation_len)
     except BaseException:
         if saved:
             print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
@@ -124,6 +132,10 @@ def cmd_calibrate(a) -> None:
         print(f"  {strategy} validated on {v['requests']} requests ({v['tokens']} tokens): "
               + ", ".join(f"{k} sublayers KL {kl:.4g} agreement {ag:.3f}"
                           for k, kl, ag in zip(v["budgets"], v["kl"], v["top1_agreement"])))
+        if "retrieval_hits" in v:
+            print(f"    retrieval probes found at {v['retrieval_length']} tokens (of {v['retrieval_probes']}): full "
+                  f"model {v['retrieval_full_hits']}, " + ", ".join(
+                      f"{k} sublayers {h}" for k, h in zip(v["budgets"], v["retrieval_hits"])))
 
 
 def _remove_profile(path: Path) -> None:
@@ -245,6 +257,8 @@ def _check_plan_args(a, profile) -> None:
     if a.min_agreement is not None and not 0.0 <= a.min_agreement <= 1.0:
         raise SystemExit(f"adaskip: --min-agreement must be in [0, 1], got {a.min_agreement}")
     _at_least(a, max_kl=0.0)
+    if getattr(a, "min_retrieval", None) is not None and not 0.0 <= a.min_retrieval <= 1.0:
+        raise SystemExit(f"adaskip: --min-retrieval must be in [0, 1], got {a.min_retrieval}")
     _check_tolerance(a)
     if profile is None:
         if a.strategy not in ("full", *PROFILE_FREE_STRATEGIES):
@@ -289,7 +303,8 @@ def cmd_eval(a) -> None:
 
     _check_common(a, needs_tokenizer=True)
     _at_least(a, num_requests=1, prompt_len=2, search_candidates=1, search_requests=1, window_len=2, windows=1,
-              retrieval_samples=1, retrieval_batch=1, limit=1, context_len=1)
+              retrieval_samples=1, retrieval_batch=1, limit=1, context_len=1, search_retrieval_weight=0.0,
+              search_probes=0)
     strategies = _split(a.strategies, str)
     _check_names("--strategies", strategies, STRATEGIES)
     settings = EvalSettings(strategies=strategies, budgets=_split(a.budgets, int), speedups=_split(a.speedups, float),
@@ -347,7 +362,8 @@ def cmd_eval(a) -> None:
         profile = _calibrate(model, tokenizer, a.calibration_data, calibration_paths, a.num_requests, a.prompt_len,
                              searches, max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1]),
                              a.search_candidates, a.search_requests, search_stand_in=a.search_stand_in,
-                             search_weighting=a.search_weighting,
+                             search_weighting=a.search_weighting, search_retrieval_weight=a.search_retrieval_weight,
+                             search_probes=a.search_probes,
                              checkpoint=lambda p, step, done: p.save(out / "profile.partial.json"))
         profile.save(out / "profile.json")  # as calibrate does: the finished steps beside it until then
         _remove_profile(out / "profile.partial.json")
@@ -407,9 +423,10 @@ def _plan(a, profile, num_layers: int, planner=None, model_args=None):
     from .skipping.strategies import plan
 
     budget = {}
-    if a.min_agreement is not None or a.max_kl is not None:
+    min_retrieval = getattr(a, "min_retrieval", None)
+    if a.min_agreement is not None or a.max_kl is not None or min_retrieval is not None:
         _check_tolerance(a)
-        budget = {"min_agreement": a.min_agreement, "max_kl": a.max_kl}
+        budget = {"min_agreement": a.min_agreement, "max_kl": a.max_kl, "min_retrieval": min_retrieval}
     elif a.strategy != "full":
         if a.alpha is None and a.num_sublayers is None:
             budget = {"num_sublayers": 8}
@@ -430,14 +447,14 @@ def _build_plan(a, model, profile=None):
 
 def _check_tolerance(a) -> None:
     """Before any model loads: a tolerance replaces the budget, and picks from a profile's validation."""
-    if a.min_agreement is None and a.max_kl is None:
+    if a.min_agreement is None and a.max_kl is None and getattr(a, "min_retrieval", None) is None:
         return
     if a.alpha is not None or a.num_sublayers is not None:
-        raise SystemExit("adaskip: --min-agreement / --max-kl choose the budget; give them or --alpha / "
-                         "--num-sublayers, not both")
+        raise SystemExit("adaskip: --min-agreement / --max-kl / --min-retrieval choose the budget; give them or "
+                         "--alpha / --num-sublayers, not both")
     if not a.profile and a.strategy != "full":
-        raise SystemExit("adaskip: --min-agreement / --max-kl pick from the profile's validation; give --profile "
-                         "(made with adaskip calibrate --validate-budgets)")
+        raise SystemExit("adaskip: --min-agreement / --max-kl / --min-retrieval pick from the profile's validation; "
+                         "give --profile (made with adaskip calibrate --validate-budgets)")
 
 
 def _prompt_ids(a, tokenizer, text: str):
@@ -477,10 +494,30 @@ def _compare(a, model, tokenizer, text: str, profile) -> dict:
                       "online_skipped": out.online_skipped[0] if out.online_skipped else [],
                       "graph_capture_s": out.graph_capture_s, "speculative": out.speculative}
     f, p = runs["full"], runs["plan"]
+    _repeat_prefill(a, model, ids, skip_plan, f, p)
     return {"model": a.model, "prompt_tokens": len(ids), "device": str(model.lm_head.weight.device),
             "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""), "plan": skip_plan.to_dict(),
             "plan_text": skip_plan.describe(), "full": f, "adaskip": p,
             "ttft_speedup": f["ttft_s"] / p["ttft_s"], "tpot_speedup": f["tpot_s"] / p["tpot_s"]}
+
+
+def _repeat_prefill(a, model, ids, skip_plan, full: dict, plan: dict) -> None:
+    """Time to first token as the median of --repeats runs each, the full model and the plan in
+    alternating order (one timing of each is the answer's own; CPU timings here drift by +-20 %
+    from run to run, so one pair says little)."""
+    from statistics import median
+
+    from .runtime.generation import generate
+
+    repeats = getattr(a, "repeats", 1)
+    times = {"full": [full["ttft_s"]], "plan": [plan["ttft_s"]]}
+    for i in range(1, repeats):
+        order = (("plan", skip_plan), ("full", None)) if i % 2 else (("full", None), ("plan", skip_plan))
+        for name, p in order:
+            times[name].append(generate(model, [ids], max_new_tokens=1, plan=p, cuda_graph=a.cuda_graph).prefill_s)
+    for run, name in ((full, "full"), (plan, "plan")):
+        run["ttft_runs_s"] = times[name]
+        run["ttft_s"] = median(times[name])
 
 
 def _print_report(r: dict) -> None:
@@ -496,6 +533,9 @@ def _print_report(r: dict) -> None:
         print(f"drafted {spec['drafted']} tokens in {spec['rounds']} rounds of {spec['draft_tokens']}: "
               f"{spec['acceptance_rate']:.0%} accepted, {spec['tokens_per_round']:.2f} tokens a round\n")
     print(f"{'':22}{'full':>12}{'plan':>12}{'speedup':>10}")
+    runs = len(f.get("ttft_runs_s", [None]))
+    if runs > 1:
+        print(f"(time to first token: median of {runs} runs each, full and plan alternating)")
     print(f"{'time to first token':22}{f['ttft_s'] * 1e3:>10.1f}ms{p['ttft_s'] * 1e3:>10.1f}ms{r['ttft_speedup']:>10.3f}")
     print(f"{'time per output token':22}{f['tpot_s'] * 1e3:>10.1f}ms{p['tpot_s'] * 1e3:>10.1f}ms{r['tpot_speedup']:>10.3f}")
     print(f"{'KV cache':22}{f['kv_cache_bytes'] / 2**20:>10.1f}MB{p['kv_cache_bytes'] / 2**20:>10.1f}MB")
@@ -507,7 +547,10 @@ def cmd_run(a) -> None:
     _check_common(a, needs_tokenizer=True)
     if a.online_draft and not a.lossless:
         raise SystemExit("adaskip: --online-draft is for the drafter of --lossless; add --lossless")
-    _at_least(a, draft_tokens=1)
+    _at_least(a, draft_tokens=1, repeats=1)
+    if a.lossless and a.repeats > 1:
+        raise SystemExit("adaskip: --repeats times the plan's own prefill; with --lossless the full model prefills "
+                         "(its answers are the full model's): drop one of them")
     profile = _load_profile(a)
     _check_plan_args(a, profile)
     if a.prompt is not None:
@@ -559,7 +602,7 @@ def cmd_demo(a) -> None:
     from .runtime.loading import load_model
 
     _check_common(a, needs_tokenizer=True)
-    _at_least(a, prompt_tokens=1)
+    _at_least(a, prompt_tokens=1, repeats=1)
     profile = _load_profile(a)
     _check_plan_args(a, profile)
     print(__doc_demo__)
@@ -573,6 +616,8 @@ def cmd_demo(a) -> None:
             break
     ids = tokenizer(text)["input_ids"][-a.prompt_tokens:]
     a.question = a.question or DEMO_QUESTION
+    if a.context_len is None:  # a tolerance picks the plan predicted fastest at the demo's own prompt length
+        a.context_len = len(ids)
     report = _compare(a, model, tokenizer, tokenizer.decode(ids) + "\n\n" + a.question, profile)
     print(f"question: {a.question}")
     _print_report(report)
@@ -615,6 +660,12 @@ def main(argv=None) -> None:
                        help="kl search: the stand-in each candidate is fitted and scored with")
         q.add_argument("--search-weighting", choices=["late", "uniform"], default="late",
                        help="kl search: weight of each position in the KL (late: proportional to position)")
+        q.add_argument("--search-retrieval-weight", type=float,
+                       help="kl search: weight of the KL on the answers of retrieval probes (a fact hidden in a "
+                       "calibration window, asked for at the end) beside the KL on text; 0: text alone (default: 1 "
+                       "where probes fit, --prompt-len >= 256, else 0)")
+        q.add_argument("--search-probes", type=int, default=4,
+                       help="kl search: retrieval probes, --prompt-len tokens each (kinds: passkey, word)")
 
     c = sub.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")
     common(c)
@@ -632,6 +683,13 @@ def main(argv=None) -> None:
                    help="strategies to validate (comma-separated; greedy ones need their --search)")
     c.add_argument("--validation-requests", type=int,
                    help="validation windows, taken after the calibration ones (default 4)")
+    c.add_argument("--validation-probes", type=int,
+                   help="held-out retrieval probes (--validation-len tokens, other facts than the search's) whose "
+                   "greedy answers validation scores, for run --min-retrieval (0: none; default: 8 where probes "
+                   "fit, --validation-len >= 256, else 0)")
+    c.add_argument("--validation-len", type=int,
+                   help="length of the validation probes in tokens: the prompt length the plan is for (default "
+                   "--prompt-len; longer ones join the held-out windows, so ask for enough --validation-requests)")
     c.add_argument("--resume", action="store_true",
                    help="go on from the <out>.partial.json an interrupted calibrate left (same model, data and "
                    "settings): its statistics and search choices are kept")
@@ -648,6 +706,9 @@ def main(argv=None) -> None:
         q.add_argument("--max-kl", type=float,
                        help="instead of a budget: the fastest validated plan whose KL(full || plan) per token is at "
                        "most this (with --min-agreement: both)")
+        q.add_argument("--min-retrieval", type=float,
+                       help="instead of a budget (or with the two above): the fastest validated plan that finds at "
+                       "least this fraction of the held-out retrieval probes the full model finds")
         q.add_argument("--strategy", default="adaskip",
                        choices=list(STRATEGIES))
         q.add_argument("--stand-in", choices=list(STAND_IN_KINDS),
@@ -663,6 +724,8 @@ def main(argv=None) -> None:
                        "one replay per round)")
         q.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--repeats", type=int, default=1,
+                       help="time to first token: the median of this many runs each, full model and plan alternating")
 
     r = sub.add_parser("run", help="answer a prompt with the full model and with a skip plan, timed side by side")
     common(r)
@@ -707,7 +770,7 @@ def main(argv=None) -> None:
     planning(d)
     d.add_argument("--prompt-tokens", type=int, default=6000)
     d.add_argument("--question")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, repeats=3)
 
     e = sub.add_parser("eval", help="quality of skipping strategies vs the full model (tables, JSON, plots)")
     common(e)

@@ -41,9 +41,10 @@ CONFIGS = {
 }
 
 
-def tiny_model(name: str, dtype=torch.float32):
-    """A model of CONFIGS[name] with seeded random weights (torch's CPU generator only)."""
-    args = ModelArgs.from_hf_config(CONFIGS[name])
+def tiny_model(name: str, dtype=torch.float32, **config):
+    """A model of CONFIGS[name] (`config` overriding its fields) with seeded random weights
+    (torch's CPU generator only)."""
+    args = ModelArgs.from_hf_config({**CONFIGS[name], **config})
     with torch.device("meta"):
         from adaskip.runtime.model import Transformer
         shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}

@@ -374,8 +374,9 @@ class Transformer(nn.Module):
                 kv_len: Optional[int] = None, seq_lens: Optional[torch.Tensor] = None, plan=None,
                 stats: Optional[torch.Tensor] = None, logits_index: Optional[torch.Tensor] = None,
                 block_stats: Optional[torch.Tensor] = None, online=None,
-                schedule: Optional[StepSchedule] = None, taps=None):
-        """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B]).
+                schedule: Optional[StepSchedule] = None, taps=None, start=None):
+        """Logits for input_ids [B, T] -> [B, T, vocab] (or [B, vocab] at `logits_index` [B], or
+        [B, K, vocab] at `logits_index` [B, K]).
 
         Without `input_pos` this is the plain causal forward over the whole sequence (no cache).
         With `input_pos` it reads and writes the KV caches: an int (every sequence's first token
@@ -392,6 +393,10 @@ class Transformer(nn.Module):
         taps: called as taps(s, x, h, out) for every sublayer s that runs ungated, before its
           output is added: x its normed input, h the residual stream before it, out its output
           (what fitting stand-ins reads; not for captured steps).
+        start: (s, x, h): a cache-less forward that begins at sublayer s, from its normed input x and
+          the residual stream h before it as `taps` saw them in a forward of the same input_ids
+          whose plan agrees on every sublayer before s (those do not run again: what a search that
+          tries one more skip at s needs). x and h are copied, not written.
         """
         check_input_ids(input_ids, self.args.vocab_size)  # reads CPU ids only: no device sync
         b, t = input_ids.shape
@@ -418,7 +423,10 @@ class Transformer(nn.Module):
             else:
                 q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
             positions = q_pos
-        h = self.model.embed_tokens(input_ids)
+        if start is not None:
+            first, x, h = self._check_start(start, b, t, input_pos, stats, block_stats, online)
+        else:
+            first, h = 0, self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(q_pos, kv_len, h.dtype)
         # The decode attention kernel reads each sequence's length on the device: no mask.
         kernel = schedule.decode_attention == "kernel" and positions is not None
@@ -431,16 +439,36 @@ class Transformer(nn.Module):
                      gemv=schedule.gemv_projections)
 
         layers = self.model.layers
-        x = layers[0].input_layernorm(h)
-        for i, layer in enumerate(layers):
+        if start is None:
+            x = layers[0].input_layernorm(h)
+        for i in range(first // 2, len(layers)):
             layer_input = h.clone() if block_stats is not None else None
-            x = self._sublayer(2 * i, schedule.sublayers[2 * i], x, h, step)
+            if 2 * i >= first:
+                x = self._sublayer(2 * i, schedule.sublayers[2 * i], x, h, step)
             x = self._sublayer(2 * i + 1, schedule.sublayers[2 * i + 1], x, h, step)
             if block_stats is not None:
                 ops.io_similarity_stats(layer_input, h, block_stats, i, seq_lens=seq_lens)
-        if logits_index is not None:
-            x = x[torch.arange(b, device=device), logits_index]
+        if logits_index is not None:  # [B] -> logits [B, vocab]; [B, K] -> [B, K, vocab]
+            rows = torch.arange(b, device=device)
+            x = x[rows if logits_index.dim() == 1 else rows[:, None], logits_index]
         return project(self.lm_head, x, schedule.gemv_lm_head)
+
+    def _check_start(self, start, b: int, t: int, input_pos, stats, block_stats, online) -> tuple:
+        """(s, x copied, h copied) of a forward's `start`, checked."""
+        try:
+            s, x, h = start
+        except (TypeError, ValueError):
+            raise ValueError("adaskip: start must be (sublayer, normed input, residual stream)") from None
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 * self.args.num_layers:
+            raise ValueError(f"adaskip: start's sublayer must be in [0, {2 * self.args.num_layers}), got {s!r}")
+        if input_pos is not None or stats is not None or block_stats is not None or online is not None:
+            raise ValueError("adaskip: a forward from a start sublayer is cache-less and collects no statistics")
+        shape = (b, t, self.args.hidden_size)
+        for name, v in (("normed input", x), ("residual stream", h)):
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape or v.dtype != self.lm_head.weight.dtype:
+                raise ValueError(f"adaskip: start's {name} must be a {self.lm_head.weight.dtype} tensor of shape "
+                                 f"{list(shape)}")
+        return s, x.clone(), h.clone()
 
     def _sublayer(self, s: int, todo, x: torch.Tensor, h: torch.Tensor, step: "_Step") -> torch.Tensor:
         """Carries out sublayer s as the schedule says (adaskip.runtime.sublayer.run_sublayer): x

@@ -14,7 +14,9 @@ import torch
 from .._version import __version__
 from . import greedy
 from ..runtime.stand_in import KINDS
+from .._util import progress_bar
 from .measurement import POSITION_WEIGHTS, check_requests, compare_requests, measure_requests
+from .probes import MIN_PROBE_LEN, answer_found, make_probes
 from .profile import ImportanceProfile, model_fingerprint
 from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
 
@@ -69,7 +71,9 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               validate_budgets: Sequence[int] = (), validate_strategies: Sequence[str] = ("adaskip",),
               validation_requests: int = 4, search_stand_in: str = "linear",
               search_weighting: str = "late", checkpoint: Optional[Callable] = None,
-              resume: Optional[ImportanceProfile] = None) -> ImportanceProfile:
+              resume: Optional[ImportanceProfile] = None, search_retrieval_weight: Optional[float] = None,
+              search_probes: int = 4, validation_probes: Optional[int] = None,
+              validation_len: Optional[int] = None) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -83,11 +87,21 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     first `search_requests` requests, up to `search_max_sublayers` sublayers (at most all but one
     layer), each trying `search_candidates` per step (None: each method's default, see
     adaskip.skipping.greedy.search), stored in the profile's `search`; the "kl" search scores its
-    candidates with `search_stand_in` stand-ins and `search_weighting` of positions.
+    candidates with `search_stand_in` stand-ins and `search_weighting` of positions, plus
+    `search_retrieval_weight` times its KL on the answers of `search_probes` retrieval probes
+    (adaskip.skipping.probes: a fact hidden at a random depth of a calibration window, asked for at
+    the end; built from the calibration requests after the search's, prompt_len tokens long).
+    None: 1.0 where probes can be built (texts with their tokenizer, prompt_len >= MIN_PROBE_LEN),
+    else 0 (text alone; the search records its weight).
     validate_budgets: also run `validate` for `validate_strategies` at these budgets on
     `validation_requests` requests that calibration and the searches did not read: for texts and
     files the windows after those calibration took (a window identical to a calibration request
-    is passed over; their texts join `sources`), for token lists the next lists of `data`.
+    is passed over; their texts join `sources`), for token lists the next lists of `data`; with a
+    tokenizer, also the greedy answers of `validation_probes` retrieval probes built on those
+    held-out windows (other facts and seeds than the search's; 0: none; None: 8 where they can be
+    built, as for the search's), `validation_len` tokens
+    long (default prompt_len; longer ones are cut from the held-out windows joined end to end, so
+    validate at the length the plan will serve).
     checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
@@ -117,6 +131,31 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                        1 if search_candidates is None else search_candidates) < 1:
         raise ValueError(f"adaskip: the search needs search_requests, search_max_sublayers and search_candidates "
                          f">= 1, got {search_requests}, {search_max_sublayers} and {search_candidates}")
+    validation_len = prompt_len if validation_len is None else validation_len
+    if isinstance(validation_len, bool) or not isinstance(validation_len, numbers.Integral) \
+            or not 2 <= validation_len <= model.args.max_position_embeddings:
+        raise ValueError(f"adaskip: validation_len must be an integer in [2, {model.args.max_position_embeddings}] "
+                         f"(the model's context), got {validation_len!r}")
+    if validation_probes is None:
+        validation_probes = 8 if tokenizer is not None and validation_len >= MIN_PROBE_LEN else 0
+    elif validation_probes and validation_len < MIN_PROBE_LEN:
+        raise ValueError(f"adaskip: retrieval probes need at least {MIN_PROBE_LEN} tokens, validation_len is "
+                         f"{validation_len}; give validation_probes=0 or a longer validation_len")
+    for name, value in (("search_probes", search_probes), ("validation_probes", validation_probes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"adaskip: {name} must be an integer >= 0, got {value!r}")
+    if search_retrieval_weight is None:
+        search_retrieval_weight = 1.0 if tokenizer is not None and search_probes > 0 and prompt_len >= MIN_PROBE_LEN \
+            else 0.0
+    if "kl" in methods and search_retrieval_weight > 0:
+        if prompt_len < MIN_PROBE_LEN:
+            raise ValueError(f"adaskip: the kl search's retrieval probes are prompt_len tokens long and need at least "
+                             f"{MIN_PROBE_LEN}; give a longer prompt_len or search_retrieval_weight=0")
+        if tokenizer is None:
+            raise ValueError("adaskip: the kl search's retrieval probes are built with the model's tokenizer; pass "
+                             "tokenizer= or search_retrieval_weight=0")
+        if search_probes < 1:
+            raise ValueError("adaskip: search_retrieval_weight > 0 needs search_probes >= 1")
     if "kl" in methods:
         if search_stand_in not in KINDS:
             raise ValueError(f"adaskip: unknown stand-in kind {search_stand_in!r} for the kl search; choose from {KINDS}")
@@ -191,8 +230,14 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
             requests_sha256=digest)
         save(profile, "calibration", True)
     max_sublayers = min(search_max_sublayers, 2 * args.num_layers - 2)
+    probes = []
+    if "kl" in methods and search_retrieval_weight > 0:
+        # Hidden in the calibration windows after the search's own (all of them when there are none).
+        probes = make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
+                             seed="search")
     for method in methods:
-        extra = dict(stand_in=search_stand_in, weighting=search_weighting) if method == "kl" else {}
+        extra = (dict(stand_in=search_stand_in, weighting=search_weighting, probes=probes,
+                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method == "kl" else {})
         # A resumed search goes on from its choices (the search checks that they are its own
         # beginning, with these settings); one that had made as many or more just keeps them.
         earlier = profile.search_result(method) if method in profile.search else None
@@ -208,9 +253,26 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         profile.add_search(result)
         save(profile, f"{method} search", True)
     if budgets:
-        validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress)
+        held_probes = (make_probes(tokenizer, _haystacks(held, validation_len), validation_probes,
+                                   length=validation_len, seed="validation")
+                       if tokenizer is not None and validation_probes else ())
+        validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress,
+                 probes=held_probes, tokenizer=tokenizer)
         save(profile, "validation", True)
     return profile
+
+
+def _haystacks(windows: Sequence[Sequence[int]], length: int) -> list:
+    """The held-out windows joined end to end (they are consecutive text) and cut into pieces of
+    `length` tokens: the haystacks of validation probes longer than a window."""
+    if all(len(w) >= length for w in windows):
+        return [list(w) for w in windows]
+    stream = [t for w in windows for t in w]
+    pieces = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+    if not pieces:
+        raise ValueError(f"adaskip: the {len(windows)} validation windows hold {len(stream)} tokens, too few for a "
+                         f"{length}-token retrieval probe; ask for more validation requests")
+    return pieces
 
 
 def _resumed(resume: ImportanceProfile, model, digest: str, prompt_len: int, methods) -> ImportanceProfile:
@@ -254,14 +316,18 @@ def _check_validation(num_layers: int, strategies: Sequence[str], budgets: Seque
 
 @torch.inference_mode()
 def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]], *,
-             strategies: Sequence[str] = ("adaskip",), budgets: Sequence[int], progress: bool = False) -> dict:
+             strategies: Sequence[str] = ("adaskip",), budgets: Sequence[int], progress: bool = False,
+             probes: Sequence = (), tokenizer=None) -> dict:
     """Quality of each strategy's plan at each budget (skipped sublayers) on validation `requests`
     (token lists that calibration and the searches did not read), stored in `profile.validation`
     and returned: per strategy {"budgets", "kl" (mean KL(full || plan) per predicted token),
     "top1_agreement" (with the full model's next token), "perplexity", "sublayers" (what each plan
     skips), "requests", "tokens" (predicted tokens)}, over cache-less forwards, as
     adaskip.evaluation.quality.compare_with_full measures them. adaskip.plan(profile,
-    min_agreement= / max_kl=) picks among these plans."""
+    min_agreement= / max_kl=) picks among these plans.
+    probes: held-out retrieval probes (adaskip.skipping.probes; their answers decoded with
+    `tokenizer`): each plan's greedy answers are scored too, beside the full model's, as
+    "retrieval_hits" per budget and "retrieval_full_hits" (plan(min_retrieval=) reads them)."""
     profile.check_model(model)
     budgets = sorted(int(b) for b in budgets)
     _check_validation(profile.num_layers, strategies, budgets)
@@ -269,9 +335,12 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
     if any(len(r) < 2 for r in requests):
         raise ValueError("adaskip: validation needs at least one request, each of at least 2 tokens")
     # Every plan is built before any forward, so a missing search or an odd whole-layer budget fails at once.
+    if probes and tokenizer is None:
+        raise ValueError("adaskip: validating on retrieval probes needs the tokenizer to read the answers")
     plans = {(s, k): plan(profile, strategy=s, num_sublayers=k) for s in strategies for k in budgets}
     tokens, sums = compare_requests(model, requests, list(plans.items()), progress=progress,
                                     description="validating")
+    hits = retrieval_hits(model, tokenizer, probes, {"full": None, **plans}, progress) if probes else {}
     for s in strategies:
         keys = [(s, k) for k in budgets]
         profile.validation[s] = {
@@ -281,4 +350,27 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
             "sublayers": [sorted(plans[key].skip_scales) for key in keys],
             "stand_in": profile.search_result("kl").stand_in if s == "greedy-kl" else "scalar",
             "requests": len(requests), "tokens": tokens}
+        if probes:
+            profile.validation[s].update({
+                "retrieval_hits": [hits[key] for key in keys], "retrieval_full_hits": hits["full"],
+                "retrieval_probes": len(probes), "retrieval_length": max(len(p.ids) for p in probes)})
     return {s: profile.validation[s] for s in strategies}
+
+
+@torch.inference_mode()
+def retrieval_hits(model, tokenizer, probes: Sequence, named_plans: dict, progress: bool = False) -> dict:
+    """How many probes each plan (None: the full model) answers: greedy tokens after each probe's
+    prompt, a few more than its answer has, decoded and searched for the fact (probes.answer_found)."""
+    from ..runtime.generation import generate
+
+    found = {}
+    bar = progress_bar(len(probes) * len(named_plans), progress, "validating retrieval", "answer")
+    for name, p in named_plans.items():
+        found[name] = 0
+        for probe in probes:
+            answer_len = len(probe.ids) - probe.answer_start
+            out = generate(model, [probe.prompt], max_new_tokens=answer_len + 4, plan=p)
+            found[name] += answer_found(probe, tokenizer.decode(out.tokens[0], skip_special_tokens=True))
+            bar.update(1)
+    bar.close()
+    return found

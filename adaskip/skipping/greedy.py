@@ -38,7 +38,8 @@ import torch
 from .._util import progress_bar
 from ..runtime.skip_plan import SkipPlan
 from ..runtime.stand_in import KINDS
-from .measurement import POSITION_WEIGHTS, check_requests, divergence, measure_requests, reference_logprobs
+from .measurement import (POSITION_WEIGHTS, check_requests, divergence, measure_requests, probe_divergence,
+                          probe_references, reference_logprobs)
 from .profile import SearchResult
 from .stand_ins import StandInFit, default_rank
 
@@ -66,7 +67,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
            candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
            progress: bool = True, stand_in: str = "linear", weighting: str = "late",
            rank: Optional[int] = None, on_step: Optional[Callable] = None,
-           resume: Optional[SearchResult] = None) -> SearchResult:
+           resume: Optional[SearchResult] = None, retrieval_weight: float = 0.0,
+           probes: Optional[Sequence] = None) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
@@ -80,6 +82,11 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     position weighting of the KL ("late" or "uniform"), the rank of linear stand-ins (default
     hidden / 8). "kl" costs one pass per request for the full model's distributions, then per
     step one for the statistics, one to fit the shortlist's stand-ins and one per candidate.
+    retrieval_weight, probes: method "kl" only: the objective becomes KL on the text requests plus
+    retrieval_weight times the KL on the answer tokens of `probes` (adaskip.skipping.probes: a fact
+    hidden in calibration text, asked for at the end), so that a sublayer that retrieval needs is
+    not taken for one that running text does not; the probes' prompts also join the stand-ins'
+    fitting pass. 0 (the default) scores text alone. Each probe costs one more pass per candidate.
     on_step: called after each choice with the result so far (a SearchResult of the choices
     made, notes["complete"] False), so that a search that stops keeps what it completed.
     resume: such a partial result, or a finished one of fewer sublayers: the search goes on
@@ -108,9 +115,13 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     digest = requests_digest(requests)
     if resume is not None:
         _check_resume(resume, method, digest, tried_per_step(method, candidates, pool), max_sublayers, pool)
+    probes = list(probes or ())
+    if method != "kl" and (retrieval_weight or probes):
+        raise ValueError(f"adaskip: retrieval probes score the kl search only, not {method!r}")
     if method == "kl":
+        retrieval = _check_retrieval(model, retrieval_weight, probes)
         return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
-                          on_step, resume, digest)
+                          on_step, resume, digest, retrieval)
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
     identity = method in IDENTITY_METHODS
     start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
@@ -160,6 +171,59 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
                         candidates=tried_per_step(method, candidates, pool), requests=len(requests),
                         tokens=sum(len(r) for r in requests),
                         forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
+
+
+def _check_retrieval(model, weight, probes) -> dict:
+    """The kl search's retrieval settings, checked: {"weight", "probes", "probes_sha256"}."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"adaskip: retrieval_weight must be a number >= 0, got {weight!r}")
+    if weight > 0 and not probes:
+        raise ValueError("adaskip: retrieval_weight > 0 needs retrieval probes (adaskip.skipping.probes.make_probes)")
+    if probes and weight == 0:
+        raise ValueError("adaskip: retrieval probes were given with retrieval_weight 0; they would cost passes and "
+                         "score nothing: give a weight > 0 or no probes")
+    if probes:
+        check_requests(model, [p.ids for p in probes], "retrieval probes")
+        if any(not 1 <= p.answer_start < len(p.ids) for p in probes):
+            raise ValueError("adaskip: a retrieval probe must have a prompt and at least one answer token")
+    return {"weight": float(weight), "probes": probes,
+            "probes_sha256": requests_digest([p.ids for p in probes]) if probes else ""}
+
+
+def _balanced(remaining: list, candidates: int) -> list:
+    """The shortlist of a search with retrieval probes: the most similar remaining attention and
+    FFN sublayers in turn (`remaining` is sorted by similarity). IO similarity cannot see
+    retrieval and ranks attention first, so a shortlist by similarity alone would hold only the
+    attention that copying needs; this one lets the objective weigh FFNs against it."""
+    attention = [s for s in remaining if s % 2 == 0]
+    ffn = [s for s in remaining if s % 2 == 1]
+    picked = []
+    while len(picked) < candidates and (attention or ffn):
+        for kind in (attention, ffn):
+            if kind and len(picked) < candidates:
+                picked.append(kind.pop(0))
+    return sorted(picked, key=remaining.index)
+
+
+class _FitAndKeepStarts:
+    """Taps for the kl search's fitting pass: the stand-in sums (`fit`, a StandInFit) and, per
+    request, a copy of the normed input and the residual stream before each watched sublayer,
+    where that candidate's trial forwards begin (the sublayers before it are the same in both)."""
+
+    def __init__(self, fit: StandInFit):
+        self.fit = fit
+        self.starts: list = []  # per request: {sublayer: (normed input, residual stream)}
+        self._current: dict = {}
+
+    def __call__(self, s: int, x, h, out) -> None:
+        self.fit(s, x, h, out)
+        if s in self.fit.sublayers:
+            self._current[s] = (x.clone(), h.clone())
+
+    def flush(self) -> None:
+        self.fit.flush()
+        self.starts.append(self._current)
+        self._current = {}
 
 
 def requests_digest(requests: Sequence[Sequence[int]]) -> str:
@@ -213,7 +277,7 @@ def _partial(method, order, scales, sims, losses, tried, requests, passes, start
 
 
 def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
-               on_step=None, resume=None, digest=None) -> SearchResult:
+               on_step=None, resume=None, digest=None, retrieval=None) -> SearchResult:
     if stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
     if weighting not in POSITION_WEIGHTS:
@@ -223,9 +287,15 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
     if not 1 <= rank <= hidden:
         raise ValueError(f"adaskip: a linear stand-in's rank must be in [1, {hidden}], got {rank}")
     m = model.args.num_layers
-    settings = {"stand_in": stand_in, "weighting": weighting, "rank": rank}
+    retrieval = retrieval or {"weight": 0.0, "probes": [], "probes_sha256": ""}
+    probes = retrieval["probes"]
+    settings = {"stand_in": stand_in, "weighting": weighting, "rank": rank,
+                "retrieval_weight": retrieval["weight"], "probes_sha256": retrieval["probes_sha256"]}
     if resume is not None:
-        differ = {k: (resume.notes.get(k), v) for k, v in settings.items() if resume.notes.get(k) != v}
+        # (a search made before retrieval probes existed scored text alone: weight 0, no probes)
+        before = {"retrieval_weight": 0.0, "probes_sha256": ""}
+        differ = {k: (resume.notes.get(k, before.get(k)), v) for k, v in settings.items()
+                  if resume.notes.get(k, before.get(k)) != v}
         if differ:
             raise ValueError(f"adaskip: the kl search to resume ran with other settings (it vs this one: {differ})")
         if len(resume.objective) < len(resume.order) + 1:
@@ -236,17 +306,29 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
                              ".stand-ins.safetensors file beside its JSON)")
     start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
     passes = 0 if resume is None else resume.forward_passes
-    references = None
+    # Passes counted as whole ones, and the work they did in whole-forward equivalents (a trial that
+    # begins at sublayer s runs (2M - s) / 2M of a forward).
+    work = float(passes if resume is None else resume.notes.get("pass_equivalents", passes))
+    references, probe_refs = None, None
     if resume is None or len(resume.order) < max_sublayers:  # (the full model's, for the steps to come)
         references = reference_logprobs(model, requests)
-        passes += len(requests)
+        probe_refs = probe_references(model, probes)
+        passes += len(requests) + len(probes)
+        if resume is None:  # (a resumed search's work is that of the search it continues)
+            work += len(requests) + len(probes)
     bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
     chosen: dict = {}  # sublayer -> its compensation scale
     stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
     order, scales, sims, fits = [], [], [], []
     losses: list = [None] * (max_sublayers + 1)
     objective: list = [0.0] + [None] * max_sublayers
+    parts = {"text_kl": [0.0], "retrieval_kl": [0.0], "retrieval_nll": [None]}  # per choice, what objective mixes
+    if probes and resume is None:  # the full model's own answer NLL, from its reference log-probabilities
+        parts["retrieval_nll"][0] = sum(-ref[range(ref.shape[0]), p.ids[p.answer_start:]].mean().item()
+                                        for p, ref in zip(probes, probe_refs)) / len(probes)
     if resume is not None:
+        parts = {k: list(resume.notes.get(k, [None] * (len(resume.order) + 1)))[:len(resume.order) + 1]
+                 for k in parts}
         order, scales, sims, fits = (list(resume.order), list(resume.scales), list(resume.similarity),
                                      list(resume.fits))
         chosen = dict(zip(order, scales))
@@ -263,38 +345,58 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
         sim, scale = measured.similarity.mean(0), measured.scale.mean(0)
         remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
                            key=lambda s: (-sim[s].item(), s))
-        shortlist = remaining[:candidates] if candidates is not None else remaining
-        fit = StandInFit(shortlist, hidden, linear=True)
-        measure_requests(model, requests, plan=current, stats=False, taps=fit)
-        passes += len(requests)
-        fitted = {s: {kind: fit.fit(s, kind, scale=scale[s].item(), rank=rank) for kind in KINDS} for s in shortlist}
+        shortlist = (remaining if candidates is None else
+                     _balanced(remaining, candidates) if probes else remaining[:candidates])
+        # Fitted on the probes' prompts as well: more tokens than the text requests alone, of
+        # the lengths the plan is for.
+        fit = _FitAndKeepStarts(StandInFit(shortlist, hidden, linear=True))
+        measure_requests(model, list(requests) + [p.ids for p in probes], plan=current, stats=False, taps=fit)
+        passes += len(requests) + len(probes)
+        work += len(requests) + len(probes) + len(requests)  # and the statistics pass
+        fitted = {s: {kind: fit.fit.fit(s, kind, scale=scale[s].item(), rank=rank) for kind in KINDS}
+                  for s in shortlist}
         trial = {}
         for s in shortlist:
             plan = SkipPlan(m, {**chosen, s: scale[s].item()}, stand_ins={**stand_ins, s: fitted[s][stand_in]})
-            trial[s] = divergence(model, requests, references, plan, weighting=weighting)
-            passes += len(requests)
+            # Each trial begins at its candidate: the sublayers before it are those of the fitting pass.
+            starts = [(s, *kept[s]) for kept in fit.starts]
+            text_kl, nll = divergence(model, requests, references, plan, weighting=weighting,
+                                      starts=starts[:len(requests)])
+            work += (len(requests) + len(probes)) * (2 * m - s) / (2 * m)
+            probe_kl, probe_nll = (probe_divergence(model, probes, probe_refs, plan, starts=starts[len(requests):])
+                                   if probes else (0.0, None))
+            trial[s] = (text_kl + retrieval["weight"] * probe_kl, nll, text_kl, probe_kl, probe_nll)
+            passes += len(requests) + len(probes)
         best = min(shortlist, key=lambda s: (trial[s][0], s))
+        for key, value in zip(parts, trial[best][2:]):
+            parts[key].append(value)
         chosen[best] = scale[best].item()
         stand_ins[best] = fitted[best][stand_in]
         order.append(best)
         scales.append(chosen[best])
         sims.append(sim[best].item())
         fits.append(fitted[best])
-        objective[step + 1], losses[step + 1] = trial[best]
+        objective[step + 1], losses[step + 1] = trial[best][:2]
         bar.update(1)
         if on_step is not None:
             on_step(_partial("kl", order, scales, sims, losses, len(pool) if candidates is None else candidates,
-                             requests, passes, start, notes={**settings, "requests_sha256": digest},
+                             requests, passes, start, notes={**settings, "requests_sha256": digest, **parts,
+                                                             "pass_equivalents": work},
                              objective=objective[:step + 2], fits=list(fits)))
     bar.close()
     args = model.args
     q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    notes = {"objective": f"KL(full || plan) per token, {weighting} position weighting",
-             **settings, "requests_sha256": digest,
+    text = f"KL(full || plan) per token, {weighting} position weighting"
+    mixed = (f"{text}, plus {retrieval['weight']:g} x KL per answer token on {len(probes)} retrieval probes"
+             if probes else text)
+    notes = {"objective": mixed, **settings, "requests_sha256": digest, **parts, "retrieval_probes": len(probes),
+             "probe_tokens": sum(len(p.ids) for p in probes), "pass_equivalents": work,
              # What the planners weigh a linear stand-in's cost against (multiply-adds per token)
              "attention_multiply_adds": hidden * (q_dim + 2 * kv_dim) + q_dim * hidden,
              "ffn_multiply_adds": 3 * hidden * args.intermediate_size,
              "candidates": ("every remaining sublayer tried at each step" if candidates is None else
+                            f"the {candidates} most similar remaining sublayers (re-measured), attention and FFN in "
+                            "equal numbers, tried at each step" if probes else
                             f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")}
     return SearchResult(method="kl", order=order, scales=scales, similarity=sims, loss=losses,
                         candidates=len(pool) if candidates is None else candidates, requests=len(requests),

@@ -152,16 +152,50 @@ def reference_logprobs(model, requests: Sequence[Sequence[int]]) -> list:
 
 @torch.inference_mode()
 def divergence(model, requests: Sequence[Sequence[int]], references: Sequence[torch.Tensor], plan, *,
-               weighting: str = "uniform") -> Tuple[float, float]:
+               weighting: str = "uniform", starts: Optional[Sequence] = None) -> Tuple[float, float]:
     """(KL(full || plan) per token, weighted by position within each request and averaged over
-    the requests; mean next-token NLL over every predicted token) of `plan` on `requests`."""
+    the requests; mean next-token NLL over every predicted token) of `plan` on `requests`.
+    starts: per request, the (sublayer, normed input, residual stream) its forward begins at
+    (Transformer.forward(start=)): the same numbers, without running the sublayers before again."""
     device = model.lm_head.weight.device
     kl, nll, tokens = 0.0, 0.0, 0
-    for seq, ref in zip(requests, references):
+    for i, (seq, ref) in enumerate(zip(requests, references)):
         ids = torch.as_tensor(list(seq), device=device)[None]
-        logp = model(ids, plan=plan)[0, :-1].float().log_softmax(-1)
+        start = None if starts is None else starts[i]
+        logp = model(ids, plan=plan, start=start)[0, :-1].float().log_softmax(-1)
         per_token = (ref.exp() * (ref - logp)).sum(-1)
         kl += (per_token * position_weights(per_token.shape[0], weighting, device)).sum().item()
         nll += F.nll_loss(logp, ids[0, 1:], reduction="sum").item()
         tokens += ids.shape[1] - 1
     return kl / len(requests), nll / tokens
+
+
+def _answer_logprobs(model, probe, plan=None, start=None) -> torch.Tensor:
+    """Log-probabilities [answer tokens, vocab] at the positions that predict a probe's answer
+    (adaskip.skipping.probes.Probe): one cache-less forward (from `start`, as in divergence), the
+    vocabulary projected at those positions only."""
+    device = model.lm_head.weight.device
+    ids = torch.as_tensor(probe.ids, device=device)[None]
+    at = torch.as_tensor(probe.answer_positions, device=device)[None]
+    return model(ids, plan=plan, logits_index=at, start=start)[0].float().log_softmax(-1)
+
+
+@torch.inference_mode()
+def probe_references(model, probes) -> list:
+    """The full model's answer log-probabilities of every probe (what probe_divergence compares
+    plans with)."""
+    return [_answer_logprobs(model, p) for p in probes]
+
+
+@torch.inference_mode()
+def probe_divergence(model, probes, references, plan, starts: Optional[Sequence] = None) -> Tuple[float, float]:
+    """(KL(full || plan) per answer token, averaged over the probes; the mean answer NLL per
+    token) of `plan` on retrieval probes: the text around the fact is not scored, only whether the
+    plan still predicts the fact as the full model does. starts: as divergence's."""
+    kl, nll = 0.0, 0.0
+    for i, (probe, ref) in enumerate(zip(probes, references)):
+        logp = _answer_logprobs(model, probe, plan, None if starts is None else starts[i])
+        kl += (ref.exp() * (ref - logp)).sum(-1).mean().item()
+        answer = torch.as_tensor(probe.ids[probe.answer_start:], device=logp.device)
+        nll += F.nll_loss(logp, answer).item()
+    return kl / len(probes), nll / len(probes)

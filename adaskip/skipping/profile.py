@@ -207,6 +207,14 @@ class ImportanceProfile:
             # What plan(min_agreement=, max_kl=) picks by: a NaN would compare false and pick wrongly.
             _check_numbers(f"validation.{strategy}.kl", entry["kl"], positive=True)
             _check_numbers(f"validation.{strategy}.top1_agreement", entry["top1_agreement"], within=(0.0, 1.0))
+            if "retrieval_hits" in entry:  # what plan(min_retrieval=) picks by
+                probes = entry.get("retrieval_probes")
+                _check_count(f"validation.{strategy}.retrieval_probes", probes, minimum=1)
+                hits = entry["retrieval_hits"] + [entry.get("retrieval_full_hits")]
+                if not isinstance(entry["retrieval_hits"], list) or len(entry["retrieval_hits"]) != len(entry["budgets"]) \
+                        or any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= probes for h in hits):
+                    raise ValueError(f"adaskip: the profile's validation of {strategy!r} has malformed retrieval hits "
+                                     f"(one count in [0, {probes}] per budget, and the full model's)")
 
     def validation_of(self, strategy: str) -> dict:
         """The stored validation of `strategy` (calibration.validate)."""

@@ -46,7 +46,8 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
          alpha: Optional[float] = None, num_sublayers: Optional[int] = None, strategy: str = "adaskip",
          planner: str = "paper", context_len: Optional[int] = None, mode: str = "e2e", window: int = 20,
          online: bool = True, costs=None, model_args=None, min_agreement: Optional[float] = None,
-         max_kl: Optional[float] = None, stand_in: Optional[str] = None) -> SkipPlan:
+         max_kl: Optional[float] = None, stand_in: Optional[str] = None,
+         min_retrieval: Optional[float] = None) -> SkipPlan:
     """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers, or chosen
     by a quality tolerance.
 
@@ -76,6 +77,9 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
       always qualifies), the plan predicted fastest: under the cost model when `costs` or context_len
       and model_args are given, else by the paper's equal-cost speedup; ties go to fewer sublayers.
       The plans are those validated (adaskip: the paper planner's).
+    min_retrieval (alone or with the two above): the plan must also find at least this fraction of
+      the held-out retrieval probes the full model found in the validation (calibrate
+      --validate-budgets with a tokenizer measures them at the calibration's prompt length).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"adaskip: unknown strategy {strategy!r}; choose from {STRATEGIES}")
@@ -88,17 +92,19 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     if num_layers is None:
         raise ValueError("adaskip: pass a profile or num_layers")
     fingerprint = profile.fingerprint.get("config_hash") if profile is not None else None
-    if min_agreement is not None or max_kl is not None:
+    if min_agreement is not None or max_kl is not None or min_retrieval is not None:
         if alpha is not None or num_sublayers is not None:
-            raise ValueError("adaskip: give either a tolerance (min_agreement / max_kl) or a budget "
+            raise ValueError("adaskip: give either a tolerance (min_agreement / max_kl / min_retrieval) or a budget "
                              "(alpha / num_sublayers), not both")
+        if min_retrieval is not None and (isinstance(min_retrieval, bool) or not 0.0 <= min_retrieval <= 1.0):
+            raise ValueError(f"adaskip: min_retrieval must be in [0, 1], got {min_retrieval}")
         if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"adaskip: min_agreement must be in [0, 1], got {min_agreement}")
         if max_kl is not None and not max_kl >= 0.0:
             raise ValueError(f"adaskip: max_kl must be >= 0, got {max_kl}")
         if strategy != "full":
             return _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window,
-                                 online, costs, model_args, stand_in)
+                                 online, costs, model_args, stand_in, min_retrieval)
     if stand_in is not None and stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
     if stand_in not in (None, "scalar") and strategy != "greedy-kl":
@@ -134,8 +140,15 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
                     explanation=f"{n} whole layers skipped, identity pass-through")
 
 
+def _retrieval_ok(entry: dict, index: int, min_retrieval: Optional[float]) -> bool:
+    """The validated plan at entry["budgets"][index] keeps min_retrieval of the full model's hits."""
+    if min_retrieval is None:
+        return True
+    return entry["retrieval_hits"][index] >= min_retrieval * entry["retrieval_full_hits"] - 1e-9
+
+
 def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window, online, costs,
-                  model_args, stand_in) -> SkipPlan:
+                  model_args, stand_in, min_retrieval=None) -> SkipPlan:
     if profile is None:
         raise ValueError("adaskip: planning by tolerance needs a profile with a validation (adaskip calibrate "
                          "--validate-budgets)")
@@ -143,6 +156,9 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
         raise ValueError("adaskip: a tolerance picks among the validated plans (the paper planner's); to rank them "
                          "by the cost model, give context_len and model_args (or costs=) with planner='paper'")
     entry = profile.validation_of(strategy)
+    if min_retrieval is not None and "retrieval_hits" not in entry:
+        raise ValueError(f"adaskip: the profile's validation of {strategy!r} measured no retrieval; calibrate again "
+                         "with --validate-budgets and a tokenizer (validation probes > 0) to plan by min_retrieval")
     validated = entry.get("stand_in", "scalar")
     if stand_in is not None and stand_in != validated:
         raise ValueError(f"adaskip: the profile validated {strategy!r} with {validated} stand-ins, not {stand_in}; "
@@ -158,8 +174,9 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
         raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {m}")
     # Budget 0 is the full model: nothing to lose, so it always qualifies.
     qualifying = {0: (0.0, 1.0)}
-    for k, kl, agree, skipped in zip(entry["budgets"], entry["kl"], entry["top1_agreement"], entry["sublayers"]):
-        if (min_agreement is None or agree >= min_agreement) and (max_kl is None or kl <= max_kl):
+    for i, (k, kl, agree) in enumerate(zip(entry["budgets"], entry["kl"], entry["top1_agreement"])):
+        if (min_agreement is None or agree >= min_agreement) and (max_kl is None or kl <= max_kl) \
+                and _retrieval_ok(entry, i, min_retrieval):
             qualifying[int(k)] = (kl, agree)
     best = None
     for k in sorted(qualifying):
@@ -176,7 +193,9 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
     _, k, p, speed = best
     kl, agree = qualifying[k]
     wanted = " and ".join(f"{n} {op} {v:g}" for n, op, v in (("top-1 agreement", ">=", min_agreement),
-                                                           ("KL per token", "<=", max_kl)) if v is not None)
+                                                           ("KL per token", "<=", max_kl),
+                                                           ("retrieval (of the full model's hits)", ">=",
+                                                            min_retrieval)) if v is not None)
     by = (f"cost model ({costs.source}, {costs.mode} at {costs.context_len} tokens)" if costs is not None
           else "equal-cost (paper) speedup")
     if k == 0:
@@ -185,6 +204,10 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
         head = (f"tolerance {wanted}: {k} sublayers, the fastest by {by} of the qualifying budgets "
                 f"{sorted(qualifying)} (validated: {entry['budgets']}); on {entry['requests']} validation requests "
                 f"({entry['tokens']} tokens): KL per token {kl:.4g}, top-1 agreement {agree:.4f}")
+        if "retrieval_hits" in entry and k in entry["budgets"]:
+            head += (f"; retrieval probes found {entry['retrieval_hits'][entry['budgets'].index(k)]} of "
+                     f"{entry['retrieval_probes']} (full model {entry['retrieval_full_hits']}) at "
+                     f"{entry['retrieval_length']} tokens")
     p.predicted_speedup = speed
     p.explanation = head + ("\n" + p.explanation if p.explanation else "")
     return p
