@@ -37,7 +37,7 @@ def model():
 def profile(model):
     return calibrate(model, _requests(6), num_requests=3, prompt_len=64, progress=False, search=["kl", "loss"],
                      search_max_sublayers=4, search_candidates=3, validate_budgets=[1, 2, 4],
-                     validate_strategies=["greedy-kl"], validation_requests=3)
+                     validate_strategies=["greedy-kl"], validation_requests=3, search_stand_in="linear")
 
 
 # -- fitting --------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _measure(model, requests, skip: dict, want_stats: bool):
 @torch.inference_mode()
 def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, method: str = "loss",
            candidates: Optional[int] = None, allowed: Optional[Sequence[int]] = None,
-           progress: bool = True, stand_in: str = "linear", weighting: str = "late",
+           progress: bool = True, stand_in: str = "scalar", weighting: str = "late",
            rank: Optional[int] = None, on_step: Optional[Callable] = None,
            resume: Optional[SearchResult] = None, retrieval_weight: float = 0.0,
            probes: Optional[Sequence] = None) -> SearchResult:
@@ -78,7 +78,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     methods one pass per request and step for the statistics plus one per request and candidate
     tried (none at a step with a single candidate left).
     allowed: sublayers that may be chosen (default: all).
-    stand_in, weighting, rank: method "kl" only: the stand-in each candidate is scored with, the
+    stand_in, weighting, rank: method "kl" only: the stand-in each candidate is scored with (default
+    "scalar": fitted ones did worse than it on text unlike the calibration's, see the README), the
     position weighting of the KL ("late" or "uniform"), the rank of linear stand-ins (default
     hidden / 8). "kl" costs one pass per request for the full model's distributions, then per
     step one for the statistics, one to fit the shortlist's stand-ins and one per candidate.
