@@ -47,12 +47,14 @@ $(VLLM_STAMP):
 # with the full model and with the fastest plan that still finds 90 % of the held-out 6k-token
 # probes the full model finds. Time to first token: the median of 3 alternating runs each.
 # Linear stand-ins (not the default scalar): the demo's prompts are essays, the text calibration read,
-# where they pay; on other text they did worse than the scalar (bench/results/README.md).
+# where they pay; on other text they did worse than the scalar (bench/results/README.md). Retrieval
+# weight 1, as in the recorded run (bench/results/demo-smollm2-cpu-2026-12-05/); the default is now 4.
 DEMO_PROFILE := .cache/smollm2-essays-kl-retrieval-profile.json
 demo: $(BUILD_STAMP)
 	@mkdir -p .cache
 	@test -f $(DEMO_PROFILE) || $(PY) -m adaskip calibrate --model smollm2 --data essays \
 		--num-requests 8 --prompt-len 2048 --search kl --search-stand-in linear --search-max 8 --search-probes 4 \
+		--search-retrieval-weight 1 \
 		--validate-budgets 4,6,8 --validate-strategies greedy-kl --validation-requests 9 \
 		--validation-len 6000 --validation-probes 8 --out $(DEMO_PROFILE)
 	$(PY) -m adaskip demo --profile $(DEMO_PROFILE) --strategy greedy-kl --min-retrieval 0.9 \

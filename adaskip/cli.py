@@ -665,7 +665,7 @@ def main(argv=None) -> None:
                        help="kl search: weight of each position in the KL (late: proportional to position)")
         q.add_argument("--search-retrieval-weight", type=float,
                        help="kl search: weight of the KL on the answers of retrieval probes (a fact hidden in a "
-                       "calibration window, asked for at the end) beside the KL on text; 0: text alone (default: 1 "
+                       "calibration window, asked for at the end) beside the KL on text; 0: text alone (default: 4 "
                        "where probes fit, --prompt-len >= 256, else 0)")
         q.add_argument("--search-probes", type=int, default=4,
                        help="kl search: retrieval probes, --prompt-len tokens each (kinds: passkey, word)")

@@ -14,6 +14,7 @@ from adaskip.cli import _build_plan, main
 from adaskip.runtime.generation import generate
 from adaskip.runtime.skip_plan import SkipPlan
 from adaskip.skipping import greedy
+from adaskip.skipping import calibration
 from adaskip.skipping.calibration import calibrate, retrieval_hits, validate
 from adaskip.skipping.costs import paper_speedup
 from adaskip.skipping.measurement import divergence, probe_divergence, probe_references, reference_logprobs
@@ -211,7 +212,7 @@ def test_calibrate_with_text_scores_probes_of_the_prompt_length(long_model):
                         validate_budgets=[1], validate_strategies=["greedy-kl"], validation_requests=2,
                         validation_probes=3)
     notes = profile.search["kl"]["notes"]
-    assert notes["retrieval_weight"] == 1.0 and notes["retrieval_probes"] == 2
+    assert notes["retrieval_weight"] == calibration.DEFAULT_RETRIEVAL_WEIGHT == 4.0 and notes["retrieval_probes"] == 2
     assert MIN_PROBE_LEN * 2 * 0.8 <= notes["probe_tokens"] <= MIN_PROBE_LEN * 2
     v = profile.validation["greedy-kl"]
     assert v["retrieval_probes"] == 3 and 0.8 * MIN_PROBE_LEN <= v["retrieval_length"] <= MIN_PROBE_LEN

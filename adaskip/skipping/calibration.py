@@ -17,6 +17,11 @@ from ..runtime.stand_in import KINDS
 from .._util import progress_bar
 from .measurement import POSITION_WEIGHTS, check_requests, compare_requests, measure_requests
 from .probes import MIN_PROBE_LEN, answer_found, make_probes
+
+# The kl search's weight of the probes' KL when none is given. On SmolLM2 at 8 sublayers weight 1 still
+# took the early attention that retrieval needs (needle 5 of 12 against the full model's 12); weight 4
+# kept every cell within 2 of the full model (bench/results/eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/).
+DEFAULT_RETRIEVAL_WEIGHT = 4.0
 from .profile import ImportanceProfile, model_fingerprint
 from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
 
@@ -91,8 +96,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     `search_retrieval_weight` times its KL on the answers of `search_probes` retrieval probes
     (adaskip.skipping.probes: a fact hidden at a random depth of a calibration window, asked for at
     the end; built from the calibration requests after the search's, prompt_len tokens long).
-    None: 1.0 where probes can be built (texts with their tokenizer, prompt_len >= MIN_PROBE_LEN),
-    else 0 (text alone; the search records its weight).
+    None: DEFAULT_RETRIEVAL_WEIGHT where probes can be built (texts with their tokenizer,
+    prompt_len >= MIN_PROBE_LEN), else 0 (text alone; the search records its weight).
     validate_budgets: also run `validate` for `validate_strategies` at these budgets on
     `validation_requests` requests that calibration and the searches did not read: for texts and
     files the windows after those calibration took (a window identical to a calibration request
@@ -145,7 +150,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"adaskip: {name} must be an integer >= 0, got {value!r}")
     if search_retrieval_weight is None:
-        search_retrieval_weight = 1.0 if tokenizer is not None and search_probes > 0 and prompt_len >= MIN_PROBE_LEN \
+        search_retrieval_weight = DEFAULT_RETRIEVAL_WEIGHT if tokenizer is not None and search_probes > 0 \
+            and prompt_len >= MIN_PROBE_LEN \
             else 0.0
     if "kl" in methods and search_retrieval_weight > 0:
         if prompt_len < MIN_PROBE_LEN:
