@@ -38,8 +38,8 @@ import torch
 from .._util import progress_bar
 from ..runtime.skip_plan import SkipPlan
 from ..runtime.stand_in import KINDS
-from .measurement import (POSITION_WEIGHTS, check_requests, divergence, measure_requests, probe_divergence,
-                          probe_references, reference_logprobs)
+from .measurement import (POSITION_WEIGHTS, answer_nll, check_requests, divergence, measure_requests,
+                          probe_divergence, probe_references, reference_logprobs)
 from .profile import SearchResult
 from .stand_ins import StandInFit, default_rank
 
@@ -325,8 +325,7 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
     objective: list = [0.0] + [None] * max_sublayers
     parts = {"text_kl": [0.0], "retrieval_kl": [0.0], "retrieval_nll": [None]}  # per choice, what objective mixes
     if probes and resume is None:  # the full model's own answer NLL, from its reference log-probabilities
-        parts["retrieval_nll"][0] = sum(-ref[range(ref.shape[0]), p.ids[p.answer_start:]].mean().item()
-                                        for p, ref in zip(probes, probe_refs)) / len(probes)
+        parts["retrieval_nll"][0] = sum(answer_nll(p, ref) for p, ref in zip(probes, probe_refs)) / len(probes)
     if resume is not None:
         parts = {k: list(resume.notes.get(k, [None] * (len(resume.order) + 1)))[:len(resume.order) + 1]
                  for k in parts}

@@ -163,11 +163,22 @@ def divergence(model, requests: Sequence[Sequence[int]], references: Sequence[to
         ids = torch.as_tensor(list(seq), device=device)[None]
         start = None if starts is None else starts[i]
         logp = model(ids, plan=plan, start=start)[0, :-1].float().log_softmax(-1)
-        per_token = (ref.exp() * (ref - logp)).sum(-1)
+        per_token = kl_per_token(ref, logp)
         kl += (per_token * position_weights(per_token.shape[0], weighting, device)).sum().item()
         nll += F.nll_loss(logp, ids[0, 1:], reduction="sum").item()
         tokens += ids.shape[1] - 1
     return kl / len(requests), nll / tokens
+
+
+def kl_per_token(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(full || plan) at each position, from log-probabilities [positions, vocab]."""
+    return (ref.exp() * (ref - logp)).sum(-1)
+
+
+def answer_nll(probe, logp: torch.Tensor) -> float:
+    """Mean NLL of a probe's answer tokens under answer log-probabilities (_answer_logprobs)."""
+    answer = torch.as_tensor(probe.ids[probe.answer_start:], device=logp.device)
+    return F.nll_loss(logp, answer).item()
 
 
 def _answer_logprobs(model, probe, plan=None, start=None) -> torch.Tensor:
@@ -195,7 +206,6 @@ def probe_divergence(model, probes, references, plan, starts: Optional[Sequence]
     kl, nll = 0.0, 0.0
     for i, (probe, ref) in enumerate(zip(probes, references)):
         logp = _answer_logprobs(model, probe, plan, None if starts is None else starts[i])
-        kl += (ref.exp() * (ref - logp)).sum(-1).mean().item()
-        answer = torch.as_tensor(probe.ids[probe.answer_start:], device=logp.device)
-        nll += F.nll_loss(logp, answer).item()
+        kl += kl_per_token(ref, logp).mean().item()
+        nll += answer_nll(probe, logp)
     return kl / len(probes), nll / len(probes)
