@@ -188,9 +188,9 @@ def make_tasks(tokenizer, kind: str, context_lengths: Sequence[int], depths: Seq
 def score(task: RetrievalTask, generated_text: str) -> bool:
     """The answer appears in the generation: the exact digits (not inside a longer number) for a
     pass key, the whole word in any case for a needle."""
-    if task.kind == "passkey":
-        return re.search(rf"(?<!\d){re.escape(task.answer)}(?!\d)", generated_text) is not None
-    return re.search(rf"\b{re.escape(task.answer)}\b", generated_text, re.IGNORECASE) is not None
+    from ..skipping.probes import contains_answer
+
+    return contains_answer(task.answer, generated_text, number=task.kind == "passkey")
 
 
 def _summary(tasks, hits) -> dict:

@@ -131,9 +131,14 @@ def make_probes(tokenizer, windows: Sequence[Sequence[int]], count: int, *, leng
     return probes
 
 
+def contains_answer(answer: str, text: str, *, number: bool) -> bool:
+    """`answer` appears in a generated `text`: a number as the exact digits (not inside a longer
+    number), a word as the whole word in any case. (The eval's retrieval tasks score the same way.)"""
+    if number:
+        return re.search(rf"(?<!\d){re.escape(answer)}(?!\d)", text) is not None
+    return re.search(rf"\b{re.escape(answer)}\b", text, re.IGNORECASE) is not None
+
+
 def answer_found(probe: Probe, text: str) -> bool:
-    """The probe's answer appears in a generated `text`: the exact digits (not inside a longer
-    number) or the whole word, in any case."""
-    if probe.kind == "passkey":
-        return re.search(rf"(?<!\d){re.escape(probe.answer)}(?!\d)", text) is not None
-    return re.search(rf"\b{re.escape(probe.answer)}\b", text, re.IGNORECASE) is not None
+    """The probe's answer appears in a generated `text` (contains_answer)."""
+    return contains_answer(probe.answer, text, number=probe.kind == "passkey")
