@@ -26,11 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-
 from ._version import __version__
+from .runtime.config import MODEL_FAMILIES
 from .runtime.skip_plan import SkipPlan
 
-FORMATS = ("decilm", "llama")
 CONFIG_MODULE = "configuration_adaskip_decilm"
 CONFIG_CLASS = "AdaskipDeciLMConfig"
 PLAN_FILE = "adaskip_plan.json"
@@ -74,8 +73,7 @@ def _check(model, plan: SkipPlan, fmt: str) -> None:
     args = model.args
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"adaskip: export needs an adaskip SkipPlan, got {type(plan).__name__}")
-    if fmt not in FORMATS:
-        raise ValueError(f"adaskip: unknown export format {fmt!r}; choose from {FORMATS}")
+    fmt = export_format(fmt)
     plan.check_model(args.num_layers, args.fingerprint())
     if plan.mode != "e2e" or plan.ramp:
         raise ValueError(f"adaskip: only plans that skip the same sublayers in prefill and decode (mode e2e, no "
@@ -84,18 +82,15 @@ def _check(model, plan: SkipPlan, fmt: str) -> None:
         kinds = sorted({v.kind for v in plan.stand_ins.values()})
         raise ValueError(f"adaskip: the plan's {'/'.join(kinds)} stand-ins have no serving format; export a plan "
                          "with scalar compensation (e.g. stand_in='scalar') or serve it with our runtime")
-    if args.architecture not in ("LlamaForCausalLM", "DeciLMForCausalLM", "InternLMForCausalLM"):
+    family = MODEL_FAMILIES.get(args.architecture)
+    if family is None or not family.llama_layers:
         raise ValueError(f"adaskip: export writes LLaMA layers; a {args.architecture} does not fit them "
                          f"(Qwen2's q/k/v bias without an o bias, Mistral's sliding window)")
     if args.qkv_bias != args.o_bias:
         raise ValueError("adaskip: export writes LLaMA layers, whose attention has bias on all of q/k/v/o or none")
     if any(w is not None for w in args.sliding_windows):
         raise ValueError("adaskip: sliding-window attention is not carried by the exported formats")
-    if fmt == "llama":
-        partial = sorted({s // 2 for s in _skips(model, plan)} - _skipped_layers(model, plan))
-        if partial:
-            raise ValueError(f"adaskip: --format llama drops whole layers; the plan skips only one sublayer of "
-                             f"layers {partial} (use the decilm format)")
+    fmt.check(model, plan)
 
 
 def _skips(model, plan: SkipPlan) -> dict:
@@ -106,6 +101,81 @@ def _skips(model, plan: SkipPlan) -> dict:
 def _skipped_layers(model, plan: SkipPlan) -> set:
     skips = _skips(model, plan)
     return {i for i in range(model.args.num_layers) if 2 * i in skips and 2 * i + 1 in skips}
+
+
+class ExportFormat:
+    """One checkpoint layout `adaskip export` writes: what a new format declares and does."""
+
+    name: str
+    help: str  # what the CLI says of it
+    serve_flags: str = ""  # what `vllm serve` needs beside the folder
+    files: tuple = ()  # more files written into the folder: (name, text) pairs
+
+    def check(self, model, plan: SkipPlan) -> None:
+        """Refuses a plan this format cannot carry (the checks common to all formats ran)."""
+
+    def arrange(self, model, plan: SkipPlan, weights: dict) -> dict:
+        """The folded weights under this format's names."""
+        return weights
+
+    def config(self, model, plan: SkipPlan) -> dict:
+        """What this format's config.json adds to the LLaMA fields every format writes."""
+        raise NotImplementedError
+
+
+class DeciLMFormat(ExportFormat):
+    name = "decilm"
+    help = "DeciLMForCausalLM with no-op sublayers (vLLM, --trust-remote-code)"
+    serve_flags = " --trust-remote-code"
+    files = ((f"{CONFIG_MODULE}.py", _CONFIG_SOURCE),)
+
+    def config(self, model, plan: SkipPlan) -> dict:
+        a, skips = model.args, _skips(model, plan)
+        blocks = [{"attention": {"no_op": 2 * i in skips, "n_heads_in_group": a.num_heads // a.num_kv_heads},
+                   "ffn": {"no_op": 2 * i + 1 in skips, "intermediate_size": a.intermediate_size}}
+                  for i in range(a.num_layers)]
+        return dict(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
+                    auto_map={"AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}"})
+
+
+class LlamaFormat(ExportFormat):
+    name = "llama"
+    help = "a LlamaForCausalLM with fewer layers (plans that skip whole layers)"
+
+    def check(self, model, plan: SkipPlan) -> None:
+        partial = sorted({s // 2 for s in _skips(model, plan)} - _skipped_layers(model, plan))
+        if partial:
+            raise ValueError(f"adaskip: --format llama drops whole layers; the plan skips only one sublayer of "
+                             f"layers {partial} (use the decilm format)")
+
+    def arrange(self, model, plan: SkipPlan, weights: dict) -> dict:
+        """The layers that remain, renumbered from 0."""
+        kept = [i for i in range(model.args.num_layers) if i not in _skipped_layers(model, plan)]
+        renumber = {old: new for new, old in enumerate(kept)}
+        renamed = {}
+        for k, v in weights.items():
+            if k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                k = f"model.layers.{renumber[int(i)]}.{rest}"
+            renamed[k] = v
+        return renamed
+
+    def config(self, model, plan: SkipPlan) -> dict:
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                    num_hidden_layers=model.args.num_layers - len(_skipped_layers(model, plan)))
+
+
+EXPORT_FORMATS = {f.name: f for f in (DeciLMFormat(), LlamaFormat())}
+FORMATS = tuple(EXPORT_FORMATS)
+
+
+def export_format(fmt: Union[str, ExportFormat]) -> ExportFormat:
+    """The format object of `fmt` (a name or one already), or the error naming the known ones."""
+    if isinstance(fmt, ExportFormat):
+        return fmt
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"adaskip: unknown export format {fmt!r}; choose from {FORMATS}")
+    return EXPORT_FORMATS[fmt]
 
 
 def folded_weights(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
@@ -133,23 +203,13 @@ def folded_weights(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
     weights = {k: out.get(k, v) for k, v in state.items() if k not in drop}
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    if fmt == "llama":
-        kept = [i for i in range(model.args.num_layers) if i not in _skipped_layers(model, plan)]
-        renumber = {old: new for new, old in enumerate(kept)}
-        renamed = {}
-        for k, v in weights.items():
-            if k.startswith("model.layers."):
-                i, rest = k[len("model.layers."):].split(".", 1)
-                k = f"model.layers.{renumber[int(i)]}.{rest}"
-            renamed[k] = v
-        weights = renamed
+    weights = export_format(fmt).arrange(model, plan, weights)
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
 def export_config(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
     """config.json of the exported checkpoint."""
     a = model.args
-    skips = _skips(model, plan)
     dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
     cfg = {"vocab_size": a.vocab_size, "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
            "num_hidden_layers": a.num_layers, "num_attention_heads": a.num_heads,
@@ -161,21 +221,13 @@ def export_config(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
            "torch_dtype": dtype}
     if a.rope_scaling:
         cfg["rope_scaling"] = dict(a.rope_scaling)
-    if fmt == "llama":
-        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama",
-                   num_hidden_layers=a.num_layers - len(_skipped_layers(model, plan)))
-        return cfg
-    blocks = [{"attention": {"no_op": 2 * i in skips, "n_heads_in_group": a.num_heads // a.num_kv_heads},
-               "ffn": {"no_op": 2 * i + 1 in skips, "intermediate_size": a.intermediate_size}}
-              for i in range(a.num_layers)]
-    cfg.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
-               auto_map={"AutoConfig": f"{CONFIG_MODULE}.{CONFIG_CLASS}"})
+    cfg.update(export_format(fmt).config(model, plan))
     return cfg
 
 
 def _plan_record(model, plan: SkipPlan, fmt: str, profile, source: Optional[str]) -> dict:
     record = {"adaskip_version": __version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "format": fmt, "source": source, "source_fingerprint": model.args.fingerprint(),
+              "format": export_format(fmt).name, "source": source, "source_fingerprint": model.args.fingerprint(),
               "plan": plan.to_dict(), "skipped_sublayers": sorted(plan.skip_scales),
               "kept_attention_layers": sorted(set(range(model.args.num_layers)) - {s // 2 for s in _skips(model, plan)
                                                                                if s % 2 == 0}),
@@ -250,8 +302,8 @@ def export(model, plan: SkipPlan, out_dir: Union[str, os.PathLike], *, tokenizer
     try:
         _write_weights(folded_weights(model, plan, format), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(export_config(model, plan, format), indent=1))
-        if format == "decilm":
-            (tmp / f"{CONFIG_MODULE}.py").write_text(_CONFIG_SOURCE)
+        for name, text in export_format(format).files:
+            (tmp / name).write_text(text)
         a = model.args
         generation = {"bos_token_id": a.bos_token_id, "eos_token_id": list(a.eos_token_ids) or None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1))

