@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import adaskip
-from adaskip.cli import _build_plan, main
+from adaskip.cli import main
+from adaskip.cli.planning import build_plan
 from adaskip.runtime.generation import generate
 from adaskip.runtime.skip_plan import SkipPlan
 from adaskip.skipping import greedy
@@ -380,7 +381,7 @@ def test_cli_min_retrieval_and_repeats(model, tmp_path):
     args = SimpleNamespace(profile=str(path), strategy="adaskip", planner="paper", context_len=None, mode="e2e",
                            window=20, alpha=None, num_sublayers=None, min_agreement=None, max_kl=None,
                            stand_in=None, min_retrieval=0.85)
-    assert _build_plan(args, model).to_dict() == adaskip.plan(profile, min_retrieval=0.85,
+    assert build_plan(args, model).to_dict() == adaskip.plan(profile, min_retrieval=0.85,
                                                                model_args=model.args).to_dict()
     assert "--min-retrieval must be in [0, 1]" in _main_error(["run", "--profile", str(path), "--min-retrieval",
                                                                 "2", "--prompt", "x"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import adaskip
-from adaskip.cli import _build_plan, main
+from adaskip.cli import main
+from adaskip.cli.planning import build_plan
 from adaskip.evaluation.harness import EvalSettings, build_plans
 from adaskip.runtime.skip_plan import SkipPlan
 from adaskip.runtime.stand_in import StandIn
@@ -307,10 +308,10 @@ def test_cli_stand_in_flags(model, profile, tmp_path):
     profile.save(path)
     args = SimpleNamespace(profile=str(path), strategy="greedy-kl", planner="paper", context_len=None, mode="e2e",
                            window=20, alpha=None, num_sublayers=3, min_agreement=None, max_kl=None, stand_in="channel")
-    got = _build_plan(args, model)
+    got = build_plan(args, model)
     assert got.stand_in == "channel" and sorted(got.skip_scales) == sorted(profile.search_result("kl").order[:3])
     args.stand_in = None  # the kind the search scored with
-    assert _build_plan(args, model).stand_in == "linear"
+    assert build_plan(args, model).stand_in == "linear"
     for argv, message in ((["eval", "--strategies", "greedy-kl", "--stand-ins", "cubic"], "unknown stand-in"),
                           (["eval", "--strategies", "adaskip", "--stand-ins", "channel"], "greedy-kl"),
                           (["eval", "--min-agreement", "1.5"], "agreements")):

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from adaskip import plan  # the public name: adaskip.plan
-from adaskip.cli import _build_plan, main
+from adaskip.cli import main
+from adaskip.cli.planning import build_plan
 from adaskip.evaluation.quality import compare_with_full
 from adaskip.skipping import calibration
 from adaskip.skipping.calibration import calibrate, validate
@@ -208,8 +209,8 @@ def test_cli_flags(model, profile, tmp_path):
     args = SimpleNamespace(profile=str(path), strategy="adaskip", planner="paper", context_len=None, mode="e2e",
                            window=20, alpha=None, num_sublayers=None, min_agreement=0.0, max_kl=None,
                            stand_in=None)
-    assert _build_plan(args, model).to_dict() == plan(profile, min_agreement=0.0, model_args=model.args).to_dict()
+    assert build_plan(args, model).to_dict() == plan(profile, min_agreement=0.0, model_args=model.args).to_dict()
     args.max_kl, args.min_agreement = 0.0, None
-    assert _build_plan(args, model).skip_scales == {}
+    assert build_plan(args, model).skip_scales == {}
     args.max_kl, args.num_sublayers = None, 2  # no tolerance: the budget as before
-    assert len(_build_plan(args, model).skip_scales) == 2
+    assert len(build_plan(args, model).skip_scales) == 2

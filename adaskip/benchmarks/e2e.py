@@ -34,9 +34,6 @@ from .common import DTYPES, device_info, git_commit, now_iso, run_device
 from .measure import DEFINITIONS, baseline_row, compare_with_offline, cost_summary, measure, plan_row
 from .models import CONFIGS, BenchModel, hf_twin, model_args, random_model, real_model
 
-# The default set: AdaSkip and the paper's baselines. Any other strategy of adaskip.STRATEGIES can be
-# asked for by name; which ones need a profile or take odd budgets follows the policy module.
-STRATEGIES = ("adaskip", "shortgpt", "early-exit", "skipdecode", "unified")
 GPU_PROMPT_LENS = (2048, 8192, 32768)
 CPU_PROMPT_LENS = (64, 256)
 RANDOM_PROFILE_LABEL = "calibrated on random tokens (speed only)"
@@ -57,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, help="timed output tokens per run (default 32 on a GPU, 8 on a CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
-    p.add_argument("--strategies", default=",".join(STRATEGIES),
+    # The default set is the paper's comparison; any other strategy of adaskip.STRATEGIES can be
+    # asked for by name, and what each needs (a profile, even budgets) is in its strategy record.
+    p.add_argument("--strategies", default=",".join(planning.PAPER_COMPARISON),
                    help="comma-separated strategies of adaskip.STRATEGIES (default: %(default)s); empty: the "
                         "full model only")
     p.add_argument("--budgets", help="comma-separated numbers of skipped sublayers (default 8,16; 2,4 for models "
@@ -159,21 +158,13 @@ def budgets(spec: Optional[str], num_layers: int) -> list:
     return ks
 
 
-def known_strategies() -> tuple:
-    return tuple(s for s in planning.STRATEGIES if s != "full")
-
-
 def needs_profile(strategy: str) -> bool:
-    return strategy not in planning.PROFILE_FREE_STRATEGIES
-
-
-def takes_odd_budgets(strategy: str) -> bool:
-    return strategy in planning.SUBLAYER_STRATEGIES
+    return planning.strategy_of(strategy).needs_profile
 
 
 def strategies(spec: str) -> list:
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    known = known_strategies()
+    known = planning.SKIPPING_STRATEGIES
     bad = [s for s in names if s not in known]
     if bad:
         raise ValueError(f"unknown strategies {bad}; choose from {', '.join(known)} (the full model is "
@@ -235,7 +226,7 @@ def _plans(profile, names: list, ks: list, num_layers: int, online: bool, notes:
     plans = []
     for k in ks:
         for s in names:
-            if k % 2 and not takes_odd_budgets(s):
+            if k % 2 and not planning.strategy_of(s).sublayers:
                 notes.append(f"{s} skips whole layers: budget {k} (odd) not run for it")
                 continue
             for learn in (False, True) if online else (False,):

@@ -82,15 +82,15 @@ def run(args) -> dict:
     from adaskip.runtime.generation import generate
     from adaskip.runtime.speculative import SpeculativeConfig
     from adaskip.skipping.calibration import calibrate
-    from adaskip.skipping.strategies import STRATEGIES, plan
+    from adaskip.skipping.strategies import SKIPPING_STRATEGIES, plan
 
     device, on_gpu, dtype = run_device(args.device, args.dtype)
     decode_tokens = args.decode_tokens if args.decode_tokens is not None else (64 if on_gpu else 12)
     if decode_tokens < 2 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --decode-tokens >= 2, --repeats >= 1 and --warmup >= 0")
-    if args.strategy not in STRATEGIES or args.strategy == "full":
+    if args.strategy not in SKIPPING_STRATEGIES:
         raise ValueError(f"unknown drafter strategy {args.strategy!r}; choose from "
-                         f"{', '.join(s for s in STRATEGIES if s != 'full')}")
+                         f"{', '.join(SKIPPING_STRATEGIES)}")
     ks = sorted(set(int(k) for k in _floats(args.draft_tokens, "--draft-tokens")))
     if not ks or ks[0] < 1:
         raise ValueError(f"--draft-tokens must be integers >= 1, got {args.draft_tokens!r}")

@@ -21,14 +21,14 @@ from typing import Optional, Sequence, Union
 from .quality import compare_with_full
 from ..skipping.calibration import source_id
 from ..runtime.stand_in import KINDS
-from ..skipping.strategies import SUBLAYER_STRATEGIES, plan, plan_at_speedup, plan_speedup
+from ..skipping.strategies import PAPER_COMPARISON, STRATEGY_TABLE, plan, plan_at_speedup, plan_speedup, strategy_of
 
 TASKS = ("ppl", "passkey", "needle", "generation", "speculative", "longbench")
 
 
 @dataclass
 class EvalSettings:
-    strategies: Sequence[str] = ("adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
+    strategies: Sequence[str] = PAPER_COMPARISON
     budgets: Sequence[int] = (4, 8, 12, 16)
     speedups: Sequence[float] = ()  # equal-time comparison: predicted speedups under `costs`
     # greedy-kl rows once per stand-in kind (default: the kind its search scored with)
@@ -74,7 +74,8 @@ class EvalSettings:
         bad = [k for k in self.stand_ins if k not in KINDS]
         if bad:
             raise ValueError(f"adaskip: unknown stand-in kinds {bad}; choose from {KINDS}")
-        if self.stand_ins and "greedy-kl" not in self.strategies:
+        if self.stand_ins and not any(s in STRATEGY_TABLE and STRATEGY_TABLE[s].fitted_stand_ins
+                                      for s in self.strategies):
             raise ValueError("adaskip: stand-ins are compared on the greedy-kl strategy; add it to the strategies")
         if any(not 0.0 <= a <= 1.0 for a in self.min_agreements):
             raise ValueError(f"adaskip: minimum agreements must be in [0, 1], got {list(self.min_agreements)}")
@@ -146,11 +147,11 @@ def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None) ->
     for s in settings.strategies:
         if s == "full":  # always the first row
             continue
-        kinds = tuple(settings.stand_ins) or (None,) if s == "greedy-kl" else (None,)
+        kinds = tuple(settings.stand_ins) or (None,) if strategy_of(s).fitted_stand_ins else (None,)
         for kind in kinds:
             name = s if kind is None else f"{s}/{kind}"
             for k in settings.budgets:
-                if k % 2 and s not in SUBLAYER_STRATEGIES:
+                if k % 2 and not strategy_of(s).sublayers:
                     settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
                     continue
                 p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k, stand_in=kind)

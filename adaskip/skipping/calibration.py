@@ -23,7 +23,7 @@ from .probes import MIN_PROBE_LEN, answer_found, make_probes
 # kept every cell within 2 of the full model (bench/results/eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/).
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 from .profile import ImportanceProfile, model_fingerprint
-from .strategies import SEARCH_METHODS, STRATEGIES, SUBLAYER_STRATEGIES, plan
+from .strategies import SKIPPING_STRATEGIES, plan, searches_needed, strategy_of
 
 
 def calibration_requests(texts: Iterable[str], tokenizer, *, num_requests: int, prompt_len: int,
@@ -129,7 +129,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         raise ValueError(f"adaskip: prompt_len {prompt_len} exceeds the model's context of "
                          f"{model.args.max_position_embeddings} tokens")
     methods = (search,) if isinstance(search, str) else tuple(search)
-    unknown = [m for m in methods if m not in greedy.METHODS]
+    unknown = [m for m in methods if m not in greedy.SEARCH_METHODS]
     if unknown:
         raise ValueError(f"adaskip: unknown search methods {unknown}; choose from {greedy.METHODS}")
     if methods and min(search_requests, search_max_sublayers,
@@ -153,7 +153,9 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         search_retrieval_weight = DEFAULT_RETRIEVAL_WEIGHT if tokenizer is not None and search_probes > 0 \
             and prompt_len >= MIN_PROBE_LEN \
             else 0.0
-    if "kl" in methods and search_retrieval_weight > 0:
+    # The searches that score with fitted stand-ins (kl) are those that read the settings below.
+    fitting = [m for m in methods if greedy.SEARCH_METHODS[m].fits_stand_ins]
+    if fitting and search_retrieval_weight > 0:
         if prompt_len < MIN_PROBE_LEN:
             raise ValueError(f"adaskip: the kl search's retrieval probes are prompt_len tokens long and need at least "
                              f"{MIN_PROBE_LEN}; give a longer prompt_len or search_retrieval_weight=0")
@@ -162,7 +164,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                              "tokenizer= or search_retrieval_weight=0")
         if search_probes < 1:
             raise ValueError("adaskip: search_retrieval_weight > 0 needs search_probes >= 1")
-    if "kl" in methods:
+    if fitting:
         if search_stand_in not in KINDS:
             raise ValueError(f"adaskip: unknown stand-in kind {search_stand_in!r} for the kl search; choose from {KINDS}")
         if search_weighting not in POSITION_WEIGHTS:
@@ -172,7 +174,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         if validation_requests < 1:
             raise ValueError(f"adaskip: validation needs validation_requests >= 1, got {validation_requests}")
         _check_validation(model.args.num_layers, validate_strategies, budgets)
-        needed = sorted({SEARCH_METHODS.get(s) for s in validate_strategies} - {None} - set(methods))
+        needed = sorted(set(searches_needed(validate_strategies)) - set(methods))
         if needed:
             raise ValueError(f"adaskip: validating {list(validate_strategies)} needs the {needed} search in the "
                              f"profile; add it to search=")
@@ -237,13 +239,13 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         save(profile, "calibration", True)
     max_sublayers = min(search_max_sublayers, 2 * args.num_layers - 2)
     probes = []
-    if "kl" in methods and search_retrieval_weight > 0:
+    if fitting and search_retrieval_weight > 0:
         # Hidden in the calibration windows after the search's own (all of them when there are none).
         probes = make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
                              seed="search")
     for method in methods:
         extra = (dict(stand_in=search_stand_in, weighting=search_weighting, probes=probes,
-                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method == "kl" else {})
+                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method in fitting else {})
         # A resumed search goes on from its choices (the search checks that they are its own
         # beginning, with these settings); one that had made as many or more just keeps them.
         earlier = profile.search_result(method) if method in profile.search else None
@@ -307,14 +309,13 @@ def _resumed(resume: ImportanceProfile, model, digest: str, prompt_len: int, met
 def _check_validation(num_layers: int, strategies: Sequence[str], budgets: Sequence[int]) -> None:
     if isinstance(strategies, str) or not strategies:
         raise ValueError(f"adaskip: validation needs a list of strategies, got {strategies!r}")
-    bad = [s for s in strategies if s not in STRATEGIES or s == "full"]
+    bad = [s for s in strategies if s not in SKIPPING_STRATEGIES]
     if bad:
-        raise ValueError(f"adaskip: cannot validate strategies {bad}; choose from "
-                         f"{[s for s in STRATEGIES if s != 'full']}")
+        raise ValueError(f"adaskip: cannot validate strategies {bad}; choose from {list(SKIPPING_STRATEGIES)}")
     if not budgets or any(not 0 <= b <= 2 * num_layers - 2 for b in budgets) or len(set(budgets)) != len(budgets):
         raise ValueError(f"adaskip: validation budgets must be distinct numbers of sublayers in "
                          f"[0, {2 * num_layers - 2}], got {list(budgets)}")
-    whole = [s for s in strategies if s not in SUBLAYER_STRATEGIES]
+    whole = [s for s in strategies if not strategy_of(s).sublayers]
     if whole and any(b % 2 for b in budgets):
         raise ValueError(f"adaskip: whole-layer strategies {whole} need even budgets (n layers = 2n sublayers), "
                          f"got {list(budgets)}")
@@ -354,13 +355,20 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
             "top1_agreement": [sums[key]["agree"] / tokens for key in keys],
             "perplexity": [math.exp(sums[key]["nll"] / tokens) for key in keys],
             "sublayers": [sorted(plans[key].skip_scales) for key in keys],
-            "stand_in": profile.search_result("kl").stand_in if s == "greedy-kl" else "scalar",
+            "stand_in": _validated_stand_in(profile, s),
             "requests": len(requests), "tokens": tokens}
         if probes:
             profile.validation[s].update({
                 "retrieval_hits": [hits[key] for key in keys], "retrieval_full_hits": hits["full"],
                 "retrieval_probes": len(probes), "retrieval_length": max(len(p.ids) for p in probes)})
     return {s: profile.validation[s] for s in strategies}
+
+
+def _validated_stand_in(profile: ImportanceProfile, strategy: str) -> str:
+    """The stand-in kind the plans of `strategy` are validated with: the one its search scored
+    with where that search fits stand-ins, else the scalar."""
+    record = strategy_of(strategy)
+    return profile.search_result(record.search).stand_in if record.fitted_stand_ins else "scalar"
 
 
 @torch.inference_mode()

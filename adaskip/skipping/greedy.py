@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -43,13 +44,38 @@ from .measurement import (POSITION_WEIGHTS, answer_nll, check_requests, divergen
 from .profile import SearchResult
 from .stand_ins import StandInFit, default_rank
 
-METHODS = ("similarity", "loss", "blockpruner", "kl")
-# Candidates tried per step when the caller passes candidates=None (None here: every remaining sublayer). Each
-# candidate costs one pass per request; "loss" trusts the re-measured similarity to shortlist a few, BlockPruner as
-# published tries them all.
-DEFAULT_CANDIDATES = {"similarity": 1, "loss": 4, "blockpruner": None, "kl": 6}
-# Methods whose removed sublayers pass the stream through unchanged instead of their measured norm ratio.
-IDENTITY_METHODS = ("blockpruner",)
+@dataclass(frozen=True)
+class SearchMethod:
+    """One greedy search method: what a new method declares, beside its own scoring code."""
+
+    name: str
+    # Candidates tried per step when the caller passes candidates=None (None: every remaining
+    # sublayer). Each candidate costs one pass per request; "loss" trusts the re-measured
+    # similarity to shortlist a few, BlockPruner as published tries them all.
+    default_candidates: Optional[int]
+    # Scores its candidates (else it takes the most similar remaining sublayer, one per step).
+    scores_candidates: bool = True
+    # Its removed sublayers pass the stream through unchanged instead of their measured norm ratio.
+    identity: bool = False
+    # Scores each candidate by KL with a stand-in fitted for it (stand_in, weighting, rank and
+    # retrieval probes apply); the others score the calibration loss with the norm ratio.
+    fits_stand_ins: bool = False
+
+
+SEARCH_METHODS = {m.name: m for m in (
+    SearchMethod("similarity", 1, scores_candidates=False),
+    SearchMethod("loss", 4),
+    SearchMethod("blockpruner", None, identity=True),
+    SearchMethod("kl", 6, fits_stand_ins=True),
+)}
+METHODS = tuple(SEARCH_METHODS)
+
+
+def search_method(name: str) -> SearchMethod:
+    """The record of search method `name`, or the error naming the known ones."""
+    if name not in SEARCH_METHODS:
+        raise ValueError(f"adaskip: search method must be one of {METHODS}, got {name!r}")
+    return SEARCH_METHODS[name]
 
 
 def _measure(model, requests, skip: dict, want_stats: bool):
@@ -72,7 +98,7 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
     candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
-    step; None: the method's default (DEFAULT_CANDIDATES: 4 for "loss", every remaining sublayer
+    step; None: the method's default (SEARCH_METHODS: 4 for "loss", every remaining sublayer
     for "blockpruner"). "similarity" takes the most similar one and ignores it.
     Forward passes: (max_sublayers + 1) * len(requests) for "similarity"; for the loss-scored
     methods one pass per request and step for the statistics plus one per request and candidate
@@ -95,10 +121,9 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     come from the same method and settings on the same requests (notes["requests_sha256"]), or it
     is refused.
     """
-    if method not in METHODS:
-        raise ValueError(f"adaskip: search method must be one of {METHODS}, got {method!r}")
+    record = search_method(method)
     if candidates is None:
-        candidates = DEFAULT_CANDIDATES[method]
+        candidates = record.default_candidates
     m = model.args.num_layers
     if not 1 <= max_sublayers <= 2 * m - 2:
         raise ValueError(f"adaskip: max_sublayers must be in [1, {2 * m - 2}] (all but one layer), got {max_sublayers}")
@@ -117,14 +142,14 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     if resume is not None:
         _check_resume(resume, method, digest, tried_per_step(method, candidates, pool), max_sublayers, pool)
     probes = list(probes or ())
-    if method != "kl" and (retrieval_weight or probes):
+    if not record.fits_stand_ins and (retrieval_weight or probes):
         raise ValueError(f"adaskip: retrieval probes score the kl search only, not {method!r}")
-    if method == "kl":
+    if record.fits_stand_ins:
         retrieval = _check_retrieval(model, retrieval_weight, probes)
         return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
                           on_step, resume, digest, retrieval)
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
-    identity = method in IDENTITY_METHODS
+    identity = record.identity
     start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
     bar = progress_bar(max_sublayers, progress, f"search ({method})", "sublayer")
     order, scales, sims = [], [], []
@@ -141,7 +166,8 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         passes += len(requests)
         remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
                            key=lambda s: (-sim[s].item(), s))
-        shortlist = remaining[:1] if method == "similarity" else remaining if everything else remaining[:candidates]
+        shortlist = (remaining[:1] if not record.scores_candidates else remaining if everything
+                     else remaining[:candidates])
         stand_in = {s: 1.0 if identity else scale[s].item() for s in shortlist}
         trial = {}
         if len(shortlist) > 1:
@@ -264,7 +290,7 @@ def _check_resume(resume, method: str, digest: str, tried: int, max_sublayers: i
 
 def tried_per_step(method: str, candidates: Optional[int], pool) -> int:
     """The most candidates a search tries at one step."""
-    return 1 if method == "similarity" else len(pool) if candidates is None else candidates
+    return 1 if not search_method(method).scores_candidates else len(pool) if candidates is None else candidates
 
 
 def _partial(method, order, scales, sims, losses, tried, requests, passes, start, **extra) -> SearchResult:

@@ -3,30 +3,144 @@ whole-layer baselines, all at equal budgets (n whole layers <-> 2n sublayers).""
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .costs import paper_num_skipped, paper_speedup
 from ..runtime.skip_plan import MODES, SkipPlan
 from ..runtime.stand_in import KINDS
+from .greedy import search_method
 from .profile import ImportanceProfile
 
-STRATEGIES = ("full", "adaskip", "greedy-similarity", "greedy-loss", "early-exit", "skipdecode", "unified",
-              "shortgpt", "blockpruner", "greedy-kl")
-# Strategies that take any number of sublayers (the others skip whole layers: even budgets only).
-SUBLAYER_STRATEGIES = ("adaskip", "greedy-similarity", "greedy-loss", "blockpruner", "greedy-kl")
-# Strategies planned from a greedy search stored in the profile: the search method (adaskip.search) each needs.
-SEARCH_METHODS = {"greedy-similarity": "similarity", "greedy-loss": "loss", "blockpruner": "blockpruner",
-                  "greedy-kl": "kl"}
-# Static pruning baselines among them: their plans never learn online.
-STATIC_SEARCH_STRATEGIES = ("blockpruner",)
-# Strategies with fixed layer choices: no importance profile needed.
-PROFILE_FREE_STRATEGIES = ("early-exit", "skipdecode", "unified")
+
+@dataclass(frozen=True)
+class Budget:
+    """What plan() resolved from its arguments, handed to a strategy's planner."""
+
+    profile: Optional[ImportanceProfile]
+    num_layers: int
+    k: int  # sublayers to skip
+    alpha: Optional[float]
+    planner: str
+    context_len: Optional[int]
+    mode: str
+    window: int
+    online: bool
+    costs: object
+    model_args: object
+    fingerprint: Optional[str]
+    stand_in: Optional[str]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One skipping strategy: what a new strategy declares, beside its planner."""
+
+    name: str
+    planner: Callable  # planner(strategy, budget: Budget) -> SkipPlan
+    # Skips anything at all (the full model does not: it takes no budget and no tolerance).
+    skips: bool = True
+    needs_profile: bool = True
+    # Plans any number of sublayers (else whole layers only: even budgets, n layers = 2n sublayers).
+    sublayers: bool = False
+    # The greedy search (adaskip.search method) whose stored result its plans take.
+    search: Optional[str] = None
+    # Its plans learn online in decode (beta / window) when asked to.
+    online: bool = False
+    # Its planner reaches a target speedup under a cost model itself (planner="cost"); the
+    # others reach one in plan_at_speedup by growing their budget.
+    cost_planner: bool = False
+    # One of the paper's comparison (AdaSkip and its baselines): the default set of eval and bench.
+    paper_comparison: bool = False
+
+    @property
+    def fitted_stand_ins(self) -> bool:
+        """Its plans may replace skipped sublayers with the stand-ins its search fitted."""
+        return self.search is not None and search_method(self.search).fits_stand_ins
+
+
+def _full(strategy: Strategy, b: Budget) -> SkipPlan:
+    return SkipPlan(b.num_layers, {}, mode=b.mode, strategy=strategy.name, predicted_speedup=1.0,
+                    model_fingerprint=b.fingerprint)
+
+
+def _early_exit_layers(m: int, n: int, profile) -> list:
+    return list(range(m - n, m))
+
+
+def _skipdecode_layers(m: int, n: int, profile) -> list:
+    return list(range(1, n + 1))
+
+
+def _unified_layers(m: int, n: int, profile) -> list:
+    step = max(m // n, 1)
+    return [i for i in range(m) if i % step == 1 % step][:n]
+
+
+def _shortgpt_layers(m: int, n: int, profile) -> list:
+    # The layers whose output is most similar to their input matter least.
+    order = sorted(range(m), key=lambda i: (-profile.block_similarity[i], i))
+    return sorted(order[:n])
+
+
+def _whole_layers(choose: Callable, ramp: bool = False) -> Callable:
+    """The planner of a whole-layer baseline that skips the layers choose(m, n, profile) picks,
+    with identity pass-through (ramp: SkipDecode's decode ramp)."""
+    def planner(strategy: Strategy, b: Budget) -> SkipPlan:
+        if b.k % 2:
+            raise ValueError(f"adaskip: whole-layer strategy {strategy.name!r} needs an even number of sublayers "
+                             f"(n layers = 2n sublayers), got {b.k}")
+        n = b.k // 2
+        layers = choose(b.num_layers, n, b.profile) if n else []
+        skip = {s: 1.0 for i in layers for s in (2 * i, 2 * i + 1)}
+        return SkipPlan(b.num_layers, skip, mode=b.mode, strategy=strategy.name, ramp=ramp,
+                        predicted_speedup=paper_speedup(b.num_layers, len(skip)), model_fingerprint=b.fingerprint,
+                        explanation=f"{n} whole layers skipped, identity pass-through")
+    return planner
+
+
+def _searched(strategy: Strategy, b: Budget) -> SkipPlan:
+    return _greedy(b.profile, strategy, b.k, b.mode, b.window, b.online, b.fingerprint, b.stand_in)
+
+
+def _adaskip_planner(strategy: Strategy, b: Budget) -> SkipPlan:
+    return _adaskip(b.profile, b.k, b.alpha, b.planner, b.context_len, b.mode, b.window, b.online, b.costs,
+                    b.model_args, b.fingerprint)
+
+
+STRATEGY_TABLE = {s.name: s for s in (
+    Strategy("full", _full, skips=False, needs_profile=False),
+    Strategy("adaskip", _adaskip_planner, sublayers=True, online=True, cost_planner=True, paper_comparison=True),
+    Strategy("greedy-similarity", _searched, sublayers=True, search="similarity", online=True),
+    Strategy("greedy-loss", _searched, sublayers=True, search="loss", online=True),
+    Strategy("early-exit", _whole_layers(_early_exit_layers), needs_profile=False, paper_comparison=True),
+    Strategy("skipdecode", _whole_layers(_skipdecode_layers, ramp=True), needs_profile=False,
+             paper_comparison=True),
+    Strategy("unified", _whole_layers(_unified_layers), needs_profile=False, paper_comparison=True),
+    Strategy("shortgpt", _whole_layers(_shortgpt_layers), paper_comparison=True),
+    # A static pruning baseline: its plans never learn online.
+    Strategy("blockpruner", _searched, sublayers=True, search="blockpruner"),
+    Strategy("greedy-kl", _searched, sublayers=True, search="kl", online=True),
+)}
+STRATEGIES = tuple(STRATEGY_TABLE)
+# The strategies that skip something: those a budget, a validation or an export is for.
+SKIPPING_STRATEGIES = tuple(s.name for s in STRATEGY_TABLE.values() if s.skips)
+# The default set of eval and bench: AdaSkip and the paper's baselines.
+PAPER_COMPARISON = tuple(s.name for s in STRATEGY_TABLE.values() if s.paper_comparison)
 PLANNERS = ("paper", "cost")
+
+
+def strategy_of(name: str) -> Strategy:
+    """The record of strategy `name`, or the error naming the known ones."""
+    if name not in STRATEGY_TABLE:
+        raise ValueError(f"adaskip: unknown strategy {name!r}; choose from {STRATEGIES}")
+    return STRATEGY_TABLE[name]
 
 
 def searches_needed(strategies) -> list:
     """The search methods that plans of `strategies` read from the profile, sorted."""
-    return sorted({SEARCH_METHODS[s] for s in strategies if s in SEARCH_METHODS})
+    return sorted({STRATEGY_TABLE[s].search for s in strategies
+                   if s in STRATEGY_TABLE and STRATEGY_TABLE[s].search is not None})
 
 
 def max_alpha(num_layers: int) -> float:
@@ -81,8 +195,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
       the held-out retrieval probes the full model found in the validation (calibrate
       --validate-budgets with a tokenizer measures them at the calibration's prompt length).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"adaskip: unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    record = strategy_of(strategy)
     if planner not in PLANNERS:
         raise ValueError(f"adaskip: unknown planner {planner!r}; choose from {PLANNERS}")
     if mode not in MODES:
@@ -93,26 +206,36 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError("adaskip: pass a profile or num_layers")
     fingerprint = profile.fingerprint.get("config_hash") if profile is not None else None
     if min_agreement is not None or max_kl is not None or min_retrieval is not None:
-        if alpha is not None or num_sublayers is not None:
-            raise ValueError("adaskip: give either a tolerance (min_agreement / max_kl / min_retrieval) or a budget "
-                             "(alpha / num_sublayers), not both")
-        if min_retrieval is not None and (isinstance(min_retrieval, bool) or not 0.0 <= min_retrieval <= 1.0):
-            raise ValueError(f"adaskip: min_retrieval must be in [0, 1], got {min_retrieval}")
-        if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
-            raise ValueError(f"adaskip: min_agreement must be in [0, 1], got {min_agreement}")
-        if max_kl is not None and not max_kl >= 0.0:
-            raise ValueError(f"adaskip: max_kl must be >= 0, got {max_kl}")
-        if strategy != "full":
+        _check_tolerance(alpha, num_sublayers, min_agreement, max_kl, min_retrieval)
+        if record.skips:
             return _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window,
                                  online, costs, model_args, stand_in, min_retrieval)
     if stand_in is not None and stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
-    if stand_in not in (None, "scalar") and strategy != "greedy-kl":
+    if stand_in not in (None, "scalar") and not record.fitted_stand_ins:
         raise ValueError(f"adaskip: {stand_in} stand-ins are fitted by the kl search; strategy {strategy!r} "
                          "skips with scalar compensation (or identity) only: use strategy 'greedy-kl'")
-    if strategy == "full":
-        return SkipPlan(num_layers, {}, mode=mode, strategy="full", predicted_speedup=1.0,
-                        model_fingerprint=fingerprint)
+    k = 0 if not record.skips else _budget_sublayers(num_layers, alpha, num_sublayers)
+    if record.needs_profile and profile is None:
+        raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
+    return record.planner(record, Budget(profile, num_layers, k, alpha, planner, context_len, mode, window, online,
+                                         costs, model_args, fingerprint, stand_in))
+
+
+def _check_tolerance(alpha, num_sublayers, min_agreement, max_kl, min_retrieval) -> None:
+    if alpha is not None or num_sublayers is not None:
+        raise ValueError("adaskip: give either a tolerance (min_agreement / max_kl / min_retrieval) or a budget "
+                         "(alpha / num_sublayers), not both")
+    if min_retrieval is not None and (isinstance(min_retrieval, bool) or not 0.0 <= min_retrieval <= 1.0):
+        raise ValueError(f"adaskip: min_retrieval must be in [0, 1], got {min_retrieval}")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ValueError(f"adaskip: min_agreement must be in [0, 1], got {min_agreement}")
+    if max_kl is not None and not max_kl >= 0.0:
+        raise ValueError(f"adaskip: max_kl must be >= 0, got {max_kl}")
+
+
+def _budget_sublayers(num_layers: int, alpha, num_sublayers) -> int:
+    """The number of sublayers a budget given as alpha or as a count asks for, checked."""
     if (alpha is None) == (num_sublayers is None):
         raise ValueError("adaskip: give exactly one budget: alpha or num_sublayers")
     if num_sublayers is not None and (isinstance(num_sublayers, bool)
@@ -121,23 +244,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     if num_sublayers is not None and not 0 <= num_sublayers <= 2 * num_layers - 2:
         raise ValueError(f"adaskip: num_sublayers must be in [0, {2 * num_layers - 2}] "
                          f"(all but one layer), got {num_sublayers}")
-    k = num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
-    if strategy not in PROFILE_FREE_STRATEGIES and profile is None:
-        raise ValueError(f"adaskip: strategy {strategy!r} needs an importance profile (adaskip calibrate)")
-
-    if strategy in SEARCH_METHODS:
-        return _greedy(profile, strategy, k, mode, window, online, fingerprint, stand_in)
-    if strategy == "adaskip":
-        return _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args, fingerprint)
-    if k % 2:
-        raise ValueError(f"adaskip: whole-layer strategy {strategy!r} needs an even number of sublayers "
-                         f"(n layers = 2n sublayers), got {k}")
-    n = k // 2
-    layers = _baseline_layers(strategy, num_layers, n, profile)
-    skip = {s: 1.0 for i in layers for s in (2 * i, 2 * i + 1)}
-    return SkipPlan(num_layers, skip, mode=mode, strategy=strategy, ramp=strategy == "skipdecode",
-                    predicted_speedup=paper_speedup(num_layers, len(skip)), model_fingerprint=fingerprint,
-                    explanation=f"{n} whole layers skipped, identity pass-through")
+    return num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
 
 
 def _retrieval_ok(entry: dict, index: int, min_retrieval: Optional[float]) -> bool:
@@ -181,7 +288,7 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
     best = None
     for k in sorted(qualifying):
         p = plan(profile, strategy=strategy, num_sublayers=k, mode=mode, window=window, online=online,
-                 stand_in=validated if strategy == "greedy-kl" else None)
+                 stand_in=validated if strategy_of(strategy).fitted_stand_ins else None)
         if k in entry["budgets"] and sorted(p.skip_scales) != sorted(entry["sublayers"][entry["budgets"].index(k)]):
             raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {k} sublayers measured another "
                              "plan than the profile gives now; validate again")
@@ -213,22 +320,6 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
     return p
 
 
-def _baseline_layers(strategy: str, m: int, n: int, profile) -> list:
-    if n == 0:
-        return []
-    if strategy == "early-exit":
-        return list(range(m - n, m))
-    if strategy == "skipdecode":
-        return list(range(1, n + 1))
-    if strategy == "unified":
-        step = max(m // n, 1)
-        picked = [i for i in range(m) if i % step == 1 % step][:n]
-        return picked
-    # shortgpt: the layers whose output is most similar to their input matter least
-    order = sorted(range(m), key=lambda i: (-profile.block_similarity[i], i))
-    return sorted(order[:n])
-
-
 def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args,
              fingerprint) -> SkipPlan:
     sim = profile.similarity
@@ -253,13 +344,13 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
                     model_fingerprint=fingerprint)
 
 
-def _greedy(profile, strategy, k, mode, window, online, fingerprint, stand_in) -> SkipPlan:
-    result = profile.search_result(SEARCH_METHODS[strategy])
+def _greedy(profile, strategy: Strategy, k, mode, window, online, fingerprint, stand_in) -> SkipPlan:
+    result = profile.search_result(strategy.search)
     skip = result.skip_scales(k)
-    kind = stand_in or (result.stand_in if strategy == "greedy-kl" else "scalar")
+    kind = stand_in or (result.stand_in if strategy.fitted_stand_ins else "scalar")
     stand_ins = result.stand_ins(k, kind)
     m = profile.num_layers
-    static = strategy in STATIC_SEARCH_STRATEGIES
+    static = not strategy.online
     beta = min(result.similarity[:k]) if k and online and mode != "prefill" and not static else None
     loss = result.loss[k] if k < len(result.loss) and result.loss[k] is not None else None
     note = f"; calibration loss {result.loss[0]:.4f} -> {loss:.4f}" if loss is not None and result.loss[0] else ""
@@ -273,7 +364,7 @@ def _greedy(profile, strategy, k, mode, window, online, fingerprint, stand_in) -
                        f"stand-ins{scored}{note}")
     else:
         explanation = f"greedy {result.method} search: its first {k} choices{note}"
-    p = SkipPlan(m, skip, mode=mode, strategy=strategy, beta=beta, window=window, stand_ins=stand_ins,
+    p = SkipPlan(m, skip, mode=mode, strategy=strategy.name, beta=beta, window=window, stand_ins=stand_ins,
                  model_fingerprint=fingerprint, explanation=explanation)
     p.predicted_speedup = plan_speedup(p, profile)
     return p
@@ -320,14 +411,15 @@ def plan_at_speedup(profile: Optional[ImportanceProfile], strategy: str, target:
     if costs.num_layers != m:
         raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {m}")
     common = dict(num_layers=m, mode=mode, window=window, online=online)
-    if strategy == "adaskip":
-        p = plan(profile, strategy="adaskip", planner="cost", alpha=target, costs=costs, **common)
+    record = strategy_of(strategy)
+    if record.cost_planner:
+        p = plan(profile, strategy=strategy, planner="cost", alpha=target, costs=costs, **common)
         p.predicted_speedup = costs.speedup(p.skip_scales)
         return p
-    step = 1 if strategy in SUBLAYER_STRATEGIES else 2
+    step = 1 if record.sublayers else 2
     limit = 2 * m - 2
-    if strategy in SEARCH_METHODS and profile is not None:
-        limit = min(limit, len(profile.search_result(SEARCH_METHODS[strategy]).order))
+    if record.search is not None and profile is not None:
+        limit = min(limit, len(profile.search_result(record.search).order))
     for k in range(0, limit + 1, step):
         p = plan(profile, strategy=strategy, num_sublayers=k, stand_in=stand_in, **common)
         speed = plan_speedup(p, profile, costs)
