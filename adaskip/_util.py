@@ -1,4 +1,4 @@
-"""Small helpers every layer may use: the JSON writer and the progress bar."""
+"""Small helpers every layer may use: the JSON writer, the progress bar and the CUDA-event timer."""
 from __future__ import annotations
 
 import errno
@@ -82,3 +82,25 @@ def check_room(prompt_lengths, max_new_tokens: int, context: int, what: str = "p
     if too_long:
         raise ValueError(f"adaskip: {what} of {max(too_long)} tokens plus {max_new_tokens} new tokens exceed "
                          f"the model's context of {context} tokens")
+
+
+def cuda_event_seconds(run, repeats: int, *, before=None, per_call: int = 1, back_to_back: bool = False) -> list:
+    """Seconds of each of `repeats` calls of run() on the current CUDA stream, by CUDA events,
+    divided by `per_call` (the calls run() makes). before(), if given, runs untimed ahead of each.
+    back_to_back: no wait between the calls, so that the host's launches hide behind the device's
+    work (device throughput); else each call is waited for before the next begins."""
+    import torch
+
+    events = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        if not back_to_back:
+            end.synchronize()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 / per_call for start, end in events]

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from adaskip._util import cuda_event_seconds
 from adaskip.runtime.decode import DecodeState, decode_one_token
 from adaskip.runtime.generation import prefill
 from adaskip.runtime.sampling import SamplingParams
@@ -105,28 +106,7 @@ def graph_decode_breakdown(model, context: int, *, batch: int = 1, plan=None, pa
             decode_one_token(model, state, schedule)  # eager warm-up (kernels loaded, workspaces sized)
             restart()
             graph = _capture(model, state, schedule)
-            times = []
-            for _ in range(repeats):
-                restart()
-                graph.replay()  # warm
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(steps - 1):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                if steps > 1:
-                    times.append(start.elapsed_time(end) / 1e3 / (steps - 1))
-            if not times:  # one step: time single replays
-                for _ in range(repeats):
-                    restart()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    graph.replay()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1e3)
-            step_s = statistics.median(times)
+            step_s = statistics.median(_step_times(graph, restart, steps, repeats))
             kinds, top, source = {}, [], None
             if profile:
                 kinds, top = _profile(graph.replay, restart, steps)
@@ -172,6 +152,22 @@ def kernel_ms(prof) -> dict:
         if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
             out[e.key] = out.get(e.key, 0.0) + t / 1e3
     return out
+
+
+def _step_times(graph, restart, steps: int, repeats: int) -> list:
+    """Seconds per decode step: `steps - 1` replays after a warm one, from a restarted state
+    (single replays when there is one step)."""
+    if steps > 1:
+        def warm():
+            restart()
+            graph.replay()
+
+        def rest():
+            for _ in range(steps - 1):
+                graph.replay()
+
+        return cuda_event_seconds(rest, repeats, before=warm, per_call=steps - 1)
+    return cuda_event_seconds(graph.replay, repeats, before=restart)
 
 
 def _profile(run_step, restart, steps: int):
@@ -229,14 +225,8 @@ def prefill_breakdown(model, context: int, *, batch: int = 1, plan=None, repeats
         ids = torch.randint(0, model.args.vocab_size, (batch, context), generator=gen).to(device)
         lens = torch.full((batch,), context, dtype=torch.long, device=device)
         prefill(model, ids, lens, plan=plan, chunk=context)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            prefill(model, ids, lens, plan=plan, chunk=context)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        times = [s * 1e3 for s in cuda_event_seconds(lambda: prefill(model, ids, lens, plan=plan, chunk=context),
+                                                     repeats)]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             prefill(model, ids, lens, plan=plan, chunk=context)
             torch.cuda.synchronize()

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .._util import cuda_event_seconds
 from ..runtime.config import ModelArgs
 from ..runtime.schedule import schedule_step
 
@@ -188,15 +189,7 @@ def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callabl
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.synchronize()
-                events = []
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    events.append((start, end))
-                torch.cuda.synchronize()
-            times = [s.elapsed_time(t) / 1e3 for s, t in events]
+                times = cuda_event_seconds(fn, repeats, back_to_back=True)
         else:
             times = []
             for _ in range(repeats):
@@ -224,14 +217,7 @@ def time_in_graph(fn: Callable[[int], object], calls: int, warmup: int, repeats:
             fn(i)
     graph.replay()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    samples = cuda_event_seconds(graph.replay, repeats, per_call=calls)
     del graph
     return statistics.median(samples)
 
