@@ -9,6 +9,8 @@ from .common import (add_model_options, add_search_options, at_least, calibrate_
 
 
 def register(subparsers) -> None:
+    from ..skipping.greedy import METHODS
+
     c = subparsers.add_parser("calibrate", help="learn per-sublayer importance from calibration texts")
     add_model_options(c)
     c.add_argument("--data", nargs="+", required=True, help="text files, folders (*.txt, *.md, *.py), "
@@ -17,7 +19,7 @@ def register(subparsers) -> None:
     c.add_argument("--prompt-len", type=int, default=4096)
     c.add_argument("--out", required=True)
     add_search_options(c)
-    c.add_argument("--search", help="also run greedy searches: similarity, loss, blockpruner, kl (comma-separated)")
+    c.add_argument("--search", help=f"also run greedy searches: {', '.join(METHODS)} (comma-separated)")
     c.add_argument("--search-max", type=int, default=16, help="largest budget the search covers (sublayers)")
     c.add_argument("--validate-budgets", help="also measure KL and top-1 agreement with the full model at these "
                    "budgets (sublayers, comma-separated) on held-out windows, for run --min-agreement / --max-kl")
