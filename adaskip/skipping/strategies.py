@@ -21,7 +21,7 @@ class Budget:
     num_layers: int
     k: int  # sublayers to skip
     alpha: Optional[float]
-    planner: str
+    adaskip_planner: str  # "paper" or "cost" (plan()'s planner=)
     context_len: Optional[int]
     mode: str
     window: int
@@ -104,7 +104,7 @@ def _searched(strategy: Strategy, b: Budget) -> SkipPlan:
 
 
 def _adaskip_planner(strategy: Strategy, b: Budget) -> SkipPlan:
-    return _adaskip(b.profile, b.k, b.alpha, b.planner, b.context_len, b.mode, b.window, b.online, b.costs,
+    return _adaskip(b.profile, b.k, b.alpha, b.adaskip_planner, b.context_len, b.mode, b.window, b.online, b.costs,
                     b.model_args, b.fingerprint)
 
 
@@ -357,7 +357,7 @@ def _greedy(profile, strategy: Strategy, k, mode, window, online, fingerprint, s
     if static:
         tried = result.notes.get("candidates", f"up to {result.candidates} candidates per step")
         explanation = f"{result.method} search ({tried}): its first {k} choices, identity pass-through{note}"
-    elif result.method == "kl":
+    elif strategy.fitted_stand_ins:
         kl = result.objective[k] if k < len(result.objective) else None
         scored = f"; {result.notes.get('objective', 'KL')} {kl:.4f}" if kl is not None else ""
         explanation = (f"greedy kl search ({result.stand_in} stand-ins scored): its first {k} choices with {kind} "
