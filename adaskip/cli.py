@@ -297,7 +297,8 @@ def cmd_eval(a) -> None:
     from .runtime.loading import load_model
     from .skipping.strategies import searches_needed
     from ._util import write_json
-    from .evaluation.report import markdown_table, plot_profile_heatmap, plot_quality, retrieval_table
+    from .evaluation.report import (markdown_table, plot_profile_heatmap, plot_quality, plot_retrieval,
+                                    retrieval_table)
 
     from .skipping.strategies import STRATEGIES
 
@@ -414,6 +415,7 @@ def cmd_eval(a) -> None:
     (out / "eval.md").write_text(table + "\n")
     written = [out / "eval.json", out / "eval.md"]
     written.append(plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping"))
+    written.append(plot_retrieval(result["rows"], out / "retrieval.png", title=f"{a.model}: retrieval vs skipping"))
     written.append(plot_profile_heatmap(profile, out / "similarity-heatmap.png"))
     print("wrote " + ", ".join(str(p) for p in written if p is not None))
 
