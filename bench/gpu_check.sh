@@ -110,6 +110,7 @@ limit_of() {
 
 # ---- the SmolLM2 GGUF: given, or joined from the parts carried so far ------------------------
 GGUF_NOTE=""
+GGUF_GIVEN=0; [ -n "${SMOLLM2_GGUF:-}" ] && GGUF_GIVEN=1
 stash_parts() {  # copies the parts this call carried into the stash (a dry run only counts them)
   local f
   for f in "$CARRY_DIR"/smollm2.part-*-of-* "$CARRY_DIR/smollm2.sha256"; do
@@ -246,8 +247,13 @@ if [ $DRY -eq 1 ]; then
   done
   for s in "${SKIPPED[@]}"; do echo "stage $s"; done
   echo "total of the limits: $total s; call limit $CALL_LIMIT s (a device command stops at 600 s)"
-  if [ $ALL -eq 1 ] && [[ " ${SKIPPED[*]} " == *speculative-embedded* ]]; then
+  # Our device machines: the GGUF travels in parts, one per call (what this machine holds does
+  # not travel at once), so the embedded stage gets calls of its own after the first.
+  if [ $ALL -eq 1 ] && [ $GGUF_GIVEN -eq 0 ]; then
     n=$(parts_seen | head -1 | sed -E 's/.*-of-([0-9]+)$/\1/')
+    first=0
+    for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = speculative-embedded ] || first=$((first + LIMITS[i])); done
+    total=$first
     # the last call's build only checks that nothing changed (the first call built): a shorter limit
     emb=$(limit_of speculative-embedded) || exit 2; bld=$(LIMIT_BUILD=${LIMIT_REBUILD:-60} limit_of build) || exit 2
     whl=$(limit_of wheels) || exit 2

@@ -114,6 +114,10 @@ def test_gguf_parts_are_counted_and_joined_only_when_all_are_there(env, tmp_path
     assert stages(r.stdout)[-1][0] == "speculative-embedded"
     assert f"--model {stash}/SmolLM2-135M-Instruct.Q4_1.gguf" in stages(r.stdout)[-1][2]
     assert sorted(p.name for p in stash.iterdir()) == ["smollm2.part-2-of-3", "smollm2.part-3-of-3"]  # untouched
+    # the device calls still carry one part each: the first call's limits leave the embedded stage out
+    first = sum(limit for name, limit, _ in stages(r.stdout) if name != "speculative-embedded")
+    assert f"1. STAGES=all, timeout_s 600, carry {carry}/smollm2.part-1-of-3 {carry}/smollm2.sha256: {first} s" in r.stdout
+    assert "3. STAGES=bench BENCHES=speculative-embedded LIMIT_BUILD=60" in r.stdout
 
 
 def test_split_gguf_cuts_a_file_into_parts_that_join_to_it(env, tmp_path):
