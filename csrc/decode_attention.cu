@@ -26,17 +26,18 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "host_choices.h"
 #include "launch.h"
 #include "ops.h"
 
 namespace adaskip {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = kDecodeWarps;
 constexpr int kThreads = kWarps * 32;
 constexpr int kVec = 8;                 // 16-bit elements per 16-byte load
 constexpr int kMaxGroup = 8;            // query heads per KV head the kernels take
-constexpr int kMaxSplits = 256;
+constexpr int kMaxSplits = kDecodeMaxSplits;  // the merge kernel's table of split weights
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
@@ -50,7 +51,7 @@ struct Layout {
 // into shared memory with asynchronous copies, kStages - 1 tiles ahead of the one it computes, so
 // the memory system always has the next tiles in flight while the current one is computed, and
 // no register holds a load in waiting.
-constexpr int kKeysPerGroup = 8;
+constexpr int kKeysPerGroup = kDecodeKeysPerGroup;
 constexpr int kStages = 3;
 // Bytes of one stage: K and V, kKeysPerGroup 16-byte chunks per thread each.
 constexpr int kStageBytes = 2 * kKeysPerGroup * kThreads * 16;
@@ -337,16 +338,10 @@ merge_splits_kernel(const float* __restrict__ part_o, const float* __restrict__ 
   out[b * out_batch + h * out_head + d] = static_cast<T>(o);
 }
 
-// Splits per (sequence, KV head): as many as fill the resident blocks of the whole GPU in one
-// wave (a second, nearly empty wave would double the time), but no split shorter than one tile
-// of the cache's capacity.
-int choose_splits(int64_t batch, int64_t kv_heads, int64_t capacity, int resident_blocks, int tile_keys) {
-  const int64_t pairs = batch * kv_heads;
-  int64_t s = std::max<int64_t>(resident_blocks / pairs, 1);
-  s = std::min<int64_t>(s, (capacity + tile_keys - 1) / tile_keys);
-  s = std::min<int64_t>(s, kMaxSplits);
-  return static_cast<int>(std::max<int64_t>(s, 1));
-}
+// The split choice is choose_splits (host_choices.h), a pure function the CPU tests check; its
+// tile is what one block reads per stage.
+static_assert(decode_tile_keys(64) == Layout<64>::kGroups * kKeysPerGroup, "host_choices.h: decode tile");
+static_assert(decode_tile_keys(128) == Layout<128>::kGroups * kKeysPerGroup, "host_choices.h: decode tile");
 
 // Opts the kernel into its dynamic shared memory (above the 48 KiB default) and returns how many
 // of its blocks an SM holds; once per kernel and device.
@@ -374,8 +369,8 @@ void launch(const at::Tensor& q, const CacheView& cache, const Lens& lens, int64
   const auto kernel = split_kv_kernel<T, D, G>;
   const int per_sm = prepare<T, D, G>(device);
   const int num_splits = splits > 0 ? splits
-                                    : choose_splits(batch, kv_heads, cache.capacity, per_sm * sms,
-                                                    Layout<D>::kGroups * kKeysPerGroup);
+                                    : choose_splits(batch, kv_heads, cache.capacity,
+                                                    static_cast<int64_t>(per_sm) * sms, decode_tile_keys(D));
   const dim3 grid(num_splits, kv_heads, batch);
   if (num_splits == 1) {
     launch_dependent(kernel, device, grid, dim3(kThreads), kSmemBytes, stream, qp, q.stride(0), q.stride(1), cache,

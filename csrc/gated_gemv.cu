@@ -18,10 +18,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 
 #include "checks.h"
 #include "common.cuh"
+#include "host_choices.h"
 #include "launch.h"
 #include "ops.h"
 
@@ -200,34 +200,27 @@ int resident_blocks(int threads, int device) {
 }
 
 // ADASKIP_GEMV_PIPELINE=on / off forces the pipelined or the plain one-row kernel (benchmarks
-// compare them); unset or "auto", launch_gemv chooses.
-int forced_pipeline() {
-  const char* v = std::getenv("ADASKIP_GEMV_PIPELINE");
-  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == '\0') return -1;
-  if (std::strcmp(v, "on") == 0 || std::strcmp(v, "1") == 0) return 1;
-  if (std::strcmp(v, "off") == 0 || std::strcmp(v, "0") == 0) return 0;
-  ADASKIP_CHECK(false, "adaskip: ADASKIP_GEMV_PIPELINE must be on, off or auto, got '", v, "'");
-  return -1;
+// compare them); unset or auto, launch_gemv chooses. A value parse_pipeline_mode does not take is
+// refused (ValueError), naming the variable and the value.
+PipelineMode forced_pipeline() {
+  const char* v = std::getenv(kGemvPipelineEnv);
+  PipelineMode mode = PipelineMode::kAuto;
+  ADASKIP_CHECK(parse_pipeline_mode(v, mode), pipeline_mode_error(v));
+  return mode;
 }
 
-// The pipelined kernel where all its blocks fit the GPU at once: a matrix with few rows per SM,
-// where the plain kernel cannot keep enough bytes in flight. Beyond one wave the plain kernel,
-// with twice the resident blocks, has enough of them (it read the lm_head at the copy bandwidth);
-// a partial second wave of pipelined blocks would keep fewer in flight. A row too short for two
-// groups of chunks per lane has nothing to overlap: only the occupancy would be lower.
+// use_pipeline (host_choices.h) with this device's numbers: its SMs and how many blocks of the
+// pipelined kernel one SM holds (both read once per device, so asking costs nothing afterwards).
 template <auto Pipelined>
-bool use_pipeline(int forced, int threads, int blocks, int chunks, int chunks_per_group, int device) {
-  if (forced >= 0) return forced == 1;
-  if (chunks < 2 * 32 * chunks_per_group) return false;
-  const int sms = multiprocessor_count(device);
-  const int64_t piped_wave = static_cast<int64_t>(resident_blocks<Pipelined>(threads, device)) * sms;
-  return blocks <= piped_wave;
+bool pipeline_here(PipelineMode mode, int threads, int blocks, int chunks, int chunks_per_group, int device) {
+  return use_pipeline(mode, blocks, chunks, chunks_per_group, resident_blocks<Pipelined>(threads, device),
+                      multiprocessor_count(device));
 }
 
 template <typename T, int VEC, bool SWIGLU>
 void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, int rows, int k,
                  const uint8_t* gates, T* out, int64_t os, cudaStream_t stream, int device) {
-  const int forced = forced_pipeline();  // read on every launch: a bad value is refused whatever the shape
+  const PipelineMode forced = forced_pipeline();  // read on every launch: a bad value is refused whatever the shape
   switch (tokens) {
 #define ADASKIP_GEMV_CASE(N)                                                                           \
   case N: {                                                                                            \
@@ -237,8 +230,8 @@ void launch_gemv(int tokens, const T* x, int64_t xs, const T* w, const T* w_up, 
     constexpr auto plain = gated_gemv_kernel<T, VEC, N, SWIGLU, false>;                                \
     if constexpr (chunks_in_flight<N, SWIGLU, true>() > 1) {                                           \
       constexpr auto piped = gated_gemv_kernel<T, VEC, N, SWIGLU, true>;                               \
-      const bool pipe = use_pipeline<piped>(forced, static_cast<int>(block.x), static_cast<int>(grid.x), \
-                                            k / VEC, chunks_in_flight<N, SWIGLU, true>(), device);     \
+      const bool pipe = pipeline_here<piped>(forced, static_cast<int>(block.x), static_cast<int>(grid.x),\
+                                             k / VEC, chunks_in_flight<N, SWIGLU, true>(), device);    \
       (pipe ? piped : plain)<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);     \
     } else {                                                                                           \
       plain<<<grid, block, 0, stream>>>(x, xs, w, w_up, rows, k, gates, out, os);                      \

@@ -385,11 +385,12 @@ def test_pipelined_and_plain_one_row_gemvs_give_the_same_bits(dtype, tokens, sha
     x = rand((tokens, k), dtype, "cuda", g)
     w = rand((rows * k + offset,), dtype, "cuda", g, 0.05)[offset:].view(rows, k)
     got = {}
-    for mode in ("off", "on", "auto"):
+    for mode in ("off", "on", "auto", " On\t"):  # case and surrounding whitespace are ignored
         monkeypatch.setenv("ADASKIP_GEMV_PIPELINE", mode)
         got[mode] = torch.full((tokens, rows), float("nan"), dtype=dtype, device="cuda")
         ops.gated_linear(x, w, None, 0, got[mode])
     assert torch.equal(got["off"], got["on"]) and torch.equal(got["off"], got["auto"])
+    assert torch.equal(got["on"], got[" On\t"])
     want = torch.empty(tokens, rows, dtype=dtype)
     ref.gated_linear(*_cpu(x, w), None, 0, want)
     torch.testing.assert_close(got["on"].cpu(), want, rtol=2e-2, atol=2e-3)

@@ -18,7 +18,8 @@ from adaskip.runtime.skip_plan import SkipPlan  # noqa: E402
 from adaskip.skipping import greedy  # noqa: E402
 from adaskip.skipping.strategies import STRATEGIES, plan, plan_at_speedup, searches_needed  # noqa: E402
 from adaskip.skipping.profile import ImportanceProfile  # noqa: E402
-from adaskip.evaluation.report import markdown_table, plot_profile_heatmap, plot_quality  # noqa: E402
+from adaskip.evaluation.report import (markdown_table, plot_profile_heatmap, plot_quality, plot_retrieval,  # noqa: E402
+                                       retrieval_points)
 from adaskip.skipping.greedy import search  # noqa: E402
 
 CFG = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
@@ -268,6 +269,25 @@ def test_report_table_and_plots(tmp_path, profile):
     assert png.stat().st_size > 10_000
     heat = plot_profile_heatmap(profile, tmp_path / "h.png")
     assert heat.stat().st_size > 5_000
+
+
+def test_retrieval_points_and_plot_per_length(tmp_path):
+    def row(strategy, budget, by_length, speedup=None):
+        cells = {n: {"correct": c, "total": t} for n, (c, t) in by_length.items()}
+        return {"strategy": strategy, "budget": budget, "target_speedup": speedup, "metrics": {},
+                "details": {"passkey": {"by_length": cells}}}
+
+    rows = [row("greedy-kl", 16, {"2048": (3, 6), "4096": (1, 6)}),
+            row("full", 0, {"2048": (6, 6), "4096": (5, 6)}),
+            row("greedy-kl", 8, {"2048": (6, 6), "4096": (4, 6)}),
+            row("greedy-kl", 9, {"2048": (0, 6)}, speedup=1.2)]  # an equal-time row: not a budget point
+    points = retrieval_points(rows, "passkey")
+    assert points["full"] == {2048: [(0, 1.0)], 4096: [(0, 5 / 6)]}
+    assert points["greedy-kl"] == {2048: [(8, 1.0), (16, 0.5)], 4096: [(8, 4 / 6), (16, 1 / 6)]}
+    assert retrieval_points(rows, "needle") == {}
+    png = plot_retrieval(rows, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_retrieval(rows, tmp_path / "none.png", kinds=("needle",)) is None
 
 
 class _Stop(Exception):

@@ -234,7 +234,7 @@ def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, ou
     from .._util import write_json
     from ..benchmarks.common import device_info, git_commit, now_iso
     from ..evaluation.harness import run_eval
-    from ..evaluation.report import plot_profile_heatmap, plot_quality
+    from ..evaluation.report import plot_profile_heatmap, plot_quality, plot_retrieval
 
     started, commit, date = time.time(), git_commit(), now_iso()  # the code that runs, not the code at the end
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
@@ -253,6 +253,7 @@ def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, ou
     (out / "eval.md").write_text(table + "\n")
     written = [out / "eval.json", out / "eval.md"]
     written.append(plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping"))
+    written.append(plot_retrieval(result["rows"], out / "retrieval.png", title=f"{a.model}: retrieval vs skipping"))
     written.append(plot_profile_heatmap(profile, out / "similarity-heatmap.png"))
     print("wrote " + ", ".join(str(p) for p in written if p is not None))
 

@@ -180,3 +180,52 @@ def plot_profile_heatmap(profile, path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="1 - IO cosine similarity")
     ax.set_title(title or f"sublayer IO similarity ({profile.num_requests} requests, {profile.tokens} tokens)")
     return _save(fig, path, plt)
+
+
+def retrieval_points(rows: Sequence[dict], kind: str) -> dict:
+    """{strategy: {context_len: [(budget, accuracy), ...] sorted by budget}} of the plans at a
+    number of skipped sublayers (budget 0 for the full model), from each row's details[kind]."""
+    points: dict = {}
+    for r in rows:
+        if kind not in r.get("details", {}) or r.get("target_speedup") is not None \
+                or r.get("min_agreement") is not None:
+            continue
+        budget = 0 if r["strategy"] == "full" else r["budget"]
+        for n, v in r["details"][kind]["by_length"].items():
+            points.setdefault(r["strategy"], {}).setdefault(int(n), []).append((budget, v["correct"] / v["total"]))
+    return {s: {n: sorted(p) for n, p in sorted(by_len.items())} for s, by_len in points.items()}
+
+
+def plot_retrieval(rows: Sequence[dict], path, kinds: Sequence[str] = ("passkey", "needle"),
+                   title: str = "") -> Optional[Path]:
+    """Retrieval accuracy against the number of skipped sublayers: a panel per task kind, a line
+    per (strategy, context length), each line starting from the full model's own accuracy at 0.
+    The aggregate over lengths (plot_quality) hides the length where a plan breaks; this shows it."""
+    by_kind = {k: retrieval_points(rows, k) for k in kinds}
+    by_kind = {k: v for k, v in by_kind.items() if v}
+    if not by_kind:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(by_kind), figsize=(6.0 * len(by_kind), 4.2), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (kind, points) in zip(axes[0], by_kind.items()):
+        full = points.get("full", {})
+        lengths = sorted({n for by_len in points.values() for n in by_len})
+        colors = {n: f"C{i % 10}" for i, n in enumerate(lengths)}
+        for j, (strategy, by_len) in enumerate((s, v) for s, v in points.items() if s != "full"):
+            for n, pts in by_len.items():
+                pts = full.get(n, [])[:1] + pts  # the full model is the line's point at budget 0
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[n],
+                        linestyle=styles[j % len(styles)], label=f"{strategy}, {n} tokens")
+        if len(points) == 1 and full:  # the full model alone: its points, nothing to join
+            for n, pts in full.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[n], label=f"full, {n} tokens")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("skipped sublayers (0: the full model)")
+        ax.set_ylabel(f"{kind} accuracy")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, plt)

@@ -30,6 +30,7 @@ __all__ = [
     "fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates",
     "new_stats", "new_gates", "new_scales", "mean_stats", "gated_linear", "gated_swiglu_up",
     "decode_attention", "decode_attention_serves", "rotary_kv_write",
+    "decode_splits", "decode_tile_keys", "gemv_pipeline_mode", "gemv_uses_pipeline",
 ]
 
 _OP_NAMES = ("fused_add_rms_norm", "scale_rms_norm", "io_similarity_stats", "skip_or_scale", "update_gates", "gated_linear",
@@ -265,3 +266,50 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     _op("rotary_kv_write", q, k, v, cos, sin, k_cache, v_cache, positions)(
         q, k, v, cos, sin, k_cache, v_cache, positions)
     return q
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' host-side launch choices (csrc/host_choices.h), callable without a GPU: the same
+# compiled functions the kernels call, with the device's numbers passed in.
+
+_PIPELINE_MODES = {-1: "auto", 0: "off", 1: "on"}
+
+
+def _host(name: str):
+    if not HAS_EXTENSION:
+        raise RuntimeError(f"adaskip.ops.{name}: the compiled extension adaskip._C is not available "
+                           f"({_EXTENSION_ERROR}); these are the CUDA kernels' own choices")
+    from .. import _C
+
+    return getattr(_C, name)
+
+
+def decode_splits(batch: int, kv_heads: int, capacity: int, resident_blocks: int, tile_keys: int) -> int:
+    """Splits per (sequence, KV head) decode_attention chooses when num_splits is 0: as many as fill
+    `resident_blocks` (the kernel's resident blocks per SM times the SMs) in one wave, none
+    shorter than a tile of `tile_keys` keys of the cache's `capacity`, at most 256, at least 1."""
+    return _host("choose_splits")(int(batch), int(kv_heads), int(capacity), int(resident_blocks), int(tile_keys))
+
+
+def decode_tile_keys(head_dim: int) -> int:
+    """Keys one block of the decode attention kernel reads per stage (head_dim 64 or 128)."""
+    return _host("decode_tile_keys")(int(head_dim))
+
+
+def gemv_pipeline_mode(value: Optional[str]) -> str:
+    """'auto', 'on' or 'off': a value of ADASKIP_GEMV_PIPELINE (None: unset) as the gated GEMV
+    kernels read it; ValueError for a value they refuse. reference.gemv_pipeline_mode is the
+    same parser in Python, which the CPU path uses."""
+    return _PIPELINE_MODES[_host("pipeline_mode")(value)]
+
+
+def gemv_uses_pipeline(mode: str, blocks: int, chunks: int, chunks_per_group: int, piped_blocks_per_sm: int,
+                       sms: int) -> bool:
+    """Whether the gated GEMV launches its pipelined one-row kernel: forced by mode 'on' / 'off';
+    under 'auto', when the row has at least two groups of `chunks_per_group` 16-byte chunks per
+    lane and the grid's `blocks` fit one wave (`piped_blocks_per_sm` * `sms`)."""
+    codes = {v: k for k, v in _PIPELINE_MODES.items()}
+    if mode not in codes:
+        raise ValueError(f"adaskip: mode must be one of {sorted(codes)}, got {mode!r}")
+    return _host("use_pipeline")(codes[mode], int(blocks), int(chunks), int(chunks_per_group),
+                                 int(piped_blocks_per_sm), int(sms))

@@ -13,6 +13,7 @@ serve as the CPU implementation. Statistics layout, shared with csrc/:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -350,14 +351,41 @@ def _check_gemv(x, weights, gates, sublayer, out) -> None:
         _fail(f"'sublayer' {sublayer} is out of range for 'gates' with {gates.shape[0]} sublayers")
 
 
+GEMV_PIPELINE_ENV = "ADASKIP_GEMV_PIPELINE"
+_C_SPACE = " \t\n\v\f\r"  # what C's isspace takes: the kernels' parser strips these alone
+
+
+def gemv_pipeline_mode(value: Optional[str]) -> str:
+    """'auto', 'on' or 'off': what a value of ADASKIP_GEMV_PIPELINE (None: unset) asks of the
+    gated GEMV. Case and surrounding whitespace are ignored; unset, empty and 'auto' are auto,
+    '1' is on and '0' off. Anything else raises ValueError naming the variable and the value: a
+    typo read as auto would let a benchmark that meant to force a kernel measure the other one.
+    Mirrors parse_pipeline_mode in csrc/host_choices.h (same values, same message)."""
+    if value is None:
+        return "auto"
+    v = value.strip(_C_SPACE)
+    v = v.lower() if v.isascii() else v
+    if v in ("", "auto"):
+        return "auto"
+    if v in ("on", "1"):
+        return "on"
+    if v in ("off", "0"):
+        return "off"
+    raise ValueError(f"adaskip: {GEMV_PIPELINE_ENV} must be on, off or auto (or 1 / 0; case and surrounding "
+                     f"whitespace are ignored), got '{value}'")
+
+
 def check_gated_linear(x, weight, gates, sublayer, out) -> None:
-    """Every check of gated_linear."""
+    """Every check of gated_linear, ADASKIP_GEMV_PIPELINE's value included (the kernel reads it
+    on every launch, so a bad value is refused here too, whatever the device)."""
     _check_gemv(x, [("weight", weight)], gates, sublayer, out)
+    gemv_pipeline_mode(os.environ.get(GEMV_PIPELINE_ENV))
 
 
 def check_gated_swiglu_up(x, w_gate, w_up, gates, sublayer, out) -> None:
-    """Every check of gated_swiglu_up."""
+    """Every check of gated_swiglu_up, ADASKIP_GEMV_PIPELINE's value included."""
     _check_gemv(x, [("w_gate", w_gate), ("w_up", w_up)], gates, sublayer, out)
+    gemv_pipeline_mode(os.environ.get(GEMV_PIPELINE_ENV))
 
 
 def _all_gated_off(gates, sublayer) -> bool:
