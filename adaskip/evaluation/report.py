@@ -103,6 +103,11 @@ def _save(fig, path, plt) -> Path:
     return path
 
 
+def _at_a_budget(row: dict) -> bool:
+    """A row planned at a number of skipped sublayers, not at a target speedup or agreement."""
+    return row.get("target_speedup") is None and row.get("min_agreement") is None
+
+
 def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = None,
                  title: str = "") -> Optional[Path]:
     """Quality against the number of skipped sublayers, one line per strategy, the full model
@@ -114,8 +119,7 @@ def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = 
     if not metrics:
         return None
     plt = _pyplot()
-    by_count = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is None
-                and r.get("min_agreement") is None]
+    by_count = [r for r in rows if r["strategy"] != "full" and _at_a_budget(r)]
     by_speed = [r for r in rows if r["strategy"] != "full" and r.get("target_speedup") is not None]
     panels = [("budget", "skipped sublayers", by_count), ("target_speedup", "predicted speedup", by_speed)]
     panels = [p for p in panels if p[2]]
@@ -187,8 +191,7 @@ def retrieval_points(rows: Sequence[dict], kind: str) -> dict:
     number of skipped sublayers (budget 0 for the full model), from each row's details[kind]."""
     points: dict = {}
     for r in rows:
-        if kind not in r.get("details", {}) or r.get("target_speedup") is not None \
-                or r.get("min_agreement") is not None:
+        if kind not in r.get("details", {}) or not _at_a_budget(r):
             continue
         budget = 0 if r["strategy"] == "full" else r["budget"]
         for n, v in r["details"][kind]["by_length"].items():

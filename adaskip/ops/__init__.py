@@ -273,6 +273,7 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
 # compiled functions the kernels call, with the device's numbers passed in.
 
 _PIPELINE_MODES = {-1: "auto", 0: "off", 1: "on"}
+_PIPELINE_CODES = {name: code for code, name in _PIPELINE_MODES.items()}
 
 
 def _host(name: str):
@@ -308,8 +309,7 @@ def gemv_uses_pipeline(mode: str, blocks: int, chunks: int, chunks_per_group: in
     """Whether the gated GEMV launches its pipelined one-row kernel: forced by mode 'on' / 'off';
     under 'auto', when the row has at least two groups of `chunks_per_group` 16-byte chunks per
     lane and the grid's `blocks` fit one wave (`piped_blocks_per_sm` * `sms`)."""
-    codes = {v: k for k, v in _PIPELINE_MODES.items()}
-    if mode not in codes:
-        raise ValueError(f"adaskip: mode must be one of {sorted(codes)}, got {mode!r}")
-    return _host("use_pipeline")(codes[mode], int(blocks), int(chunks), int(chunks_per_group),
+    if mode not in _PIPELINE_CODES:
+        raise ValueError(f"adaskip: mode must be one of {sorted(_PIPELINE_CODES)}, got {mode!r}")
+    return _host("use_pipeline")(_PIPELINE_CODES[mode], int(blocks), int(chunks), int(chunks_per_group),
                                  int(piped_blocks_per_sm), int(sms))
