@@ -14,13 +14,16 @@ A transformer layer has two sublayers, attention and a feed-forward network (FFN
 its output to a running "residual stream". Some of them barely change that stream: the stream's
 direction before and after them is almost the same (cosine similarity close to 1). Here a
 search on calibration text picks the sublayers whose removal changes the model's predictions
-least, on running text and on facts hidden in long prompts, each replaced by a small map fitted
-to what it did; then it keeps the fastest plan that still finds 90 % of the hidden facts the full
-model finds in held-out prompts as long as this one. While answering, it also watches the FFNs
-over the first generated tokens and skips those that turn out just as unimportant for this
-request.
-Below, the same question about a long essay is answered by the full model and with skipping.
+least, on running text and on facts hidden in long prompts, each replaced by a rescaling of the
+stream fitted to what it did; then it keeps the fastest plan that still finds 90 % of the hidden facts the full
+model finds in held-out prompts as long as this one.
 """
+# Printed when the plan learns online (--window > 0).
+ONLINE = """\
+While answering, it also watches the FFNs over the first generated tokens and skips those that
+turn out just as unimportant for this request.
+"""
+CLOSING = "Below, the same question about a long essay is answered by the full model and with skipping.\n"
 
 
 def register(subparsers) -> None:
@@ -52,7 +55,7 @@ def cmd_demo(a) -> None:
     at_least(a, prompt_tokens=1, repeats=1)
     profile = load_profile(a)
     check_plan_args(a, profile)
-    print(INTRODUCTION)
+    print(INTRODUCTION + (ONLINE if a.window > 0 else "") + CLOSING)
     model, tokenizer = load_model(a.model, dtype=dtype_of(a.dtype), device=a.device)
     ids = _essay_ids(tokenizer, a.prompt_tokens)
     a.question = a.question or DEMO_QUESTION
