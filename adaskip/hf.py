@@ -19,6 +19,12 @@ stand-ins' device copies), and each step looks its schedule up there. Online dec
 (plan.beta / plan.window) then keeps per-sequence gates on the device with the decode driver's
 OnlineLearning (adaskip.runtime.driver), exactly as our runtime's generate does.
 
+adaskip.hf.generate(model, prompts, plan=...) is adaskip.generate on a transformers model: the
+request is resolved as generate's (resolve_generation), and its decode steps, generate's own
+TokenStep on the model's modules and a transformers cache, run on the shared decode driver
+(adaskip.runtime.driver.drive), which owns the sync guard, online settling, EOS,
+max_new_tokens and the timing. model.generate under apply() keeps transformers' own loop.
+
 KV cache. In e2e mode a layer whose attention the plan skips never computes K/V, so its cache
 layer is never filled (DynamicCache and StaticCache allocate a layer on its first write).
 transformers reads the sequence length and mask sizes from layer 0 (or the first layer of a
@@ -32,6 +38,7 @@ attention weights of skipped layers (output_attentions has none for them).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import weakref
 from contextlib import contextmanager
@@ -42,9 +49,13 @@ import torch
 
 from . import ops
 from .runtime.config import MODEL_FAMILIES, ModelArgs, UnsupportedArchitecture
-from .runtime.driver import OnlineLearning
+from .runtime.decode import DecodeState
+from .runtime.driver import OnlineLearning, drive, padded_ids, timed
+from .runtime.generation import GenerationResult, TokenStep, eos_tensor, generation_result
 from .runtime.online import OnlineGates
-from .runtime.request_plan import DECODE, FORWARD, PREFILL, RequestPlan, resolve_applied, resolve_forward
+from .runtime.request_plan import (DECODE, FORWARD, PREFILL, RequestPlan, check_prompts, resolve_applied,
+                                   resolve_forward, resolve_generation)
+from .runtime.sampling import SamplingParams, sample
 from .runtime.rope import apply_rotary
 from .runtime.skip_plan import SkipPlan
 from .runtime.sublayer import run_sublayer
@@ -153,15 +164,18 @@ class _Patched:
         b, t = input_ids.shape
         request = resolve_forward(self, plan, stats=stats is not None, block_stats=block_stats is not None)
         sched = request.schedule(request.phases[FORWARD], batch=b, tokens=t)
-        self.step = _Step(sched, stats=stats, block_stats=block_stats, seq_lens=seq_lens, taps=taps)
-        self._own_step = True
+        step = _Step(sched, stats=stats, block_stats=block_stats, seq_lens=seq_lens, taps=taps)
+        hidden = self.run(step, input_ids=input_ids, use_cache=False)
+        return self.lm_head(_at(hidden, logits_index))
+
+    def run(self, step: _Step, **kwargs) -> torch.Tensor:
+        """The model's forward (transformers' keywords) with every layer reading `step`: the last
+        hidden states. apply()'s hooks leave such a forward alone."""
+        self.step, self._own_step = step, True
         try:
-            hidden = self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            return self.hf.model(**kwargs).last_hidden_state
         finally:
             self.step, self._own_step = None, False
-        if logits_index is not None:
-            hidden = hidden[torch.arange(b, device=hidden.device), logits_index]
-        return self.lm_head(hidden)
 
     # -- install / remove -------------------------------------------------------------------
 
@@ -304,6 +318,13 @@ def _redirected(cache, original, position: int, redirect: dict):
     return method
 
 
+def _at(hidden: torch.Tensor, logits_index) -> torch.Tensor:
+    """hidden [B, T, D], or [B, D] at each sequence's logits_index ([B]) when given."""
+    if logits_index is None:
+        return hidden
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
+
+
 def _cache_of(kwargs: dict):
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
@@ -352,10 +373,9 @@ def apply(model, plan: SkipPlan):
     or fitted stand-ins instead), in the plan's mode (prefill / decode / e2e), with online decode
     learning when the plan has it. On leaving, the model is exactly as before. Entering twice, or
     with a plan for another model, is an error. Yields an Applied (online_skipped(), decode_steps)."""
-    if not isinstance(plan, SkipPlan):
-        raise TypeError(f"adaskip.hf.apply needs an adaskip SkipPlan, got {type(plan).__name__}")
-    args = check_supported(model)
-    plan.check_model(args.num_layers, args.fingerprint())
+    if plan is None:
+        raise TypeError("adaskip.hf.apply needs an adaskip SkipPlan, got NoneType")
+    args = _check_plan_for(model, plan, "adaskip.hf.apply")
     if plan.ramp:
         raise ValueError("adaskip.hf: SkipDecode's ramp needs the number of decode steps in advance, which "
                          "model.generate does not give its model; use adaskip.generate for ramp plans")
@@ -368,6 +388,118 @@ def apply(model, plan: SkipPlan):
         yield Applied(patched)
     finally:
         patched.remove()
+
+
+@torch.inference_mode()
+def generate(model, prompts: Sequence[Sequence[int]], *, plan: Optional[SkipPlan] = None, max_new_tokens: int = 64,
+             sampling: Optional[SamplingParams] = None, eos_token_ids: Optional[Sequence[int]] = None,
+             prefill_chunk: int = 8192, forbid_host_sync: bool = False, step_timing: bool = False) -> GenerationResult:
+    """adaskip.generate for a transformers model (outside an apply() block): the same request
+    plan, resolved once (adaskip.runtime.request_plan.resolve_generation), the same decode step
+    and decode driver (adaskip.runtime.driver.drive: host-sync guard, online learning and its
+    settling, EOS and max_new_tokens, timing), on the model's own modules and a transformers
+    cache. prompts: a batch of token-id lists of any lengths (left-padded for the model). Greedy
+    tokens, and the FFNs online learning gates off, are adaskip.generate's on the same weights;
+    returns its GenerationResult. No CUDA graphs; SkipDecode's ramp is refused as in apply()."""
+    args = _check_plan_for(model, plan, "adaskip.hf.generate")
+    if plan is not None and plan.ramp:
+        raise ValueError("adaskip.hf.generate: SkipDecode's ramp is not supported on transformers models yet; use "
+                         "adaskip.generate for ramp plans")
+    prompts = check_prompts(prompts, args.vocab_size)
+    sampling = sampling or SamplingParams()
+    was_training = model.training
+    patched = _Patched(model, args)
+    patched.redirect = _redirect_for(plan, args) if plan is not None else {}
+    patched.install()  # its hooks stay idle (no plan set): every forward here sets its own step
+    model.eval()
+    try:
+        request = resolve_generation(patched, [len(p) for p in prompts], plan, max_new_tokens=max_new_tokens,
+                                     prefill_chunk=prefill_chunk)
+        cached = _CachedModel(patched, prompts, max_new_tokens)
+        state, online, prefill_s = _prefill(cached, request, sampling, eos_token_ids, max_new_tokens)
+        step = TokenStep(cached, request, state, prompts, graphs=None)
+        run = drive(step, max_new_tokens - 1, device=state.token.device, online=online,
+                    forbid_host_sync=forbid_host_sync, step_timing=step_timing)
+        return generation_result(cached, state, max_new_tokens, online, prefill_s, run)
+    finally:
+        patched.remove()
+        model.train(was_training)
+
+
+def _check_plan_for(model, plan: Optional[SkipPlan], what: str) -> ModelArgs:
+    """The model's ModelArgs, once it is supported and `plan` (None: the full model) fits it."""
+    if plan is not None and not isinstance(plan, SkipPlan):
+        raise TypeError(f"{what} needs an adaskip SkipPlan, got {type(plan).__name__}")
+    args = check_supported(model)
+    if plan is not None:
+        plan.check_model(args.num_layers, args.fingerprint())
+    return args
+
+
+class _CachedModel:
+    """The patched model as the runtime's decode step calls a model (decode_one_token's
+    keywords), continuing one transformers cache of left-padded prompts: cache slots are shared
+    (kv_len slots are filled after a call), RoPE positions are each sequence's own."""
+
+    def __init__(self, patched: _Patched, prompts: list, max_new_tokens: int):
+        import transformers
+
+        self.patched, self.args, self.lm_head = patched, patched.args, patched.lm_head
+        device = self.lm_head.weight.device
+        self.ids, self.lens = padded_ids(prompts, device, left=True)
+        longest = self.ids.shape[1]
+        # Slots holding a token: the prompts' (left-padded), then one per decode step for all.
+        self.mask = torch.ones(len(prompts), longest + max_new_tokens, dtype=torch.long, device=device)
+        self.mask[:, :longest] = torch.arange(longest, device=device)[None, :] >= (longest - self.lens)[:, None]
+        self.positions = (self.mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        self.cache = transformers.DynamicCache(config=patched.hf.config)
+        parameters = inspect.signature(type(patched.hf.model).forward).parameters
+        self.cache_keyword = "cache" if "cache" in parameters else "past_key_values"  # older transformers
+
+    def __call__(self, tokens: torch.Tensor, positions, *, kv_len: int, seq_lens=None, stats=None, online=None,
+                 logits_index=None, schedule=None) -> torch.Tensor:
+        """Logits of `tokens` [B, T] at RoPE `positions` (an int, [B] of the first token, or [B, T]),
+        filling cache slots [kv_len - T, kv_len)."""
+        b, t = tokens.shape
+        if not isinstance(positions, torch.Tensor):
+            positions = torch.full((b,), positions, dtype=torch.long, device=tokens.device)
+        if positions.dim() == 1:
+            positions = positions[:, None] + torch.arange(t, device=tokens.device)
+        step = _Step(schedule, online=online, stats=stats, seq_lens=seq_lens)
+        hidden = self.patched.run(step, input_ids=tokens, attention_mask=self.mask[:, :kv_len], position_ids=positions,
+                                  use_cache=True, **{self.cache_keyword: self.cache})
+        return self.lm_head(_at(hidden, logits_index))
+
+    def kv_cache_bytes(self) -> int:
+        tensors = [getattr(layer, name, None) for layer in self.cache.layers for name in ("keys", "values")]
+        return sum(x.numel() * x.element_size() for x in tensors if isinstance(x, torch.Tensor))
+
+
+def _prefill(cached: _CachedModel, request: RequestPlan, sampling: SamplingParams, eos_token_ids,
+             max_new_tokens: int) -> tuple:
+    """The request's prefill chunks through the model, the first token of each sequence, and the
+    decode state the driver's steps continue: (state, online learning or None, prefill seconds)."""
+    ids, device = cached.ids, cached.ids.device
+    b, longest = ids.shape
+    eos = eos_tensor(cached.args, eos_token_ids, device)
+    state = DecodeState(b, max_new_tokens, eos.numel(), device)
+    generator = state.generator_for(sampling.seed)
+
+    def run():
+        logits = None
+        for chunk in request.prefill:
+            t = chunk.end - chunk.start
+            schedule = request.schedule(chunk.phase, batch=b, tokens=t)
+            # Left-padded: every prompt ends at the last slot of the last chunk.
+            logits = cached(ids[:, chunk.start:chunk.end], cached.positions[:, chunk.start:chunk.end],
+                            kv_len=chunk.end, schedule=schedule, logits_index=torch.full((b,), t - 1, device=device))
+        return sample(logits, sampling, generator)
+
+    token, prefill_s = timed(device, run)
+    online = OnlineLearning.start(request, b, device)
+    state.start(token, cached.lens, max_new_tokens, eos, sampling, generator, None, online.gates if online else None)
+    state.record()
+    return state, online, prefill_s
 
 
 class Applied:
@@ -429,4 +561,5 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         model.train(was_training)
 
 
-__all__ = ["Applied", "apply", "applied_plan", "calibrate", "check_supported", "runtime_view", "SUPPORTED_CLASSES"]
+__all__ = ["Applied", "apply", "applied_plan", "calibrate", "check_supported", "generate", "runtime_view",
+           "SUPPORTED_CLASSES"]

@@ -299,3 +299,59 @@ def test_a_failed_forward_does_not_leave_its_step_behind():
         skipped = applied.online_skipped()
     expected = adaskip.generate(ours, ids.tolist(), max_new_tokens=10, plan=plan, eos_token_ids=[])
     assert out[:, ids.shape[1]:].tolist() == expected.tokens and skipped == expected.online_skipped
+
+
+@pytest.mark.parametrize("mode,online", [("e2e", True), ("decode", True), ("prefill", False)])
+def test_hf_generate_runs_on_the_shared_decode_driver(pair, mode, online, monkeypatch):
+    """adaskip.hf.generate resolves the request once (as adaskip.generate does) and runs its
+    decode steps on the shared driver with generate's own step: prompts of different lengths
+    give adaskip.generate's tokens, online gates and EOS stops on the same weights and plan."""
+    from adaskip.runtime import driver, generation, request_plan
+
+    name, hf, ours = pair
+    plan = _plans(mode, online)
+    prompts = [_ids(1, 15, seed=5)[0].tolist(), _ids(1, 9, seed=6)[0].tolist()]
+    driven, resolved = [], []
+
+    def drive(step, max_steps, **kwargs):
+        run = driver.drive(step, max_steps, **kwargs)
+        driven.append((type(step), max_steps, run.steps))
+        return run
+
+    def resolve(*args, **kwargs):
+        resolved.append(args[0])
+        return request_plan.resolve_generation(*args, **kwargs)
+
+    assert adaskip.hf.drive is driver.drive and adaskip.hf.resolve_generation is request_plan.resolve_generation
+    monkeypatch.setattr(adaskip.hf, "drive", drive)
+    monkeypatch.setattr(adaskip.hf, "resolve_generation", resolve)
+    monkeypatch.setattr(adaskip.hf, "resolve_forward", None)  # no step resolves a plan of its own
+    got = adaskip.hf.generate(hf, prompts, plan=plan, max_new_tokens=10, eos_token_ids=[])
+    expected = adaskip.generate(ours, prompts, max_new_tokens=10, plan=plan, eos_token_ids=[])
+    assert driven == [(generation.TokenStep, 9, 9)] and len(resolved) == 1
+    assert got.tokens == expected.tokens and got.decode_steps == 9
+    assert got.online_skipped == expected.online_skipped
+    if plan.online:
+        assert any(got.online_skipped)
+    # EOS: the token the first sequence makes third ends it there, as in adaskip.generate.
+    eos = [expected.tokens[0][2]]
+    got = adaskip.hf.generate(hf, prompts, plan=plan, max_new_tokens=10, eos_token_ids=eos)
+    expected = adaskip.generate(ours, prompts, max_new_tokens=10, plan=plan, eos_token_ids=eos)
+    assert got.tokens == expected.tokens and got.finished == expected.finished and got.finished[0]
+    assert len(got.tokens[0]) <= 3
+    assert "forward" not in vars(hf.model.layers[0]) and adaskip.hf.applied_plan(hf) is None  # left as it was
+
+
+def test_hf_generate_without_a_plan_is_the_full_model():
+    hf, ours = _pair("qwen2")
+    prompts = [_ids(1, 11, seed=9)[0].tolist()]
+    got = adaskip.hf.generate(hf, prompts, max_new_tokens=6, eos_token_ids=[])
+    with torch.no_grad():
+        plain = hf.generate(torch.tensor(prompts), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    assert got.tokens == plain[:, 11:].tolist() == adaskip.generate(ours, prompts, max_new_tokens=6,
+                                                                    eos_token_ids=[]).tokens
+    with adaskip.hf.apply(hf, _plans("e2e")), pytest.raises(RuntimeError, match="already runs under adaskip.hf"):
+        adaskip.hf.generate(hf, prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match="ramp"):
+        adaskip.hf.generate(hf, prompts, plan=SkipPlan(4, {1: 1.0}, ramp=True))

@@ -1,13 +1,18 @@
 """Choices are tables: a strategy, a search method, a model family and an export format are each
 one record, and the planner, the calibration checks, the CLI and the defaults read them."""
 import argparse
+import dataclasses
+import types
 
 import pytest
+import torch
 
 from adaskip import exporting
 from adaskip.cli import parser
 from adaskip.runtime import config
 from adaskip.skipping import greedy, strategies
+from adaskip.runtime.skip_plan import SkipPlan
+from adaskip.runtime.stand_in import StandIn
 from adaskip.skipping.strategies import Strategy, plan
 
 
@@ -70,3 +75,46 @@ def test_an_export_format_is_one_object(monkeypatch):
     assert exporting.export_format("decilm").serve_flags == " --trust-remote-code"
     with pytest.raises(ValueError, match="unknown export format 'gguf'"):
         exporting.export_format("gguf")
+
+
+def _help(command: str, flag: str) -> str:
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return next(a for a in sub.choices[command]._actions if flag in a.option_strings).help
+
+
+def test_search_candidates_help_names_each_table_default(monkeypatch):
+    scoring = [m for m in greedy.SEARCH_METHODS.values() if m.scores_candidates]
+    assert [m.name for m in scoring] == ["loss", "blockpruner", "kl"]
+    for command in ("calibrate", "eval"):
+        text = _help(command, "--search-candidates")
+        for m in scoring:
+            default = "every remaining sublayer" if m.default_candidates is None else str(m.default_candidates)
+            assert f"{default} for {m.name}" in text
+        assert "similarity" not in text  # it takes the most similar sublayer and tries no candidates
+    # The help follows the table, not a copy of it.
+    monkeypatch.setitem(greedy.SEARCH_METHODS, "kl", dataclasses.replace(greedy.SEARCH_METHODS["kl"],
+                                                                          default_candidates=9))
+    assert "9 for kl" in _help("calibrate", "--search-candidates")
+
+
+def test_stand_in_cost_reads_the_fitting_search_through_its_record(monkeypatch):
+    """A linear stand-in's cost is weighed against the layer sizes that the search which fits
+    stand-ins recorded, found through the search records, not by the name "kl"."""
+    g = torch.Generator().manual_seed(0)
+    linear = StandIn("linear", down=torch.randn(2, 8, generator=g), down_bias=torch.zeros(2),
+                     up=torch.randn(8, 2, generator=g))
+    p = SkipPlan(4, {3: 1.0}, stand_ins={3: linear})
+    notes = {"attention_multiply_adds": 256, "ffn_multiply_adds": 768}
+
+    class Profile:  # what stand_in_cost reads of an ImportanceProfile
+        search = {"kl-wide": object()}
+
+        def search_result(self, name):
+            return types.SimpleNamespace(notes=notes)
+
+    wide = greedy.SearchMethod("kl-wide", 12, fits_stand_ins=True)
+    monkeypatch.setitem(greedy.SEARCH_METHODS, wide.name, wide)
+    assert strategies.stand_in_cost(p, Profile()) == pytest.approx(linear.multiply_adds_per_token() / 1024)
+    monkeypatch.setitem(greedy.SEARCH_METHODS, wide.name, dataclasses.replace(wide, fits_stand_ins=False))
+    with pytest.raises(ValueError, match="layer sizes"):
+        strategies.stand_in_cost(p, Profile())

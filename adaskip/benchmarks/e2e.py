@@ -268,34 +268,11 @@ def _hf_pair(bench: BenchModel, device, dtype, notes: list):
 
 def run(args) -> dict:
     """Builds the model, measures, returns the result (printing progress and nothing else)."""
-    from adaskip.skipping.costs import measure_sublayer_costs
-
     device, on_gpu, dtype = run_device(args.device, args.dtype)
-    decode_tokens = args.decode_tokens if args.decode_tokens is not None else (32 if on_gpu else 8)
-    if decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
-        raise ValueError("need --decode-tokens >= 1, --repeats >= 1 and --warmup >= 0")
-    args.decode_tokens = decode_tokens
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.graph_conditionals and not args.online:
-        raise ValueError("--graph-conditionals gates the FFNs online learning decides: it needs --online")
-    if args.online_beta is not None:
-        if not args.online:
-            raise ValueError("--online-beta sets online learning's threshold: it needs --online")
-        if not -1.0 <= args.online_beta <= 1.0:
-            raise ValueError(f"--online-beta is a cosine similarity in [-1, 1], got {args.online_beta}")
+    decode_tokens = _checked_decode_tokens(args, on_gpu)
     names = strategies(args.strategies)
     path_variants = decode_path_variants(args.decode_paths)
-    if args.model is not None and args.layers is not None:
-        raise ValueError("--layers shrinks a random-weight config (--config); it does not apply to --model")
-    name = args.config or ("llama-3.1-8b" if on_gpu else "tiny")
-    if args.model is None:  # check what can be checked before building the weights
-        margs = model_args(name, args.layers)
-        prompt_lengths(args.prompt_lens, margs.max_position_embeddings, decode_tokens, on_gpu)
-        budgets(args.budgets, margs.num_layers)
-        bench = random_model(name, args.layers, dtype, device)
-    else:
-        bench = real_model(args.model, dtype, device)
+    bench = _bench_model(args, on_gpu, dtype, device, decode_tokens)
     model, notes = bench.model, list(bench.notes)
     margs = model.args
     lengths = prompt_lengths(args.prompt_lens, margs.max_position_embeddings, decode_tokens, on_gpu)
@@ -310,46 +287,21 @@ def run(args) -> dict:
         notes.append(f"online learning with beta = {args.online_beta} instead of the plans' own")
     hf, hf_cfg, parity = _hf_pair(bench, device, dtype, notes) if args.hf else (None, None, None)
     info = device_info(device)
-    print(f"adaskip e2e benchmark: {info['device']} | {bench.name} ({margs.num_layers} layers), {str(dtype)[6:]}, "
-          f"{bench.weights} weights | torch {info['torch']}"
-          + ("" if on_gpu else " | CPU smoke run, not a performance figure"))
-    if parity is not None:
-        print(f"logits parity with transformers on a probe: |ours - hf| / |hf| = {parity:.2e}")
-    for note in notes:
-        print(f"note: {note}")
-
-    baseline, rows, cost_rows, breakdowns = [], [], [], []
-    breakdown = on_gpu and graph and args.breakdown
+    _print_header(bench, info, dtype, on_gpu, parity, notes)
+    measured = {"baseline": [], "rows": [], "sublayer_costs": [], "decode_breakdown": []}
     copy_bw = None
-    if breakdown:
+    if on_gpu and graph and args.breakdown:
         from .kernels import copy_bandwidth
 
         copy_bw = copy_bandwidth("cuda")
         print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     gen = torch.Generator().manual_seed(11)
     for length in lengths:
-        print(f"prompt {length}: sublayer costs, full model{', transformers' if hf is not None else ''}, "
-              f"{len(plans)} plans")
-        prompts = torch.randint(0, margs.vocab_size, (args.batch, length), generator=gen).tolist()
-        costs = {mode: measure_sublayer_costs(model, length, mode, batch=args.batch) for mode in ("prefill", "decode")}
-        if graph:  # the ideal of graph decode: each sublayer timed inside a graph, as the step runs it
-            costs["decode_graph"] = measure_sublayer_costs(model, length, "decode", graphs=True, batch=args.batch,
-                                                           cache_len=length + decode_tokens + 1)
-        cost_rows += [cost_summary(length, c) for c in costs.values()]
-        ids = torch.tensor(prompts, device=device)
-        full = measure(model, prompts, None, args, graph, hf=(hf, hf_cfg, ids) if hf is not None else None)
-        baseline.append(baseline_row(length, full, args))
-        rows.append(plan_row(length, "full", 0, None, full, full, costs, args, margs.num_layers))
-        for s, k, p, conditional in plans:
-            m = measure(model, prompts, p, args, graph, conditional=conditional)
-            rows.append(plan_row(length, s, k, p, m, full, costs, args, margs.num_layers))
-        if breakdown:
-            breakdowns += _breakdowns(model, length, args.batch, path_variants, plans, copy_bw)
-        del ids
+        _measure_length(model, length, args, plans, graph, hf, hf_cfg, gen, device, path_variants, copy_bw,
+                        breakdown=on_gpu and graph and args.breakdown, out=measured)
         if on_gpu:
             torch.cuda.empty_cache()
-
-    compare_with_offline(rows)
+    compare_with_offline(measured["rows"])
     transformers_version = None
     if hf is not None:
         import transformers
@@ -363,8 +315,79 @@ def run(args) -> dict:
             "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
             "timing": "perf_counter around CUDA synchronisations" if on_gpu else "perf_counter",
             "cuda_graph_decode": graph, "smoke_run": not on_gpu, "logits_parity_rel_err": parity,
-            "notes": notes, "definitions": DEFINITIONS, "baseline": baseline, "sublayer_costs": cost_rows,
-            "rows": rows, "copy_gbps": round(copy_bw / 1e9, 1) if copy_bw else None, "decode_breakdown": breakdowns}
+            "notes": notes, "definitions": DEFINITIONS, "baseline": measured["baseline"],
+            "sublayer_costs": measured["sublayer_costs"], "rows": measured["rows"],
+            "copy_gbps": round(copy_bw / 1e9, 1) if copy_bw else None,
+            "decode_breakdown": measured["decode_breakdown"]}
+
+
+def _checked_decode_tokens(args, on_gpu: bool) -> int:
+    """The decode tokens per measurement (default 32 on a GPU, 8 elsewhere; set in args), once
+    the options that need no model are checked."""
+    decode_tokens = args.decode_tokens if args.decode_tokens is not None else (32 if on_gpu else 8)
+    if decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("need --decode-tokens >= 1, --repeats >= 1 and --warmup >= 0")
+    args.decode_tokens = decode_tokens
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.graph_conditionals and not args.online:
+        raise ValueError("--graph-conditionals gates the FFNs online learning decides: it needs --online")
+    if args.online_beta is not None:
+        if not args.online:
+            raise ValueError("--online-beta sets online learning's threshold: it needs --online")
+        if not -1.0 <= args.online_beta <= 1.0:
+            raise ValueError(f"--online-beta is a cosine similarity in [-1, 1], got {args.online_beta}")
+    return decode_tokens
+
+
+def _bench_model(args, on_gpu: bool, dtype, device, decode_tokens: int):
+    """The model to measure: a random-weight config (checked before its weights are built) or --model."""
+    if args.model is not None and args.layers is not None:
+        raise ValueError("--layers shrinks a random-weight config (--config); it does not apply to --model")
+    name = args.config or ("llama-3.1-8b" if on_gpu else "tiny")
+    if args.model is not None:
+        return real_model(args.model, dtype, device)
+    margs = model_args(name, args.layers)  # check what can be checked before building the weights
+    prompt_lengths(args.prompt_lens, margs.max_position_embeddings, decode_tokens, on_gpu)
+    budgets(args.budgets, margs.num_layers)
+    return random_model(name, args.layers, dtype, device)
+
+
+def _print_header(bench, info: dict, dtype, on_gpu: bool, parity, notes: list) -> None:
+    margs = bench.model.args
+    print(f"adaskip e2e benchmark: {info['device']} | {bench.name} ({margs.num_layers} layers), {str(dtype)[6:]}, "
+          f"{bench.weights} weights | torch {info['torch']}"
+          + ("" if on_gpu else " | CPU smoke run, not a performance figure"))
+    if parity is not None:
+        print(f"logits parity with transformers on a probe: |ours - hf| / |hf| = {parity:.2e}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+def _measure_length(model, length: int, args, plans: list, graph: bool, hf, hf_cfg, gen, device, path_variants,
+                    copy_bw, *, breakdown: bool, out: dict) -> None:
+    """At one prompt length: the sublayer costs, the full model (and transformers), every plan,
+    and the decode breakdowns, appended to `out`'s lists."""
+    from adaskip.skipping.costs import measure_sublayer_costs
+
+    margs = model.args
+    print(f"prompt {length}: sublayer costs, full model{', transformers' if hf is not None else ''}, "
+          f"{len(plans)} plans")
+    prompts = torch.randint(0, margs.vocab_size, (args.batch, length), generator=gen).tolist()
+    costs = {mode: measure_sublayer_costs(model, length, mode, batch=args.batch) for mode in ("prefill", "decode")}
+    if graph:  # the ideal of graph decode: each sublayer timed inside a graph, as the step runs it
+        costs["decode_graph"] = measure_sublayer_costs(model, length, "decode", graphs=True, batch=args.batch,
+                                                       cache_len=length + args.decode_tokens + 1)
+    out["sublayer_costs"] += [cost_summary(length, c) for c in costs.values()]
+    ids = torch.tensor(prompts, device=device)
+    full = measure(model, prompts, None, args, graph, hf=(hf, hf_cfg, ids) if hf is not None else None)
+    out["baseline"].append(baseline_row(length, full, args))
+    out["rows"].append(plan_row(length, "full", 0, None, full, full, costs, args, margs.num_layers))
+    for s, k, p, conditional in plans:
+        m = measure(model, prompts, p, args, graph, conditional=conditional)
+        out["rows"].append(plan_row(length, s, k, p, m, full, costs, args, margs.num_layers))
+    if breakdown:
+        out["decode_breakdown"] += _breakdowns(model, length, args.batch, path_variants, plans, copy_bw)
 
 
 def _breakdowns(model, length: int, batch: int, variants: list, plans: list, copy_bw: float) -> list:

@@ -22,13 +22,24 @@ def add_model_options(q) -> None:
     q.add_argument("--device", help="default: cuda if available, else cpu")
 
 
+def search_candidates_help() -> str:
+    """--search-candidates' help, naming each scoring search's default from its record
+    (adaskip.skipping.greedy.SEARCH_METHODS)."""
+    from ..skipping.greedy import SEARCH_METHODS
+
+    scoring = [m for m in SEARCH_METHODS.values() if m.scores_candidates]
+    defaults = ", ".join(f"{'every remaining sublayer' if m.default_candidates is None else m.default_candidates} "
+                         f"for {m.name}" for m in scoring)
+    names = ", ".join(m.name for m in scoring[:-1]) + f" and {scoring[-1].name}" if len(scoring) > 1 else \
+        scoring[0].name
+    return f"{names} searches: candidates tried per step, the most similar ones (default: {defaults})"
+
+
 def add_search_options(q) -> None:
     """The greedy searches' settings, for every subcommand that may calibrate (calibrate, eval)."""
     from ..runtime.stand_in import KINDS as STAND_IN_KINDS
 
-    q.add_argument("--search-candidates", type=int,
-                   help="loss, blockpruner and kl searches: candidates tried per step, the most similar ones "
-                   "(default: 4 for loss, 6 for kl, every remaining sublayer for blockpruner)")
+    q.add_argument("--search-candidates", type=int, help=search_candidates_help())
     q.add_argument("--search-requests", type=int, default=2,
                    help="calibration requests the searches run on")
     q.add_argument("--search-stand-in", choices=list(STAND_IN_KINDS), default="scalar",

@@ -200,74 +200,102 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     metrics = {k: {} for k in named}
     details: dict = {}
     timings = {}
-
     if "ppl" in settings.tasks:
-        if not documents:
-            raise ValueError("adaskip: the ppl task needs documents")
-        start = time.perf_counter()
-        windows = document_windows(documents, tokenizer, settings.window_len, settings.max_windows)
-        res = compare_with_full(model, windows, {k: p for k, p in named.items() if p is not None},
-                                progress=progress)
-        for k, v in res.items():
-            metrics[k].update(v)
-        timings["ppl"] = time.perf_counter() - start
-        settings.notes.append(f"ppl: {len(windows)} windows x {settings.window_len} tokens")
-
+        timings["ppl"] = _ppl_task(model, tokenizer, settings, documents, named, metrics, progress)
     for kind in ("passkey", "needle"):
-        if kind not in settings.tasks:
-            continue
-        from .retrieval import evaluate_retrieval, make_tasks
-
-        start = time.perf_counter()
-        tasks = make_tasks(tokenizer, kind, settings.retrieval_lengths, settings.retrieval_depths,
-                           samples_per_cell=settings.retrieval_samples, seed=settings.seed,
-                           max_context=model.args.max_position_embeddings)
-        res = evaluate_retrieval(model, tokenizer, tasks, named, progress=progress,
-                                 batch_size=settings.retrieval_batch)
-        for k, v in res.items():
-            metrics[k][f"{kind}_accuracy"] = v["accuracy"]
-            details.setdefault(k, {})[kind] = {"by_cell": v["by_cell"], "by_length": v["by_length"],
-                                               "correct": v["correct"], "total": v["total"]}
-        timings[kind] = time.perf_counter() - start
-
-    generation = None
+        if kind in settings.tasks:
+            timings[kind] = _retrieval_task(kind, model, tokenizer, settings, named, metrics, details, progress)
+    extra = {}
     if "generation" in settings.tasks:
-        import torch
-
-        from .generation import evaluate_generation
-
-        start = time.perf_counter()
-        prompts = _generation_prompts("generation", tokenizer, documents, settings)
-        floor = getattr(torch, settings.generation_floor_dtype) if settings.generation_floor_dtype else None
-        generation = evaluate_generation(model, tokenizer, prompts, {k: p for k, p in named.items() if p is not None},
-                                         max_new_tokens=settings.generation_tokens, floor_dtype=floor,
-                                         batch_size=settings.generation_batch, profile=profile, progress=progress,
-                                         online_betas=settings.generation_online_betas)
-        timings["generation"] = time.perf_counter() - start
-
-    speculative = None
+        extra["generation"], timings["generation"] = _generation_task(model, tokenizer, profile, settings, documents,
+                                                                      named, progress)
     if "speculative" in settings.tasks:
-        from .speculative import evaluate_speculative
-
-        start = time.perf_counter()
-        prompts = _generation_prompts("speculative", tokenizer, documents, settings)
-        speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
-                                           max_new_tokens=settings.generation_tokens, profile=profile,
-                                           progress=progress, online=settings.speculative_online,
-                                           cuda_graph=settings.speculative_cuda_graph)
-        timings["speculative"] = time.perf_counter() - start
-
+        extra["speculative"], timings["speculative"] = _speculative_task(model, tokenizer, profile, settings,
+                                                                         documents, named, progress)
     if "longbench" in settings.tasks:
-        from .longbench import evaluate_longbench
+        timings["longbench"] = _longbench_task(model, tokenizer, settings, named, metrics, progress)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    return {"rows": _rows(plans, metrics, details), "timings_s": timings, "notes": list(settings.notes), **extra}
 
-        start = time.perf_counter()
-        res = evaluate_longbench(model, tokenizer, settings.longbench_dir, list(settings.longbench_datasets) or None,
-                                 named, limit=settings.longbench_limit, progress=progress)
-        for k, per_dataset in res.items():
-            for name, value in per_dataset.items():
-                metrics[k][f"longbench/{name}"] = value
-        timings["longbench"] = time.perf_counter() - start
 
+def _ppl_task(model, tokenizer, settings: EvalSettings, documents, named: dict, metrics: dict,
+              progress: bool) -> float:
+    """Perplexity and agreement with the full model on document windows, into `metrics`; its seconds."""
+    if not documents:
+        raise ValueError("adaskip: the ppl task needs documents")
+    start = time.perf_counter()
+    windows = document_windows(documents, tokenizer, settings.window_len, settings.max_windows)
+    res = compare_with_full(model, windows, {k: p for k, p in named.items() if p is not None}, progress=progress)
+    for k, v in res.items():
+        metrics[k].update(v)
+    seconds = time.perf_counter() - start
+    settings.notes.append(f"ppl: {len(windows)} windows x {settings.window_len} tokens")
+    return seconds
+
+
+def _retrieval_task(kind: str, model, tokenizer, settings: EvalSettings, named: dict, metrics: dict, details: dict,
+                    progress: bool) -> float:
+    """The passkey or needle task's accuracy into `metrics`, its cells into `details`; its seconds."""
+    from .retrieval import evaluate_retrieval, make_tasks
+
+    start = time.perf_counter()
+    tasks = make_tasks(tokenizer, kind, settings.retrieval_lengths, settings.retrieval_depths,
+                       samples_per_cell=settings.retrieval_samples, seed=settings.seed,
+                       max_context=model.args.max_position_embeddings)
+    res = evaluate_retrieval(model, tokenizer, tasks, named, progress=progress, batch_size=settings.retrieval_batch)
+    for k, v in res.items():
+        metrics[k][f"{kind}_accuracy"] = v["accuracy"]
+        details.setdefault(k, {})[kind] = {"by_cell": v["by_cell"], "by_length": v["by_length"],
+                                           "correct": v["correct"], "total": v["total"]}
+    return time.perf_counter() - start
+
+
+def _generation_task(model, tokenizer, profile, settings: EvalSettings, documents, named: dict,
+                     progress: bool) -> tuple:
+    """(the generation task's rows, its seconds)."""
+    import torch
+
+    from .generation import evaluate_generation
+
+    start = time.perf_counter()
+    prompts = _generation_prompts("generation", tokenizer, documents, settings)
+    floor = getattr(torch, settings.generation_floor_dtype) if settings.generation_floor_dtype else None
+    generation = evaluate_generation(model, tokenizer, prompts, {k: p for k, p in named.items() if p is not None},
+                                     max_new_tokens=settings.generation_tokens, floor_dtype=floor,
+                                     batch_size=settings.generation_batch, profile=profile, progress=progress,
+                                     online_betas=settings.generation_online_betas)
+    return generation, time.perf_counter() - start
+
+
+def _speculative_task(model, tokenizer, profile, settings: EvalSettings, documents, named: dict,
+                      progress: bool) -> tuple:
+    """(the speculative task's rows, its seconds)."""
+    from .speculative import evaluate_speculative
+
+    start = time.perf_counter()
+    prompts = _generation_prompts("speculative", tokenizer, documents, settings)
+    speculative = evaluate_speculative(model, prompts, named, draft_tokens=settings.speculative_draft_tokens,
+                                       max_new_tokens=settings.generation_tokens, profile=profile,
+                                       progress=progress, online=settings.speculative_online,
+                                       cuda_graph=settings.speculative_cuda_graph)
+    return speculative, time.perf_counter() - start
+
+
+def _longbench_task(model, tokenizer, settings: EvalSettings, named: dict, metrics: dict, progress: bool) -> float:
+    """LongBench scores per dataset into `metrics`; its seconds."""
+    from .longbench import evaluate_longbench
+
+    start = time.perf_counter()
+    res = evaluate_longbench(model, tokenizer, settings.longbench_dir, list(settings.longbench_datasets) or None,
+                             named, limit=settings.longbench_limit, progress=progress)
+    for k, per_dataset in res.items():
+        for name, value in per_dataset.items():
+            metrics[k][f"longbench/{name}"] = value
+    return time.perf_counter() - start
+
+
+def _rows(plans: list, metrics: dict, details: dict) -> list:
+    """A row per plan: its description, what it skips, its metrics (and task details)."""
     rows = []
     for desc, p in plans:
         row = dict(desc)
@@ -280,12 +308,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
         if _key(desc) in details:
             row["details"] = details[_key(desc)]
         rows.append(row)
-    out = {"rows": rows, "timings_s": timings, "notes": list(settings.notes)}
-    if generation is not None:
-        out["generation"] = generation
-    if speculative is not None:
-        out["speculative"] = speculative
-    return out
+    return rows
 
 
 def _generation_prompts(task: str, tokenizer, documents, settings: EvalSettings) -> list:

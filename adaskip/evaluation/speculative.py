@@ -30,9 +30,7 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
     the measured speedup compares the device's time rather than the host's; each is captured by a
     first, untimed run on the first prompt, and capture time never counts."""
     from ..runtime.generation import generate
-    from ..runtime.speculative import SpeculativeConfig
     from ..skipping.costs import L20_SPEC, device_name, sublayer_costs
-    from ..skipping.strategies import stand_in_cost
 
     if not prompts:
         raise ValueError("adaskip: no prompts to evaluate speculative decoding on")
@@ -60,41 +58,53 @@ def evaluate_speculative(model, prompts: Sequence, plans: dict, *, draft_tokens:
         costs = [sublayer_costs(model.args, len(p.ids), "decode", spec=spec) for p in prompts]
         skips = set(plan.phase("decode").skip_scales)
         for k in ks:
-            drafted = accepted = rounds = emitted = identical = 0
-            plain_s = spec_s = 0.0
-            predicted, draft_speedups, extra = [], [], 0
-            config = SpeculativeConfig(plan, draft_tokens=k, online=online_drafts)
-            if cuda_graph:
-                generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                         speculative=config, cuda_graph=cuda_graph)
-            for p, (ref_tokens, ref_s), c in zip(prompts, reference, costs):
-                out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
-                               speculative=config, cuda_graph=cuda_graph)
-                gated = set(out.online_skipped[0]) if out.online_skipped else set()
-                extra += len(gated)
-                s = c.speedup(skips | gated, stand_in_cost(plan, profile, c))
-                draft_speedups.append(s)
-                st = out.speculative
-                drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
-                emitted += len(out.tokens[0]) - 1
-                identical += int(out.tokens[0] == ref_tokens)
-                plain_s, spec_s = plain_s + ref_s, spec_s + out.decode_s
-                predicted.append(predicted_speedup(st["tokens_per_round"], k, s))
-                bar.update(1)
-            rows.append({"name": name, "strategy": plan.strategy, "budget": len(plan.skip_scales), "draft_tokens": k,
-                         "acceptance_rate": accepted / drafted if drafted else float("nan"),
-                         "tokens_per_round": emitted / rounds if rounds else float("nan"),
-                         "identical": identical / len(prompts),
-                         "draft_decode_speedup": sum(draft_speedups) / len(draft_speedups),
-                         "predicted_speedup": sum(predicted) / len(predicted),
-                         "measured_decode_speedup": plain_s / spec_s if spec_s > 0 else float("nan"),
-                         "drafted": drafted, "accepted": accepted, "rounds": rounds,
-                         "online": online_drafts, "extra_ffns_gated": extra / len(prompts)})
+            rows.append(_draft_row(model, prompts, reference, costs, name, plan, k, online_drafts, skips, profile,
+                                   max_new_tokens, cuda_graph, bar))
     bar.close()
     return {"rows": rows, "prompts": [{"length": p.length, "tokens": len(p.ids)} for p in prompts],
             "max_new_tokens": max_new_tokens, "device": device_name(model.lm_head.weight.device),
             "cuda_graph": cuda_graph,
             "roofline": getattr(spec, "name", str(spec))}
+
+
+def _draft_row(model, prompts: Sequence, reference: list, costs: list, name: str, plan, k: int, online_drafts: bool,
+               skips: set, profile, max_new_tokens: int, cuda_graph: bool, bar) -> dict:
+    """The row of `plan` drafting k tokens a round, over every prompt (`reference`: the plain
+    decode's tokens and seconds per prompt; `costs`: the cost model at each prompt's length)."""
+    from ..runtime.generation import generate
+    from ..runtime.speculative import SpeculativeConfig
+    from ..skipping.strategies import stand_in_cost
+
+    drafted = accepted = rounds = emitted = identical = 0
+    plain_s = spec_s = 0.0
+    predicted, draft_speedups, extra = [], [], 0
+    config = SpeculativeConfig(plan, draft_tokens=k, online=online_drafts)
+    if cuda_graph:
+        generate(model, [prompts[0].ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
+                 speculative=config, cuda_graph=cuda_graph)
+    for p, (ref_tokens, ref_s), c in zip(prompts, reference, costs):
+        out = generate(model, [p.ids], max_new_tokens=max_new_tokens, eos_token_ids=[],
+                       speculative=config, cuda_graph=cuda_graph)
+        gated = set(out.online_skipped[0]) if out.online_skipped else set()
+        extra += len(gated)
+        s = c.speedup(skips | gated, stand_in_cost(plan, profile, c))
+        draft_speedups.append(s)
+        st = out.speculative
+        drafted, accepted, rounds = drafted + st["drafted"], accepted + st["accepted"], rounds + st["rounds"]
+        emitted += len(out.tokens[0]) - 1
+        identical += int(out.tokens[0] == ref_tokens)
+        plain_s, spec_s = plain_s + ref_s, spec_s + out.decode_s
+        predicted.append(predicted_speedup(st["tokens_per_round"], k, s))
+        bar.update(1)
+    return {"name": name, "strategy": plan.strategy, "budget": len(plan.skip_scales), "draft_tokens": k,
+            "acceptance_rate": accepted / drafted if drafted else float("nan"),
+            "tokens_per_round": emitted / rounds if rounds else float("nan"),
+            "identical": identical / len(prompts),
+            "draft_decode_speedup": sum(draft_speedups) / len(draft_speedups),
+            "predicted_speedup": sum(predicted) / len(predicted),
+            "measured_decode_speedup": plain_s / spec_s if spec_s > 0 else float("nan"),
+            "drafted": drafted, "accepted": accepted, "rounds": rounds,
+            "online": online_drafts, "extra_ffns_gated": extra / len(prompts)}
 
 
 def speculative_table(result: dict) -> str:

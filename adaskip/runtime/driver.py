@@ -1,7 +1,8 @@
 """The decode driver: what every decode loop does around its steps, in one place.
 
 adaskip.generate (a token a step), speculative decoding (a round a step) and adaskip.hf
-(transformers' generate calls each step) share it:
+(adaskip.hf.generate drives its steps here too; under apply(), transformers' own generate
+calls each step and the hooks share OnlineLearning) share it:
 
 - `OnlineLearning`: starting the request's gates, settling them once their host copy lands,
   and fetching them without waiting when the window fills;
@@ -39,12 +40,15 @@ def timed(device: torch.device, run: Callable):
     return out, time.perf_counter() - t0
 
 
-def padded_ids(prompts: list, device) -> tuple:
-    """Right-padded ids [B, longest] and the lengths [B] of token-id lists, on `device`."""
+def padded_ids(prompts: list, device, *, left: bool = False) -> tuple:
+    """Right-padded ids [B, longest] (left-padded with `left`: what transformers' caches take)
+    and the lengths [B] of token-id lists, on `device`."""
     lengths = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    longest = max(lengths)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        start = longest - len(p) if left else 0
+        ids[i, start:start + len(p)] = torch.as_tensor(p, dtype=torch.long)
     return ids.to(device), torch.tensor(lengths, device=device)
 
 

@@ -107,7 +107,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     step = TokenStep(model, request, state, prompts, graphs=state.graphs if cuda_graph else None)
     run = drive(step, max_new_tokens - 1, device=state.token.device, online=online,
                 forbid_host_sync=forbid_host_sync, step_timing=step_timing)
-    return _result(model, state, max_new_tokens, online, prefill_s, run)
+    return generation_result(model, state, max_new_tokens, online, prefill_s, run)
 
 
 def _check_speculative(plan, stats, step_timing: bool, graph_conditionals: bool) -> None:
@@ -150,8 +150,9 @@ def _prefill(model: Transformer, request: RequestPlan, prompts: list, sampling: 
     return state, online, prefill_s
 
 
-def _result(model: Transformer, state: DecodeState, max_new_tokens: int, online: Optional[OnlineLearning],
-            prefill_s: float, run: DecodeRun) -> GenerationResult:
+def generation_result(model, state: DecodeState, max_new_tokens: int, online: Optional[OnlineLearning],
+                      prefill_s: float, run: DecodeRun) -> GenerationResult:
+    """What a token-per-step request gives back, from its decode state and the driver's run."""
     counts = state.generated.tolist()
     tokens = [row[:n] for row, n in zip(state.out_tokens[:, :max_new_tokens].tolist(), counts)]
     return GenerationResult(tokens=tokens, prefill_s=prefill_s, decode_s=run.seconds, decode_steps=run.steps,

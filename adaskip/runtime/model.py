@@ -407,22 +407,7 @@ class Transformer(nn.Module):
             raise ValueError("adaskip: pass a plan or a schedule resolved from it, not both")
         self._check_schedule(schedule, b, t, stats, block_stats, online)
         device = input_ids.device
-        steps = torch.arange(t, device=device)
-        shared_start = None
-        if input_pos is None:
-            q_pos, positions, kv_len, shared_start = steps.expand(b, t), None, t, 0
-        else:
-            if kv_len is None:
-                raise ValueError("adaskip: pass kv_len (a host int) with input_pos")
-            if b > self.cache_batch or kv_len > self.cache_len:
-                raise ValueError(f"adaskip: batch {b} x {kv_len} tokens does not fit the KV cache "
-                                 f"({self.cache_batch} x {self.cache_len}); call setup_caches first")
-            if isinstance(input_pos, int):
-                shared_start = input_pos
-                q_pos = (steps + input_pos).expand(b, t)
-            else:
-                q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
-            positions = q_pos
+        q_pos, positions, kv_len, shared_start = self._positions(b, t, device, input_pos, kv_len)
         if start is not None:
             first, x, h = self._check_start(start, b, t, input_pos, stats, block_stats, online)
         else:
@@ -452,6 +437,23 @@ class Transformer(nn.Module):
             rows = torch.arange(b, device=device)
             x = x[rows if logits_index.dim() == 1 else rows[:, None], logits_index]
         return project(self.lm_head, x, schedule.gemv_lm_head)
+
+    def _positions(self, b: int, t: int, device, input_pos, kv_len: Optional[int]) -> tuple:
+        """(query positions [B, T], the same when the caches are read (else None), the slots read,
+        the first position when every sequence shares it (else None)) of a forward."""
+        steps = torch.arange(t, device=device)
+        if input_pos is None:
+            return steps.expand(b, t), None, t, 0
+        if kv_len is None:
+            raise ValueError("adaskip: pass kv_len (a host int) with input_pos")
+        if b > self.cache_batch or kv_len > self.cache_len:
+            raise ValueError(f"adaskip: batch {b} x {kv_len} tokens does not fit the KV cache "
+                             f"({self.cache_batch} x {self.cache_len}); call setup_caches first")
+        if isinstance(input_pos, int):
+            q_pos = (steps + input_pos).expand(b, t)
+            return q_pos, q_pos, kv_len, input_pos
+        q_pos = input_pos.to(device=device, dtype=torch.long)[:, None] + steps
+        return q_pos, q_pos, kv_len, None
 
     def _check_start(self, start, b: int, t: int, input_pos, stats, block_stats, online) -> tuple:
         """(s, x copied, h copied) of a forward's `start`, checked."""

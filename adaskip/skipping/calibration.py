@@ -116,18 +116,57 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     `search_max_sublayers` choices keeps them; searches not asked for are dropped; one made with
     other settings is refused) and the validation runs again. The result is what an
     uninterrupted calibration gives."""
-    for name, value in (("num_requests", num_requests), ("prompt_len", prompt_len),
-                        ("search_max_sublayers", search_max_sublayers), ("search_requests", search_requests),
-                        ("validation_requests", validation_requests), ("search_candidates", search_candidates)):
+    _check_sizes(model, num_requests=num_requests, prompt_len=prompt_len, search_max_sublayers=search_max_sublayers,
+                 search_requests=search_requests, validation_requests=validation_requests,
+                 search_candidates=search_candidates)
+    methods = _search_methods(search, search_requests, search_max_sublayers, search_candidates)
+    validation_len, validation_probes = _validation_probing(model, tokenizer, prompt_len, validation_len,
+                                                            validation_probes, search_probes)
+    fitting = [m for m in methods if greedy.SEARCH_METHODS[m].fits_stand_ins]  # the searches that read these
+    search_retrieval_weight = _search_scoring(fitting, tokenizer, prompt_len, search_probes, search_retrieval_weight,
+                                              search_stand_in, search_weighting)
+    budgets, validation_requests = _validation_budgets(model, validate_budgets, validate_strategies,
+                                                       validation_requests, methods)
+    requests, held, sources = _calibration_data(model, data, tokenizer, num_requests, prompt_len, validation_requests)
+    save = checkpoint or (lambda profile, step, done: None)
+    digest = greedy.requests_digest(requests)
+    if resume is not None:
+        profile = _resumed(resume, model, digest, prompt_len, methods)
+    else:
+        profile = _measured_profile(model, requests, prompt_len, description, sources, digest, progress)
+        save(profile, "calibration", True)
+    # Retrieval probes hidden in the calibration windows after the search's own (all of them when there are none).
+    probes = (make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
+                          seed="search") if fitting and search_retrieval_weight > 0 else [])
+    for method in methods:
+        extra = (dict(stand_in=search_stand_in, weighting=search_weighting, probes=probes,
+                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method in fitting else {})
+        _run_search(model, profile, requests[:search_requests], method, search_candidates,
+                    min(search_max_sublayers, 2 * model.args.num_layers - 2), progress, save, checkpoint, extra)
+    if budgets:
+        _validate_held(model, profile, held, tokenizer, validate_strategies, budgets, validation_len,
+                       validation_probes, progress)
+        save(profile, "validation", True)
+    return profile
+
+
+def _check_sizes(model, **sizes) -> None:
+    """The request counts and lengths calibrate takes are integers in range."""
+    for name, value in sizes.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise ValueError(f"adaskip: {name} must be an integer, got {value!r}")
-    if num_requests < 1:
-        raise ValueError(f"adaskip: num_requests must be >= 1, got {num_requests}")
+    if sizes["num_requests"] < 1:
+        raise ValueError(f"adaskip: num_requests must be >= 1, got {sizes['num_requests']}")
+    prompt_len = sizes["prompt_len"]
     if prompt_len < 2:
         raise ValueError(f"adaskip: prompt_len must be >= 2, got {prompt_len}")
     if prompt_len > model.args.max_position_embeddings:
         raise ValueError(f"adaskip: prompt_len {prompt_len} exceeds the model's context of "
                          f"{model.args.max_position_embeddings} tokens")
+
+
+def _search_methods(search, search_requests: int, search_max_sublayers: int, search_candidates) -> tuple:
+    """The greedy search methods asked for, known and with room to choose."""
     methods = (search,) if isinstance(search, str) else tuple(search)
     unknown = [m for m in methods if m not in greedy.SEARCH_METHODS]
     if unknown:
@@ -136,6 +175,12 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                        1 if search_candidates is None else search_candidates) < 1:
         raise ValueError(f"adaskip: the search needs search_requests, search_max_sublayers and search_candidates "
                          f">= 1, got {search_requests}, {search_max_sublayers} and {search_candidates}")
+    return methods
+
+
+def _validation_probing(model, tokenizer, prompt_len: int, validation_len, validation_probes,
+                        search_probes) -> tuple:
+    """(validation_len, validation_probes) with their defaults, checked (search_probes too)."""
     validation_len = prompt_len if validation_len is None else validation_len
     if isinstance(validation_len, bool) or not isinstance(validation_len, numbers.Integral) \
             or not 2 <= validation_len <= model.args.max_position_embeddings:
@@ -149,13 +194,18 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     for name, value in (("search_probes", search_probes), ("validation_probes", validation_probes)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"adaskip: {name} must be an integer >= 0, got {value!r}")
-    if search_retrieval_weight is None:
-        search_retrieval_weight = DEFAULT_RETRIEVAL_WEIGHT if tokenizer is not None and search_probes > 0 \
+    return validation_len, validation_probes
+
+
+def _search_scoring(fitting: list, tokenizer, prompt_len: int, search_probes: int, retrieval_weight,
+                    stand_in: str, weighting: str) -> float:
+    """The retrieval weight of the searches that score with fitted stand-ins (`fitting`), with
+    its default, after checking what those searches read."""
+    if retrieval_weight is None:
+        retrieval_weight = DEFAULT_RETRIEVAL_WEIGHT if tokenizer is not None and search_probes > 0 \
             and prompt_len >= MIN_PROBE_LEN \
             else 0.0
-    # The searches that score with fitted stand-ins (kl) are those that read the settings below.
-    fitting = [m for m in methods if greedy.SEARCH_METHODS[m].fits_stand_ins]
-    if fitting and search_retrieval_weight > 0:
+    if fitting and retrieval_weight > 0:
         if prompt_len < MIN_PROBE_LEN:
             raise ValueError(f"adaskip: the kl search's retrieval probes are prompt_len tokens long and need at least "
                              f"{MIN_PROBE_LEN}; give a longer prompt_len or search_retrieval_weight=0")
@@ -165,21 +215,31 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         if search_probes < 1:
             raise ValueError("adaskip: search_retrieval_weight > 0 needs search_probes >= 1")
     if fitting:
-        if search_stand_in not in KINDS:
-            raise ValueError(f"adaskip: unknown stand-in kind {search_stand_in!r} for the kl search; choose from {KINDS}")
-        if search_weighting not in POSITION_WEIGHTS:
-            raise ValueError(f"adaskip: position weighting must be one of {POSITION_WEIGHTS}, got {search_weighting!r}")
+        if stand_in not in KINDS:
+            raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r} for the kl search; choose from {KINDS}")
+        if weighting not in POSITION_WEIGHTS:
+            raise ValueError(f"adaskip: position weighting must be one of {POSITION_WEIGHTS}, got {weighting!r}")
+    return retrieval_weight
+
+
+def _validation_budgets(model, validate_budgets, validate_strategies, validation_requests: int,
+                        methods: tuple) -> tuple:
+    """(budgets, validation requests): none of either when no budget is asked for."""
     budgets = [int(b) for b in validate_budgets]
-    if budgets:
-        if validation_requests < 1:
-            raise ValueError(f"adaskip: validation needs validation_requests >= 1, got {validation_requests}")
-        _check_validation(model.args.num_layers, validate_strategies, budgets)
-        needed = sorted(set(searches_needed(validate_strategies)) - set(methods))
-        if needed:
-            raise ValueError(f"adaskip: validating {list(validate_strategies)} needs the {needed} search in the "
-                             f"profile; add it to search=")
-    else:
-        validation_requests = 0
+    if not budgets:
+        return budgets, 0
+    if validation_requests < 1:
+        raise ValueError(f"adaskip: validation needs validation_requests >= 1, got {validation_requests}")
+    _check_validation(model.args.num_layers, validate_strategies, budgets)
+    needed = sorted(set(searches_needed(validate_strategies)) - set(methods))
+    if needed:
+        raise ValueError(f"adaskip: validating {list(validate_strategies)} needs the {needed} search in the "
+                         f"profile; add it to search=")
+    return budgets, validation_requests
+
+
+def _calibration_data(model, data, tokenizer, num_requests: int, prompt_len: int, validation_requests: int) -> tuple:
+    """(calibration requests, held-out validation requests, the sources of texts read) of `data`."""
     try:
         data = [data] if isinstance(data, (str, os.PathLike)) else list(data)  # one text or file
     except TypeError:
@@ -190,23 +250,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
         raise ValueError("adaskip: calibration data must be all texts and files, or all token-id lists, not a mix")
     sources = []
     if data and all(is_text):
-        if tokenizer is None:
-            raise ValueError("adaskip: calibration on texts needs the model's tokenizer")
-        requests, used = calibration_requests((_read(d) for d in data), tokenizer, num_requests=num_requests,
-                                              prompt_len=prompt_len, with_sources=True)
-        held = []
-        if validation_requests and len(requests) == num_requests:
-            seen = {tuple(r) for r in requests}
-            # The same windows as calibration's, in the same order: the first num_requests are
-            # calibration's, so validation starts after them.
-            windows = _windows((_read(d) for d in data), tokenizer, prompt_len)
-            for n, (window, index) in enumerate(windows):
-                if n >= num_requests and tuple(window) not in seen:
-                    held.append(window)
-                    used.append(index)
-                    if len(held) == validation_requests:
-                        break
-        sources = sorted({source_id(data[i]) for i in used})
+        requests, held, sources = _text_requests(data, tokenizer, num_requests, prompt_len, validation_requests)
     else:
         data = check_requests(model, data, "calibration data")  # before any kernel sees an id
         requests = [list(r)[:prompt_len] for r in data][:num_requests]
@@ -217,57 +261,74 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     if len(held) < validation_requests:
         raise ValueError(f"adaskip: the calibration data gives only {len(held)} validation requests after the "
                          f"{num_requests} calibration requests; {validation_requests} were asked for")
+    return requests, held, sources
 
-    digest = greedy.requests_digest(requests)
-    args = model.args
-    save = checkpoint or (lambda profile, step, done: None)
-    if resume is not None:
-        profile = _resumed(resume, model, digest, prompt_len, methods)
-    else:
-        measured = measure_requests(model, requests, stats=True, block_stats=True, progress=progress,
-                                    description="calibrating")
-        sim, scale, blocks = measured.similarity, measured.scale, measured.block_similarity
-        std = (lambda t: t.std(0, unbiased=False)) if len(requests) > 1 else (lambda t: torch.zeros(t.shape[1]))
-        profile = ImportanceProfile(
-            num_layers=args.num_layers,
-            similarity=sim.mean(0).tolist(), scale=scale.mean(0).tolist(),
-            similarity_std=std(sim).tolist(), scale_std=std(scale).tolist(),
-            block_similarity=blocks.mean(0).tolist(), fingerprint=model_fingerprint(model),
-            num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
-            data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources,
-            requests_sha256=digest)
-        save(profile, "calibration", True)
-    max_sublayers = min(search_max_sublayers, 2 * args.num_layers - 2)
-    probes = []
-    if fitting and search_retrieval_weight > 0:
-        # Hidden in the calibration windows after the search's own (all of them when there are none).
-        probes = make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
-                             seed="search")
-    for method in methods:
-        extra = (dict(stand_in=search_stand_in, weighting=search_weighting, probes=probes,
-                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method in fitting else {})
-        # A resumed search goes on from its choices (the search checks that they are its own
-        # beginning, with these settings); one that had made as many or more just keeps them.
-        earlier = profile.search_result(method) if method in profile.search else None
-        limit = max_sublayers if earlier is None else max(max_sublayers, len(earlier.order))
 
-        def partial(result, method=method):  # what the search has chosen so far, kept should it stop
-            profile.add_search(result)
-            save(profile, f"{method} search", False)
+def _text_requests(data: list, tokenizer, num_requests: int, prompt_len: int, validation_requests: int) -> tuple:
+    """Texts and files cut into windows: (calibration requests, the held-out windows after them,
+    the sources of the texts either read)."""
+    if tokenizer is None:
+        raise ValueError("adaskip: calibration on texts needs the model's tokenizer")
+    requests, used = calibration_requests((_read(d) for d in data), tokenizer, num_requests=num_requests,
+                                          prompt_len=prompt_len, with_sources=True)
+    held = []
+    if validation_requests and len(requests) == num_requests:
+        seen = {tuple(r) for r in requests}
+        # The same windows as calibration's, in the same order: the first num_requests are
+        # calibration's, so validation starts after them.
+        windows = _windows((_read(d) for d in data), tokenizer, prompt_len)
+        for n, (window, index) in enumerate(windows):
+            if n >= num_requests and tuple(window) not in seen:
+                held.append(window)
+                used.append(index)
+                if len(held) == validation_requests:
+                    break
+    return requests, held, sorted({source_id(data[i]) for i in used})
 
-        result = greedy.search(model, requests[:search_requests], method=method, candidates=search_candidates,
-                               max_sublayers=limit, progress=progress,
-                               on_step=partial if checkpoint else None, resume=earlier, **extra)
+
+def _measured_profile(model, requests: list, prompt_len: int, description: str, sources: list, digest: str,
+                      progress: bool) -> ImportanceProfile:
+    """The profile of the full model's statistics over the calibration requests."""
+    measured = measure_requests(model, requests, stats=True, block_stats=True, progress=progress,
+                                description="calibrating")
+    sim, scale, blocks = measured.similarity, measured.scale, measured.block_similarity
+    std = (lambda t: t.std(0, unbiased=False)) if len(requests) > 1 else (lambda t: torch.zeros(t.shape[1]))
+    return ImportanceProfile(
+        num_layers=model.args.num_layers,
+        similarity=sim.mean(0).tolist(), scale=scale.mean(0).tolist(),
+        similarity_std=std(sim).tolist(), scale_std=std(scale).tolist(),
+        block_similarity=blocks.mean(0).tolist(), fingerprint=model_fingerprint(model),
+        num_requests=len(requests), tokens=sum(len(r) for r in requests), prompt_len=prompt_len,
+        data=description, adaskip_version=__version__, per_request_similarity=sim.tolist(), sources=sources,
+        requests_sha256=digest)
+
+
+def _run_search(model, profile: ImportanceProfile, requests: list, method: str, candidates, max_sublayers: int,
+                progress: bool, save: Callable, checkpoint, extra: dict) -> None:
+    """The `method` search on `requests`, added to the profile (and saved) as it goes."""
+    # A resumed search goes on from its choices (the search checks that they are its own
+    # beginning, with these settings); one that had made as many or more just keeps them.
+    earlier = profile.search_result(method) if method in profile.search else None
+    limit = max_sublayers if earlier is None else max(max_sublayers, len(earlier.order))
+
+    def partial(result):  # what the search has chosen so far, kept should it stop
         profile.add_search(result)
-        save(profile, f"{method} search", True)
-    if budgets:
-        held_probes = (make_probes(tokenizer, _haystacks(held, validation_len), validation_probes,
-                                   length=validation_len, seed="validation")
-                       if tokenizer is not None and validation_probes else ())
-        validate(model, profile, held, strategies=validate_strategies, budgets=budgets, progress=progress,
-                 probes=held_probes, tokenizer=tokenizer)
-        save(profile, "validation", True)
-    return profile
+        save(profile, f"{method} search", False)
+
+    result = greedy.search(model, requests, method=method, candidates=candidates, max_sublayers=limit,
+                           progress=progress, on_step=partial if checkpoint else None, resume=earlier, **extra)
+    profile.add_search(result)
+    save(profile, f"{method} search", True)
+
+
+def _validate_held(model, profile: ImportanceProfile, held: list, tokenizer, strategies, budgets: list,
+                   validation_len: int, validation_probes: int, progress: bool) -> None:
+    """validate() on the held-out windows, with retrieval probes hidden in them where asked."""
+    held_probes = (make_probes(tokenizer, _haystacks(held, validation_len), validation_probes,
+                               length=validation_len, seed="validation")
+                   if tokenizer is not None and validation_probes else ())
+    validate(model, profile, held, strategies=strategies, budgets=budgets, progress=progress,
+             probes=held_probes, tokenizer=tokenizer)
 
 
 def _haystacks(windows: Sequence[Sequence[int]], length: int) -> list:

@@ -97,9 +97,9 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
            probes: Optional[Sequence] = None) -> SearchResult:
     """Greedy selection of up to `max_sublayers` sublayers on calibration `requests` (token lists).
 
-    candidates: how many of the most similar remaining sublayers "loss" and "blockpruner" try per
-    step; None: the method's default (SEARCH_METHODS: 4 for "loss", every remaining sublayer
-    for "blockpruner"). "similarity" takes the most similar one and ignores it.
+    candidates: how many of the most similar remaining sublayers the scoring methods try per
+    step; None: the method's default (SEARCH_METHODS[method].default_candidates; None there:
+    every remaining sublayer). "similarity" takes the most similar one and ignores it.
     Forward passes: (max_sublayers + 1) * len(requests) for "similarity"; for the loss-scored
     methods one pass per request and step for the statistics plus one per request and candidate
     tried (none at a step with a single candidate left).
@@ -124,6 +124,22 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
     record = search_method(method)
     if candidates is None:
         candidates = record.default_candidates
+    requests, pool = _checked_search(model, requests, max_sublayers, candidates, allowed)
+    digest = requests_digest(requests)
+    if resume is not None:
+        _check_resume(resume, method, digest, tried_per_step(method, candidates, pool), max_sublayers, pool)
+    probes = list(probes or ())
+    if not record.fits_stand_ins and (retrieval_weight or probes):
+        raise ValueError(f"adaskip: retrieval probes score the kl search only, not {method!r}")
+    if record.fits_stand_ins:
+        retrieval = _check_retrieval(model, retrieval_weight, probes)
+        return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
+                          on_step, resume, digest, retrieval)
+    return _search_loss(model, requests, record, max_sublayers, candidates, pool, progress, on_step, resume, digest)
+
+
+def _checked_search(model, requests, max_sublayers: int, candidates: Optional[int], allowed) -> tuple:
+    """(the search's requests, the sublayers it may choose), checked."""
     m = model.args.num_layers
     if not 1 <= max_sublayers <= 2 * m - 2:
         raise ValueError(f"adaskip: max_sublayers must be in [1, {2 * m - 2}] (all but one layer), got {max_sublayers}")
@@ -137,17 +153,14 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         raise ValueError(f"adaskip: allowed sublayers must be in [0, {2 * m})")
     if len(pool) < max_sublayers:
         raise ValueError(f"adaskip: only {len(pool)} sublayers are allowed, {max_sublayers} were asked for")
+    return requests, pool
 
-    digest = requests_digest(requests)
-    if resume is not None:
-        _check_resume(resume, method, digest, tried_per_step(method, candidates, pool), max_sublayers, pool)
-    probes = list(probes or ())
-    if not record.fits_stand_ins and (retrieval_weight or probes):
-        raise ValueError(f"adaskip: retrieval probes score the kl search only, not {method!r}")
-    if record.fits_stand_ins:
-        retrieval = _check_retrieval(model, retrieval_weight, probes)
-        return _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
-                          on_step, resume, digest, retrieval)
+
+def _search_loss(model, requests, record: SearchMethod, max_sublayers: int, candidates: Optional[int], pool,
+                 progress: bool, on_step, resume: Optional[SearchResult], digest: str) -> SearchResult:
+    """The searches scored by the calibration loss with the norm ratio (or identity) as stand-in,
+    and "similarity", which takes the most similar remaining sublayer."""
+    method = record.name
     everything = candidates is None or candidates >= len(pool)  # no shortlist: every remaining sublayer is tried
     identity = record.identity
     start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
@@ -189,15 +202,19 @@ def search(model, requests: Sequence[Sequence[int]], *, max_sublayers: int, meth
         losses[-1], _, _ = _measure(model, requests, chosen, want_stats=False)
         passes += len(requests)
     bar.close()
+    return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
+                        candidates=tried_per_step(method, candidates, pool), requests=len(requests),
+                        tokens=sum(len(r) for r in requests), forward_passes=passes,
+                        wall_s=time.perf_counter() - start, notes=_loss_notes(method, candidates, everything, digest))
+
+
+def _loss_notes(method: str, candidates: Optional[int], everything: bool, digest: str) -> dict:
     notes = {"requests_sha256": digest}
     if method == "blockpruner":
         notes["variant"] = "all" if everything else "shortlist"
         notes["candidates"] = ("every remaining sublayer tried at each step" if everything else
                                f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")
-    return SearchResult(method=method, order=order, scales=scales, similarity=sims, loss=losses,
-                        candidates=tried_per_step(method, candidates, pool), requests=len(requests),
-                        tokens=sum(len(r) for r in requests),
-                        forward_passes=passes, wall_s=time.perf_counter() - start, notes=notes)
+    return notes
 
 
 def _check_retrieval(model, weight, probes) -> dict:
@@ -305,6 +322,27 @@ def _partial(method, order, scales, sims, losses, tried, requests, passes, start
 
 def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand_in, weighting, rank,
                on_step=None, resume=None, digest=None, retrieval=None) -> SearchResult:
+    rank = _kl_rank(model, stand_in, weighting, rank)
+    search = _KlSearch(model, requests, pool, candidates, stand_in, weighting, rank,
+                       retrieval or {"weight": 0.0, "probes": [], "probes_sha256": ""}, digest)
+    if resume is not None:
+        search.check_resume(resume)
+    search.begin(max_sublayers, resume)
+    bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
+    search.start_choices(max_sublayers, resume)
+    if resume is not None:
+        bar.update(len(search.order))
+    for step in range(len(search.order), max_sublayers):
+        search.choose(step)
+        bar.update(1)
+        if on_step is not None:
+            on_step(search.partial(step))
+    bar.close()
+    return search.result()
+
+
+def _kl_rank(model, stand_in: str, weighting: str, rank: Optional[int]) -> int:
+    """The rank of the kl search's linear stand-ins, after checking its stand-in kind and weighting."""
     if stand_in not in KINDS:
         raise ValueError(f"adaskip: unknown stand-in kind {stand_in!r}; choose from {KINDS}")
     if weighting not in POSITION_WEIGHTS:
@@ -313,118 +351,162 @@ def _search_kl(model, requests, max_sublayers, candidates, pool, progress, stand
     rank = default_rank(hidden) if rank is None else int(rank)
     if not 1 <= rank <= hidden:
         raise ValueError(f"adaskip: a linear stand-in's rank must be in [1, {hidden}], got {rank}")
-    m = model.args.num_layers
-    retrieval = retrieval or {"weight": 0.0, "probes": [], "probes_sha256": ""}
-    probes = retrieval["probes"]
-    settings = {"stand_in": stand_in, "weighting": weighting, "rank": rank,
-                "retrieval_weight": retrieval["weight"], "probes_sha256": retrieval["probes_sha256"]}
-    if resume is not None:
+    return rank
+
+
+class _KlSearch:
+    """The kl search under way: its settings, the full model's reference distributions, the
+    choices so far (sublayer, scale, similarity, fitted stand-ins), the objective and loss after
+    each, and the passes it has cost."""
+
+    def __init__(self, model, requests, pool, candidates, stand_in: str, weighting: str, rank: int,
+                 retrieval: dict, digest):
+        self.model, self.requests, self.pool, self.candidates = model, requests, pool, candidates
+        self.stand_in, self.weighting, self.rank, self.digest = stand_in, weighting, rank, digest
+        self.weight, self.probes = retrieval["weight"], retrieval["probes"]
+        self.m = model.args.num_layers
+        self.settings = {"stand_in": stand_in, "weighting": weighting, "rank": rank,
+                         "retrieval_weight": retrieval["weight"], "probes_sha256": retrieval["probes_sha256"]}
+        self.chosen: dict = {}  # sublayer -> its compensation scale
+        self.stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
+        self.order, self.scales, self.sims, self.fits = [], [], [], []
+        self.references, self.probe_refs = None, None
+
+    @property
+    def tried(self) -> int:
+        return len(self.pool) if self.candidates is None else self.candidates
+
+    def check_resume(self, resume: SearchResult) -> None:
+        """Refuses to go on from a kl search with other settings or without its stand-ins."""
         # (a search made before retrieval probes existed scored text alone: weight 0, no probes)
         before = {"retrieval_weight": 0.0, "probes_sha256": ""}
-        differ = {k: (resume.notes.get(k, before.get(k)), v) for k, v in settings.items()
+        differ = {k: (resume.notes.get(k, before.get(k)), v) for k, v in self.settings.items()
                   if resume.notes.get(k, before.get(k)) != v}
         if differ:
             raise ValueError(f"adaskip: the kl search to resume ran with other settings (it vs this one: {differ})")
         if len(resume.objective) < len(resume.order) + 1:
             raise ValueError(f"adaskip: the kl search to resume has {len(resume.objective)} objective values for "
                              f"{len(resume.order)} choices")
-        if len(resume.fits) != len(resume.order) or any(stand_in not in f for f in resume.fits):
+        if len(resume.fits) != len(resume.order) or any(self.stand_in not in f for f in resume.fits):
             raise ValueError("adaskip: the kl search to resume lacks the stand-ins of its choices (keep the profile's "
                              ".stand-ins.safetensors file beside its JSON)")
-    start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
-    passes = 0 if resume is None else resume.forward_passes
-    # Passes counted as whole ones, and the work they did in whole-forward equivalents (a trial that
-    # begins at sublayer s runs (2M - s) / 2M of a forward).
-    work = float(passes if resume is None else resume.notes.get("pass_equivalents", passes))
-    references, probe_refs = None, None
-    if resume is None or len(resume.order) < max_sublayers:  # (the full model's, for the steps to come)
-        references = reference_logprobs(model, requests)
-        probe_refs = probe_references(model, probes)
-        passes += len(requests) + len(probes)
-        if resume is None:  # (a resumed search's work is that of the search it continues)
-            work += len(requests) + len(probes)
-    bar = progress_bar(max_sublayers, progress, f"search (kl, {stand_in} stand-ins)", "sublayer")
-    chosen: dict = {}  # sublayer -> its compensation scale
-    stand_ins: dict = {}  # sublayer -> the StandIn it is scored and planned with
-    order, scales, sims, fits = [], [], [], []
-    losses: list = [None] * (max_sublayers + 1)
-    objective: list = [0.0] + [None] * max_sublayers
-    parts = {"text_kl": [0.0], "retrieval_kl": [0.0], "retrieval_nll": [None]}  # per choice, what objective mixes
-    if probes and resume is None:  # the full model's own answer NLL, from its reference log-probabilities
-        parts["retrieval_nll"][0] = sum(answer_nll(p, ref) for p, ref in zip(probes, probe_refs)) / len(probes)
-    if resume is not None:
-        parts = {k: list(resume.notes.get(k, [None] * (len(resume.order) + 1)))[:len(resume.order) + 1]
-                 for k in parts}
-        order, scales, sims, fits = (list(resume.order), list(resume.scales), list(resume.similarity),
-                                     list(resume.fits))
-        chosen = dict(zip(order, scales))
-        stand_ins = {s: f[stand_in] for s, f in zip(order, fits)}
-        losses[:len(order) + 1] = resume.loss[:len(order) + 1]
-        objective[:len(order) + 1] = resume.objective[:len(order) + 1]
-        bar.update(len(order))
-    for step in range(len(order), max_sublayers):
-        current = SkipPlan(m, chosen, stand_ins=stand_ins) if chosen else None
-        measured = measure_requests(model, requests, plan=current, stats=True, nll=losses[step] is None)
-        passes += len(requests)
-        if losses[step] is None:
-            losses[step] = measured.mean_nll
+
+    def begin(self, max_sublayers: int, resume: Optional[SearchResult]) -> None:
+        """The clock and pass counters (a resumed search's go on), and the full model's references."""
+        requests, probes = self.requests, self.probes
+        self.start = time.perf_counter() - (0.0 if resume is None else resume.wall_s)
+        self.passes = 0 if resume is None else resume.forward_passes
+        # Passes counted as whole ones, and the work they did in whole-forward equivalents (a trial that
+        # begins at sublayer s runs (2M - s) / 2M of a forward).
+        self.work = float(self.passes if resume is None else resume.notes.get("pass_equivalents", self.passes))
+        if resume is None or len(resume.order) < max_sublayers:  # (the full model's, for the steps to come)
+            self.references = reference_logprobs(self.model, requests)
+            self.probe_refs = probe_references(self.model, probes)
+            self.passes += len(requests) + len(probes)
+            if resume is None:  # (a resumed search's work is that of the search it continues)
+                self.work += len(requests) + len(probes)
+
+    def start_choices(self, max_sublayers: int, resume: Optional[SearchResult]) -> None:
+        """No choice yet, or the resumed search's."""
+        probes = self.probes
+        self.losses: list = [None] * (max_sublayers + 1)
+        self.objective: list = [0.0] + [None] * max_sublayers
+        # per choice, what objective mixes
+        self.parts = {"text_kl": [0.0], "retrieval_kl": [0.0], "retrieval_nll": [None]}
+        if probes and resume is None:  # the full model's own answer NLL, from its reference log-probabilities
+            self.parts["retrieval_nll"][0] = sum(answer_nll(p, ref) for p, ref in zip(probes, self.probe_refs)) \
+                / len(probes)
+        if resume is None:
+            return
+        k = len(resume.order)
+        self.parts = {name: list(resume.notes.get(name, [None] * (k + 1)))[:k + 1] for name in self.parts}
+        self.order, self.scales, self.sims, self.fits = (list(resume.order), list(resume.scales),
+                                                         list(resume.similarity), list(resume.fits))
+        self.chosen = dict(zip(self.order, self.scales))
+        self.stand_ins = {s: f[self.stand_in] for s, f in zip(self.order, self.fits)}
+        self.losses[:k + 1] = resume.loss[:k + 1]
+        self.objective[:k + 1] = resume.objective[:k + 1]
+
+    def choose(self, step: int) -> None:
+        """One step: re-measure under the choices so far, shortlist, fit the shortlist's
+        stand-ins, score each candidate, keep the best."""
+        requests, probes = self.requests, self.probes
+        current = SkipPlan(self.m, self.chosen, stand_ins=self.stand_ins) if self.chosen else None
+        measured = measure_requests(self.model, requests, plan=current, stats=True, nll=self.losses[step] is None)
+        self.passes += len(requests)
+        if self.losses[step] is None:
+            self.losses[step] = measured.mean_nll
         sim, scale = measured.similarity.mean(0), measured.scale.mean(0)
-        remaining = sorted((s for s in pool if s not in chosen and math.isfinite(sim[s].item())),
-                           key=lambda s: (-sim[s].item(), s))
-        shortlist = (remaining if candidates is None else
-                     _balanced(remaining, candidates) if probes else remaining[:candidates])
+        shortlist = self.shortlist(sim)
         # Fitted on the probes' prompts as well: more tokens than the text requests alone, of
         # the lengths the plan is for.
-        fit = _FitAndKeepStarts(StandInFit(shortlist, hidden, linear=True))
-        measure_requests(model, list(requests) + [p.ids for p in probes], plan=current, stats=False, taps=fit)
-        passes += len(requests) + len(probes)
-        work += len(requests) + len(probes) + len(requests)  # and the statistics pass
-        fitted = {s: {kind: fit.fit.fit(s, kind, scale=scale[s].item(), rank=rank) for kind in KINDS}
+        fit = _FitAndKeepStarts(StandInFit(shortlist, self.model.args.hidden_size, linear=True))
+        measure_requests(self.model, list(requests) + [p.ids for p in probes], plan=current, stats=False, taps=fit)
+        self.passes += len(requests) + len(probes)
+        self.work += len(requests) + len(probes) + len(requests)  # and the statistics pass
+        fitted = {s: {kind: fit.fit.fit(s, kind, scale=scale[s].item(), rank=self.rank) for kind in KINDS}
                   for s in shortlist}
-        trial = {}
-        for s in shortlist:
-            plan = SkipPlan(m, {**chosen, s: scale[s].item()}, stand_ins={**stand_ins, s: fitted[s][stand_in]})
-            # Each trial begins at its candidate: the sublayers before it are those of the fitting pass.
-            starts = [(s, *kept[s]) for kept in fit.starts]
-            text_kl, nll = divergence(model, requests, references, plan, weighting=weighting,
-                                      starts=starts[:len(requests)])
-            work += (len(requests) + len(probes)) * (2 * m - s) / (2 * m)
-            probe_kl, probe_nll = (probe_divergence(model, probes, probe_refs, plan, starts=starts[len(requests):])
-                                   if probes else (0.0, None))
-            trial[s] = (text_kl + retrieval["weight"] * probe_kl, nll, text_kl, probe_kl, probe_nll)
-            passes += len(requests) + len(probes)
+        trial = {s: self.trial(s, scale[s].item(), fitted[s][self.stand_in], fit.starts) for s in shortlist}
         best = min(shortlist, key=lambda s: (trial[s][0], s))
-        for key, value in zip(parts, trial[best][2:]):
-            parts[key].append(value)
-        chosen[best] = scale[best].item()
-        stand_ins[best] = fitted[best][stand_in]
-        order.append(best)
-        scales.append(chosen[best])
-        sims.append(sim[best].item())
-        fits.append(fitted[best])
-        objective[step + 1], losses[step + 1] = trial[best][:2]
-        bar.update(1)
-        if on_step is not None:
-            on_step(_partial("kl", order, scales, sims, losses, len(pool) if candidates is None else candidates,
-                             requests, passes, start, notes={**settings, "requests_sha256": digest, **parts,
-                                                             "pass_equivalents": work},
-                             objective=objective[:step + 2], fits=list(fits)))
-    bar.close()
-    args = model.args
-    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    text = f"KL(full || plan) per token, {weighting} position weighting"
-    mixed = (f"{text}, plus {retrieval['weight']:g} x KL per answer token on {len(probes)} retrieval probes"
-             if probes else text)
-    notes = {"objective": mixed, **settings, "requests_sha256": digest, **parts, "retrieval_probes": len(probes),
-             "probe_tokens": sum(len(p.ids) for p in probes), "pass_equivalents": work,
-             # What the planners weigh a linear stand-in's cost against (multiply-adds per token)
-             "attention_multiply_adds": hidden * (q_dim + 2 * kv_dim) + q_dim * hidden,
-             "ffn_multiply_adds": 3 * hidden * args.intermediate_size,
-             "candidates": ("every remaining sublayer tried at each step" if candidates is None else
-                            f"the {candidates} most similar remaining sublayers (re-measured), attention and FFN in "
-                            "equal numbers, tried at each step" if probes else
-                            f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")}
-    return SearchResult(method="kl", order=order, scales=scales, similarity=sims, loss=losses,
-                        candidates=len(pool) if candidates is None else candidates, requests=len(requests),
-                        tokens=sum(len(r) for r in requests), forward_passes=passes,
-                        wall_s=time.perf_counter() - start, notes=notes, objective=objective, fits=fits)
+        for key, value in zip(self.parts, trial[best][2:]):
+            self.parts[key].append(value)
+        self.chosen[best] = scale[best].item()
+        self.stand_ins[best] = fitted[best][self.stand_in]
+        self.order.append(best)
+        self.scales.append(self.chosen[best])
+        self.sims.append(sim[best].item())
+        self.fits.append(fitted[best])
+        self.objective[step + 1], self.losses[step + 1] = trial[best][:2]
+
+    def shortlist(self, sim: torch.Tensor) -> list:
+        remaining = sorted((s for s in self.pool if s not in self.chosen and math.isfinite(sim[s].item())),
+                           key=lambda s: (-sim[s].item(), s))
+        return (remaining if self.candidates is None else
+                _balanced(remaining, self.candidates) if self.probes else remaining[:self.candidates])
+
+    def trial(self, s: int, scale: float, stand_in, starts_per_request: list) -> tuple:
+        """Candidate s skipped with its fitted stand-in: (objective, loss, text KL, probe KL, probe NLL)."""
+        requests, probes = self.requests, self.probes
+        plan = SkipPlan(self.m, {**self.chosen, s: scale}, stand_ins={**self.stand_ins, s: stand_in})
+        # Each trial begins at its candidate: the sublayers before it are those of the fitting pass.
+        starts = [(s, *kept[s]) for kept in starts_per_request]
+        text_kl, nll = divergence(self.model, requests, self.references, plan, weighting=self.weighting,
+                                  starts=starts[:len(requests)])
+        self.work += (len(requests) + len(probes)) * (2 * self.m - s) / (2 * self.m)
+        probe_kl, probe_nll = (probe_divergence(self.model, probes, self.probe_refs, plan,
+                                                starts=starts[len(requests):])
+                               if probes else (0.0, None))
+        self.passes += len(requests) + len(probes)
+        return text_kl + self.weight * probe_kl, nll, text_kl, probe_kl, probe_nll
+
+    def partial(self, step: int) -> SearchResult:
+        return _partial("kl", self.order, self.scales, self.sims, self.losses, self.tried, self.requests, self.passes,
+                        self.start, notes={**self.settings, "requests_sha256": self.digest, **self.parts,
+                                           "pass_equivalents": self.work},
+                        objective=self.objective[:step + 2], fits=list(self.fits))
+
+    def result(self) -> SearchResult:
+        requests = self.requests
+        return SearchResult(method="kl", order=self.order, scales=self.scales, similarity=self.sims,
+                            loss=self.losses, candidates=self.tried, requests=len(requests),
+                            tokens=sum(len(r) for r in requests), forward_passes=self.passes,
+                            wall_s=time.perf_counter() - self.start, notes=self.notes(), objective=self.objective,
+                            fits=self.fits)
+
+    def notes(self) -> dict:
+        args, probes, candidates = self.model.args, self.probes, self.candidates
+        hidden = args.hidden_size
+        q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        text = f"KL(full || plan) per token, {self.weighting} position weighting"
+        mixed = (f"{text}, plus {self.weight:g} x KL per answer token on {len(probes)} retrieval probes"
+                 if probes else text)
+        return {"objective": mixed, **self.settings, "requests_sha256": self.digest, **self.parts,
+                "retrieval_probes": len(probes), "probe_tokens": sum(len(p.ids) for p in probes),
+                "pass_equivalents": self.work,
+                # What the planners weigh a linear stand-in's cost against (multiply-adds per token)
+                "attention_multiply_adds": hidden * (q_dim + 2 * kv_dim) + q_dim * hidden,
+                "ffn_multiply_adds": 3 * hidden * args.intermediate_size,
+                "candidates": ("every remaining sublayer tried at each step" if candidates is None else
+                               f"the {candidates} most similar remaining sublayers (re-measured), attention and FFN "
+                               "in equal numbers, tried at each step" if probes else
+                               f"the {candidates} most similar remaining sublayers (re-measured) tried at each step")}

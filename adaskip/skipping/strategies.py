@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from .costs import paper_num_skipped, paper_speedup
 from ..runtime.skip_plan import MODES, SkipPlan
 from ..runtime.stand_in import KINDS
-from .greedy import search_method
+from .greedy import SEARCH_METHODS, search_method
 from .profile import ImportanceProfile
 
 
@@ -377,7 +377,7 @@ def stand_in_cost(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=No
     linear = [(s, v) for s, v in plan.stand_ins.items() if v.kind == "linear"]
     if not linear:
         return 0.0
-    notes = profile.search_result("kl").notes if profile is not None and "kl" in profile.search else {}
+    notes = _stand_in_search_notes(plan, profile)
     attn, ffn = notes.get("attention_multiply_adds"), notes.get("ffn_multiply_adds")
     if not attn or not ffn:
         raise ValueError("adaskip: the cost of linear stand-ins needs the layer sizes the kl search records; "
@@ -385,6 +385,18 @@ def stand_in_cost(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=No
     if costs is None:
         return sum(v.multiply_adds_per_token() for _, v in linear) / (attn + ffn)
     return sum(costs.per_sublayer[2 * (s // 2) + 1] * v.multiply_adds_per_token() / ffn for s, v in linear)
+
+
+def _stand_in_search_notes(plan: SkipPlan, profile: Optional[ImportanceProfile]) -> dict:
+    """The notes of the search that fitted the plan's stand-ins, where the layer sizes they are
+    weighed against are recorded: its strategy's search where that one fits stand-ins, else the
+    profile's first search whose record (greedy.SEARCH_METHODS) says it fits them; {} if none ran."""
+    if profile is None:
+        return {}
+    record = STRATEGY_TABLE.get(plan.strategy)
+    own = [record.search] if record is not None and record.fitted_stand_ins else []
+    fitting = own + [m.name for m in SEARCH_METHODS.values() if m.fits_stand_ins]
+    return next((profile.search_result(name).notes for name in fitting if name in profile.search), {})
 
 
 def plan_speedup(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=None) -> float:
