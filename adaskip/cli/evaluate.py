@@ -121,7 +121,21 @@ def _check_options(a):
     if "longbench" in settings.tasks and not Path(a.longbench_dir).is_dir():
         raise SystemExit(f"adaskip: --longbench-dir {a.longbench_dir} is not a folder (expected a LongBench copy "
                          "with data/<name>.jsonl)")
+    if "longbench" in settings.tasks:
+        _check_longbench_text(Path(a.longbench_dir), settings.longbench_datasets)
     return settings
+
+
+def _check_longbench_text(root: Path, datasets) -> None:
+    """The LongBench files the eval would read are UTF-8 text (adaskip.data.text_problem)."""
+    from ..data import text_problem
+
+    for f in sorted(root.glob("*.jsonl")) + sorted(root.glob("data/*.jsonl")):
+        if datasets and f.stem not in datasets:
+            continue
+        problem = text_problem(f)
+        if problem:
+            raise SystemExit(f"adaskip: --longbench-dir {f}: {problem}")
 
 
 def _cost_model(a, model):
@@ -171,7 +185,7 @@ def _documents(paths, profile, settings) -> list:
                               "calibration read them")
     if not kept:
         raise SystemExit("adaskip: every evaluation document was read by calibration; give others")
-    return [p.read_text(errors="replace") for p in kept]
+    return [p.read_text(encoding="utf-8") for p in kept]  # checked as text by text_paths
 
 
 def cmd_eval(a) -> None:
@@ -188,8 +202,9 @@ def cmd_eval(a) -> None:
             raise SystemExit(f"adaskip: the profile has no {missing} search for the strategies that need it; "
                              f"calibrate with --search {','.join(missing)}")
     else:
-        calibration_paths = text_paths(a.calibration_data)
-    paths = text_paths(a.documents, "documents") if {"ppl", "generation", "speculative"} & set(settings.tasks) else []
+        calibration_paths = text_paths(a.calibration_data, flag="--calibration-data")
+    reads_documents = {"ppl", "generation", "speculative"} & set(settings.tasks)
+    paths = text_paths(a.documents, "documents", "--documents") if reads_documents else []
     out = check_out_dir("--out", a.out)  # last: the checks above create nothing
     model, tokenizer = load_model(a.model, dtype=dtype_of(a.dtype), device=a.device)
     if tokenizer is None:
