@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
+    a.argv = None if argv is None else list(argv)  # for the `command` a result file records
     debug = a.debug or os.environ.get("ADASKIP_DEBUG", "") not in ("", "0")
     try:
         a.func(a)

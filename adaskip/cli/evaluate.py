@@ -189,9 +189,11 @@ def _documents(paths, profile, settings) -> list:
 
 
 def cmd_eval(a) -> None:
+    from ..benchmarks.common import provenance
     from ..runtime.loading import load_model
     from ..skipping.strategies import searches_needed
 
+    started = provenance(getattr(a, "argv", None))  # the code that runs, before this run writes a file
     settings = _check_options(a)
     searches = searches_needed(settings.strategies)
     profile = load_profile(a)
@@ -219,7 +221,7 @@ def cmd_eval(a) -> None:
     if settings.speedups:
         costs = _cost_model(a, model)
         settings.notes.append(f"equal-time plans: roofline model of {costs.device}, {a.phase} at {a.context_len} tokens")
-    _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out)
+    _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out, started)
 
 
 def _tables(result, settings) -> str:
@@ -245,20 +247,20 @@ def _tables(result, settings) -> str:
     return table
 
 
-def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out: Path) -> None:
+def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out: Path, provenance: dict) -> None:
     from .._util import write_json
-    from ..benchmarks.common import device_info, git_commit, now_iso
+    from ..benchmarks.common import device_info
     from ..evaluation.harness import run_eval
     from ..evaluation.report import plot_profile_heatmap, plot_quality, plot_retrieval
 
-    started, commit, date = time.time(), git_commit(), now_iso()  # the code that runs, not the code at the end
+    started = time.time()
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
     table = _tables(result, settings)
     print("\n" + table + "\n")
     for note in result["notes"]:
         print("note:", note)
-    report = {"command": "adaskip eval", "model": a.model, "date": date, "git_commit": commit,
-              **device_info(), "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+    report = {**provenance, "model": a.model, **device_info(),
+              "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
               "profile": {"data": profile.data, "sources": profile.sources, "requests": profile.num_requests,
                           "tokens": profile.tokens, "searches": {m: {k: r[k] for k in ("forward_passes", "wall_s")}
                                                                 for m, r in profile.search.items()}},
