@@ -17,9 +17,10 @@ SOURCES := $(wildcard csrc/*) $(wildcard cmake/*) CMakeLists.txt setup.py pyproj
 
 .PHONY: test test-vllm build demo bench-ops bench-e2e clean
 
+# Any non-zero exit fails, 5 (no tests collected) included. Under CI=true a skipped non-GPU test or
+# module fails too (tests/conftest.py); the run ends with a line of counts (GPU-only skips apart).
 test: $(BUILD_STAMP)
-	@# pytest exits 5 when it collects no tests; that is not a failure of the build.
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q tests
 
 build: $(BUILD_STAMP)
 
