@@ -379,6 +379,9 @@ CLI_CASES = [
     (["eval", "--speculative-cuda-graph", "--tasks", "speculative", "--device", "cpu", "--out", "{t}/e"],
      "it needs --device cuda"),
     (["eval", "--model", "{f}/notok", "--out", "{t}/e"], "has no tokenizer"),
+    # report
+    (["report", "--readme", "{f}/nothing.md", "--check"], "--readme {f}/nothing.md does not exist"),
+    (["report", "--readme", "{f}/text.txt", "--results", "{f}/nothing", "--check"], "--results {f}/nothing is not"),
     # bench: where the result goes and the device, before any measurement
     (["bench", "kernels", "--quick", "--out", "{t}"], "--out {t} is a folder"),
     (["bench", "kernels", "--quick", "--out-dir", "{f}/text.txt"], "--out-dir {f}/text.txt is a file"),

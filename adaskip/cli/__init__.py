@@ -1,4 +1,4 @@
-"""adaskip command line: calibrate, run, export, demo, eval, bench. Each subcommand is a module
+"""adaskip command line: calibrate, run, export, demo, eval, report, bench. Each subcommand is a module
 here with its own `register(subparsers)` (bench: adaskip.benchmarks); `main` puts them together
 and turns a user's error into one line."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import calibrate, demo, evaluate, export, run
+from . import calibrate, demo, evaluate, export, report, run
 
 # In the order `adaskip --help` lists them.
-SUBCOMMANDS = (calibrate, run, export, demo, evaluate)
+SUBCOMMANDS = (calibrate, run, export, demo, evaluate, report)
 
 # Errors a user's input causes (a bad value, a missing or unreadable file, a malformed JSON or
 # config): one line, no traceback. Anything else is a bug and keeps its traceback.
