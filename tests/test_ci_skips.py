@@ -31,7 +31,7 @@ def _run(tmp_path, ci: bool, files):
     counts = tmp_path / "counts.json"
     env = {**os.environ, "CI": "true" if ci else "", "ADASKIP_TEST_COUNTS": str(counts)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=1800)
     return proc, json.loads(counts.read_text())
 
 
