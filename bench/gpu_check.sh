@@ -34,7 +34,9 @@
 # (installed into /tmp/site when present).
 #
 # The device's copy of .git can be older than the tree it runs: pass ADASKIP_GIT_COMMIT=<the
-# commit that is running> so that the JSON names it (the benchmarks read it from the environment).
+# commit that is running> so that the JSON names it (the benchmarks read it from the environment
+# and record it as is, with git_status null): from a tree with changes, untracked files included,
+# ADASKIP_GIT_COMMIT="$(git rev-parse HEAD)$(git status --porcelain | grep -q . && echo +dirty)".
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2

@@ -184,6 +184,19 @@ def files(profile_dict, tmp_path_factory):
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     (root / "empty.txt").write_text("   \n")
     (root / "folder").mkdir()
+    # Inputs that are not text (adaskip.data.text_problem), each under a name that passes for text.
+    (root / "some.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    (root / "latin1.txt").write_bytes("Café au lait, crème brûlée, naïve façade. ".encode("latin-1") * 20)
+    (root / "utf16.txt").write_text("The quick brown fox. " * 20, encoding="utf-16")
+    (root / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    (root / "weights.safetensors").write_bytes(len(b'{"a":{}}').to_bytes(8, "little") + b'{"a":{}}')
+    (root / "gguf-named.txt").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    (root / "controls.txt").write_text("".join(chr(i % 8 + 1) for i in range(4000)))
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text("Fine text. " * 40)
+    (root / "mixed" / "b.txt").write_bytes(bytes(range(256)) * 40)
+    (root / "mixed-lb" / "data").mkdir(parents=True)
+    (root / "mixed-lb" / "data" / "trec.jsonl").write_bytes(b"\x00\x01" * 500)
     (root / "full").mkdir()
     (root / "full" / "x").write_text("x")
     (root / "notok").mkdir()  # a model folder without tokenizer files
@@ -254,6 +267,31 @@ CLI_CASES = [
     (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--model", "{f}/notok"], "has no tokenizer"),
     (["calibrate", "--data", "{f}/text.txt", "--out", "{t}/p.json", "--search-stand-in", "cubic"],
      "invalid choice: 'cubic'"),
+    # inputs that are not text, refused by name before any model loads
+    (["calibrate", "--data", "{f}/some.bin", "--out", "{t}/p.json"],
+     "--data {f}/some.bin: binary content"),
+    (["calibrate", "--data", "{f}/text.txt", "{f}/latin1.txt", "--out", "{t}/p.json"],
+     "--data {f}/latin1.txt: not UTF-8 text (byte 0xe9 at offset 3"),
+    (["calibrate", "--data", "{f}/utf16.txt", "--out", "{t}/p.json"], "--data {f}/utf16.txt: UTF-16 text; convert"),
+    (["calibrate", "--data", "{f}/model.gguf", "--out", "{t}/p.json"],
+     "--data {f}/model.gguf: a GGUF model file, not text"),
+    (["calibrate", "--data", "{f}/weights.safetensors", "--out", "{t}/p.json"],
+     "--data {f}/weights.safetensors: a safetensors weights file, not text"),
+    (["calibrate", "--data", "{f}/gguf-named.txt", "--out", "{t}/p.json"], "{f}/gguf-named.txt: a GGUF model file"),
+    (["calibrate", "--data", "{f}/controls.txt", "--out", "{t}/p.json"], "{f}/controls.txt: binary content (4000 "
+     "control characters"),
+    (["calibrate", "--data", "{f}/mixed", "--out", "{t}/p.json"], "--data {f}/mixed/b.txt: binary content"),
+    (["eval", "--calibration-data", "{f}/some.bin", "--out", "{t}/e"], "--calibration-data {f}/some.bin: binary"),
+    (["eval", "--profile", "{f}/profile.json", "--strategies", "shortgpt", "--documents", "{f}/latin1.txt",
+      "--out", "{t}/e"], "--documents {f}/latin1.txt: not UTF-8 text"),
+    (["eval", "--profile", "{f}/profile.json", "--strategies", "shortgpt", "--documents", "{f}/model.gguf",
+      "--out", "{t}/e"], "--documents {f}/model.gguf: a GGUF model file"),
+    (["eval", "--profile", "{f}/profile.json", "--strategies", "shortgpt", "--tasks", "longbench",
+      "--longbench-dir", "{f}/mixed-lb", "--out", "{t}/e"], "--longbench-dir {f}/mixed-lb/data/trec.jsonl: binary"),
+    (["run", "--prompt-file", "{f}/some.bin", "--strategy", "full"], "--prompt-file {f}/some.bin: binary content"),
+    (["run", "--prompt-file", "{f}/latin1.txt", "--strategy", "full"], "--prompt-file {f}/latin1.txt: not UTF-8"),
+    (["run", "--prompt-file", "{f}/weights.safetensors", "--strategy", "full"],
+     "--prompt-file {f}/weights.safetensors: a safetensors weights file, not text"),
     # run: the prompt, the plan, the profile
     (["run", "--prompt", "hi", "--prompt-file", "{f}/text.txt"], "not allowed with argument"),
     (["run", "--strategy", "full"], "one of the arguments --prompt --prompt-file is required"),
@@ -341,6 +379,9 @@ CLI_CASES = [
     (["eval", "--speculative-cuda-graph", "--tasks", "speculative", "--device", "cpu", "--out", "{t}/e"],
      "it needs --device cuda"),
     (["eval", "--model", "{f}/notok", "--out", "{t}/e"], "has no tokenizer"),
+    # report
+    (["report", "--readme", "{f}/nothing.md", "--check"], "--readme {f}/nothing.md does not exist"),
+    (["report", "--readme", "{f}/text.txt", "--results", "{f}/nothing", "--check"], "--results {f}/nothing is not"),
     # bench: where the result goes and the device, before any measurement
     (["bench", "kernels", "--quick", "--out", "{t}"], "--out {t} is a folder"),
     (["bench", "kernels", "--quick", "--out-dir", "{f}/text.txt"], "--out-dir {f}/text.txt is a file"),

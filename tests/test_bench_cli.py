@@ -40,7 +40,8 @@ def test_kernels_quick_writes_json(tmp_path):
     out = tmp_path / "ops.json"
     _run("kernels", "--quick", "--out", str(out))
     result = json.loads(out.read_text())
-    for key in ("device", "torch", "git_commit", "date", "copy_gbps", "rows", "timing"):
+    for key in ("device", "torch", "git_commit", "date", "copy_gbps", "rows", "timing", "command", "git_dirty",
+                "git_status", "torch_cuda", "python"):
         assert key in result
     assert {"add_rmsnorm+stats", "add_rmsnorm", "scale_rmsnorm", "io_similarity_stats", "skip_or_scale(skip)",
             "torch add_+rms_norm", "torch mul_+rms_norm"} <= {r["op"] for r in result["rows"]}
@@ -252,10 +253,39 @@ def test_commit_of_a_changed_checkout_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_PACKAGE_ROOT", tmp_path)
     head = git("rev-parse", "HEAD")
     assert git_commit() == head
-    (tmp_path / "new.py").write_text("")  # untracked files do not count
-    assert git_commit() == head
-    (tmp_path / "f.py").write_text("x = 2\n")
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    git("add", ".gitignore")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "ignored" / "out.json").write_text("{}")  # what git ignores is not the code
+    assert git_commit() == head and common.provenance()["git_dirty"] is False
+    (tmp_path / "new.py").write_text("")  # an untracked file may be imported: it counts
     assert git_commit() == head + "+dirty"
+    record = common.provenance()
+    assert record["git_dirty"] is True and record["git_status"] == ["?? new.py"]
+    (tmp_path / "new.py").unlink()
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert git_commit() == head + "+dirty" and common.provenance()["git_status"] == [" M f.py"]
+
+
+def test_provenance_names_the_command_and_the_versions(monkeypatch):
+    """Written by the code, never typed: the command as run, the commit, the date and the versions."""
+    from adaskip.benchmarks import common
+
+    monkeypatch.setenv("ADASKIP_GIT_COMMIT", "abc123+dirty")
+    monkeypatch.setattr(common.sys, "argv", ["/x/.venv/bin/adaskip", "eval", "--out", "a b"])
+    record = common.provenance()
+    assert record["command"] == "adaskip eval --out 'a b'"
+    assert record["git_commit"] == "abc123+dirty" and record["git_dirty"] is True and record["git_status"] is None
+    assert record["torch"] == torch.__version__ and record["python"] and record["date"].startswith("20")
+    monkeypatch.setattr(common.sys, "argv", [str(common._PACKAGE_ROOT / "adaskip" / "__main__.py"), "bench", "e2e"])
+    assert common.command_line() == "python -m adaskip bench e2e"
+    monkeypatch.setattr(common.sys, "argv", [str(common._PACKAGE_ROOT / "tests" / "integration" / "x.py"), "out"])
+    assert common.command_line() == "python tests/integration/x.py out"
+    assert common.command_line(["run", "--prompt", "it's"]) == """adaskip run --prompt 'it'"'"'s'"""
+    monkeypatch.setenv("ADASKIP_GIT_COMMIT", "abc123")
+    assert common.provenance()["git_dirty"] is None  # a copied tree: unknown, not clean
 
 
 def test_result_paths_and_json_cleaning(tmp_path):

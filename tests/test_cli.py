@@ -134,6 +134,10 @@ def test_eval_writes_table_json_and_plots(tmp_path):
         assert (out / name).stat().st_size > 200
     assert (out / "eval.md").read_text().splitlines()[2].startswith("| full |")
     assert "| shortgpt |" in proc.stdout and report["git_commit"] and report["date"]
+    # provenance written by the code: the command as run (a rerun of it writes this file again)
+    assert report["command"] == "python -m adaskip eval --calibration-data essays " + " ".join(
+        proc.args[proc.args.index("--calibration-data") + 2:])
+    assert report["git_dirty"] in (True, False, None) and "torch_cuda" in report
     # generation: the bf16 floor first, adaskip's plan with and without online learning
     names = [r["name"] for r in report["generation"]["rows"]]
     assert names[:3] == ["full/bfloat16", "adaskip@2", "adaskip@2/no-online"] and "shortgpt@2" in names

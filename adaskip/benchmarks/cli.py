@@ -59,9 +59,11 @@ def _out_path(args, prefix: str, device: str) -> Path:
 def cmd_kernels(args) -> dict:
     from . import kernels
     from .._util import write_json
+    from .common import provenance
 
     check_out(args)
-    result = kernels.run(args)
+    started = provenance(getattr(args, "argv", None))  # the code that runs, before anything is written
+    result = {**kernels.run(args), **started}
     print(f"wrote {write_json(_out_path(args, kernels.result_prefix(args), result['device']), result)}")
     return result
 
@@ -69,9 +71,11 @@ def cmd_kernels(args) -> dict:
 def cmd_e2e(args) -> dict:
     from . import e2e, report
     from .._util import write_json
+    from .common import provenance
 
     check_out(args)
-    result = e2e.run(args)
+    started = provenance(getattr(args, "argv", None))  # the code that runs, before anything is written
+    result = {**e2e.run(args), **started}
     out = _out_path(args, e2e.result_prefix(result), result["device"])
     if args.plot:
         result["plot"] = str(report.plot(result, out.with_suffix(".png")))
@@ -84,9 +88,11 @@ def cmd_e2e(args) -> dict:
 def cmd_speculative(args) -> dict:
     from . import speculative
     from .._util import write_json
+    from .common import provenance
 
     check_out(args)
-    result = speculative.run(args)
+    started = provenance(getattr(args, "argv", None))  # the code that runs, before anything is written
+    result = {**speculative.run(args), **started}
     print()
     print(speculative.markdown_table(result))
     print(f"wrote {write_json(_out_path(args, speculative.result_prefix(result), result['device']), result)}")

@@ -7,8 +7,10 @@ import datetime as dt
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,19 +24,62 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 def git_commit() -> str:
     """ADASKIP_GIT_COMMIT when set (a copied tree has no .git), else `git rev-parse HEAD` of the
-    checkout the package lives in, with "+dirty" when tracked files differ from it (the code that
-    ran is then not that commit), else "unknown"."""
+    checkout the package lives in, with "+dirty" when its files differ from it, untracked files
+    that git does not ignore included (the code that ran is then not that commit), else
+    "unknown"."""
+    return git_state()[0]
+
+
+def git_state() -> tuple:
+    """(commit, status): git_commit()'s value and the lines of `git status --porcelain` (untracked
+    files included; at most 100), or None for the status when it cannot be known (a tree without
+    .git, whose commit came from ADASKIP_GIT_COMMIT)."""
     if os.environ.get("ADASKIP_GIT_COMMIT"):
-        return os.environ["ADASKIP_GIT_COMMIT"]
+        return os.environ["ADASKIP_GIT_COMMIT"], None
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=_PACKAGE_ROOT, capture_output=True,  # noqa: E731
-                                        text=True, check=True, timeout=10).stdout.strip()
-        head = run("rev-parse", "HEAD") or "unknown"
-        if head != "unknown" and run("status", "--porcelain", "--untracked-files=no"):
+                                        text=True, check=True, timeout=10).stdout
+        head = run("rev-parse", "HEAD").strip() or "unknown"
+        status = [line for line in run("status", "--porcelain").splitlines() if line.strip()]
+        if head != "unknown" and status:
             head += "+dirty"
-        return head
+        return head, status[:100]
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", None
+
+
+def command_line(argv=None) -> str:
+    """The command as run, quoted for a shell: the program (`adaskip` for the console script or
+    the API, `python -m adaskip` for the module, else the script's path) and `argv` (default
+    sys.argv[1:])."""
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "adaskip"
+    path = Path(program)
+    if argv is None:
+        argv = sys.argv[1:]
+        if path.name == "__main__.py" and path.parent.name == "adaskip":
+            program = "python -m adaskip"
+        elif path.name == "adaskip":
+            program = "adaskip"
+        else:
+            try:  # a script of this checkout: its path from the checkout's root
+                program = "python " + str(path.resolve().relative_to(_PACKAGE_ROOT))
+            except ValueError:
+                program = "python " + program
+    else:  # main(argv) called in-process: what the console script would run
+        program = "adaskip"
+    return " ".join([program, *(shlex.quote(str(a)) for a in argv)])
+
+
+def provenance(argv=None) -> dict:
+    """What every result file records about the run that wrote it, written by the code: the
+    command line (command_line), the commit and whether the tree differed from it (git_state),
+    the date, and the software versions (torch, its CUDA, Python; device_info adds the device and,
+    on a GPU, the driver). Take it when the run starts: files the run writes are then not in it."""
+    commit, status = git_state()
+    dirty = bool(status) if status is not None else (True if commit.endswith("+dirty") else None)
+    return {"command": command_line(argv), "git_commit": commit, "git_dirty": dirty, "git_status": status,
+            "date": now_iso(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version()}
 
 
 def now_iso() -> str:

@@ -1,4 +1,4 @@
-"""adaskip command line: calibrate, run, export, demo, eval, bench. Each subcommand is a module
+"""adaskip command line: calibrate, run, export, demo, eval, report, bench. Each subcommand is a module
 here with its own `register(subparsers)` (bench: adaskip.benchmarks); `main` puts them together
 and turns a user's error into one line."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import calibrate, demo, evaluate, export, run
+from . import calibrate, demo, evaluate, export, report, run
 
 # In the order `adaskip --help` lists them.
-SUBCOMMANDS = (calibrate, run, export, demo, evaluate)
+SUBCOMMANDS = (calibrate, run, export, demo, evaluate, report)
 
 # Errors a user's input causes (a bad value, a missing or unreadable file, a malformed JSON or
 # config): one line, no traceback. Anything else is a bug and keeps its traceback.
@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
+    a.argv = None if argv is None else list(argv)  # for the `command` a result file records
     debug = a.debug or os.environ.get("ADASKIP_DEBUG", "") not in ("", "0")
     try:
         a.func(a)

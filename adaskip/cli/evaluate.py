@@ -121,7 +121,21 @@ def _check_options(a):
     if "longbench" in settings.tasks and not Path(a.longbench_dir).is_dir():
         raise SystemExit(f"adaskip: --longbench-dir {a.longbench_dir} is not a folder (expected a LongBench copy "
                          "with data/<name>.jsonl)")
+    if "longbench" in settings.tasks:
+        _check_longbench_text(Path(a.longbench_dir), settings.longbench_datasets)
     return settings
+
+
+def _check_longbench_text(root: Path, datasets) -> None:
+    """The LongBench files the eval would read are UTF-8 text (adaskip.data.text_problem)."""
+    from ..data import text_problem
+
+    for f in sorted(root.glob("*.jsonl")) + sorted(root.glob("data/*.jsonl")):
+        if datasets and f.stem not in datasets:
+            continue
+        problem = text_problem(f)
+        if problem:
+            raise SystemExit(f"adaskip: --longbench-dir {f}: {problem}")
 
 
 def _cost_model(a, model):
@@ -171,13 +185,15 @@ def _documents(paths, profile, settings) -> list:
                               "calibration read them")
     if not kept:
         raise SystemExit("adaskip: every evaluation document was read by calibration; give others")
-    return [p.read_text(errors="replace") for p in kept]
+    return [p.read_text(encoding="utf-8") for p in kept]  # checked as text by text_paths
 
 
 def cmd_eval(a) -> None:
+    from ..benchmarks.common import provenance
     from ..runtime.loading import load_model
     from ..skipping.strategies import searches_needed
 
+    started = provenance(getattr(a, "argv", None))  # the code that runs, before this run writes a file
     settings = _check_options(a)
     searches = searches_needed(settings.strategies)
     profile = load_profile(a)
@@ -188,8 +204,9 @@ def cmd_eval(a) -> None:
             raise SystemExit(f"adaskip: the profile has no {missing} search for the strategies that need it; "
                              f"calibrate with --search {','.join(missing)}")
     else:
-        calibration_paths = text_paths(a.calibration_data)
-    paths = text_paths(a.documents, "documents") if {"ppl", "generation", "speculative"} & set(settings.tasks) else []
+        calibration_paths = text_paths(a.calibration_data, flag="--calibration-data")
+    reads_documents = {"ppl", "generation", "speculative"} & set(settings.tasks)
+    paths = text_paths(a.documents, "documents", "--documents") if reads_documents else []
     out = check_out_dir("--out", a.out)  # last: the checks above create nothing
     model, tokenizer = load_model(a.model, dtype=dtype_of(a.dtype), device=a.device)
     if tokenizer is None:
@@ -204,7 +221,7 @@ def cmd_eval(a) -> None:
     if settings.speedups:
         costs = _cost_model(a, model)
         settings.notes.append(f"equal-time plans: roofline model of {costs.device}, {a.phase} at {a.context_len} tokens")
-    _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out)
+    _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out, started)
 
 
 def _tables(result, settings) -> str:
@@ -230,20 +247,20 @@ def _tables(result, settings) -> str:
     return table
 
 
-def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out: Path) -> None:
+def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out: Path, provenance: dict) -> None:
     from .._util import write_json
-    from ..benchmarks.common import device_info, git_commit, now_iso
+    from ..benchmarks.common import device_info
     from ..evaluation.harness import run_eval
     from ..evaluation.report import plot_profile_heatmap, plot_quality, plot_retrieval
 
-    started, commit, date = time.time(), git_commit(), now_iso()  # the code that runs, not the code at the end
+    started = time.time()
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
     table = _tables(result, settings)
     print("\n" + table + "\n")
     for note in result["notes"]:
         print("note:", note)
-    report = {"command": "adaskip eval", "model": a.model, "date": date, "git_commit": commit,
-              **device_info(), "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+    report = {**provenance, "model": a.model, **device_info(),
+              "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
               "profile": {"data": profile.data, "sources": profile.sources, "requests": profile.num_requests,
                           "tokens": profile.tokens, "searches": {m: {k: r[k] for k in ("forward_passes", "wall_s")}
                                                                 for m, r in profile.search.items()}},

@@ -52,8 +52,12 @@ def _prompt_text(a) -> str:
     if a.prompt is not None:
         text = a.prompt
     else:
+        from ..data import read_text
+
         try:
-            text = check_in_file("--prompt-file", a.prompt_file).read_text(errors="replace")
+            text = read_text(check_in_file("--prompt-file", a.prompt_file), "--prompt-file")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         except OSError as e:
             raise SystemExit(f"adaskip: --prompt-file {a.prompt_file}: cannot read it ({e.strerror or e})") from None
     if not text.strip():

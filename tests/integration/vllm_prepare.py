@@ -29,7 +29,10 @@ def main(out: Path) -> None:
     prompts = [chat_prompt(tokenizer, p) if i % 2 else tokenizer(p)["input_ids"] for i, p in enumerate(PROMPTS)]
     expected = adaskip.generate(model, prompts, max_new_tokens=MAX_TOKENS, plan=plan, eos_token_ids=[])
     full = adaskip.generate(model, prompts, max_new_tokens=MAX_TOKENS, eos_token_ids=[])
-    record = {"plan": plan.to_dict(), "skipped_attention_layers": sorted(plan.skipped_attention_layers),
+    from adaskip.benchmarks.common import provenance
+
+    record = {"provenance": provenance(), "calibration": {"essays": 4, "requests": 4, "prompt_len": 512},
+              "plan": plan.to_dict(), "skipped_attention_layers": sorted(plan.skipped_attention_layers),
               "skipped_ffn_layers": sorted(plan.skipped_ffn_layers), "prompts": prompts,
               "expected": expected.tokens, "expected_full": full.tokens, "max_tokens": MAX_TOKENS,
               "kv_cache_bytes": {"plan": expected.kv_cache_bytes, "full": full.kv_cache_bytes}}

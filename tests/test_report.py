@@ -1,0 +1,65 @@
+"""The README cannot drift from bench/results/: its marked result sections are what `adaskip
+report --readme` renders from the result files (checked here on the real README), a changed figure
+is caught by --check, and the prose templates hold no number that is not read from a result file
+(or declared a setting of the run)."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adaskip.benchmarks import readme
+from adaskip.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def test_the_readme_sections_match_the_results(capsys):
+    main(["report", "--readme", str(ROOT / "README.md"), "--check"])
+    assert "every marked section matches" in capsys.readouterr().out
+    text = (ROOT / "README.md").read_text()
+    assert set(readme.sections(text)) == set(readme.SECTIONS), "a section the renderer knows is not in the README"
+
+
+@pytest.mark.parametrize("name", sorted(readme.TEMPLATES))
+def test_every_number_in_the_prose_comes_from_a_result_file(name):
+    rest = re.sub(r"\{[^}]*\}", "", readme.TEMPLATES[name])
+    for literal in readme.LITERALS[name]:
+        rest = rest.replace(literal, "")
+    assert not re.findall(r"\d[\d.,]*", rest), f"section {name!r} types a number instead of reading it"
+
+
+def test_a_changed_figure_fails_the_check_and_rendering_restores_it(tmp_path, capsys):
+    good = (ROOT / "README.md").read_text()
+    drifted = good.replace("gates off 0-0.375 extra FFNs per request on\nSmolLM2",
+                           "gates nothing on\nSmolLM2", 1)
+    assert drifted != good
+    copy = tmp_path / "README.md"
+    copy.write_text(drifted)
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--readme", str(copy), "--results", str(RESULTS), "--check"])
+    assert "online-learning" in str(e.value.code) and copy.read_text() == drifted
+    main(["report", "--readme", str(copy), "--results", str(RESULTS)])
+    assert copy.read_text() == good
+
+
+def test_a_gpu_figure_names_its_commit_and_whether_the_kernels_changed(monkeypatch):
+    results = readme.Results(RESULTS)
+    for changed, says in ((True, "measured on older kernels"), (False, ""), (None, "no git history")):
+        monkeypatch.setattr(readme.Results, "kernels_changed_since", lambda self, c, v=changed: v)
+        text = readme.measured_on(results, readme.GPU_FORCED)
+        assert text.startswith("2026-11-22, commit f9a652e") and says in text
+        assert (changed is False) == (text == "2026-11-22, commit f9a652e")
+
+
+def test_unknown_or_repeated_sections_and_missing_files_are_refused(tmp_path):
+    section = "<!-- adaskip:report {} -->\nx\n<!-- /adaskip:report -->\n"
+    with pytest.raises(ValueError, match="'bogus', which the renderer does not know"):
+        readme.sections(section.format("bogus"))
+    with pytest.raises(ValueError, match="marks section 'lossless' twice"):
+        readme.sections(section.format("lossless") * 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="which does not exist"):
+        readme.render(section.format("lossless"), tmp_path / "empty")
+    shutil.rmtree(tmp_path / "empty")
