@@ -159,3 +159,4 @@ def test_group_scores_are_the_layer_output_change(model):
         assert scores.retrieval_change[0, g].item() == pytest.approx(diff.mean().item(), rel=1e-4)
     ranking = scores.ranking()
     assert len(ranking) == model.args.num_layers * model.args.num_kv_heads
+

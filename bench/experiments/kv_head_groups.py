@@ -79,8 +79,8 @@ def stage_score(a, model, tokenizer, profile, out: Path) -> None:
     (out / f"scores-w{a.window}.json").write_text(json.dumps(result, indent=1))
 
 
-def load_scores(out: Path, window: int) -> GroupScores:
-    d = json.loads((out / f"scores-w{window}.json").read_text())["scores"]
+def load_scores(path: Path) -> GroupScores:
+    d = json.loads(path.read_text())["scores"]
     t = lambda k: torch.tensor(d[k])  # noqa: E731
     return GroupScores(d["sink"], d["window"], t("retrieval_change"), t("retrieval_mass"), t("text_change"),
                        t("text_mass"), d["probes"], d["texts"])
@@ -114,7 +114,7 @@ def predicted(args, plan, layers, sink, window) -> dict:
 
 def stage_eval(a, model, tokenizer, profile, out: Path) -> None:
     args = model.args
-    scores = load_scores(out, a.window)
+    scores = load_scores(Path(a.scores) if a.scores else out / f"scores-w{a.window}.json")
     path = out / "eval.json"
     result = json.loads(path.read_text()) if path.exists() else {"runs": []}
     tasks = {kind: make_tasks(tokenizer, kind, a.lengths, a.depths, samples_per_cell=a.samples, seed=0,
@@ -124,7 +124,7 @@ def stage_eval(a, model, tokenizer, profile, out: Path) -> None:
         documents = held_out(essay_paths(), profile)
         docs = [p.read_text(encoding="utf-8") for p in documents]
         windows = document_windows(docs, tokenizer, 2048, 4)
-    run = {**header(a), "stage": "eval", "lengths": a.lengths, "depths": a.depths, "samples": a.samples,
+    run = {**header(a), "stage": "eval", "scores": a.scores or f"scores-w{a.window}.json", "lengths": a.lengths, "depths": a.depths, "samples": a.samples,
            "sink": a.sink, "window": a.window, "text_weight": a.text_weight, "rows": []}
     for name in a.configs:
         plan, layers = configuration(name, profile, scores, args, a.text_weight)
@@ -197,6 +197,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=4)
     # eval
     p.add_argument("--configs", nargs="+", default=["full"])
+    p.add_argument("--scores", help="the score stage's JSON (default: scores-w<window>.json in --out)")
     p.add_argument("--text-weight", type=float, default=1.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
