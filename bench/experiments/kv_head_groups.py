@@ -183,9 +183,46 @@ def write_markdown(result: dict, out: Path) -> None:
     (out / "eval.md").write_text("\n".join(lines) + "\n")
 
 
+def stage_costs(a, profile, out: Path) -> None:
+    """How many streaming groups save what greedy-kl's first 4 / 8 / 16 sublayers save (L20
+    roofline, prefill and decode), per window and length: no model is loaded."""
+    from adaskip.benchmarks.models import model_args
+    from adaskip.skipping.costs import sublayer_costs
+
+    args = model_args("smollm2")
+    order = profile.search["kl"]["order"]
+    rows = []
+    for n in COST_LENGTHS:
+        for mode in ("prefill", "decode"):
+            c = sublayer_costs(args, n, mode)
+            for w in (128, 256, 512):
+                one = streaming_plan_costs(args, n, mode, [], {0: 1}, sink=a.sink, window=w)["saving_s"]
+                row = {"context_len": n, "mode": mode, "window": w, "sink": a.sink, "one_group_saving_s": one,
+                       "attention_sublayer_s": c.per_sublayer[0], "ffn_sublayer_s": c.per_sublayer[1],
+                       "total_s": c.total}
+                for k in (4, 8, 16):
+                    row[f"kl{k}_saving_s"] = c.saving(order[:k])
+                    row[f"kl{k}_speedup"] = c.speedup(order[:k])
+                    row[f"groups_for_kl{k}"] = c.saving(order[:k]) / one
+                row["groups_for_kl8_minus_kl4"] = (c.saving(order[:8]) - c.saving(order[:4])) / one
+                rows.append(row)
+    (out / "costs.json").write_text(json.dumps({**header(a), "stage": "costs", "spec": "L20 roofline",
+                                                "greedy_kl_order": order, "rows": rows}, indent=1))
+    lines = ["| length | mode | W | one group saves (us) | attention / FFN sublayer (us) | groups = kl4 | "
+             "groups = kl8 | groups = kl8 - kl4 | groups = kl16 | kl8 speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context_len']} | {r['mode']} | {r['window']} | {1e6 * r['one_group_saving_s']:.1f} | "
+                     f"{1e6 * r['attention_sublayer_s']:.1f} / {1e6 * r['ffn_sublayer_s']:.1f} | "
+                     f"{r['groups_for_kl4']:.1f} | {r['groups_for_kl8']:.1f} | {r['groups_for_kl8_minus_kl4']:.1f} | "
+                     f"{r['groups_for_kl16']:.1f} | {r['kl8_speedup']:.3f} |")
+    (out / "costs.md").write_text("# Streaming groups priced against greedy-kl's sublayers (L20 roofline, "
+                                  "predictions)\n\n" + "\n".join(lines) + "\n")
+    log("costs: wrote costs.json, costs.md", out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["score", "eval"])
+    p.add_argument("stage", choices=["score", "eval", "costs"])
     p.add_argument("--out", default="bench/results/eval-smollm2-kv-head-groups-cpu-2026-12-05")
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--sink", type=int, default=4)
@@ -212,6 +249,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log(f"start: {' '.join(sys.argv)}", out)
     profile = ImportanceProfile.load(a.profile)
+    if a.stage == "costs":
+        stage_costs(a, profile, out)
+        return
     model, tokenizer = load_model("smollm2")
     model.eval()
     if a.stage == "score":
