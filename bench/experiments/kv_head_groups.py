@@ -119,12 +119,15 @@ def stage_eval(a, model, tokenizer, profile, out: Path) -> None:
     result = json.loads(path.read_text()) if path.exists() else {"runs": []}
     tasks = {kind: make_tasks(tokenizer, kind, a.lengths, a.depths, samples_per_cell=a.samples, seed=0,
                               max_context=args.max_position_embeddings) for kind in a.kinds}
+    # make_tasks orders each cell's samples 0..samples-1: --skip-samples drops the first ones (run before)
+    tasks = {kind: [t for i, t in enumerate(ts) if i % a.samples >= a.skip_samples] for kind, ts in tasks.items()}
     documents = None
     if a.ppl:
         documents = held_out(essay_paths(), profile)
         docs = [p.read_text(encoding="utf-8") for p in documents]
         windows = document_windows(docs, tokenizer, 2048, 4)
-    run = {**header(a), "stage": "eval", "scores": a.scores or f"scores-w{a.window}.json", "lengths": a.lengths, "depths": a.depths, "samples": a.samples,
+    run = {**header(a), "stage": "eval", "scores": a.scores or f"scores-w{a.window}.json",
+           "skip_samples": a.skip_samples, "lengths": a.lengths, "depths": a.depths, "samples": a.samples,
            "sink": a.sink, "window": a.window, "text_weight": a.text_weight, "rows": []}
     for name in a.configs:
         plan, layers = configuration(name, profile, scores, args, a.text_weight)
@@ -239,6 +242,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--skip-samples", type=int, default=0, help="leave out the first samples of each cell")
     p.add_argument("--kinds", nargs="+", default=["passkey", "needle"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--ppl", action="store_true")
