@@ -22,6 +22,7 @@ from .ids import check_input_ids
 from .rope import apply_rotary, cos_sin, inv_frequencies
 from .request_plan import FORWARD, check_context_fit, kv_layers, resolve_forward
 from .schedule import DecodePaths, StepSchedule, gemv_serves, ungated_ffn_action
+from .streaming import streaming_attention
 from .sublayer import gated_swiglu, run_ffn, run_sublayer, swiglu_if
 
 try:  # optional backend: flash-attn is source-only on the registry, so it is rarely installed
@@ -82,6 +83,9 @@ class Attention(nn.Module):
         self.window = args.sliding_windows[layer] if args.sliding_windows else None
         self.kv_cache: Optional[KVCache] = None
         self.backend = "sdpa"
+        # Streaming KV-head groups (adaskip.runtime.streaming, an experiment): None, the default,
+        # is plain attention.
+        self.streaming = None
         # q, k and v's weights as one [q + 2 kv rows, hidden] tensor whose row blocks the three
         # parameters are views of (fuse_qkv); a plain attribute, not a parameter, so that the
         # state dict keeps Hugging Face's names and nothing is stored twice.
@@ -172,6 +176,10 @@ class Attention(nn.Module):
         q = apply_rotary(project(self.q_proj, x, gemv).view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
                          cos, sin)
         k, v = self._keys_values(x, cos, sin, positions, kv_len, gemv)
+        if self.streaming is not None:
+            q_pos = positions if positions is not None else torch.arange(t, device=x.device).expand(b, t)
+            y = streaming_attention(q, k, v, mask, q_pos, self.streaming)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         causal = isinstance(mask, str)
         if self.backend == "flash_attn" and (causal or mask is None):
             # flash-attn takes [B, T, heads, D] and grouped KV heads as they are; explicit masks
@@ -192,7 +200,15 @@ class Attention(nn.Module):
         positions, lengths = decode
         ops.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], keys, values, positions)
         keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if lengths is not None:
+        if self.streaming is not None:  # SDPA under the band mask, not the decode kernel
+            if lengths is not None:  # the kernel's masking (lengths, sliding window) as a mask
+                slots = torch.arange(kv_len, device=x.device)
+                allowed = slots < lengths[:, None]
+                if self.window:
+                    allowed &= (positions[:, None] - slots) < self.window
+                mask = allowed[:, None, None]
+            y = streaming_attention(q[:, :, None], keys, values, mask, positions[:, None], self.streaming)
+        elif lengths is not None:
             y = ops.decode_attention(q, keys, values, lengths, window=self.window or 0)
         else:  # one query: a "causal" mask is no mask
             y = F.scaled_dot_product_attention(q[:, :, None], keys, values,
@@ -259,6 +275,7 @@ class AbsentSublayer(nn.Module):
         self.kv_cache = None
         self.backend = "sdpa"
         self.window = None
+        self.streaming = None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("adaskip: an absent sublayer was run; the schedule must skip it")

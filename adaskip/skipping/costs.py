@@ -137,25 +137,9 @@ def sublayer_costs(args: ModelArgs, context_len: int, mode: str, *, batch: int =
         raise ValueError(f"adaskip: batch must be >= 1 and dtype_bytes > 0, got {batch} and {dtype_bytes}")
     n, b, e = int(context_len), int(batch), float(dtype_bytes)
     hidden, inter, vocab = args.hidden_size, args.intermediate_size, args.vocab_size
-    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
     tokens = b * n if mode == "prefill" else b  # tokens that go through the projections
 
-    # Attention. Weights (and biases) are read once per pass. GQA: K/V have num_kv_heads heads,
-    # and the kernels (SDPA enable_gqa, flash-attn) read each KV head once for its whole query
-    # group, so the cache read is kv_dim wide, not q_dim.
-    attn_weights = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden
-    attn_weights += (q_dim + 2 * kv_dim) * args.qkv_bias + hidden * args.o_bias
-    # Per token: x in, q/k/v out, k/v into the cache, the attention output written and read by
-    # o_proj, o_proj's output.
-    attn_act = tokens * (2 * hidden + 4 * q_dim + 4 * kv_dim)
-    # K/V of the whole context read once by the attention kernel (prefill: tiled on chip, so
-    # once; decode: the cache read that dominates at long context).
-    kv_read = b * n * 2 * kv_dim
-    attn_bytes = e * (attn_weights + attn_act + kv_read)
-    # Query-key pairs: causal prefill sees n(n+1)/2, a decode step sees the n cached keys.
-    # Sliding windows are not discounted: this runtime keeps full caches and masks them.
-    pairs = b * (n * (n + 1) // 2 if mode == "prefill" else n)
-    attn_flops = 2 * tokens * hidden * (2 * q_dim + 2 * kv_dim) + 4 * pairs * args.num_heads * args.head_dim
+    attn_flops, attn_bytes = _attention_work(args, n, b, e, mode)
 
     # FFN (SwiGLU): gate, up, down; per token x in, gate/up out and back in, their product out
     # and back in, the output.
@@ -179,6 +163,83 @@ def sublayer_costs(args: ModelArgs, context_len: int, mode: str, *, batch: int =
     return SublayerCosts(per_sublayer=[_roofline(f, x, spec) for f, x in zip(flops, nbytes)], fixed=fixed,
                          context_len=n, mode=mode, source="model", device=spec.name, batch=b,
                          flops=flops, bytes_moved=nbytes)
+
+
+def _band_pairs(n: int, sink: int, window: int) -> int:
+    """Query-key pairs of causal prefill over n tokens when each query sees only the first `sink`
+    keys and the last `window` up to its own (a streaming head)."""
+    total = 0
+    for i in range(n):  # query i sees keys 0..i
+        recent = min(i + 1, window)
+        total += recent + min(sink, i + 1 - recent)
+    return total
+
+
+def _attention_work(args: ModelArgs, n: int, b: int, e: float, mode: str, streaming_groups: int = 0,
+                    sink: int = 0, window: int = 0) -> tuple:
+    """(FLOPs, bytes) of one attention sublayer at n tokens (see sublayer_costs). streaming_groups:
+    that many of its KV-head groups see only `sink` + `window` keys (adaskip.runtime.streaming):
+    their query heads score fewer pairs, and in decode read only that much of their cache; in
+    prefill every key is still read once, by the queries whose window holds it."""
+    hidden = args.hidden_size
+    q_dim, kv_dim = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    tokens = b * n if mode == "prefill" else b  # tokens that go through the projections
+    # Attention. Weights (and biases) are read once per pass. GQA: K/V have num_kv_heads heads,
+    # and the kernels (SDPA enable_gqa, flash-attn) read each KV head once for its whole query
+    # group, so the cache read is kv_dim wide, not q_dim.
+    attn_weights = hidden * (q_dim + 2 * kv_dim) + q_dim * hidden
+    attn_weights += (q_dim + 2 * kv_dim) * args.qkv_bias + hidden * args.o_bias
+    # Per token: x in, q/k/v out, k/v into the cache, the attention output written and read by
+    # o_proj, o_proj's output.
+    attn_act = tokens * (2 * hidden + 4 * q_dim + 4 * kv_dim)
+    # K/V of the whole context read once by the attention kernel (prefill: tiled on chip, so
+    # once; decode: the cache read that dominates at long context).
+    kv_read = b * n * 2 * kv_dim
+    rep = args.num_heads // args.num_kv_heads
+    streamed = streaming_groups * args.head_dim  # KV width of the streaming groups
+    if mode == "decode" and streaming_groups:
+        kv_read -= b * 2 * streamed * max(0, n - min(n, sink + window))
+    attn_bytes = e * (attn_weights + attn_act + kv_read)
+    # Query-key pairs: causal prefill sees n(n+1)/2, a decode step sees the n cached keys.
+    # Sliding windows are not discounted: this runtime keeps full caches and masks them.
+    pairs = b * (n * (n + 1) // 2 if mode == "prefill" else n)
+    attn_flops = 2 * tokens * hidden * (2 * q_dim + 2 * kv_dim) + 4 * pairs * args.num_heads * args.head_dim
+    if streaming_groups:
+        band = b * (_band_pairs(n, sink, window) if mode == "prefill" else min(n, sink + window))
+        attn_flops -= 4 * (pairs - band) * streaming_groups * rep * args.head_dim
+    return float(attn_flops), float(attn_bytes)
+
+
+def streaming_plan_costs(args: ModelArgs, context_len: int, mode: str, skipped: Iterable[int] = (),
+                         streaming: Optional[dict] = None, *, sink: int = 4, window: int = 256, batch: int = 1,
+                         dtype_bytes: int = 2, spec: DeviceSpec = L20_SPEC) -> dict:
+    """The roofline time of a plan that skips the sublayers `skipped` and makes `streaming`
+    {layer: number of streaming KV-head groups} see only sink + window keys
+    (adaskip.runtime.streaming; an experiment: no kernel exists that would save this, so every
+    figure is a prediction). Returns {"full_s", "plan_s", "saving_s", "speedup",
+    "kv_entries_full", "kv_entries_plan"} (KV-cache entries, one per token per KV head per layer,
+    after a prompt of context_len tokens: what a cache of sink + window entries for a streaming
+    group would hold)."""
+    base = sublayer_costs(args, context_len, mode, batch=batch, dtype_bytes=dtype_bytes, spec=spec)
+    streaming = {int(k): int(v) for k, v in (streaming or {}).items() if v}
+    skipped = set(base._check(skipped))
+    n, b, e = int(context_len), int(batch), float(dtype_bytes)
+    per = list(base.per_sublayer)
+    entries_plan = 0
+    for i in range(args.num_layers):
+        g = streaming.get(i, 0)
+        if not 0 <= g <= args.num_kv_heads:
+            raise ValueError(f"adaskip: layer {i} has {args.num_kv_heads} KV-head groups, not {g}")
+        if 2 * i in skipped:
+            continue  # no attention, no cache
+        entries_plan += (args.num_kv_heads - g) * n + g * min(n, sink + window)
+        if g:
+            per[2 * i] = _roofline(*_attention_work(args, n, b, e, mode, g, sink, window), spec)
+    for s in skipped:
+        per[s] = 0.0
+    plan_s = math.fsum(per) + base.fixed
+    return {"full_s": base.total, "plan_s": plan_s, "saving_s": base.total - plan_s, "speedup": base.total / plan_s,
+            "kv_entries_full": args.num_layers * args.num_kv_heads * n, "kv_entries_plan": entries_plan}
 
 
 # -- measurement ---------------------------------------------------------------------------------
