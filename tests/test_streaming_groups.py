@@ -287,3 +287,121 @@ def test_streaming_groups_beyond_the_model_are_refused(long_model, tmp_path):
     with pytest.raises(ValueError, match="no serving format"):
         export(long_model, SkipPlan(3, {}, streaming={1: [0]}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- the ranking in the profile and plan(..., streaming_groups=n) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    """A tiny model with room for probes, and a profile whose calibration ranked its KV-head groups."""
+    from adaskip.skipping.calibration import calibrate
+    from adaskip.skipping.probes import MIN_PROBE_LEN
+    from behaviour_cases import tiny_model
+    from test_retrieval import _texts
+    from test_retrieval_plans import _SmallVocab
+
+    model = tiny_model("llama", max_position_embeddings=2 * MIN_PROBE_LEN)
+    text = " ".join(_texts(800, seed=2))
+    profile = calibrate(model, [text], tokenizer=_SmallVocab(), num_requests=2, prompt_len=MIN_PROBE_LEN,
+                        progress=False, search="loss", search_max_sublayers=4, search_candidates=2,
+                        streaming_probes=2, streaming_window=16)
+    return model, profile
+
+
+def test_calibration_ranks_every_group_and_the_profile_keeps_it(ranked, tmp_path):
+    from adaskip.skipping.head_groups import GroupScores
+    from adaskip.skipping.profile import ImportanceProfile
+
+    model, profile = ranked
+    g = profile.group_scores
+    args = model.args
+    assert (g["sink"], g["window"], g["probes"], g["texts"]) == (4, 16, 2, 2)
+    assert g["forward_passes"] == 4 and g["probe_seed"] == "kv-head-groups"
+    scores = profile.group_scores_of()
+    assert scores.retrieval_change.shape == (args.num_layers, args.num_kv_heads)
+    assert (scores.retrieval_change > 0).all() and (scores.text_change > 0).all()
+    profile.save(tmp_path / "p.json")
+    again = ImportanceProfile.load(tmp_path / "p.json").group_scores_of()
+    torch.testing.assert_close(again.score(), scores.score())
+    bad = dict(g, text_change=[[1.0]])
+    with pytest.raises(ValueError, match="not one"):
+        GroupScores.from_dict(bad, args.num_layers)
+    with pytest.raises(ValueError, match="finite values >= 0"):
+        GroupScores.from_dict(dict(g, text_mass=[[-1.0] * args.num_kv_heads] * args.num_layers))
+    with pytest.raises(ValueError, match="lack"):
+        GroupScores.from_dict({"sink": 4})
+
+
+def test_plan_adds_the_cheapest_groups_outside_skipped_attention(ranked):
+    import adaskip
+    from adaskip.skipping.head_groups import choose
+
+    model, profile = ranked
+    scores = profile.group_scores_of()
+    alone = adaskip.plan(profile, strategy="full", streaming_groups=3)
+    assert alone.streaming == {i: tuple(g) for i, g in choose(scores.ranking(), 3).items()}
+    assert (alone.streaming_sink, alone.streaming_window) == (4, 16) and alone.predicted_speedup is None
+    assert "3 streaming KV-head groups" in alone.explanation
+    searched = adaskip.plan(profile, strategy="greedy-loss", num_sublayers=4, streaming_groups=3,
+                            context_len=512, model_args=model.args)
+    skipped = searched.skipped_attention_layers
+    assert sum(len(g) for g in searched.streaming.values()) == 3 and not set(searched.streaming) & skipped
+    assert searched.streaming == {i: tuple(g) for i, g in
+                                  choose(scores.ranking(exclude_layers=sorted(skipped)), 3).items()}
+    plain = adaskip.plan(profile, strategy="greedy-loss", num_sublayers=4, context_len=512, model_args=model.args,
+                         planner="cost")
+    assert searched.predicted_speedup > 1.0 and searched.skip_scales == plain.skip_scales
+    out = generate(model, [[5, 6, 7] * 30], max_new_tokens=3, eos_token_ids=[], plan=searched)
+    assert len(out.tokens[0]) == 3
+    total = model.args.num_layers * model.args.num_kv_heads
+    with pytest.raises(ValueError, match=f"only {total} ranked"):
+        adaskip.plan(profile, strategy="full", streaming_groups=total + 1)
+    with pytest.raises(ValueError, match="ranks no KV-head groups"):
+        adaskip.plan(dataclasses_replace(profile, group_scores={}), strategy="full", streaming_groups=1)
+    with pytest.raises(ValueError, match="streaming_groups must be an integer >= 0"):
+        adaskip.plan(profile, strategy="full", streaming_groups=-1)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def test_cli_streaming_groups_need_a_ranked_profile(ranked, tmp_path):
+    from adaskip.cli import main
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        return str(e.value)
+
+    assert "give --profile" in error(["run", "--prompt", "x", "--streaming-groups", "2"])
+    assert "--streaming-groups must be >= 0" in error(["run", "--prompt", "x", "--streaming-groups", "-1"])
+    model, profile = ranked
+    path = tmp_path / "p.json"
+    dataclasses_replace(profile, group_scores={}).save(path)
+    assert "ranks no KV-head groups" in error(["run", "--prompt", "x", "--profile", str(path), "--strategy", "full",
+                                               "--streaming-groups", "2"])
+    assert "need at least 256" in error(["calibrate", "--data", "essays", "--out", str(tmp_path / "q.json"),
+                                         "--prompt-len", "128", "--streaming-probes", "2"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_plan_on_the_gpu_with_and_without_step_graphs(dtype):
+    """On the GPU (the decode kernels' rotary + KV write, then the gathered band, no host sync):
+    eager and CUDA-graph decode give the same tokens as the CPU-free cache-less forwards."""
+    model = tiny_llama(VOCAB, context=400, layers=3).to("cuda", dtype).eval()
+    plan = SkipPlan(3, {5: 1.0}, streaming={0: [1], 1: [0, 1]}, streaming_sink=3, streaming_window=24)
+    prompts = [random_requests(1, length=150, seed=9)[0], random_requests(1, length=131, seed=10)[0]]
+    eager = generate(model, prompts, max_new_tokens=8, eos_token_ids=[], plan=plan, prefill_chunk=64)
+    graph = generate(model, prompts, max_new_tokens=8, eos_token_ids=[], plan=plan, prefill_chunk=64,
+                     cuda_graph=True, forbid_host_sync=True)
+    assert graph.tokens == eager.tokens
+    with torch.inference_mode():
+        for prompt, new in zip(prompts, eager.tokens):
+            logits = model(torch.tensor([prompt + new[:-1]], device="cuda"), plan=plan)[0]
+            agree = (logits[len(prompt) - 1:].argmax(-1).cpu() == torch.tensor(new)).float().mean().item()
+            assert agree >= (1.0 if dtype == torch.float32 else 0.75)

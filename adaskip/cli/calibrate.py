@@ -34,6 +34,12 @@ def register(subparsers) -> None:
     c.add_argument("--validation-len", type=int,
                    help="length of the validation probes in tokens: the prompt length the plan is for (default "
                    "--prompt-len; longer ones join the held-out windows, so ask for enough --validation-requests)")
+    c.add_argument("--streaming-probes", type=int, default=0,
+                   help="also rank every KV-head group for streaming (plans' --streaming-groups) on this many "
+                   "retrieval probes of --validation-len tokens and 4 calibration windows, one full-model pass "
+                   "each (0: not ranked)")
+    c.add_argument("--streaming-window", type=int, default=256,
+                   help="the recent keys a streaming group sees (besides 4 sink tokens)")
     c.add_argument("--resume", action="store_true",
                    help="go on from the <out>.partial.json an interrupted calibrate left (same model, data and "
                    "settings): its statistics and search choices are kept")
@@ -49,7 +55,10 @@ def _check_options(a) -> tuple:
     check_common(a, needs_tokenizer=True)
     at_least(a, num_requests=1, prompt_len=2, search_max=1, search_candidates=1, search_requests=1,
              validation_requests=1, search_retrieval_weight=0.0, search_probes=0, validation_probes=0,
-             validation_len=64)
+             validation_len=64, streaming_probes=0, streaming_window=1)
+    if a.streaming_probes and (a.validation_len or a.prompt_len) < 256:
+        raise SystemExit("adaskip: --streaming-probes builds retrieval probes of --validation-len tokens, which need "
+                         "at least 256")
     if (a.search_retrieval_weight or 0) > 0 and a.search_probes == 0:
         raise SystemExit("adaskip: --search-retrieval-weight > 0 needs --search-probes >= 1 (or give weight 0)")
     searches, budgets = split(a.search, str), split(a.validate_budgets, int)
@@ -106,7 +115,8 @@ def cmd_calibrate(a) -> None:
             validation_requests=4 if a.validation_requests is None else a.validation_requests,
             search_stand_in=a.search_stand_in, search_weighting=a.search_weighting, checkpoint=checkpoint,
             resume=resume, search_retrieval_weight=a.search_retrieval_weight, search_probes=a.search_probes,
-            validation_probes=a.validation_probes, validation_len=a.validation_len)
+            validation_probes=a.validation_probes, validation_len=a.validation_len,
+            streaming_probes=a.streaming_probes, streaming_window=a.streaming_window)
     except BaseException:
         if saved:
             print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
@@ -122,6 +132,11 @@ def _print_summary(out, profile) -> None:
     for method, r in profile.search.items():
         print(f"  {method} search: {len(r['order'])} sublayers, {r['forward_passes']} forward passes, "
               f"{r['wall_s']:.0f} s")
+    if profile.group_scores:
+        g = profile.group_scores
+        print(f"  KV-head groups ranked for streaming (sink {g['sink']}, window {g['window']}) on {g['probes']} "
+              f"probes of {g['probe_len']} tokens and {g['texts']} text windows: {g['forward_passes']} forward "
+              f"passes, {g['wall_s']:.0f} s")
     for strategy, v in profile.validation.items():
         print(f"  {strategy} validated on {v['requests']} requests ({v['tokens']} tokens): "
               + ", ".join(f"{k} sublayers KL {kl:.4g} agreement {ag:.3f}"

@@ -33,6 +33,9 @@ def add_planning_options(q) -> None:
     q.add_argument("--stand-in", choices=list(STAND_IN_KINDS),
                    help="what replaces a skipped sublayer (channel / linear: greedy-kl only; default: the kind "
                    "its search scored with, scalar for the other strategies)")
+    q.add_argument("--streaming-groups", type=int, default=0,
+                   help="also make this many KV-head groups streaming (sink + recent window only): those the "
+                   "profile ranks cheapest (calibrate --streaming-probes); with --strategy full, groups alone")
     q.add_argument("--planner", choices=["paper", "cost"], default="paper")
     q.add_argument("--context-len", type=int, help="context length the cost planner plans for")
     q.add_argument("--mode", choices=["prefill", "decode", "e2e"], default="e2e")
@@ -52,7 +55,10 @@ def check_plan_args(a, profile) -> None:
     with a profile, the plan itself built from it (a budget it cannot meet, a search it lacks)."""
     from ..skipping.strategies import strategy_of
 
-    at_least(a, num_sublayers=0, context_len=1, window=0, max_new_tokens=1, alpha=1.0)
+    at_least(a, num_sublayers=0, context_len=1, window=0, max_new_tokens=1, alpha=1.0, streaming_groups=0)
+    if getattr(a, "streaming_groups", 0) and profile is None:
+        raise SystemExit("adaskip: --streaming-groups takes its groups from the profile's ranking; give --profile "
+                         "(from adaskip calibrate --streaming-probes)")
     if a.min_agreement is not None and not 0.0 <= a.min_agreement <= 1.0:
         raise SystemExit(f"adaskip: --min-agreement must be in [0, 1], got {a.min_agreement}")
     at_least(a, max_kl=0.0)
@@ -102,7 +108,7 @@ def plan_from_options(a, profile, num_layers: int, planner=None, model_args=None
             budget = {"alpha": a.alpha} if a.alpha is not None else {"num_sublayers": a.num_sublayers}
     return plan(profile, num_layers=num_layers, strategy=a.strategy, planner=planner or a.planner,
                 context_len=a.context_len, mode=a.mode, window=a.window, model_args=model_args,
-                stand_in=a.stand_in, **budget)
+                stand_in=a.stand_in, streaming_groups=getattr(a, "streaming_groups", 0), **budget)
 
 
 def build_plan(a, model, profile=None):

@@ -78,7 +78,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               search_weighting: str = "late", checkpoint: Optional[Callable] = None,
               resume: Optional[ImportanceProfile] = None, search_retrieval_weight: Optional[float] = None,
               search_probes: int = 4, validation_probes: Optional[int] = None,
-              validation_len: Optional[int] = None) -> ImportanceProfile:
+              validation_len: Optional[int] = None, streaming_probes: int = 0, streaming_sink: int = 4,
+              streaming_window: int = 256) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -107,6 +108,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     built, as for the search's), `validation_len` tokens
     long (default prompt_len; longer ones are cut from the held-out windows joined end to end, so
     validate at the length the plan will serve).
+    streaming_probes: also rank every KV-head group for streaming (a band of `streaming_sink` +
+    `streaming_window` keys; adaskip.skipping.head_groups.score_groups) on this many retrieval
+    probes of validation_len tokens (their haystacks cut from the calibration requests joined,
+    facts and seed of their own) and the first 4 calibration requests: one full-model pass each;
+    stored in the profile's group_scores for plan(..., streaming_groups=n). 0: not ranked.
     checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
@@ -122,6 +128,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     methods = _search_methods(search, search_requests, search_max_sublayers, search_candidates)
     validation_len, validation_probes = _validation_probing(model, tokenizer, prompt_len, validation_len,
                                                             validation_probes, search_probes)
+    _check_streaming_scoring(tokenizer, streaming_probes, validation_len, streaming_sink, streaming_window)
     fitting = [m for m in methods if greedy.SEARCH_METHODS[m].fits_stand_ins]  # the searches that read these
     search_retrieval_weight = _search_scoring(fitting, tokenizer, prompt_len, search_probes, search_retrieval_weight,
                                               search_stand_in, search_weighting)
@@ -132,6 +139,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     digest = greedy.requests_digest(requests)
     if resume is not None:
         profile = _resumed(resume, model, digest, prompt_len, methods)
+        profile.group_scores = {}  # ranked again below when asked for, with this call's settings
     else:
         profile = _measured_profile(model, requests, prompt_len, description, sources, digest, progress)
         save(profile, "calibration", True)
@@ -143,11 +151,47 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
                       retrieval_weight=search_retrieval_weight if probes else 0.0) if method in fitting else {})
         _run_search(model, profile, requests[:search_requests], method, search_candidates,
                     min(search_max_sublayers, 2 * model.args.num_layers - 2), progress, save, checkpoint, extra)
+    if streaming_probes:
+        _score_groups(model, profile, requests, tokenizer, streaming_probes, validation_len, streaming_sink,
+                      streaming_window, progress)
+        save(profile, "group scores", True)
     if budgets:
         _validate_held(model, profile, held, tokenizer, validate_strategies, budgets, validation_len,
                        validation_probes, progress)
         save(profile, "validation", True)
     return profile
+
+
+GROUP_SCORE_TEXTS = 4  # calibration requests the group ranking also reads (late positions of each)
+
+
+def _check_streaming_scoring(tokenizer, probes, length: int, sink, window) -> None:
+    for name, value, low in (("streaming_probes", probes, 0), ("streaming_sink", sink, 0),
+                             ("streaming_window", window, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"adaskip: {name} must be an integer >= {low}, got {value!r}")
+    if probes and tokenizer is None:
+        raise ValueError("adaskip: ranking KV-head groups builds retrieval probes with the model's tokenizer; pass "
+                         "tokenizer= or streaming_probes=0")
+    if probes and length < MIN_PROBE_LEN:
+        raise ValueError(f"adaskip: the group ranking's probes are validation_len tokens long and need at least "
+                         f"{MIN_PROBE_LEN}, got {length}")
+
+
+def _score_groups(model, profile, requests, tokenizer, count: int, length: int, sink: int, window: int,
+                  progress: bool) -> None:
+    """profile.group_scores: every KV-head group ranked for streaming (head_groups.score_groups)."""
+    import time
+
+    from .head_groups import default_probe_seed, probe_haystacks, score_groups
+
+    probes = make_probes(tokenizer, probe_haystacks(requests, length), count, length=length,
+                         seed=default_probe_seed())
+    start = time.perf_counter()
+    scores = score_groups(model, probes, requests[:GROUP_SCORE_TEXTS], sink=sink, window=window, progress=progress)
+    profile.group_scores = {**scores.to_dict(), "probe_len": length, "probe_seed": default_probe_seed(),
+                            "forward_passes": len(probes) + min(len(requests), GROUP_SCORE_TEXTS),
+                            "wall_s": time.perf_counter() - start}
 
 
 def _check_sizes(model, **sizes) -> None:

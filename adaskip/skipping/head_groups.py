@@ -1,4 +1,4 @@
-"""Which KV-head groups can stream (an experiment; see adaskip.runtime.streaming).
+"""Which KV-head groups can stream (adaskip.runtime.streaming; SkipPlan.streaming).
 
 A streaming group's query heads see only `sink` + `window` keys. What that costs a layer at a query
 position is the change it makes to the layer's output there: the group's heads' outputs under the
@@ -18,6 +18,7 @@ mass on keys whose values barely move the output costs nothing. The mass is reco
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..runtime.rope import apply_rotary
+from ..runtime.skip_plan import SkipPlan
 from ..runtime.streaming import band_mask
 
 
@@ -62,9 +64,70 @@ class GroupScores:
                 "retrieval_change": self.retrieval_change.tolist(), "retrieval_mass": self.retrieval_mass.tolist(),
                 "text_change": self.text_change.tolist(), "text_mass": self.text_mass.tolist(), "notes": self.notes}
 
+    @classmethod
+    def from_dict(cls, d: dict, num_layers: Optional[int] = None) -> "GroupScores":
+        """The scores to_dict wrote (a profile's group_scores), checked: every table the same
+        [layers, KV heads] shape of finite values >= 0, a band that is one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"adaskip: group scores must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in _TABLES + ("sink", "window") if k not in d]
+        if missing:
+            raise ValueError(f"adaskip: the group scores lack {missing}")
+        tables = {}
+        for k in _TABLES:
+            try:
+                t = torch.tensor(d[k], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise ValueError(f"adaskip: group scores {k!r} must be a table of numbers") from None
+            if t.dim() != 2 or not torch.isfinite(t).all() or (t < 0).any():
+                raise ValueError(f"adaskip: group scores {k!r} must be a [layers, KV heads] table of finite values "
+                                 ">= 0")
+            tables[k] = t
+        shapes = {tuple(t.shape) for t in tables.values()}
+        if len(shapes) != 1 or (num_layers is not None and next(iter(shapes))[0] != num_layers):
+            raise ValueError(f"adaskip: the group scores' tables have shapes {sorted(shapes)}, not one "
+                             f"[{num_layers if num_layers is not None else 'layers'}, KV heads] shape")
+        for k in ("sink", "window", "probes", "texts"):
+            v = d.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "window" else 0):
+                raise ValueError(f"adaskip: group scores {k!r} must be an integer >= {1 if k == 'window' else 0}, "
+                                 f"got {v!r}")
+        return cls(d["sink"], d["window"], **tables, probes=d.get("probes", 0), texts=d.get("texts", 0),
+                   notes=list(d.get("notes", [])))
+
+
+_TABLES = ("retrieval_change", "retrieval_mass", "text_change", "text_mass")
+
+
+def add_streaming(plan: SkipPlan, scores: GroupScores, count: int, *, text_weight: float = 1.0,
+                  context_len: Optional[int] = None, model_args=None, phase: str = "prefill") -> SkipPlan:
+    """`plan` with the `count` KV-head groups `scores` ranks cheapest made streaming (groups of
+    layers whose attention the plan skips are passed over). With context_len and model_args the
+    predicted speedup is the L20 roofline's of skips and groups together
+    (costs.streaming_plan_costs, `phase`), else None: the plan's own figure priced no groups."""
+    from .costs import streaming_plan_costs
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"adaskip: streaming_groups must be an integer >= 0, got {count!r}")
+    if count == 0:
+        return plan
+    if plan.streaming:
+        raise ValueError("adaskip: the plan already streams KV-head groups")
+    layers = choose(scores.ranking(text_weight, exclude_layers=sorted(plan.skipped_attention_layers)), count)
+    speedup, how = None, "no cost model given (context_len and model_args): the prediction is left out"
+    if context_len is not None and model_args is not None:
+        c = streaming_plan_costs(model_args, context_len, phase, sorted(plan.skip_scales),
+                                 {i: len(g) for i, g in layers.items()}, sink=scores.sink, window=scores.window)
+        speedup, how = c["speedup"], f"predicted {c['speedup']:.3f}x ({phase} at {context_len} tokens, L20 roofline)"
+    line = (f"{count} streaming KV-head groups (sink {scores.sink}, window {scores.window}), the cheapest by their "
+            f"scores on {scores.probes} retrieval probes and {scores.texts} text windows; {how}")
+    return dataclasses.replace(plan, streaming=layers, streaming_sink=scores.sink, streaming_window=scores.window,
+                               predicted_speedup=speedup,
+                               explanation=(plan.explanation + "\n" if plan.explanation else "") + line)
+
 
 def choose(ranking: Sequence[tuple], count: int) -> dict:
-    """The first `count` units of a ranking as {layer: [KV groups]} (what set_streaming takes)."""
+    """The first `count` units of a ranking as {layer: [KV groups]} (what SkipPlan.streaming takes)."""
     if count > len(ranking):
         raise ValueError(f"adaskip: {count} streaming groups asked for, only {len(ranking)} ranked")
     out: dict = {}

@@ -161,6 +161,9 @@ class ImportanceProfile:
     # Quality of plans on validation requests calibration and the searches did not read (calibration.validate),
     # by strategy: {"budgets", "kl", "top1_agreement", "perplexity", "sublayers", "requests", "tokens"}
     validation: dict = field(default_factory=dict)
+    # KV-head groups ranked for streaming (head_groups.GroupScores.to_dict, plus how they were
+    # scored): what plan(..., streaming_groups=n) takes its groups from; {} when not scored
+    group_scores: dict = field(default_factory=dict)
     # Stand-ins fitted by the searches, by method: per choice {kind: StandIn} (saved beside the
     # JSON in <name>.stand-ins.safetensors)
     fits: dict = field(default_factory=dict, repr=False)
@@ -191,6 +194,10 @@ class ImportanceProfile:
                                  f"{type(getattr(self, name)).__name__}")
         for method, result in self.search.items():
             _check_search(method, result, n)
+        if self.group_scores:
+            from .head_groups import GroupScores
+
+            GroupScores.from_dict(self.group_scores, self.num_layers)  # a malformed table fails at load
         for method, per_choice in self.fits.items():
             if method not in self.search or len(per_choice) > len(self.search[method]["order"]):
                 raise ValueError(f"adaskip: the profile holds stand-ins of a {method!r} search it does not have")
@@ -246,6 +253,15 @@ class ImportanceProfile:
             diff = {k: (self.fingerprint.get(k), fp[k]) for k in fp if self.fingerprint.get(k) != fp[k]}
             raise ValueError(f"adaskip: this profile was made for another model (profile vs model: {diff}); "
                              "calibrate this model first")
+
+    def group_scores_of(self):
+        """The profile's KV-head group scores (head_groups.GroupScores)."""
+        if not self.group_scores:
+            raise ValueError("adaskip: this profile ranks no KV-head groups for streaming; calibrate with "
+                             "--streaming-probes (calibrate(..., streaming_probes=n)) to plan streaming groups")
+        from .head_groups import GroupScores
+
+        return GroupScores.from_dict(self.group_scores, self.num_layers)
 
     def ranking(self) -> list:
         """Sublayers from least to most important (highest similarity first); ties by index."""

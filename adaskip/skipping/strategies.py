@@ -161,7 +161,7 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
          planner: str = "paper", context_len: Optional[int] = None, mode: str = "e2e", window: int = 20,
          online: bool = True, costs=None, model_args=None, min_agreement: Optional[float] = None,
          max_kl: Optional[float] = None, stand_in: Optional[str] = None,
-         min_retrieval: Optional[float] = None) -> SkipPlan:
+         min_retrieval: Optional[float] = None, streaming_groups: int = 0) -> SkipPlan:
     """A SkipPlan for `strategy` at a budget given as alpha or as a number of sublayers, or chosen
     by a quality tolerance.
 
@@ -194,7 +194,25 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
     min_retrieval (alone or with the two above): the plan must also find at least this fraction of
       the held-out retrieval probes the full model found in the validation (calibrate
       --validate-budgets with a tokenizer measures them at the calibration's prompt length).
+    streaming_groups: also make this many KV-head groups streaming (SkipPlan.streaming), those
+      the profile's group scores rank cheapest (calibrate with streaming_probes) outside layers
+      whose attention the plan skips; with context_len and model_args the predicted speedup prices
+      them (L20 roofline), else it is left out.
     """
+    p = _plan(profile, num_layers, alpha, num_sublayers, strategy, planner, context_len, mode, window, online,
+              costs, model_args, min_agreement, max_kl, stand_in, min_retrieval)
+    if not streaming_groups:
+        return p
+    if profile is None:
+        raise ValueError("adaskip: streaming_groups takes its groups from a profile's group scores; pass the profile")
+    from .head_groups import add_streaming
+
+    return add_streaming(p, profile.group_scores_of(), streaming_groups, context_len=context_len,
+                         model_args=model_args, phase="decode" if mode == "decode" else "prefill")
+
+
+def _plan(profile, num_layers, alpha, num_sublayers, strategy, planner, context_len, mode, window, online, costs,
+          model_args, min_agreement, max_kl, stand_in, min_retrieval) -> SkipPlan:
     record = strategy_of(strategy)
     if planner not in PLANNERS:
         raise ValueError(f"adaskip: unknown planner {planner!r}; choose from {PLANNERS}")
