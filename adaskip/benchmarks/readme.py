@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
+from .readme_figures import figures, render_figures, unsourced
+
 BEGIN = "<!-- adaskip:report {name} -->"
 END = "<!-- /adaskip:report -->"
 # A section may sit indented inside a list item: its lines keep the indentation of its markers.
@@ -38,6 +40,14 @@ class Results:
         if not path.is_file():
             raise ValueError(f"adaskip: a README section reads {path}, which does not exist")
         return json.loads(path.read_text(encoding="utf-8"))
+
+    @lru_cache(maxsize=None)
+    def text(self, rel: str) -> str:
+        """A run's log (or any text file) under the results, for figures only a log holds."""
+        path = self.root / rel
+        if not path.is_file():
+            raise ValueError(f"adaskip: a README figure reads {path}, which does not exist")
+        return path.read_text(encoding="utf-8", errors="replace")
 
     def kernels_changed_since(self, commit: str) -> Optional[bool]:
         """Whether csrc/ changed after `commit` (None: no git history here to ask)."""
@@ -272,8 +282,18 @@ def sections(text: str) -> dict:
 
 
 def render(text: str, root) -> str:
-    """`text` with every marked section rendered from the results under `root`."""
-    results = Results(root)
+    """`text` with every marked section and every registered figure (readme_figures) rendered from
+    the results under `root`."""
+    return _render(text, Results(root))[0]
+
+
+def _render(text: str, results: "Results") -> tuple:
+    """(the rendered text, the registered figures whose values changed)."""
+    text = _render_sections(text, results)
+    return render_figures(text, results, figures())
+
+
+def _render_sections(text: str, results: "Results") -> str:
     sections(text)  # refuses duplicates and unknown names
     def one(m):
         indent, name = m.group(1), m.group(2)
@@ -284,6 +304,14 @@ def render(text: str, root) -> str:
 
 
 def check(text: str, root) -> list:
-    """The names of the sections whose text differs from what the results render."""
-    now, rendered = sections(text), sections(render(text, root))
-    return [name for name in now if now[name] != rendered[name]]
+    """The names of the sections, and the words of the registered figures, whose text differs from
+    what the results render (a figure whose words are not in the text is refused by ValueError)."""
+    out, changed = _render(text, Results(root))
+    now, rendered = sections(text), sections(out)
+    return [name for name in now if now[name] != rendered[name]] + [f"figure {w!r}" for w in changed]
+
+
+def unsourced_numbers(text: str) -> list:
+    """(line, number, line text) of each number in the README's result prose that has no source:
+    neither a registered figure, nor inside a marked section, nor a setting (readme_figures.SETTINGS)."""
+    return unsourced(text, figures(), [m.span() for m in _SECTION.finditer(text)])
