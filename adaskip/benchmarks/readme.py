@@ -7,8 +7,12 @@ the template declares in LITERALS), so the prose cannot say what the files do no
 names the commit and date it was measured on, and "measured on older kernels" when `csrc/`
 changed after that commit; a prediction (the roofline model) says so.
 
-`render(text, root)` returns the file with every section rendered; `check` lists the sections
-that differ. Only the marked sections are ours: the rest of the file is left as it is."""
+The result figures outside the marked sections are registered in readme_figures (the README's words
+around each figure, the file and key it comes from); `render` writes their values too, and
+`unsourced_numbers` lists the numbers of the README's result prose that have neither kind of source.
+
+`render(text, root)` returns the file with every section and registered figure rendered; `check`
+lists those that differ. Nothing else in the file is touched."""
 from __future__ import annotations
 
 import json
@@ -18,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
-from .readme_figures import figures, render_figures, unsourced
+from .readme_figures import figures, measured_on, render_figures, unsourced
 
 BEGIN = "<!-- adaskip:report {name} -->"
 END = "<!-- /adaskip:report -->"
@@ -57,17 +61,6 @@ class Results:
         except (OSError, subprocess.SubprocessError):
             return None
         return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def measured_on(results: Results, rel: str) -> str:
-    """How a GPU figure says where it comes from: the commit and date of its file, and whether
-    the kernels have changed since."""
-    data = results.json(rel)
-    commit, date = str(data["git_commit"])[:7], str(data["date"])[:10]
-    changed = results.kernels_changed_since(commit)
-    age = {True: ", measured on older kernels than `csrc/` holds now", False: "",
-           None: ", kernels since unknown (no git history)"}[changed]
-    return f"{date}, commit {commit}{age}"
 
 
 def _rows(data: dict, task: str) -> list:

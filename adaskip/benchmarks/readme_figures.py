@@ -96,6 +96,28 @@ def gen(rel: str, name: str, key: str, fmt: str = ".3f") -> Source:
     return J(rel, "generation", "rows:" + name, key, fmt=fmt)
 
 
+# How a GPU figure says where it comes from (measured_on): its date and commit, and whether the kernels
+# changed after it.
+AGE = {True: ", measured on older kernels than `csrc/` holds now", False: "",
+       None: ", kernels since unknown (no git history)"}
+# (the README may wrap it anywhere: any space matches any whitespace)
+MEASURED = (r"\d{4}-\d\d-\d\d, commit [0-9a-f]{7}(?:" + "|".join(re.escape(a) for a in AGE.values() if a)
+            + ")?").replace(r"\ ", " ").replace(" ", r"\s+")
+
+
+def measured_on(results, rel: str) -> str:
+    """"DATE, commit HASH" of the result file `rel`, with ", measured on older kernels than `csrc/` holds
+    now" when csrc/ changed after that commit (results.kernels_changed_since asks git)."""
+    data = results.json(rel)
+    commit, date = str(data["git_commit"])[:7], str(data["date"])[:10]
+    return f"{date}, commit {commit}{AGE[results.kernels_changed_since(commit)]}"
+
+
+def measured(rel: str) -> Source:
+    """measured_on as a registered figure's value."""
+    return Source(rel, lambda results: measured_on(results, rel), "str", MEASURED)
+
+
 def log(rel: str, pattern: str, fmt: str = "str", convert: Callable = str) -> Source:
     """The first group of the first match of `pattern` in the log `rel` (for runs that wrote no JSON
     for the figure; the log is the unedited output of the run)."""
@@ -180,7 +202,7 @@ CITES_RESULTS = "bench/results"
 # Numbers in result prose that are settings of the runs or names, not results: each pattern's
 # whole match is exempt. Keep them narrow: a pattern that also matches a measured figure hides it.
 SETTINGS = (
-    r"SmolLM2-135M", r"Qwen2\.5-Coder-0\.5B", r"Qwen2\.5-Coder", r"LLaMA-3\.1-8B", r"H100", r"L20", r"top-1",
+    r"SmolLM2-135M", r"Qwen2\.5-Coder-0\.5B", r"Qwen2\.5-Coder", r"LLaMA-3\.1-8B", r"\b\d+B\b", r"H100", r"L20", r"top-1",
     r"issue \d+", r"\d{4}-\d\d-\d\d",                                  # names, dates of folders
     # budgets: "at 8 sublayers", "at 16:", "up to 16", "below 8", a table's header
     r"(?:at |to |At )?\d+(?: / \d+)*(?:,? (?:and|or) \d+)? sublayers", r"\b[Aa]t \d+\b(?![.,]\d| ?(?:%|x\b|s\b|ms\b))",
@@ -190,13 +212,16 @@ SETTINGS = (
     r"\b\d+k(?: / \d+k)*\b", r"\d+ tokens?", r"\d+ new\b", r"\d+ (?:windows|requests|probes|prompts)(?: a \w+)?",
     r"(?:weight|weighted) \d+", r"default is now \d+", r"depths? \d?\.\d(?: / \d?\.\d)*", r"\d+ of the \d+ groups",
     r"\d+ (?:essay|retrieval) (?:requests|probes)", r"first \d+ tokens and the last \d+", r"with its \d+",
-    r"window of \d+", r"\(\d+ prompts a depth\)", r"on \d+ of the same prompts", r"of 24\b", r"of 12\b",
-    r"\d+ (?:quiet |busy )?CPU cores", r"\d+-core",
+    r"window of \d+", r"\(\d+ prompts a depth\)", r"on \d+ of the same prompts",
+    r"\d+ (?:quiet |busy )?CPU cores", r"\d+-core", r"batch <= \d+", r"(?:CUDA|torch) (?:>= )?\d+\.\d+",
     # the bounds a claim is judged by
     r"within \d+ of the full model", r"of \d+ cells",
-    # the device-call plan of bench/gpu_check.sh (limits it sets, not results)
-    r"\(\d\)", r"\(part \d", r"timeout \d+ s", r"\d+ s with a \d+-s start", r"the \d+-minute\s+device budget",
+    # the device-call plan of bench/gpu_check.sh
+    r"\(\d\)", r"\(part \d",
 )
+# Times that are limits a plan sets (bench/gpu_check.sh's device calls), not measured: exempt even
+# with a unit. Each names its sentence, so that it cannot exempt a measured time.
+LIMITS = (r"\(timeout \d+ s,", r"the worst case the three calls take \d+ s with a \d+-s start, which is all of the \d+-minute",)
 
 
 def result_prose(text: str) -> list:
@@ -236,6 +261,9 @@ def result_prose(text: str) -> list:
 
 # A number as prose writes it: not part of a word (SmolLM2, fp32) or of a decimal.
 _PROSE_NUMBER = re.compile(r"(?<![A-Za-z_\d.])" + NUMBER + r"(?!\d)")
+# A number followed by one of these is a measurement (a ratio, a share, a time): no setting pattern
+# exempts it, however broad, so only a registered figure or a marked section can source it.
+_RESULT_UNIT = re.compile(r"\s*(?:x\b|%|ms\b|us\b|µs\b|s\b|min\b|minutes?\b|hours?\b|GB/s\b|TFLOP)")
 
 
 def _spaced(pattern: str) -> re.Pattern:
@@ -253,8 +281,8 @@ def unsourced(text: str, figures, rendered_spans) -> list:
         except ValueError:
             continue  # --check reports a figure that is not found; here its numbers count as unsourced
         covered += [(m.start(i), m.end(i)) for i in range(1, len(fig.sources) + 1)]
-    for pattern in SETTINGS:
-        covered += [m.span() for m in _spaced(pattern).finditer(text)]
+    settings = [m.span() for pattern in SETTINGS for m in _spaced(pattern).finditer(text)]
+    covered += [m.span() for pattern in LIMITS for m in _spaced(pattern).finditer(text)]
     # inline code may wrap a line; fenced blocks are blanked first so their backticks pair with nothing
     unfenced = re.sub(r"^```.*?^```", lambda m: " " * len(m.group()), text, flags=re.DOTALL | re.MULTILINE)
     covered += [m.span() for m in re.finditer(r"`[^`]*`", unfenced)]
@@ -266,8 +294,11 @@ def unsourced(text: str, figures, rendered_spans) -> list:
         base = starts[no - 1]
         for m in _PROSE_NUMBER.finditer(line):
             a, b = base + m.start(), base + m.end()
-            if not any(s <= a and b <= e for s, e in covered):
-                out.append((no, m.group(), line.strip()))
+            if any(s <= a and b <= e for s, e in covered):
+                continue
+            if not _RESULT_UNIT.match(text, b) and any(s <= a and b <= e for s, e in settings):
+                continue
+            out.append((no, m.group(), line.strip()))
     return out
 
 
@@ -573,9 +604,10 @@ def _figures_streaming():
         figure("{} of the {} groups save what `greedy-kl` 8 saves at a\n4k prompt (predicted prefill {}x against {}x)",
                kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"), kv_row(kv, "stream36", "streaming_summary", "of", fmt="d"),
                kv_row(kv, "stream36", *p(4096), fmt=".3f"), costs_row(costs, 4096, 256, "kl8_speedup")),
-        figure("perplexity on held-out essays {} / {} / {}; pass keys 2k {} / {} / {}, 4k {} / {} / {} of\n24; "
-               "needles 2k {} / {} / {}, 4k {} / {} / {} of 24",
-               ppl(ess, "full"), ppl(ess, "greedy-kl@8"), kv_row(kv, "stream36", "metrics", "perplexity"), *cells),
+        figure("perplexity on held-out essays {} / {} / {}; pass keys 2k {} / {} / {}, 4k {} / {} / {} of\n{}; "
+               "needles 2k {} / {} / {}, 4k {} / {} / {} of {}",
+               ppl(ess, "full"), ppl(ess, "greedy-kl@8"), kv_row(kv, "stream36", "metrics", "perplexity"), *cells[:6],
+               kv_run(kv, "stream36", "passkey", 4096, "total"), *cells[6:], kv_run(kv, "stream36", "needle", 4096, "total")),
         figure("streaming found {} of\n{} pass keys and {} of {} needles (the full model, on the grid's 4 prompts a depth, "
                "{} of {} and {} of\n{})", kv_run(kv, "stream36", "passkey", 6144), kv_run(kv, "stream36", "passkey", 6144, "total"),
                kv_run(kv, "stream36", "needle", 6144), kv_run(kv, "stream36", "needle", 6144, "total"),
@@ -694,7 +726,25 @@ def _figures_commands():
                         tqdm_total(w1, "validating retrieval", "32/32")))]
 
 
+def _figures_gpu():
+    """GPU figures outside the marked sections, each with the commit and date it was measured on."""
+    ffn = "ffn-gated-h100-80gb-hbm3-2026-11-22-c9f1ae9.json"
+
+    def row(op, key, fmt):
+        def get(results):
+            for r in results.json(ffn)["ffn_rows"]:
+                if r["op"] == op and r["hidden"] == 4096 and r["tokens"] == 1:
+                    return r[key]
+            raise ValueError(f"adaskip: {ffn} has no 1-token row {op!r} of the 8B FFN")
+        return Source(ffn, get, fmt)
+    return [figure("(H100, 8B FFN: {} us, {} % of copy bandwidth, against {} us; {};\n"
+                   "  `bench/results/ffn-gated-h100-80gb-hbm3-2026-11-22-c9f1ae9.json`)",
+                   row("ffn gated on", "time_us", ".0f"), row("ffn gated on", "pct_copy_bw", ".1f"),
+                   row("ffn cuBLAS", "time_us", ".0f"), measured(ffn)),
+            figure("gated-off sublayer ({} us for the whole FFN", row("ffn gated off", "time_us", ".1f"))]
+
+
 def figures() -> list:
     """Every registered figure of the README, in the order the README has them."""
-    return (_figures_commands() + _figures_retrieval_kl() + _figures_demo() + _figures_refit() + _figures_grid16() + _figures_streaming()
+    return (_figures_commands() + _figures_gpu() + _figures_retrieval_kl() + _figures_demo() + _figures_refit() + _figures_grid16() + _figures_streaming()
             + _figures_standins() + _figures_generation() + _figures_qwen_and_bullets())

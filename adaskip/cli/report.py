@@ -1,5 +1,6 @@
-"""`adaskip report --readme`: render the README's marked result sections from bench/results/
-(adaskip.benchmarks.readme); `--check` only compares, and fails when a section differs."""
+"""`adaskip report --readme`: render the README's marked result sections and its registered figures
+from bench/results/ (adaskip.benchmarks.readme, readme_figures); `--check` only compares, and fails
+when one differs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,9 +29,10 @@ def cmd_report(a) -> None:
     if a.check:
         stale = check(text, results)
         if stale:
-            raise SystemExit(f"adaskip: {readme}: {len(stale)} section(s) differ from {results}: {', '.join(stale)}; "
+            raise SystemExit(f"adaskip: {readme}: {len(stale)} section(s) or figure(s) differ from {results}: "
+                             f"{', '.join(stale)}; "
                              "run `adaskip report --readme` to render them")
-        print(f"{readme}: every marked section matches {results}")
+        print(f"{readme}: every marked section and registered figure matches {results}")
         return
     new = render(text, results)
     if new != text:

@@ -1,0 +1,108 @@
+"""Every number in the README's result prose has a source in bench/results/.
+
+The result prose (adaskip.benchmarks.readme_figures.result_prose) is: the whole "## Which strategy"
+section, where the measured quality figures live, and every other paragraph or list item that cites
+`bench/results` (the GPU figures, the demo's calibration time). Code blocks and inline code are not
+prose. A number there must be one of:
+- a registered figure (readme_figures.figures(): the README's words around it and the result file,
+  key and format it comes from), which `adaskip report --readme` writes and `--check` compares;
+- inside a marked section, whose template reads every number from a result file (test_report.py);
+- a setting of a run or a name (readme_figures.SETTINGS: budgets, lengths, prompt counts, model
+  names, bounds a claim is judged by), never a number with a unit of measurement (x, %, s, ms...),
+  except the few time limits readme_figures.LIMITS names by their whole sentence.
+Numbers elsewhere in the README (versions, flags, sizes in examples, the API's defaults) are not
+results and are not checked here."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adaskip.benchmarks import readme, readme_figures
+from adaskip.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_number_in_the_result_prose_has_a_source():
+    missing = readme.unsourced_numbers(README)
+    assert not missing, "numbers in the README's result prose with no source (register them in " \
+        "adaskip/benchmarks/readme_figures.py):\n" + "\n".join(f"  line {no}: {num!r} in {line!r}" for no, num, line in missing)
+
+
+def test_a_number_typed_into_the_result_prose_is_found():
+    typed = README.replace("## Which strategy\n", "## Which strategy\n\nThe plan is 1.31x faster.\n", 1)
+    found = readme.unsourced_numbers(typed)
+    assert [num for _, num, _ in found] == ["1.31"]
+    # outside the result sections a number counts only in a paragraph that cites bench/results
+    cites = README.replace("## Install\n", "## Install\n\nIt took 7 minutes (`bench/results/x`).\n", 1)
+    assert [num for _, num, _ in readme.unsourced_numbers(cites)] == ["7"]
+    plain = README.replace("## Install\n", "## Install\n\nIt took 7 minutes.\n", 1)
+    assert readme.unsourced_numbers(plain) == []
+
+
+def test_a_setting_never_exempts_a_measurement():
+    """Settings are budgets, lengths and counts; a number with a unit of measurement (x, %, s, ms, us,
+    minutes) is a result even where a setting pattern matches around it."""
+    typed = README.replace("## Which strategy\n", "## Which strategy\n\nThe 8-sublayer plan read 2048 tokens at 4 "
+                           "sublayers in 12 s, 35 % faster, 1.2x.\n", 1)
+    assert [num for _, num, _ in readme.unsourced_numbers(typed)] == ["12", "35", "1.2"]
+
+
+def test_a_changed_registered_figure_fails_the_check_and_rendering_restores_it(tmp_path):
+    good = README
+    drifted = good.replace("at perplexity 31.37\n  against the full model's 23.15", "at perplexity 30.00\n  against the full "
+                           "model's 23.15", 1)
+    assert drifted != good
+    copy = tmp_path / "README.md"
+    copy.write_text(drifted, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--readme", str(copy), "--results", str(RESULTS), "--check"])
+    assert "at perplexity {}" in str(e.value.code) and copy.read_text(encoding="utf-8") == drifted
+    main(["report", "--readme", str(copy), "--results", str(RESULTS)])
+    assert copy.read_text(encoding="utf-8") == good
+
+
+def test_a_figure_whose_words_changed_or_repeat_is_refused():
+    fig = readme_figures.figure("at perplexity {}\nagainst the full model's {}", readme_figures.ppl(readme_figures.W4, "full"),
+                                readme_figures.ppl(readme_figures.W4, "full"))
+    reworded = README.replace("at perplexity 31.37", "with perplexity 31.37", 1)
+    with pytest.raises(ValueError, match="is not in the README"):
+        readme_figures.locate(reworded, fig)
+    twice = README + "\nat perplexity 1.00 against the full model's 2.00\n"
+    with pytest.raises(ValueError, match="matches 2 places"):
+        readme_figures.locate(twice, fig)
+    with pytest.raises(ValueError, match="has 1 places and 2 sources"):
+        readme_figures.figure("{} only", *fig.sources).pattern()
+
+
+def test_a_figure_reading_a_missing_key_or_file_names_it(tmp_path):
+    results = readme.Results(RESULTS)
+    bad = readme_figures.figure("at perplexity {}", readme_figures.J(readme_figures.W4, "rows:full", "metrics", "bogus"))
+    with pytest.raises(ValueError, match="do not have: KeyError.'bogus'"):
+        readme_figures.render_figures("at perplexity 31.37", results, [bad])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="which does not exist"):
+        readme_figures.log("run.log", "x").get(readme.Results(tmp_path / "empty"))
+    shutil.rmtree(tmp_path / "empty")
+
+
+def test_a_gpu_figure_outside_the_sections_says_when_and_on_which_kernels(monkeypatch):
+    results = readme.Results(RESULTS)
+    gpu = readme_figures._figures_gpu()[0]
+    for changed, says in ((True, "measured on older kernels"), (False, ""), (None, "no git history")):
+        monkeypatch.setattr(readme.Results, "kernels_changed_since", lambda self, c, v=changed: v)
+        text = gpu.sources[-1].text(results)
+        assert text.startswith("2026-11-22, commit c9f1ae9") and says in text
+        # the README's words still match whichever the renderer writes
+        assert re.fullmatch(readme_figures.MEASURED, text)
+
+
+def test_the_best_of_a_row_is_bold_because_it_is_lowest():
+    results = readme.Results(RESULTS)
+    rel = readme_figures.G16 + "ppl-essays/eval.json"
+    low, high = readme_figures.ppl(rel, "greedy-loss@8"), readme_figures.ppl(rel, "blockpruner@8")
+    assert readme_figures.lowest(low, high).text(results) == f"**{low.text(results)}**"
+    assert readme_figures.lowest(high, low).text(results) == high.text(results)
