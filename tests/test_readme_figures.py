@@ -11,7 +11,8 @@ prose. A number there must be one of:
   names, bounds a claim is judged by), never a number with a unit of measurement (x, %, s, ms...),
   except the few time limits readme_figures.LIMITS names by their whole sentence.
 Numbers elsewhere in the README (versions, flags, sizes in examples, the API's defaults) are not
-results and are not checked here."""
+results; so that no result hides there, none of them may carry a unit of measurement (x, %, s, ms,
+us, minutes) outside code, except the bounds readme_figures.LIMITS names."""
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +31,14 @@ def test_every_number_in_the_result_prose_has_a_source():
     missing = readme.unsourced_numbers(README)
     assert not missing, "numbers in the README's result prose with no source (register them in " \
         "adaskip/benchmarks/readme_figures.py):\n" + "\n".join(f"  line {no}: {num!r} in {line!r}" for no, num, line in missing)
+
+
+def test_no_measurement_sits_outside_the_result_prose():
+    """The scope above holds every measured figure: outside it, no number carries a unit of
+    measurement, so a result typed elsewhere (without citing bench/results) fails here."""
+    assert readme_figures.unscoped_measurements(README) == []
+    typed = README.replace("## Install\n", "## Install\n\nIt builds in 95 s.\n", 1)
+    assert [num for _, num, _ in readme_figures.unscoped_measurements(typed)] == ["95"]
 
 
 def test_a_number_typed_into_the_result_prose_is_found():

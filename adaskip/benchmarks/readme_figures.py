@@ -219,9 +219,11 @@ SETTINGS = (
     # the device-call plan of bench/gpu_check.sh
     r"\(\d\)", r"\(part \d",
 )
+# (LIMITS also holds the bounds a user sets with a unit: "--min-retrieval 0.9 keeps plans that find at
+# least 90 % of ...".)
 # Times that are limits a plan sets (bench/gpu_check.sh's device calls), not measured: exempt even
 # with a unit. Each names its sentence, so that it cannot exempt a measured time.
-LIMITS = (r"\(timeout \d+ s,", r"the worst case the three calls take \d+ s with a \d+-s start, which is all of the \d+-minute",)
+LIMITS = (r"at least \d+ % of", r"\(timeout \d+ s,", r"the worst case the three calls take \d+ s with a \d+-s start, which is all of the \d+-minute",)
 
 
 def result_prose(text: str) -> list:
@@ -266,6 +268,12 @@ _PROSE_NUMBER = re.compile(r"(?<![A-Za-z_\d.])" + NUMBER + r"(?!\d)")
 _RESULT_UNIT = re.compile(r"\s*(?:x\b|%|ms\b|us\b|µs\b|s\b|min\b|minutes?\b|hours?\b|GB/s\b|TFLOP)")
 
 
+def _unfenced(text: str) -> str:
+    """`text` with its fenced code blocks blanked (lines and offsets kept), so that their backticks
+    pair with no inline code span."""
+    return re.sub(r"^```.*?^```", lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.DOTALL | re.MULTILINE)
+
+
 def _spaced(pattern: str) -> re.Pattern:
     return re.compile(pattern.replace(" ", r"\s+"))
 
@@ -284,7 +292,7 @@ def unsourced(text: str, figures, rendered_spans) -> list:
     settings = [m.span() for pattern in SETTINGS for m in _spaced(pattern).finditer(text)]
     covered += [m.span() for pattern in LIMITS for m in _spaced(pattern).finditer(text)]
     # inline code may wrap a line; fenced blocks are blanked first so their backticks pair with nothing
-    unfenced = re.sub(r"^```.*?^```", lambda m: " " * len(m.group()), text, flags=re.DOTALL | re.MULTILINE)
+    unfenced = _unfenced(text)
     covered += [m.span() for m in re.finditer(r"`[^`]*`", unfenced)]
     starts = [0]
     for line in text.split("\n"):
@@ -748,3 +756,22 @@ def figures() -> list:
     """Every registered figure of the README, in the order the README has them."""
     return (_figures_commands() + _figures_gpu() + _figures_retrieval_kl() + _figures_demo() + _figures_refit() + _figures_grid16() + _figures_streaming()
             + _figures_standins() + _figures_generation() + _figures_qwen_and_bullets())
+
+
+def unscoped_measurements(text: str) -> list:
+    """(line number, number, line) of each number with a unit of measurement (_RESULT_UNIT) outside
+    the result prose and outside code: a measured figure there would escape unsourced(), so the rule of
+    the module docstring requires that there is none (cite its result file, and it is in scope)."""
+    scope = {no for no, _ in result_prose(text)}
+    exempt = [m.span() for pattern in LIMITS for m in _spaced(pattern).finditer(text)]
+    unfenced = _unfenced(text)
+    exempt += [m.span() for m in re.finditer(r"`[^`]*`", unfenced)]
+    out, base = [], 0
+    for no, line in enumerate(unfenced.split("\n"), 1):
+        if no not in scope:
+            for m in _PROSE_NUMBER.finditer(line):
+                a, b = base + m.start(), base + m.end()
+                if _RESULT_UNIT.match(text, b) and not any(s <= a and b <= e for s, e in exempt):
+                    out.append((no, m.group(), line.strip()))
+        base += len(line) + 1
+    return out
