@@ -115,3 +115,21 @@ def test_the_best_of_a_row_is_bold_because_it_is_lowest():
     low, high = readme_figures.ppl(rel, "greedy-loss@8"), readme_figures.ppl(rel, "blockpruner@8")
     assert readme_figures.lowest(low, high).text(results) == f"**{low.text(results)}**"
     assert readme_figures.lowest(high, low).text(results) == high.text(results)
+
+
+def test_the_check_fails_on_a_number_with_no_source(tmp_path):
+    copy = tmp_path / "README.md"
+    copy.write_text(README.replace("## Which strategy\n", "## Which strategy\n\nThe plan is 1.31x faster.\n", 1),
+                    encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--readme", str(copy), "--results", str(RESULTS), "--check"])
+    assert "have no source" in str(e.value.code) and "'1.31'" in str(e.value.code)
+
+
+def test_two_figures_claiming_one_number_are_refused():
+    results = readme.Results(RESULTS)
+    full = readme_figures.ppl(readme_figures.W4, "full")
+    one = readme_figures.figure("against the full model's {} on that folder's windows", full)
+    other = readme_figures.figure("against the full model's {} on that", full)
+    with pytest.raises(ValueError, match="two registered figures claim '23.15'"):
+        readme_figures.render_figures(README, results, [one, other])

@@ -13,14 +13,20 @@ Which numbers must have a source (`result_prose`): every number in the README's 
 section (where the measured quality figures live), and every number in any other paragraph that
 cites `bench/results/`. Such a number must be a registered figure, inside a marked section (whose
 template reads it from a file), or a setting of the run that the patterns in SETTINGS recognise
-(a budget, a prompt length, a count of prompts, a model's name). tests/test_readme_figures.py
-fails on any other.
+(a budget, a prompt length, a count of prompts, a model's name). A number followed by a unit of
+measurement (x, %, s, ms, us, minutes) is never a setting, and none may stand outside the result
+prose (`unscoped_measurements`), except the few limits LIMITS names by their sentence.
+`unsourced` lists the numbers that break the rule; tests/test_readme_figures.py and
+`adaskip report --readme --check` fail on them.
+
+A figure that only a log holds (a run that wrote no JSON for it) reads the log line, and a figure
+derived from others (a sum, an excess in %) says how in its `calc`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 # A number as the README writes it: 12, 0.9797, .920, 1,188 (never a sign: signs are words of the
 # template). A figure's placeholder captures exactly this.
@@ -175,8 +181,8 @@ def locate(text: str, fig: Figure) -> re.Match:
 
 def render_figures(text: str, results, figures) -> tuple:
     """`text` with every registered figure's values written from its sources, and the figures whose
-    values changed."""
-    edits, changed = [], []
+    values changed. Two figures that claim the same number are refused (the registry is wrong)."""
+    places, changed = [], []   # (start, end, value) of every figure's every number
     for fig in figures:
         m = locate(text, fig)
         try:
@@ -184,13 +190,17 @@ def render_figures(text: str, results, figures) -> tuple:
         except (KeyError, IndexError, TypeError) as e:
             raise ValueError(f"adaskip: the registered figure {fig.words!r} reads a key its result files "
                              f"({', '.join(sorted({s.what for s in fig.sources}))}) do not have: {e!r}") from None
+        places += [(m.start(i), m.end(i), v) for i, v in enumerate(values, 1)]
         # a list wrapped across lines is the same list
-        stale = [i for i, v in enumerate(values, 1) if re.sub(r"\s+", " ", m.group(i)) != v]
-        edits += [(m.start(i), m.end(i), values[i - 1]) for i in stale]
-        if stale:
+        if any(re.sub(r"\s+", " ", m.group(i)) != v for i, v in enumerate(values, 1)):
             changed.append(fig.words)
-    for start, end, v in sorted(edits, reverse=True):
-        text = text[:start] + v + text[end:]
+    places.sort()
+    for (_, end, _), (start, _, _) in zip(places, places[1:]):
+        if start < end:
+            raise ValueError(f"adaskip: two registered figures claim {text[start:end]!r}")
+    for start, end, v in reversed(places):
+        if re.sub(r"\s+", " ", text[start:end]) != v:
+            text = text[:start] + v + text[end:]
     return text, changed
 
 
@@ -652,7 +662,7 @@ def _figures_standins():
                search(SI + "profile.json", "kl", "forward_passes"), search(SI + "profile.json", "blockpruner", "forward_passes"),
                search(SI + "greedy-loss/profile-loss.json", "loss", "forward_passes")),
         # a linear stand-in costs 2 * rank * hidden multiply-adds a token, and its rank is hidden / 8
-        figure("Its stand-ins cost {} % of an FFN each",
+        figure("Its stand-ins cost {} % of an FFN's\n  multiply-adds each",
                calc(".0f", lambda rank, ffn: 100 * 2 * rank * 8 * rank / ffn, J(SI + "profile.json", "search", "kl", "notes", "rank"),
                     J(SI + "profile.json", "search", "kl", "notes", "ffn_multiply_adds"))),
         figure("break passkey retrieval ({} of {}\n  against the full model's {} of {} at 2k-8k; needle {} of {} against {})",

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
 
 def cmd_report(a) -> None:
     from .._util import write_atomic
-    from ..benchmarks.readme import check, render
+    from ..benchmarks.readme import check, render, unsourced_numbers
+    from ..benchmarks.readme_figures import unscoped_measurements
     from .common import check_in_file
 
     readme = check_in_file("--readme", a.readme)
@@ -28,6 +29,12 @@ def cmd_report(a) -> None:
     text = readme.read_text(encoding="utf-8")
     if a.check:
         stale = check(text, results)
+        # a number of the result prose with no source is drift waiting to happen: --check fails on it
+        loose = unsourced_numbers(text) + unscoped_measurements(text)
+        if loose:
+            raise SystemExit(f"adaskip: {readme}: {len(loose)} number(s) of the result prose have no source in "
+                             f"{results}: " + "; ".join(f"line {no}: {num!r}" for no, num, _ in loose)
+                             + " (register them in adaskip/benchmarks/readme_figures.py)")
         if stale:
             raise SystemExit(f"adaskip: {readme}: {len(stale)} section(s) or figure(s) differ from {results}: "
                              f"{', '.join(stale)}; "
