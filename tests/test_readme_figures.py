@@ -133,3 +133,10 @@ def test_two_figures_claiming_one_number_are_refused():
     other = readme_figures.figure("against the full model's {} on that", full)
     with pytest.raises(ValueError, match="two registered figures claim '23.15'"):
         readme_figures.render_figures(README, results, [one, other])
+
+
+def test_a_predicted_figure_is_called_a_prediction():
+    predictions = [f for f in readme_figures.figures() if any(s.prediction for s in f.sources)]
+    assert len(predictions) >= 3  # the demo's and the streaming groups' predicted speedups
+    for fig in predictions:
+        assert "predict" in fig.words, f"the figure {fig.words!r} quotes a cost model's value without saying so"

@@ -41,6 +41,7 @@ class Source:
     get: Callable
     fmt: str = ".2f"
     capture: str = NUMBER           # what its place in the README holds (a number, or a list of them)
+    prediction: bool = False        # a cost model's value, not a measurement: its words must say so
 
     def text(self, results) -> str:
         value = self.get(results)
@@ -169,6 +170,12 @@ def figure(words: str, *sources: Source) -> Figure:
     return Figure(words, sources)
 
 
+def predicted(src: Source) -> Source:
+    """`src`, marked as a prediction (the roofline or paper cost model): the figure's words must
+    say "predict" (tests/test_readme_figures.py checks it)."""
+    return Source(src.what, src.get, src.fmt, src.capture, prediction=True)
+
+
 def locate(text: str, fig: Figure) -> re.Match:
     """The one place of `fig` in `text`; none or two are refused (the registry must name a figure
     unambiguously, and a figure whose words changed must be registered again)."""
@@ -229,11 +236,11 @@ SETTINGS = (
     # the device-call plan of bench/gpu_check.sh
     r"\(\d\)", r"\(part \d",
 )
-# (LIMITS also holds the bounds a user sets with a unit: "--min-retrieval 0.9 keeps plans that find at
-# least 90 % of ...".)
-# Times that are limits a plan sets (bench/gpu_check.sh's device calls), not measured: exempt even
-# with a unit. Each names its sentence, so that it cannot exempt a measured time.
-LIMITS = (r"at least \d+ % of", r"\(timeout \d+ s,", r"the worst case the three calls take \d+ s with a \d+-s start, which is all of the \d+-minute",)
+# Numbers with a unit that are bounds someone sets, not measurements: a user's tolerance ("find at
+# least 90 % of") and the time limits of bench/gpu_check.sh's device calls. Exempt even with a unit,
+# so each names its words, and cannot exempt a measured figure.
+LIMITS = (r"at least \d+ % of", r"\(timeout \d+ s,",
+          r"the worst case the three calls take \d+ s with a \d+-s start, which is all of the \d+-minute")
 
 
 def result_prose(text: str) -> list:
@@ -284,6 +291,12 @@ def _unfenced(text: str) -> str:
     return re.sub(r"^```.*?^```", lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.DOTALL | re.MULTILINE)
 
 
+def _inline_code(text: str) -> list:
+    """The spans of inline code (`...`, which may wrap a line but never spans a paragraph), which is
+    not prose."""
+    return [m.span() for m in re.finditer(r"`[^`]*`", _unfenced(text)) if "\n\n" not in m.group()]
+
+
 def _spaced(pattern: str) -> re.Pattern:
     return re.compile(pattern.replace(" ", r"\s+"))
 
@@ -301,9 +314,7 @@ def unsourced(text: str, figures, rendered_spans) -> list:
         covered += [(m.start(i), m.end(i)) for i in range(1, len(fig.sources) + 1)]
     settings = [m.span() for pattern in SETTINGS for m in _spaced(pattern).finditer(text)]
     covered += [m.span() for pattern in LIMITS for m in _spaced(pattern).finditer(text)]
-    # inline code may wrap a line; fenced blocks are blanked first so their backticks pair with nothing
-    unfenced = _unfenced(text)
-    covered += [m.span() for m in re.finditer(r"`[^`]*`", unfenced)]
+    covered += _inline_code(text)
     starts = [0]
     for line in text.split("\n"):
         starts.append(starts[-1] + len(line) + 1)
@@ -550,7 +561,7 @@ def _figures_demo():
                "so `--min-retrieval 0.9` picks {}", *[probe(i) for i in range(5)],
                log(demo, r"tolerance retrieval \(of the full model's hits\) >= 0\.9: (\d+) sublayers")),
         figure("(attention {}, FFN {}; cost model at 6k: predicted {}x prefill)", layers(plan, "greedy-kl@8", "attention"),
-               layers(plan, "greedy-kl@8", "ffn"), log(demo, r"^\s*predicted speedup (\d+\.\d+)")),
+               layers(plan, "greedy-kl@8", "ffn"), predicted(log(demo, r"^\s*predicted speedup (\d+\.\d+)"))),
         figure("time to first token {}x (median of {} alternating runs each, {}-token prompt",
                log(demo, r"^time to first token\s+\S+\s+\S+\s+(\d+\.\d+)"), log(demo, r"median of (\d+) runs"),
                log(demo, r"^prompt: (\d+) tokens")),
@@ -621,7 +632,7 @@ def _figures_streaming():
     return [
         figure("{} of the {} groups save what `greedy-kl` 8 saves at a\n4k prompt (predicted prefill {}x against {}x)",
                kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"), kv_row(kv, "stream36", "streaming_summary", "of", fmt="d"),
-               kv_row(kv, "stream36", *p(4096), fmt=".3f"), costs_row(costs, 4096, 256, "kl8_speedup")),
+               predicted(kv_row(kv, "stream36", *p(4096), fmt=".3f")), predicted(costs_row(costs, 4096, 256, "kl8_speedup"))),
         figure("perplexity on held-out essays {} / {} / {}; pass keys 2k {} / {} / {}, 4k {} / {} / {} of\n{}; "
                "needles 2k {} / {} / {}, 4k {} / {} / {} of {}",
                ppl(ess, "full"), ppl(ess, "greedy-kl@8"), kv_row(kv, "stream36", "metrics", "perplexity"), *cells[:6],
@@ -636,9 +647,9 @@ def _figures_streaming():
                excess(ppl(ess, "greedy-kl@8"), ppl(ess, "full"))),
         figure("(at 4k the\npass keys tie, {} and {}", hits(grid, "greedy-kl@8", "passkey", 4096), kv_run(kv, "stream36", "passkey", 4096)),
         figure("({} groups\npredict {}x against `greedy-kl` 8's {}x), at 6k more ({}x against {}x)",
-               kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"), kv_row(kv, "stream36", *p(2048), fmt=".3f"),
-               costs_row(costs, 2048, 256, "kl8_speedup"), kv_row(kv, "stream36", *p(6144), fmt=".3f"),
-               costs_row(costs, 6144, 256, "kl8_speedup")),
+               kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"),
+               *[predicted(x) for x in (kv_row(kv, "stream36", *p(2048), fmt=".3f"), costs_row(costs, 2048, 256, "kl8_speedup"),
+                                        kv_row(kv, "stream36", *p(6144), fmt=".3f"), costs_row(costs, 6144, 256, "kl8_speedup"))]),
         figure("price ({} groups) perplexity holds ({}) but retrieval does not ({} of {} on a pilot)",
                kv_row(pilot, "stream72", "streaming_summary", "groups", fmt="d"), kv_row(pilot, "stream72", "metrics", "perplexity"),
                calc("d", lambda a, b: a + b, kv_run(pilot, "stream72", "passkey", 4096), kv_run(pilot, "stream72", "needle", 4096)),
@@ -775,7 +786,7 @@ def unscoped_measurements(text: str) -> list:
     scope = {no for no, _ in result_prose(text)}
     exempt = [m.span() for pattern in LIMITS for m in _spaced(pattern).finditer(text)]
     unfenced = _unfenced(text)
-    exempt += [m.span() for m in re.finditer(r"`[^`]*`", unfenced)]
+    exempt += _inline_code(text)
     out, base = [], 0
     for no, line in enumerate(unfenced.split("\n"), 1):
         if no not in scope:
