@@ -75,6 +75,9 @@ def _check(model, plan: SkipPlan, fmt: str) -> None:
         raise TypeError(f"adaskip: export needs an adaskip SkipPlan, got {type(plan).__name__}")
     fmt = export_format(fmt)
     plan.check_model(args.num_layers, args.fingerprint())
+    if plan.streaming:
+        raise ValueError("adaskip: streaming KV-head groups have no serving format (a per-group band is not a "
+                         "weight); serve the plan with our runtime, or export one without streaming groups")
     if plan.mode != "e2e" or plan.ramp:
         raise ValueError(f"adaskip: only plans that skip the same sublayers in prefill and decode (mode e2e, no "
                          f"ramp) become weights; this one is mode {plan.mode}{' with a ramp' if plan.ramp else ''}")

@@ -433,6 +433,9 @@ def _check_plan_for(model, plan: Optional[SkipPlan], what: str) -> ModelArgs:
     args = check_supported(model)
     if plan is not None:
         plan.check_model(args.num_layers, args.fingerprint())
+        if plan.streaming:  # transformers' attention has no per-group band; never run it as the full model
+            raise ValueError(f"{what}: streaming KV-head groups run on adaskip's runtime only (adaskip.generate); "
+                             "this plan streams groups of layers " + str(sorted(plan.streaming)))
     return args
 
 

@@ -220,6 +220,12 @@ def test_entering_twice_or_a_plan_of_another_model_is_an_error():
     with pytest.raises(TypeError, match="SkipPlan"):
         with adaskip.hf.apply(hf, {1: 1.0}):
             pass
+    streaming = SkipPlan(4, {1: 1.0}, streaming={2: [0]})
+    with pytest.raises(ValueError, match="streaming KV-head groups run on adaskip's runtime only"):
+        with adaskip.hf.apply(hf, streaming):
+            pass
+    with pytest.raises(ValueError, match="streaming KV-head groups run on adaskip's runtime only"):
+        adaskip.hf.generate(hf, [[1, 2, 3]], plan=streaming, max_new_tokens=2)
     # Nothing was left installed by the refused entries.
     assert all("forward" not in vars(layer) for layer in hf.model.layers)
 

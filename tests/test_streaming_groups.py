@@ -8,7 +8,8 @@ import torch
 
 from adaskip.runtime.generation import generate
 from adaskip.runtime.rope import apply_rotary
-from adaskip.runtime.streaming import StreamingGroups, band_mask, set_streaming, streaming_groups
+from adaskip.runtime.skip_plan import SkipPlan
+from adaskip.runtime.streaming import StreamingGroups, band_mask
 from helpers import random_requests, tiny_llama
 
 VOCAB = 101
@@ -19,20 +20,17 @@ def model():
     return tiny_llama(VOCAB, context=160, layers=2).eval()
 
 
-def _forward(model, ids):
+def _forward(model, ids, plan=None):
     with torch.inference_mode():
-        return model(torch.tensor([ids]))[0]
+        return model(torch.tensor([ids]), plan=plan)[0]
 
 
 def test_window_covering_the_prompt_is_the_full_model(model):
     ids = random_requests(1, length=48, seed=1)[0]
     full = _forward(model, ids)
-    with streaming_groups(model, {0: [0, 1], 1: [1]}, sink=4, window=48):
-        wide = _forward(model, ids)
-    assert torch.equal(full, wide)
-    assert all(layer.self_attn.streaming is None for layer in model.model.layers)
-    with streaming_groups(model, {0: [0, 1], 1: [1]}, sink=4, window=8):
-        narrow = _forward(model, ids)
+    wide = _forward(model, ids, SkipPlan(2, {}, streaming={0: [0, 1], 1: [1]}, streaming_window=48))
+    torch.testing.assert_close(full, wide, atol=2e-6, rtol=2e-6)  # the same keys, attended block-wise
+    narrow = _forward(model, ids, SkipPlan(2, {}, streaming={0: [0, 1], 1: [1]}, streaming_window=8))
     assert not torch.allclose(full, narrow, atol=1e-4)  # the window is seen
 
 
@@ -62,12 +60,8 @@ def test_small_window_matches_explicit_masked_softmax(model, groups, sink, windo
     band = band_mask(pos, t, sink, window)[0]
     allowed = torch.stack([band if hq // rep in groups else causal for hq in range(attn.num_heads)])
     want = _reference_attention(attn, x, cos, sin, allowed)
-    attn.streaming = StreamingGroups(tuple(groups), sink, window)
-    try:
-        with torch.no_grad():
-            got = attn(x, cos, sin, "causal")
-    finally:
-        attn.streaming = None
+    with torch.no_grad():
+        got = attn(x, cos, sin, "causal", streaming=StreamingGroups(tuple(groups), sink, window), q_start=0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -83,25 +77,23 @@ def test_decode_sees_the_same_band_as_a_cacheless_forward(model):
     different lengths) are the greedy choices of cache-less forwards under the same groups."""
     prompts = [random_requests(1, length=37, seed=5)[0], random_requests(1, length=30, seed=6)[0]]
     layers = {0: [1], 1: [0]}
-    with streaming_groups(model, layers, sink=3, window=6):
-        out = generate(model, prompts, max_new_tokens=6, eos_token_ids=[])
-        for prompt, new in zip(prompts, out.tokens):
-            logits = _forward(model, prompt + new[:-1])
-            assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
+    plan = SkipPlan(2, {}, streaming=layers, streaming_sink=3, streaming_window=6)
+    out = generate(model, prompts, max_new_tokens=6, eos_token_ids=[], plan=plan)
+    for prompt, new in zip(prompts, out.tokens):
+        logits = _forward(model, prompt + new[:-1], plan)
+        assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
     with torch.inference_mode():
         plain = generate(model, prompts, max_new_tokens=6, eos_token_ids=[])
     assert plain.tokens != out.tokens  # the band changed something
 
 
 def test_bad_groups(model):
-    with pytest.raises(ValueError, match="out of range"):
-        set_streaming(model, {0: [2]}, sink=4, window=8)
-    with pytest.raises(ValueError, match="out of range"):
-        set_streaming(model, {5: [0]}, sink=4, window=8)
+    with pytest.raises(ValueError, match="out of range for a model with 2 KV heads"):
+        _forward(model, [1, 2, 3], SkipPlan(2, {}, streaming={0: [2]}))
     with pytest.raises(ValueError, match="window >= 1"):
         StreamingGroups((0,), 4, 0)
-    set_streaming(model, {}, sink=4, window=8)
-    assert all(layer.self_attn.streaming is None for layer in model.model.layers)
+    with pytest.raises(ValueError, match="distinct sorted"):
+        StreamingGroups((1, 0), 4, 8)
 
 
 def test_streaming_costs():
@@ -151,8 +143,8 @@ def test_group_scores_are_the_layer_output_change(model):
     with torch.inference_mode():
         model(torch.tensor([ids]), taps=tap)
         for g in range(model.args.num_kv_heads):
-            with streaming_groups(model, {0: [g]}, sink=sink, window=window):
-                model(torch.tensor([ids]), taps=tap)
+            model(torch.tensor([ids]), taps=tap,
+                  plan=SkipPlan(2, {}, streaming={0: [g]}, streaming_sink=sink, streaming_window=window))
     full, h = captured["out"][0], captured["h"]
     for g in range(model.args.num_kv_heads):
         diff = (captured["out"][g + 1] - full)[0, positions].norm(dim=-1) / h[0, positions].norm(dim=-1)
@@ -160,3 +152,138 @@ def test_group_scores_are_the_layer_output_change(model):
     ranking = scores.ranking()
     assert len(ranking) == model.args.num_layers * model.args.num_kv_heads
 
+
+
+# --- streaming groups in a plan: the band read block-wise (prefill) or gathered (decode) ----------
+
+
+def _reference_band(q, k, v, q_pos, groups, sink, window, mask=None):
+    """float64 masked softmax: the query heads of `groups` see sink + window (and causality), the
+    others causality; `mask` [B, 1, T, L] (padding) applies to every head."""
+    b, h, t, d = q.shape
+    kv, length = k.shape[1], k.shape[2]
+    rep = h // kv
+    keys = torch.arange(length)
+    dist = q_pos[..., None] - keys  # [B, T, L]
+    causal = dist >= 0
+    band = causal & ((keys < sink) | (dist < window))
+    out = torch.empty(b, h, t, d, dtype=torch.float64)
+    for hq in range(h):
+        allowed = band if hq // rep in groups else causal
+        if mask is not None:
+            allowed = allowed & mask[:, 0]
+        scores = q[:, hq].double() @ k[:, hq // rep].double().transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, hq] = torch.softmax(scores, -1) @ v[:, hq // rep].double()
+    return out
+
+
+@pytest.mark.parametrize("t,length,start,sink,window,groups", [
+    (300, 300, 0, 4, 40, (0,)),  # three blocks, a band far shorter than the prompt
+    (70, 170, 100, 0, 1, (1,)),  # a chunk of prefill after 100 cached tokens; only the own key
+    (129, 129, 0, 200, 5, (0, 2)),  # a sink longer than the prompt: the band is causality
+    (257, 300, 43, 3, 128, (2,)),  # block edges not on the window
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_blocks_match_the_masked_reference(t, length, start, sink, window, groups, dtype):
+    from adaskip.runtime.streaming import streaming_attention
+
+    g = torch.Generator().manual_seed(t + length)
+    q = torch.randn(2, 6, t, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 3, length, 16, generator=g).to(dtype) for _ in range(2))
+    q_pos = (start + torch.arange(t)).expand(2, t)
+    spec = StreamingGroups(groups, sink, window)
+    mask = "causal" if start == 0 and length == t else (torch.arange(length) <= q_pos[..., None])[:, None]
+    want = _reference_band(q, k, v, q_pos, groups, sink, window)
+    got = streaming_attention(q, k, v, mask, q_pos, spec, q_start=start)
+    masked = streaming_attention(q, k, v, mask, q_pos, spec)  # q_start unknown: the whole cache, masked
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(masked.double(), want, **tol)
+
+
+@pytest.mark.parametrize("sink,window", [(4, 8), (0, 1), (6, 3), (50, 50)])
+def test_band_gather_matches_the_masked_reference(sink, window):
+    """A decode query per sequence, each at its own position, with padding slots masked off:
+    the gathered sink + window keys give the masked full-cache answer."""
+    from adaskip.runtime.streaming import streaming_attention
+
+    g = torch.Generator().manual_seed(sink * 100 + window)
+    length = 40
+    q = torch.randn(3, 4, 1, 8, generator=g)
+    k, v = (torch.randn(3, 2, length, 8, generator=g) for _ in range(2))
+    pos = torch.tensor([0, 17, 39])
+    slots = torch.arange(length)
+    mask = (slots <= pos[:, None]) & ~((slots == 2) & (pos[:, None] > 2))  # slot 2 padding where it is past
+    mask = mask[:, None, None]
+    want = _reference_band(q, k, v, pos[:, None], (1,), sink, window, mask)
+    got = streaming_attention(q, k, v, mask, pos[:, None], StreamingGroups((1,), sink, window))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    last = torch.full((3, 1), length - 1)  # no mask: every query is the last key (the runtime's None)
+    got = streaming_attention(q, k, v, None, last, StreamingGroups((1,), sink, window))
+    torch.testing.assert_close(got.double(), _reference_band(q, k, v, last, (1,), sink, window),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def long_model():
+    return tiny_llama(VOCAB, context=400, layers=3).eval()
+
+
+def test_a_plan_streams_its_groups_in_prefill_chunks_and_decode(long_model):
+    """generate with a plan that streams groups (prefill in chunks of 64, then decode) makes the
+    greedy choices of cache-less forwards under the same plan."""
+
+    plan = SkipPlan(3, {5: 1.0}, streaming={0: [1], 1: [0, 1]}, streaming_sink=3, streaming_window=24)
+    prompts = [random_requests(1, length=150, seed=9)[0], random_requests(1, length=131, seed=10)[0]]
+    out = generate(long_model, prompts, max_new_tokens=5, eos_token_ids=[], plan=plan, prefill_chunk=64)
+    with torch.inference_mode():
+        for prompt, new in zip(prompts, out.tokens):
+            logits = long_model(torch.tensor([prompt + new[:-1]]), plan=plan)[0]
+            assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
+        plain = generate(long_model, prompts, max_new_tokens=5, eos_token_ids=[], plan=SkipPlan(3, {5: 1.0}))
+    assert plain.tokens != out.tokens  # the band is seen
+
+
+def test_schedule_carries_the_groups(long_model):
+    from adaskip.runtime.schedule import schedule_step
+
+    plan = SkipPlan(3, {4: 0.9}, streaming={1: [1, 0]}, streaming_sink=2, streaming_window=16)
+    assert plan.streaming == {1: (0, 1)}
+    steps = schedule_step(long_model, batch=1, tokens=7, plan=plan.skips_in("prefill")).sublayers
+    assert steps[2].streaming == StreamingGroups((0, 1), 2, 16)
+    assert all(step.streaming is None for s, step in enumerate(steps) if s != 2)
+    assert steps[4].action == "skip"
+    decode = schedule_step(long_model, batch=1, tokens=1, plan=plan.skips_in("decode")).sublayers
+    assert decode[2].streaming == StreamingGroups((0, 1), 2, 16)
+    assert plan.to_dict()["streaming"] == {"1": [0, 1]}
+    assert "streaming KV-head groups (sink 2, window 16): 2 in layers 1: [0, 1]" in plan.describe()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(streaming={0: [0]}, skip={0: 1.0}), "skip their attention"),
+    (dict(streaming={3: [0]}), "layers must be integers in"),
+    (dict(streaming={"1": [0]}), "layers must be integers in"),
+    (dict(streaming={1: []}), "KV-head indices >= 0"),
+    (dict(streaming={1: [0, 0]}), "twice"),
+    (dict(streaming={1: [-1]}), "KV-head indices >= 0"),
+    (dict(streaming={1: 0}), "must be a list"),
+    (dict(streaming=[1]), "must be a dict"),
+    (dict(streaming={1: [0]}, streaming_window=0), "streaming_window >= 1"),
+    (dict(streaming={1: [0]}, streaming_sink=1.5), "streaming_sink must be an integer"),
+])
+def test_bad_streaming_plans(kwargs, match):
+
+    skip = kwargs.pop("skip", {})
+    with pytest.raises(ValueError, match=match):
+        SkipPlan(3, skip, **kwargs)
+
+
+def test_streaming_groups_beyond_the_model_are_refused(long_model, tmp_path):
+    from adaskip.exporting import export
+
+    with pytest.raises(ValueError, match="out of range for a model with 2 KV heads"):
+        generate(long_model, [[1, 2, 3]], max_new_tokens=2, plan=SkipPlan(3, {}, streaming={1: [2]}))
+    with pytest.raises(ValueError, match="no serving format"):
+        export(long_model, SkipPlan(3, {}, streaming={1: [0]}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

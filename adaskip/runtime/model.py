@@ -83,9 +83,6 @@ class Attention(nn.Module):
         self.window = args.sliding_windows[layer] if args.sliding_windows else None
         self.kv_cache: Optional[KVCache] = None
         self.backend = "sdpa"
-        # Streaming KV-head groups (adaskip.runtime.streaming, an experiment): None, the default,
-        # is plain attention.
-        self.streaming = None
         # q, k and v's weights as one [q + 2 kv rows, hidden] tensor whose row blocks the three
         # parameters are views of (fuse_qkv); a plain attribute, not a parameter, so that the
         # state dict keeps Hugging Face's names and nothing is stored twice.
@@ -164,21 +161,25 @@ class Attention(nn.Module):
         if positions is not None:
             self._keys_values(x, cos, sin, positions, kv_len)
 
-    def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode=None, gemv=False):
+    def forward(self, x, cos, sin, mask, positions=None, kv_len=None, decode=None, gemv=False, streaming=None,
+                q_start=None):
         """mask: a boolean [B, 1, T, kv_len] mask, or "causal" / None for SDPA's own masking.
         decode: (positions [B], lengths [B] or None) of a decode step on the GPU (one token per
         sequence, cached): rotary + cache write in one kernel, then the decode attention kernel
         over each sequence's length read on the device (lengths given) or SDPA under `mask`.
-        gemv: the projections through the decode GEMVs."""
+        gemv: the projections through the decode GEMVs.
+        streaming: the StreamingGroups a plan gives this layer in this step (its schedule's), which
+        then read only their band (adaskip.runtime.streaming); q_start: the first query's position
+        when every sequence shares it (a host int), which lets a prefill read the band only."""
         if decode is not None:
-            return self._decode(x, cos, sin, mask, kv_len, decode, gemv)
+            return self._decode(x, cos, sin, mask, kv_len, decode, gemv, streaming)
         b, t, _ = x.shape
         q = apply_rotary(project(self.q_proj, x, gemv).view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
                          cos, sin)
         k, v = self._keys_values(x, cos, sin, positions, kv_len, gemv)
-        if self.streaming is not None:
+        if streaming is not None:
             q_pos = positions if positions is not None else torch.arange(t, device=x.device).expand(b, t)
-            y = streaming_attention(q, k, v, mask, q_pos, self.streaming)
+            y = streaming_attention(q, k, v, mask, q_pos, streaming, q_start)
             return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         causal = isinstance(mask, str)
         if self.backend == "flash_attn" and (causal or mask is None):
@@ -190,7 +191,7 @@ class Attention(nn.Module):
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
-    def _decode(self, x, cos, sin, mask, kv_len, decode, gemv):
+    def _decode(self, x, cos, sin, mask, kv_len, decode, gemv, spec):
         if self.kv_cache is None:
             raise RuntimeError("adaskip: this attention layer runs but has no KV cache; set up the "
                                "caches with the plan you run (Transformer.setup_caches)")
@@ -200,14 +201,14 @@ class Attention(nn.Module):
         positions, lengths = decode
         ops.rotary_kv_write(q, k, v, cos[:, 0], sin[:, 0], keys, values, positions)
         keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        if self.streaming is not None:  # SDPA under the band mask, not the decode kernel
+        if spec is not None:  # the band gathered and attended by SDPA, not the decode kernel
             if lengths is not None:  # the kernel's masking (lengths, sliding window) as a mask
                 slots = torch.arange(kv_len, device=x.device)
                 allowed = slots < lengths[:, None]
                 if self.window:
                     allowed &= (positions[:, None] - slots) < self.window
                 mask = allowed[:, None, None]
-            y = streaming_attention(q[:, :, None], keys, values, mask, positions[:, None], self.streaming)
+            y = streaming_attention(q[:, :, None], keys, values, mask, positions[:, None], spec)
         elif lengths is not None:
             y = ops.decode_attention(q, keys, values, lengths, window=self.window or 0)
         else:  # one query: a "causal" mask is no mask
@@ -275,7 +276,6 @@ class AbsentSublayer(nn.Module):
         self.kv_cache = None
         self.backend = "sdpa"
         self.window = None
-        self.streaming = None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("adaskip: an absent sublayer was run; the schedule must skip it")
@@ -438,7 +438,7 @@ class Transformer(nn.Module):
             first = positions[:, 0].contiguous()
             decode = (first, first + 1 if kernel else None)
         step = _Step(cos, sin, masks, positions, kv_len, seq_lens, stats, online, taps, decode=decode,
-                     gemv=schedule.gemv_projections)
+                     gemv=schedule.gemv_projections, q_start=shared_start)
 
         layers = self.model.layers
         if start is None:
@@ -499,7 +499,7 @@ class Transformer(nn.Module):
         return run_sublayer(
             s, todo, x, h, step, norm_weight=norm.weight, eps=norm.eps,
             attend=lambda y: attention(y, step.cos, step.sin, step.masks.get(attention.window), step.positions,
-                                       step.kv_len, step.decode, step.gemv),
+                                       step.kv_len, step.decode, step.gemv, todo.streaming, step.q_start),
             store_kv=lambda y: attention.store_kv(y, step.cos, step.sin, step.positions, step.kv_len),
             dense_ffn=lambda y: layer.mlp.dense(y), mlp=layer.mlp)
 
@@ -573,3 +573,4 @@ class _Step:
     taps: object = None
     decode: Optional[tuple] = None  # (positions [B], KV lengths [B]): a step of the decode kernels
     gemv: bool = False  # attention projections through the decode GEMVs
+    q_start: Optional[int] = None  # the first query's position when every sequence shares it

@@ -149,11 +149,17 @@ def kv_layers(args, plan: Optional[SkipPlan]) -> set:
 
 
 def check_plan(model, plan) -> None:
-    """A plan fits the model (layer count, the stand-ins' hidden size), checked once per request."""
+    """A plan fits the model (layer count, the stand-ins' hidden size, the streaming groups' KV
+    heads), checked once per request."""
     if not isinstance(plan, SkipPlan):
         raise ValueError(f"adaskip: plan must be an adaskip SkipPlan (adaskip.plan(...)), got {type(plan).__name__}")
     plan.check_model(model.args.num_layers)
     plan.check_hidden(model.args.hidden_size)
+    plan.check_kv_heads(model.args.num_kv_heads)
+    absent = sorted(set(plan.streaming) & model.args.absent_attention_layers)
+    if absent:
+        raise ValueError(f"adaskip: the plan streams KV-head groups of layers {absent}, whose attention this model "
+                         "does not have")
     weight = model.lm_head.weight
     for stand_in in plan.stand_ins.values():
         stand_in.prepare(weight.device, weight.dtype)

@@ -8,7 +8,8 @@ captured for one replays correctly for the other, and any host value that change
 does is a field here.
 
 Actions of a sublayer:
-  run                runs (attention: SDPA or flash-attn; FFN: dense matmuls)
+  run                runs (attention: SDPA or flash-attn, or with the plan's streaming KV-head
+                     groups reading only their sink + window; FFN: dense matmuls)
   run-gemv           FFN of one token per sequence through the decode GEMVs (faster than the
                      dense path there), ungated
   skip               skipped by the plan, its stand-in instead: a scalar or per-channel scale of
@@ -34,6 +35,7 @@ import torch
 
 from .. import ops
 from .stand_in import StandIn
+from .streaming import StreamingGroups
 
 RUN, RUN_GEMV, SKIP, SKIP_STORE_KV = "run", "run-gemv", "skip", "skip-store-kv"
 GATED_GEMV, GATED_CONDITIONAL, GATED_DISCARD, GATED_OFF = "gated-gemv", "gated-conditional", "gated-discard", "gated-off"
@@ -98,6 +100,8 @@ class SublayerStep:
     scale: float = 1.0  # the compensation of a plan-skipped sublayer
     # Its fitted stand-in when not a scalar (compared by identity: the step replays its tensors)
     stand_in: Optional[StandIn] = None
+    # An attention that runs with some KV-head groups streaming (adaskip.runtime.streaming)
+    streaming: Optional[StreamingGroups] = None
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -168,6 +172,7 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
     absent = set(model.args.absent_sublayers)  # no weights: always skipped, the stream passed through
     skips = {**{s: 1.0 for s in absent}, **(plan.skip_scales if plan is not None else {})}
     stand_ins = getattr(plan, "stand_ins", None) or {}
+    streaming = getattr(plan, "streaming_groups", None) or {}  # layer -> StreamingGroups
     kv_only = getattr(plan, "kv_only_attention", ()) or ()
     gemv = gemv_serves(batch, tokens, dtype, device_type, ffn_bias)
     args = model.args
@@ -200,7 +205,8 @@ def schedule_step(model, *, batch: int, tokens: int, plan=None, online=None, cap
         elif not attention:
             action = ungated_ffn_action(batch, tokens, dtype, device_type, ffn_bias, grad)
         else:
-            action = RUN
+            steps.append(SublayerStep(RUN, streaming=streaming.get(s // 2)))
+            continue
         steps.append(SublayerStep(action))
     return StepSchedule(tuple(steps), batch=batch, tokens=tokens, dtype=dtype,
                         attention_backend=model.attention_backend, decode_attention="kernel" if kernel else "sdpa",

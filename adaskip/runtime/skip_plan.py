@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .stand_in import StandIn
+from .streaming import StreamingGroups
 
 MODES = ("prefill", "decode", "e2e")
 
@@ -38,6 +39,10 @@ class SkipPlan:
       request every FFN not skipped here runs and its IO similarity is measured; FFNs whose window
       similarity reaches beta are then gated off for that request. beta None: off.
     ramp: SkipDecode's schedule: in decode the skipped layers grow from the first to all of them.
+    streaming: {layer: KV-head groups} whose query heads see only the first `streaming_sink`
+      positions and the last `streaming_window` up to their own (adaskip.runtime.streaming), in
+      every step whatever the mode; the layer's other groups keep the full context. A layer whose
+      attention the plan skips has no groups to stream.
     """
 
     num_layers: int
@@ -52,6 +57,9 @@ class SkipPlan:
     explanation: str = ""
     model_fingerprint: Optional[str] = None
     stand_ins: dict = field(default_factory=dict)
+    streaming: dict = field(default_factory=dict)
+    streaming_sink: int = 4
+    streaming_window: int = 256
     # Filled in by phase(): attention layers whose K/V are stored although their attention is skipped.
     kv_only_attention: frozenset = frozenset()
 
@@ -101,6 +109,52 @@ class SkipPlan:
             raise ValueError("adaskip: scalar stand-ins whose scale is not the plan's compensation scale "
                              f"(sublayer: (stand-in, skip_scales)): {clash}; give the scale once")
         self.stand_ins = {int(s): v for s, v in sorted(self.stand_ins.items()) if v.kind != "scalar"}
+        self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """Streaming groups as strictly as the skips: integer layers in range, integer groups,
+        a sink and window that make a band, and no layer whose attention is skipped."""
+        if not isinstance(self.streaming, dict):
+            raise ValueError(f"adaskip: streaming must be a dict of layer -> KV-head groups, got "
+                             f"{type(self.streaming).__name__}")
+        for name in ("streaming_sink", "streaming_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"adaskip: {name} must be an integer, got {v!r}")
+        if self.streaming_sink < 0 or self.streaming_window < 1:
+            raise ValueError(f"adaskip: streaming groups need streaming_sink >= 0 and streaming_window >= 1, got "
+                             f"{self.streaming_sink} and {self.streaming_window}")
+        bad = [i for i in self.streaming if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+               or not 0 <= int(i) < self.num_layers]
+        if bad:
+            raise ValueError(f"adaskip: streaming layers must be integers in [0, {self.num_layers}), got {bad}")
+        groups = {}
+        for i, gs in self.streaming.items():
+            try:
+                gs = list(gs)
+            except TypeError:
+                raise ValueError(f"adaskip: the streaming groups of layer {i} must be a list of KV-head indices, "
+                                 f"got {gs!r}") from None
+            if not gs or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 0 for g in gs):
+                raise ValueError(f"adaskip: the streaming groups of layer {i} must be KV-head indices >= 0, got {gs}")
+            if len(set(gs)) != len(gs):
+                raise ValueError(f"adaskip: layer {i} lists a streaming group twice: {gs}")
+            groups[int(i)] = tuple(sorted(int(g) for g in gs))
+        both = sorted(set(groups) & self.skipped_attention_layers)
+        if both:
+            raise ValueError(f"adaskip: layers {both} skip their attention, so none of their groups can stream")
+        self.streaming = dict(sorted(groups.items()))
+        self.streaming_sink, self.streaming_window = int(self.streaming_sink), int(self.streaming_window)
+
+    @property
+    def streaming_groups(self) -> dict:
+        """{layer: StreamingGroups} of the plan's streaming groups (what a step's schedule carries)."""
+        return {i: StreamingGroups(g, self.streaming_sink, self.streaming_window) for i, g in self.streaming.items()}
+
+    def check_kv_heads(self, num_kv_heads: int) -> None:
+        bad = {i: g for i, g in self.streaming.items() if g[-1] >= num_kv_heads}
+        if bad:
+            raise ValueError(f"adaskip: streaming groups {bad} out of range for a model with {num_kv_heads} KV heads")
 
     @property
     def stand_in(self) -> str:
@@ -161,17 +215,20 @@ class SkipPlan:
             kv_only = set()
         else:
             raise ValueError(f"adaskip: phase must be 'prefill' or 'decode', got {phase!r}")
-        return PhaseSkips(dict(active), {s: v for s, v in self.stand_ins.items() if s in active}, frozenset(kv_only))
+        return PhaseSkips(dict(active), {s: v for s, v in self.stand_ins.items() if s in active}, frozenset(kv_only),
+                          self.streaming_groups)
 
     def phase(self, phase: str, step: int = 0, total_steps: int = 1) -> "SkipPlan":
         """skips_in() as a plan of its own (mode e2e: its skips hold wherever it runs)."""
         skips = self.skips_in(phase, step, total_steps)
         return SkipPlan(self.num_layers, dict(skips.skip_scales), mode="e2e", strategy=self.strategy,
-                        stand_ins=dict(skips.stand_ins), kv_only_attention=skips.kv_only_attention)
+                        stand_ins=dict(skips.stand_ins), kv_only_attention=skips.kv_only_attention,
+                        streaming=dict(self.streaming), streaming_sink=self.streaming_sink,
+                        streaming_window=self.streaming_window)
 
     def as_skips(self) -> "PhaseSkips":
         """Every skip of this plan, whatever its mode (what a cache-less forward given the plan runs)."""
-        return PhaseSkips(self.skip_scales, self.stand_ins, frozenset(self.kv_only_attention))
+        return PhaseSkips(self.skip_scales, self.stand_ins, frozenset(self.kv_only_attention), self.streaming_groups)
 
     def check_model(self, num_layers: int, fingerprint: Optional[str] = None) -> None:
         if num_layers != self.num_layers:
@@ -187,6 +244,10 @@ class SkipPlan:
         lines = [f"strategy {self.strategy}, mode {self.mode}: {len(self.skip_scales)} of "
                  f"{2 * self.num_layers} sublayers skipped ({self.stand_in} stand-ins)",
                  f"  attention skipped in layers {attn}", f"  FFN skipped in layers {ffn}"]
+        if self.streaming:
+            lines.append(f"  streaming KV-head groups (sink {self.streaming_sink}, window {self.streaming_window}): "
+                         f"{sum(len(g) for g in self.streaming.values())} in layers "
+                         + ", ".join(f"{i}: {list(g)}" for i, g in self.streaming.items()))
         if self.online:
             lines.append(f"  online: the first {self.window} decoded tokens measure every other FFN; "
                          f"those with similarity >= beta = {self.beta:.4f} are then skipped too")
@@ -200,6 +261,7 @@ class SkipPlan:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.pop("kv_only_attention")
         d["skip_scales"] = {str(k): v for k, v in self.skip_scales.items()}
+        d["streaming"] = {str(k): list(v) for k, v in self.streaming.items()}
         # The fitted tensors stay with the profile that holds them; a plan's JSON names their kind.
         d.pop("stand_ins")
         if self.stand_ins:
@@ -214,14 +276,17 @@ class SkipPlan:
 @dataclass(frozen=True, eq=False)
 class PhaseSkips:
     """What a plan skips in one phase of a request: sublayer -> compensation scale, the fitted
-    stand-ins of those sublayers, and the attention layers that still store their K/V. Made once
+    stand-ins of those sublayers, the attention layers that still store their K/V, and the
+    streaming KV-head groups. Made once
     per phase (SkipPlan.skips_in) and read by every step of it (adaskip.runtime.schedule)."""
 
     skip_scales: dict
     stand_ins: dict
     kv_only_attention: frozenset = frozenset()
+    streaming_groups: dict = field(default_factory=dict)  # layer -> StreamingGroups
 
     def same_as(self, other: "PhaseSkips") -> bool:
         return (self.skip_scales == other.skip_scales and self.kv_only_attention == other.kv_only_attention
+                and self.streaming_groups == other.streaming_groups
                 and self.stand_ins.keys() == other.stand_ins.keys()
                 and all(v is other.stand_ins[s] for s, v in self.stand_ins.items()))

@@ -1,4 +1,4 @@
-"""Streaming KV-head groups (an experiment, not part of any plan): a finer unit than a sublayer.
+"""Streaming KV-head groups: a finer unit than a sublayer (SkipPlan.streaming).
 
 DuoAttention keeps the full context for a few "retrieval" heads and gives every other head only a
 few attention sinks plus a recent window. Here the unit is a KV-head group of one layer (a KV head
@@ -6,18 +6,16 @@ and the query heads that share it under GQA): the group's query heads attend to 
 positions and to the last `window` positions up to and including their own, in prefill and in
 decode; the other groups of the layer keep full causal attention.
 
-This module only changes *what* the chosen groups see, through an explicit mask on the runtime's
-own attention (the full K/V cache is still kept and masked), so the quality it measures is the
-real model's. It brings no speed: a kernel that computes the band only and keeps a cache of
-sink + window entries for those groups does not exist here; adaskip.skipping.head_groups prices
-what one would save. The default path is untouched: an attention without `streaming` set runs as
-before, and the CUDA decode kernel is bypassed (SDPA under the mask) only where it is set.
+A plan names the groups (SkipPlan.streaming, carried into every step's schedule); the runtime's
+attention then reads, for those groups, only the keys of their band: block-wise in a prefill
+whose positions every sequence shares, gathered per sequence in decode. The full K/V cache is
+still kept (a cache of sink + window entries for those groups is not built), so what this saves
+is attention work, not cache memory; adaskip.skipping.costs.streaming_plan_costs prices both.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +45,25 @@ def band_mask(q_pos: torch.Tensor, kv_len: int, sink: int, window: int) -> torch
     return (dist >= 0) & ((keys < sink) | (dist < window))
 
 
+# Queries per block of the banded prefill: each block reads sink + window + block keys, so a query
+# costs about window + block keys instead of its position; smaller blocks mean more launches.
+BAND_BLOCK = 128
+
+
 def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, q_pos: torch.Tensor,
-                        spec: StreamingGroups) -> torch.Tensor:
+                        spec: StreamingGroups, q_start: Optional[int] = None) -> torch.Tensor:
     """Attention of q [B, H, T, D] over k, v [B, KV, kv_len, D] (GQA: query head h reads KV head
     h // (H / KV)) where the query heads of spec.groups see only sink + window and the others
     attend under `mask` (a boolean [B, 1, T, kv_len] mask, or "causal" / None as SDPA takes it).
-    q_pos [B, T]: the queries' positions (= their key slots). Returns [B, H, T, D]."""
+    q_pos [B, T]: the queries' positions (= their key slots). q_start: the first query's
+    position when every sequence's queries are q_start, q_start + 1, ... (a host int), else None.
+
+    The streaming groups read only the keys they may see: a decode query (T = 1) gathers its
+    sink + window slots on the device (no host sync: legal in a captured CUDA graph); a prefill
+    with q_start known runs blocks of BAND_BLOCK queries over their own band. Only a prefill with
+    per-sequence positions (q_start None) attends over the whole cache under the band mask. The
+    band always includes causality, and `mask` (padding, cache lengths, a sliding window) still
+    applies. Returns [B, H, T, D]."""
     b, h, t, d = q.shape
     kv = k.shape[1]
     rep = h // kv
@@ -65,52 +76,61 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
     def heads(groups):
         return [g * rep + r for g in groups for r in range(rep)]
 
-    def attend(groups, attn_mask, causal):
-        hq = heads(groups)
-        out = F.scaled_dot_product_attention(q[:, hq], k[:, groups], v[:, groups], attn_mask=attn_mask,
-                                             is_causal=causal, enable_gqa=rep > 1)
-        y[:, hq] = out
-
     if full:
-        causal = isinstance(mask, str)
-        attend(full, None if causal else mask, causal)
-    if int(q_pos.max()) < spec.window:  # every visible key is in the window: the band is the causal mask
-        attend(stream, None if isinstance(mask, str) else mask, isinstance(mask, str))
-        return y
-    band = band_mask(q_pos, k.shape[2], spec.sink, spec.window)
-    if isinstance(mask, torch.Tensor):
-        band = band & mask[:, 0]  # padding or a sliding window of the layer still applies
-    attend(stream, band[:, None], False)
+        hq, causal = heads(full), isinstance(mask, str)
+        y[:, hq] = F.scaled_dot_product_attention(q[:, hq], k[:, full], v[:, full], attn_mask=None if causal else mask,
+                                                  is_causal=causal, enable_gqa=rep > 1)
+    hq = heads(stream)
+    qs, ks, vs = q[:, hq], k[:, stream], v[:, stream]
+    extra = mask if isinstance(mask, torch.Tensor) else None
+    if t == 1:
+        y[:, hq] = _band_gather(qs, ks, vs, extra, q_pos[:, 0], spec, rep)
+    elif q_start is not None:
+        y[:, hq] = _band_blocks(qs, ks, vs, extra, q_start, spec, rep)
+    else:
+        band = band_mask(q_pos, k.shape[2], spec.sink, spec.window)
+        if extra is not None:
+            band = band & extra[:, 0]
+        y[:, hq] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band[:, None], enable_gqa=rep > 1)
     return y
 
 
-def set_streaming(model, layers: Mapping[int, Sequence[int]], *, sink: int, window: int) -> None:
-    """Makes the KV-head groups `layers` {layer: [KV-head indices]} streaming (every other group,
-    and every layer not named, back to full attention)."""
-    num_kv = model.args.num_kv_heads
-    for i in layers:
-        if not 0 <= i < model.args.num_layers:
-            raise ValueError(f"adaskip: layer {i} out of range for {model.args.num_layers} layers")
-    for i, layer in enumerate(model.model.layers):
-        groups = tuple(sorted(set(int(g) for g in layers.get(i, ()))))
-        if groups and any(not 0 <= g < num_kv for g in groups):
-            raise ValueError(f"adaskip: KV-head groups {groups} of layer {i} out of range for {num_kv} KV heads")
-        if groups and not hasattr(layer.self_attn, "q_proj"):
-            raise ValueError(f"adaskip: layer {i} has no attention to make streaming")
-        layer.self_attn.streaming = StreamingGroups(groups, sink, window) if groups else None
+def _band_gather(q, k, v, mask, pos, spec: StreamingGroups, rep: int) -> torch.Tensor:
+    """One query per sequence at pos [B] over its sink slots and the `window` slots ending at pos,
+    gathered from k, v [B, G, L, D] (sink + window keys read, whatever L)."""
+    b, g, length, d = k.shape
+    sink, window = spec.sink, spec.window
+    recent = pos[:, None] - window + 1 + torch.arange(window, device=pos.device)
+    slots = torch.cat([torch.arange(sink, device=pos.device).expand(b, sink), recent], 1)  # [B, sink + window]
+    valid = (slots >= 0) & (slots <= pos[:, None]) & (slots < length)
+    valid[:, sink:] &= recent >= sink  # a recent slot inside the sink is counted once, as a sink
+    slots = slots.clamp(0, length - 1)
+    if mask is not None:  # [B or 1, 1, 1, L]: padding, cache lengths, a sliding window
+        valid &= mask[:, 0, 0].expand(b, length).gather(1, slots)
+    index = slots[:, None, :, None].expand(b, g, slots.shape[1], d)
+    return F.scaled_dot_product_attention(q, k.gather(2, index), v.gather(2, index), attn_mask=valid[:, None, None],
+                                          enable_gqa=rep > 1)
 
 
-def clear_streaming(model) -> None:
-    for layer in model.model.layers:
-        layer.self_attn.streaming = None
-
-
-@contextmanager
-def streaming_groups(model, layers: Optional[Mapping[int, Sequence[int]]], *, sink: int = 4, window: int = 256):
-    """`set_streaming` for the duration of a `with` block (None or {}: the full model); every
-    attention is back to full afterwards."""
-    set_streaming(model, layers or {}, sink=sink, window=window)
-    try:
-        yield model
-    finally:
-        clear_streaming(model)
+def _band_blocks(q, k, v, mask, q_start: int, spec: StreamingGroups, rep: int) -> torch.Tensor:
+    """Queries at positions q_start .. q_start + T - 1 (every sequence alike), in blocks of
+    BAND_BLOCK, each over the sink slots and the slots from its first query's window start to
+    its last query: the keys of its band and no others."""
+    t = q.shape[2]
+    sink, window = spec.sink, spec.window
+    out = torch.empty_like(q)
+    for a in range(0, t, BAND_BLOCK):
+        e = min(a + BAND_BLOCK, t)
+        first, last = q_start + a, q_start + e - 1
+        lo = max(sink, first - window + 1)
+        keys = torch.cat([torch.arange(min(sink, last + 1)), torch.arange(min(lo, last + 1), last + 1)]).to(q.device)
+        pos = torch.arange(first, last + 1, device=q.device)
+        dist = pos[:, None] - keys
+        allowed = (dist >= 0) & ((keys < sink) | (dist < window))  # [block, keys]
+        if mask is not None:
+            allowed = allowed & mask[:, 0, a:e][..., keys]
+        else:
+            allowed = allowed[None]
+        out[:, :, a:e] = F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, keys], v[:, :, keys],
+                                                        attn_mask=allowed[:, None], enable_gqa=rep > 1)
+    return out

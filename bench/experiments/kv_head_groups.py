@@ -1,11 +1,14 @@
 """Issue 29's finer unit: streaming KV-head groups (DuoAttention's sink + recent window for the
 groups that do not need the full context) on SmolLM2, against greedy-kl at equal predicted
-prefill saving (L20 roofline, adaskip.skipping.costs.streaming_plan_costs; a prediction: no kernel
-for streaming groups exists here).
+prefill saving (L20 roofline, adaskip.skipping.costs.streaming_plan_costs: a prediction; the ttft
+stage measures what the runtime's band-only attention saves on this machine). The groups run as
+plans (SkipPlan.streaming).
 
 Stages (each appends to the same output folder; the JSON is rewritten by this script only):
   score   rank every (layer, KV group) on calibration text and retrieval probes of our own
           (adaskip.skipping.head_groups.score_groups) -> scores.json
+  ttft    measured time to first token of the configurations at --ttft-lengths (alternating,
+          --repeats rounds, medians) -> ttft.json
   eval    retrieval (the eval's own passkey / needle tasks: adaskip.evaluation.retrieval.make_tasks
           with `adaskip eval`'s seed 0, depths 0.1 / 0.5 / 0.9, batch 2; --samples 8 is its 24
           prompts a cell, fewer is the first of them) and held-out essay perplexity (4 x 2048)
@@ -18,9 +21,11 @@ attention the plan skips are not counted). --window / --sink set the band.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,8 +37,9 @@ from adaskip.data import essay_paths
 from adaskip.evaluation.harness import document_windows, held_out
 from adaskip.evaluation.quality import perplexity
 from adaskip.evaluation.retrieval import evaluate_retrieval, make_tasks
+from adaskip.runtime.generation import generate
 from adaskip.runtime.loading import load_model
-from adaskip.runtime.streaming import streaming_groups
+from adaskip.runtime.skip_plan import SkipPlan
 from adaskip.skipping.calibration import calibration_requests
 from adaskip.skipping.costs import streaming_plan_costs
 from adaskip.skipping.greedy import requests_digest
@@ -86,8 +92,10 @@ def load_scores(path: Path) -> GroupScores:
                        t("text_mass"), d["probes"], d["texts"])
 
 
-def configuration(name: str, profile, scores: GroupScores, args, text_weight: float) -> tuple:
-    """(SkipPlan or None, {layer: [groups]}) of a configuration name."""
+def configuration(name: str, profile, scores: GroupScores, args, text_weight: float, sink: int,
+                  window: int) -> tuple:
+    """(SkipPlan or None, {layer: [groups]}) of a configuration name: the greedy-kl plan with the
+    streaming groups added (SkipPlan.streaming)."""
     m = re.fullmatch(r"(?:kl(\d+))?\+?(?:stream(\d+))?|full", name)
     if not m or name in ("", "+"):
         raise SystemExit(f"unknown configuration {name!r}")
@@ -97,6 +105,9 @@ def configuration(name: str, profile, scores: GroupScores, args, text_weight: fl
     plan = make_plan(profile, num_layers=args.num_layers, strategy="greedy-kl", num_sublayers=k) if k else None
     skipped_attention = sorted(plan.skipped_attention_layers) if plan is not None else []
     layers = choose(scores.ranking(text_weight, exclude_layers=skipped_attention), n) if n else {}
+    if layers:
+        base = plan if plan is not None else SkipPlan(args.num_layers, {}, strategy="streaming")
+        plan = dataclasses.replace(base, streaming=layers, streaming_sink=sink, streaming_window=window)
     return plan, layers
 
 
@@ -130,7 +141,7 @@ def stage_eval(a, model, tokenizer, profile, out: Path) -> None:
            "skip_samples": a.skip_samples, "lengths": a.lengths, "depths": a.depths, "samples": a.samples,
            "sink": a.sink, "window": a.window, "text_weight": a.text_weight, "rows": []}
     for name in a.configs:
-        plan, layers = configuration(name, profile, scores, args, a.text_weight)
+        plan, layers = configuration(name, profile, scores, args, a.text_weight, a.sink, a.window)
         row = {"config": name, "skipped": sorted(plan.skip_scales) if plan is not None else [],
                "streaming": {str(k): v for k, v in layers.items()},
                "streaming_summary": streaming_summary(layers, args.num_layers, args.num_kv_heads),
@@ -138,23 +149,22 @@ def stage_eval(a, model, tokenizer, profile, out: Path) -> None:
         log(f"eval {name}: skipped {row['skipped']}, {row['streaming_summary']['groups']} streaming groups "
             f"{layers}; predicted prefill speedup "
             + ", ".join(f"{n}: {row['predicted'][f'prefill@{n}']['speedup']:.3f}" for n in COST_LENGTHS), out)
-        with streaming_groups(model, layers, sink=a.sink, window=a.window):
-            if a.ppl:
-                start = time.perf_counter()
-                row["metrics"]["perplexity"] = perplexity(model, windows, plan=plan)
-                row["seconds"]["ppl"] = time.perf_counter() - start
-                log(f"  ppl {row['metrics']['perplexity']:.2f} ({row['seconds']['ppl']:.0f} s)", out)
-            for kind, ts in tasks.items():
-                start = time.perf_counter()
-                res = evaluate_retrieval(model, tokenizer, ts, {name: plan}, batch_size=a.batch, progress=False)[name]
-                row["seconds"][kind] = time.perf_counter() - start
-                row["metrics"][kind] = {"correct": res["correct"], "total": res["total"],
-                                        "by_length": {str(n): v for n, v in res["by_length"].items()},
-                                        "by_cell": {str(n): {str(d): acc for d, acc in cells.items()}
-                                                    for n, cells in res["by_cell"].items()},
-                                        "generations": res["generations"]}
-                log(f"  {kind}: " + ", ".join(f"{n}: {v['correct']}/{v['total']}" for n, v in res["by_length"].items())
-                    + f" ({row['seconds'][kind]:.0f} s)", out)
+        if a.ppl:
+            start = time.perf_counter()
+            row["metrics"]["perplexity"] = perplexity(model, windows, plan=plan)
+            row["seconds"]["ppl"] = time.perf_counter() - start
+            log(f"  ppl {row['metrics']['perplexity']:.2f} ({row['seconds']['ppl']:.0f} s)", out)
+        for kind, ts in tasks.items():
+            start = time.perf_counter()
+            res = evaluate_retrieval(model, tokenizer, ts, {name: plan}, batch_size=a.batch, progress=False)[name]
+            row["seconds"][kind] = time.perf_counter() - start
+            row["metrics"][kind] = {"correct": res["correct"], "total": res["total"],
+                                    "by_length": {str(n): v for n, v in res["by_length"].items()},
+                                    "by_cell": {str(n): {str(d): acc for d, acc in cells.items()}
+                                                for n, cells in res["by_cell"].items()},
+                                    "generations": res["generations"]}
+            log(f"  {kind}: " + ", ".join(f"{n}: {v['correct']}/{v['total']}" for n, v in res["by_length"].items())
+                + f" ({row['seconds'][kind]:.0f} s)", out)
         run["rows"].append(row)
         result["runs"] = [r for r in result["runs"] if r.get("date") != run["date"]] + [run]
         path.write_text(json.dumps(result, indent=1))
@@ -184,6 +194,48 @@ def write_markdown(result: dict, out: Path) -> None:
                          f"{cells[0]} | {cells[1]} |")
         lines += ["", "Retrieval cells are correct/total at each length in order " + str(run["lengths"]) + ".", ""]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
+
+
+def stage_ttft(a, model, tokenizer, profile, out: Path) -> None:
+    """Measured time to first token (adaskip.generate's prefill_s, one new token) of each
+    configuration on one held-out essay prompt of each --ttft-lengths, the configurations in
+    turn, --repeats rounds; medians. The streaming groups read only their band (block-wise
+    prefill), so this is what they save on this machine, beside the roofline's prediction."""
+    args = model.args
+    scores = load_scores(Path(a.scores) if a.scores else out / f"scores-w{a.window}.json")
+    docs = [p.read_text(encoding="utf-8") for p in held_out(essay_paths(), profile)]
+    run = {**header(a), "stage": "ttft", "scores": a.scores or f"scores-w{a.window}.json", "repeats": a.repeats,
+           "sink": a.sink, "window": a.window, "text_weight": a.text_weight, "rows": []}
+    for n in a.ttft_lengths:
+        prompt = document_windows(docs, tokenizer, n, 1)[0]
+        plans = {name: configuration(name, profile, scores, args, a.text_weight, a.sink, a.window)
+                 for name in a.configs}
+        times = {name: [] for name in a.configs}
+        generate(model, [prompt[:256]], max_new_tokens=1, eos_token_ids=[])  # warm-up
+        for r in range(a.repeats):
+            for name in a.configs:
+                times[name].append(generate(model, [prompt], max_new_tokens=1, eos_token_ids=[],
+                                            plan=plans[name][0]).prefill_s)
+            log(f"ttft {n} tokens, round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), out)
+        full = statistics.median(times["full"]) if "full" in times else None
+        for name in a.configs:
+            plan, layers = plans[name]
+            med = statistics.median(times[name])
+            run["rows"].append({"config": name, "prompt_tokens": len(prompt),
+                                "skipped": sorted(plan.skip_scales) if plan is not None else [],
+                                "streaming_groups": sum(len(g) for g in layers.values()),
+                                "ttft_runs_s": times[name], "ttft_s": med,
+                                "measured_speedup": full / med if full else None,
+                                "predicted_prefill_speedup": predicted(args, plan, layers, a.sink, a.window).get(
+                                    f"prefill@{n}", {}).get("speedup")})
+    path = out / "ttft.json"
+    result = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    result["runs"].append(run)
+    path.write_text(json.dumps(result, indent=1))
+    for row in run["rows"]:
+        log(f"ttft {row['prompt_tokens']} tokens {row['config']}: median {row['ttft_s']:.2f} s, measured "
+            f"{row['measured_speedup'] or float('nan'):.3f}x, predicted (L20) "
+            f"{row['predicted_prefill_speedup'] or float('nan'):.3f}x", out)
 
 
 def stage_costs(a, profile, out: Path) -> None:
@@ -225,7 +277,7 @@ def stage_costs(a, profile, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["score", "eval", "costs"])
+    p.add_argument("stage", choices=["score", "eval", "costs", "ttft"])
     p.add_argument("--out", default="bench/results/eval-smollm2-kv-head-groups-cpu-2026-12-05")
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--sink", type=int, default=4)
@@ -246,6 +298,9 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", default=["passkey", "needle"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--ppl", action="store_true")
+    # ttft
+    p.add_argument("--ttft-lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -260,6 +315,8 @@ def main() -> None:
     model.eval()
     if a.stage == "score":
         stage_score(a, model, tokenizer, profile, out)
+    elif a.stage == "ttft":
+        stage_ttft(a, model, tokenizer, profile, out)
     else:
         stage_eval(a, model, tokenizer, profile, out)
     log("done", out)
