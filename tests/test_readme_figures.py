@@ -140,3 +140,41 @@ def test_a_predicted_figure_is_called_a_prediction():
     assert len(predictions) >= 3  # the demo's and the streaming groups' predicted speedups
     for fig in predictions:
         assert "predict" in fig.words, f"the figure {fig.words!r} quotes a cost model's value without saying so"
+
+
+def _results_with(tmp_path, rel, change):
+    """A results tree like bench/results whose file `rel` is a copy changed by `change(data)`; every
+    other entry links to the real one (the real files are never written)."""
+    import json
+    import os
+    root = tmp_path / "results"
+    root.mkdir()
+    top = rel.split("/")[0]
+    for entry in RESULTS.iterdir():
+        if entry.name != top:
+            os.symlink(entry, root / entry.name)
+    shutil.copytree(RESULTS / top, root / top, symlinks=True)
+    data = json.loads((root / rel).read_text(encoding="utf-8"))
+    change(data)
+    (root / rel).write_text(json.dumps(data), encoding="utf-8")
+    return root
+
+
+def test_a_new_value_in_a_result_file_is_rendered_into_the_prose(tmp_path, monkeypatch):
+    """The registry reads the files: a changed perplexity rewrites its figure and the figures computed
+    from it (the excess in %), and nothing else."""
+    # the copy has no git history: ask the checkout's whether the kernels changed, as the real tree does
+    real, ask_git = readme.Results(RESULTS), readme.Results.kernels_changed_since
+    monkeypatch.setattr(readme.Results, "kernels_changed_since", lambda self, commit: ask_git(real, commit))
+
+    def change(data):
+        readme_figures.select(data["rows"], "greedy-kl@8")["metrics"]["perplexity"] = 29.0
+    root = _results_with(tmp_path, readme_figures.W4, change)
+    stale = readme.check(README, root)
+    assert stale and all(s.startswith("figure ") for s in stale)
+    new = readme.render(README, root)
+    assert "at perplexity 29.00\n  against the full model's 23.15 on that folder's windows (+25 %" in new
+    assert readme.check(new, root) == []
+    changed = [l for l in new.split("\n") if l not in README.split("\n")]
+    # the weight-4 sentence (the value and its excess, on two lines) and the grid16 bullet that quotes it
+    assert len(changed) == 3 and "the same search scored 29.00" in changed[2], changed
