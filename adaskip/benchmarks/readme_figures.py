@@ -496,10 +496,9 @@ def _standins_table():
             for words, f, sel, key in rows]
 
 
-def _excess_lower(rel_a, a, rel_b, b, full_rel, budget):
+def excess_lower(a: Source, b: Source, full: Source) -> Source:
     """How much lower plan a's excess perplexity over the full model is than plan b's, in %."""
-    return calc(".0f", lambda x, y, f: 100 * (1 - (x - f) / (y - f)), ppl(rel_a, f"{a}@{budget}" if "@" not in a else a),
-                ppl(rel_b, f"{b}@{budget}"), ppl(full_rel, "full"))
+    return calc(".0f", lambda x, y, f: 100 * (1 - (x - f) / (y - f)), a, b, full)
 
 
 def _figures_retrieval_kl():
@@ -660,14 +659,14 @@ def _figures_streaming():
 
 def _figures_standins():
     rel, loss, ret = SI + "eval.json", SI + "greedy-loss/eval.json", SI + "retrieval/eval.json"
-    lower = [_excess_lower(rel, "greedy-kl@{}/linear".format(b), rel, "blockpruner", rel, b) for b in (4, 8, 12, 16)]
+    lower = [excess_lower(ppl(rel, f"greedy-kl@{b}/linear"), ppl(rel, f"blockpruner@{b}"), ppl(rel, "full"))
+             for b in (4, 8, 12, 16)]
     search = lambda f, method, key: J(f, "search", method, key, fmt="d")
     return _standins_table() + [
         figure("(held-out essays, 4 windows of 2048 tokens, full model {};", ppl(rel, "full")),
         figure("perplexity over the full model is {} / {} / {} / {} % lower than BlockPruner's", *lower),
         figure("and {} % lower than `greedy-loss`'s at 8",
-               calc(".0f", lambda x, y, f: 100 * (1 - (x - f) / (y - f)), ppl(rel, "greedy-kl@8/linear"),
-                    ppl(loss, "greedy-loss@8"), ppl(rel, "full"))),
+               excess_lower(ppl(rel, "greedy-kl@8/linear"), ppl(loss, "greedy-loss@8"), ppl(rel, "full"))),
         figure("It costs {} forward passes of 1k tokens for budgets up to 16 (BlockPruner with the\n"
                "same 6-candidate shortlist: {}; `greedy-loss` with its 4: {})",
                search(SI + "profile.json", "kl", "forward_passes"), search(SI + "profile.json", "blockpruner", "forward_passes"),
