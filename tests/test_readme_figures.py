@@ -28,6 +28,9 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_number_in_the_result_prose_has_a_source():
+    # a renamed heading would silently shrink the scope
+    for heading in readme_figures.RESULT_HEADINGS:
+        assert re.search(f"^{re.escape(heading)}", README, re.MULTILINE), f"the README has no {heading!r} section"
     missing = readme.unsourced_numbers(README)
     assert not missing, "numbers in the README's result prose with no source (register them in " \
         "adaskip/benchmarks/readme_figures.py):\n" + "\n".join(f"  line {no}: {num!r} in {line!r}" for no, num, line in missing)
