@@ -17,7 +17,7 @@ RESULTS = ROOT / "bench" / "results"
 
 def test_the_readme_sections_match_the_results(capsys):
     main(["report", "--readme", str(ROOT / "README.md"), "--check"])
-    assert "every marked section matches" in capsys.readouterr().out
+    assert "every marked section and registered figure matches" in capsys.readouterr().out
     text = (ROOT / "README.md").read_text()
     assert set(readme.sections(text)) == set(readme.SECTIONS), "a section the renderer knows is not in the README"
 

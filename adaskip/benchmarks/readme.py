@@ -7,8 +7,12 @@ the template declares in LITERALS), so the prose cannot say what the files do no
 names the commit and date it was measured on, and "measured on older kernels" when `csrc/`
 changed after that commit; a prediction (the roofline model) says so.
 
-`render(text, root)` returns the file with every section rendered; `check` lists the sections
-that differ. Only the marked sections are ours: the rest of the file is left as it is."""
+The result figures outside the marked sections are registered in readme_figures (the README's words
+around each figure, the file and key it comes from); `render` writes their values too, and
+`unsourced_numbers` lists the numbers of the README's result prose that have neither kind of source.
+
+`render(text, root)` returns the file with every section and registered figure rendered; `check`
+lists those that differ. Nothing else in the file is touched."""
 from __future__ import annotations
 
 import json
@@ -17,6 +21,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
+
+from .readme_figures import figures, measured_on, render_figures, unsourced
 
 BEGIN = "<!-- adaskip:report {name} -->"
 END = "<!-- /adaskip:report -->"
@@ -39,6 +45,14 @@ class Results:
             raise ValueError(f"adaskip: a README section reads {path}, which does not exist")
         return json.loads(path.read_text(encoding="utf-8"))
 
+    @lru_cache(maxsize=None)
+    def text(self, rel: str) -> str:
+        """A run's log (or any text file) under the results, for figures only a log holds."""
+        path = self.root / rel
+        if not path.is_file():
+            raise ValueError(f"adaskip: a README figure reads {path}, which does not exist")
+        return path.read_text(encoding="utf-8", errors="replace")
+
     def kernels_changed_since(self, commit: str) -> Optional[bool]:
         """Whether csrc/ changed after `commit` (None: no git history here to ask)."""
         try:
@@ -47,17 +61,6 @@ class Results:
         except (OSError, subprocess.SubprocessError):
             return None
         return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def measured_on(results: Results, rel: str) -> str:
-    """How a GPU figure says where it comes from: the commit and date of its file, and whether
-    the kernels have changed since."""
-    data = results.json(rel)
-    commit, date = str(data["git_commit"])[:7], str(data["date"])[:10]
-    changed = results.kernels_changed_since(commit)
-    age = {True: ", measured on older kernels than `csrc/` holds now", False: "",
-           None: ", kernels since unknown (no git history)"}[changed]
-    return f"{date}, commit {commit}{age}"
 
 
 def _rows(data: dict, task: str) -> list:
@@ -272,8 +275,18 @@ def sections(text: str) -> dict:
 
 
 def render(text: str, root) -> str:
-    """`text` with every marked section rendered from the results under `root`."""
-    results = Results(root)
+    """`text` with every marked section and every registered figure (readme_figures) rendered from
+    the results under `root`."""
+    return _render(text, Results(root))[0]
+
+
+def _render(text: str, results: "Results") -> tuple:
+    """(the rendered text, the registered figures whose values changed)."""
+    text = _render_sections(text, results)
+    return render_figures(text, results, figures())
+
+
+def _render_sections(text: str, results: "Results") -> str:
     sections(text)  # refuses duplicates and unknown names
     def one(m):
         indent, name = m.group(1), m.group(2)
@@ -284,6 +297,14 @@ def render(text: str, root) -> str:
 
 
 def check(text: str, root) -> list:
-    """The names of the sections whose text differs from what the results render."""
-    now, rendered = sections(text), sections(render(text, root))
-    return [name for name in now if now[name] != rendered[name]]
+    """The names of the sections, and the words of the registered figures, whose text differs from
+    what the results render (a figure whose words are not in the text is refused by ValueError)."""
+    out, changed = _render(text, Results(root))
+    now, rendered = sections(text), sections(out)
+    return [name for name in now if now[name] != rendered[name]] + [f"figure {w!r}" for w in changed]
+
+
+def unsourced_numbers(text: str) -> list:
+    """(line, number, line text) of each number in the README's result prose that has no source:
+    neither a registered figure, nor inside a marked section, nor a setting (readme_figures.SETTINGS)."""
+    return unsourced(text, figures(), [m.span() for m in _SECTION.finditer(text)])
