@@ -199,8 +199,10 @@ def write_markdown(result: dict, out: Path) -> None:
 def stage_ttft(a, model, tokenizer, profile, out: Path) -> None:
     """Measured time to first token (adaskip.generate's prefill_s, one new token) of each
     configuration on one held-out essay prompt of each --ttft-lengths, the configurations in
-    turn, --repeats rounds; medians. The streaming groups read only their band (block-wise
-    prefill), so this is what they save on this machine, beside the roofline's prediction."""
+    turn, --repeats rounds; medians of the wall time and of the process's CPU time (with one
+    thread, the work done: other jobs on the same cores stretch the wall time, not that). The
+    streaming groups read only their band (block-wise prefill), so this is what they save on
+    this machine, beside the roofline's prediction."""
     args = model.args
     scores = load_scores(Path(a.scores) if a.scores else out / f"scores-w{a.window}.json")
     docs = [p.read_text(encoding="utf-8") for p in held_out(essay_paths(), profile)]
@@ -211,21 +213,28 @@ def stage_ttft(a, model, tokenizer, profile, out: Path) -> None:
         plans = {name: configuration(name, profile, scores, args, a.text_weight, a.sink, a.window)
                  for name in a.configs}
         times = {name: [] for name in a.configs}
+        cpu = {name: [] for name in a.configs}  # the process's CPU seconds: what other jobs on the cores do not move
         generate(model, [prompt[:256]], max_new_tokens=1, eos_token_ids=[])  # warm-up
         for r in range(a.repeats):
             for name in a.configs:
+                start = time.process_time()
                 times[name].append(generate(model, [prompt], max_new_tokens=1, eos_token_ids=[],
                                             plan=plans[name][0]).prefill_s)
-            log(f"ttft {n} tokens, round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), out)
+                cpu[name].append(time.process_time() - start)
+            log(f"ttft {n} tokens, round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s ({cpu[k][-1]:.2f} s CPU)"
+                                                               for k, v in times.items()), out)
         full = statistics.median(times["full"]) if "full" in times else None
+        full_cpu = statistics.median(cpu["full"]) if "full" in cpu else None
         for name in a.configs:
             plan, layers = plans[name]
-            med = statistics.median(times[name])
+            med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
             run["rows"].append({"config": name, "prompt_tokens": len(prompt),
                                 "skipped": sorted(plan.skip_scales) if plan is not None else [],
                                 "streaming_groups": sum(len(g) for g in layers.values()),
                                 "ttft_runs_s": times[name], "ttft_s": med,
+                                "cpu_runs_s": cpu[name], "cpu_s": med_cpu,
                                 "measured_speedup": full / med if full else None,
+                                "measured_cpu_speedup": full_cpu / med_cpu if full_cpu else None,
                                 "predicted_prefill_speedup": predicted(args, plan, layers, a.sink, a.window).get(
                                     f"prefill@{n}", {}).get("speedup")})
     path = out / "ttft.json"
@@ -234,7 +243,8 @@ def stage_ttft(a, model, tokenizer, profile, out: Path) -> None:
     path.write_text(json.dumps(result, indent=1))
     for row in run["rows"]:
         log(f"ttft {row['prompt_tokens']} tokens {row['config']}: median {row['ttft_s']:.2f} s, measured "
-            f"{row['measured_speedup'] or float('nan'):.3f}x, predicted (L20) "
+            f"{row['measured_speedup'] or float('nan'):.3f}x (CPU time {row['measured_cpu_speedup'] or float('nan'):.3f}x), "
+            "predicted (L20) "
             f"{row['predicted_prefill_speedup'] or float('nan'):.3f}x", out)
 
 
