@@ -108,20 +108,16 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     built, as for the search's), `validation_len` tokens
     long (default prompt_len; longer ones are cut from the held-out windows joined end to end, so
     validate at the length the plan will serve).
-    streaming_probes: also rank every KV-head group for streaming (a band of `streaming_sink` +
-    `streaming_window` keys; adaskip.skipping.head_groups.score_groups) on this many retrieval
-    probes of validation_len tokens (their haystacks cut from the calibration requests joined,
-    facts and seed of their own) and the first 4 calibration requests: one full-model pass each;
-    stored in the profile's group_scores for plan(..., streaming_groups=n). 0: not ranked.
+    streaming_probes: also rank KV-head groups for streaming on this many probes of validation_len tokens
+    into profile.group_scores, for plan(..., streaming_groups=n) (_score_groups). 0: not ranked.
     checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
     nothing finished to a later failure or an interrupt.
     resume: such a saved profile of an interrupted calibration with the same model and requests:
     its statistics are kept, its searches go on from their last choice (one of at least
-    `search_max_sublayers` choices keeps them; searches not asked for are dropped; one made with
-    other settings is refused) and the validation runs again. The result is what an
-    uninterrupted calibration gives."""
+    `search_max_sublayers` choices keeps them; searches not asked for are dropped; one made with other
+    settings is refused), validation and group ranking run again: an uninterrupted calibration's result."""
     _check_sizes(model, num_requests=num_requests, prompt_len=prompt_len, search_max_sublayers=search_max_sublayers,
                  search_requests=search_requests, validation_requests=validation_requests,
                  search_candidates=search_candidates)
@@ -139,27 +135,36 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     digest = greedy.requests_digest(requests)
     if resume is not None:
         profile = _resumed(resume, model, digest, prompt_len, methods)
-        profile.group_scores = {}  # ranked again below when asked for, with this call's settings
     else:
         profile = _measured_profile(model, requests, prompt_len, description, sources, digest, progress)
         save(profile, "calibration", True)
-    # Retrieval probes hidden in the calibration windows after the search's own (all of them when there are none).
-    probes = (make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
-                          seed="search") if fitting and search_retrieval_weight > 0 else [])
-    for method in methods:
-        extra = (dict(stand_in=search_stand_in, weighting=search_weighting, probes=probes,
-                      retrieval_weight=search_retrieval_weight if probes else 0.0) if method in fitting else {})
-        _run_search(model, profile, requests[:search_requests], method, search_candidates,
-                    min(search_max_sublayers, 2 * model.args.num_layers - 2), progress, save, checkpoint, extra)
+    _run_searches(model, profile, requests, tokenizer, methods, fitting, search_requests, prompt_len, search_probes,
+                  dict(stand_in=search_stand_in, weighting=search_weighting, retrieval_weight=search_retrieval_weight),
+                  search_candidates, min(search_max_sublayers, 2 * model.args.num_layers - 2), progress, save, checkpoint)
     if streaming_probes:
         _score_groups(model, profile, requests, tokenizer, streaming_probes, validation_len, streaming_sink,
-                      streaming_window, progress)
-        save(profile, "group scores", True)
+                      streaming_window, progress, save)
     if budgets:
         _validate_held(model, profile, held, tokenizer, validate_strategies, budgets, validation_len,
                        validation_probes, progress)
         save(profile, "validation", True)
     return profile
+
+
+def _run_searches(model, profile, requests, tokenizer, methods, fitting, search_requests: int, prompt_len: int,
+                  search_probes: int, scoring: dict, candidates, max_sublayers: int, progress: bool, save,
+                  checkpoint) -> None:
+    """Each greedy search asked for, in turn, on the first `search_requests` requests; those that
+    fit stand-ins (`fitting`) score with `scoring` (stand-in kind, position weighting, retrieval
+    weight) and, with a retrieval weight, `search_probes` probes hidden in the calibration
+    windows after the search's own (all of them when there are none)."""
+    weight = scoring["retrieval_weight"]
+    probes = (make_probes(tokenizer, requests[search_requests:] or requests, search_probes, length=prompt_len,
+                          seed="search") if fitting and weight > 0 else [])
+    scoring = dict(scoring, probes=probes, retrieval_weight=weight if probes else 0.0)
+    for method in methods:
+        _run_search(model, profile, requests[:search_requests], method, candidates, max_sublayers, progress, save,
+                    checkpoint, scoring if method in fitting else {})
 
 
 GROUP_SCORE_TEXTS = 4  # calibration requests the group ranking also reads (late positions of each)
@@ -179,8 +184,11 @@ def _check_streaming_scoring(tokenizer, probes, length: int, sink, window) -> No
 
 
 def _score_groups(model, profile, requests, tokenizer, count: int, length: int, sink: int, window: int,
-                  progress: bool) -> None:
-    """profile.group_scores: every KV-head group ranked for streaming (head_groups.score_groups)."""
+                  progress: bool, save) -> None:
+    """profile.group_scores (then saved): every KV-head group ranked for streaming with a band of
+    sink + window keys (head_groups.score_groups) on `count` probes (haystacks cut from the
+    calibration requests joined; facts and seed their own) and the first GROUP_SCORE_TEXTS
+    requests, one full-model pass each."""
     import time
 
     from .head_groups import default_probe_seed, probe_haystacks, score_groups
@@ -192,6 +200,7 @@ def _score_groups(model, profile, requests, tokenizer, count: int, length: int, 
     profile.group_scores = {**scores.to_dict(), "probe_len": length, "probe_seed": default_probe_seed(),
                             "forward_passes": len(probes) + min(len(requests), GROUP_SCORE_TEXTS),
                             "wall_s": time.perf_counter() - start}
+    save(profile, "group scores", True)
 
 
 def _check_sizes(model, **sizes) -> None:
@@ -390,7 +399,8 @@ def _haystacks(windows: Sequence[Sequence[int]], length: int) -> list:
 
 def _resumed(resume: ImportanceProfile, model, digest: str, prompt_len: int, methods) -> ImportanceProfile:
     """A copy of the interrupted calibration's profile to go on from: its statistics and the
-    searches of `methods`, no validation (it runs again after the searches)."""
+    searches of `methods`, no validation (it runs again after the searches) and no group ranking
+    (ranked again when asked for, with this call's settings)."""
     if not isinstance(resume, ImportanceProfile):
         raise ValueError(f"adaskip: resume takes the ImportanceProfile of an interrupted calibration, got "
                          f"{type(resume).__name__}")
@@ -403,7 +413,7 @@ def _resumed(resume: ImportanceProfile, model, digest: str, prompt_len: int, met
                          f"prompt_len {resume.prompt_len}; these: {digest}, {prompt_len}); resume with the same data, "
                          "num_requests and prompt_len")
     profile = copy.deepcopy(resume)
-    profile.validation = {}
+    profile.validation, profile.group_scores = {}, {}
     for method in list(profile.search):
         if method not in methods:
             profile.search.pop(method)
