@@ -374,6 +374,18 @@ def kv_run(rel: str, config: str, task: str, length: int, key: str = "correct") 
     return Source(rel, get, "d")
 
 
+def ttft_row(rel: str, config: str, tokens: int, key: str, fmt: str = ".3f") -> Source:
+    """`key` of the kv_head_groups ttft stage's row of `config` at a prompt of `tokens` tokens
+    (the last run that measured it)."""
+    def get(results):
+        found = [r for run in results.json(rel)["runs"] for r in run["rows"]
+                 if r["config"] == config and r["prompt_tokens"] == tokens]
+        if not found:
+            raise ValueError(f"adaskip: no ttft row {config!r} at {tokens} tokens in {rel}")
+        return found[-1][key]
+    return Source(rel, get, fmt)
+
+
 def kv_row(rel: str, config: str, *keys, fmt: str = ".2f") -> Source:
     """A value of the first row of `config` in the kv_head_groups experiment's runs."""
     def get(results):
