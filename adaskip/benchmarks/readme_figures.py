@@ -633,7 +633,7 @@ def _figures_grid16():
 
 
 def _figures_streaming():
-    kv, costs, pilot = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json"
+    kv, costs, pilot, tt = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json", KV + "ttft/ttft.json"
     grid, g6, ess = G16 + "grid/eval.json", G16 + "grid6k/eval.json", G16 + "ppl-essays/eval.json"
     p = lambda n: ("predicted", f"prefill@{n}", "speedup")
     cells = []
@@ -661,6 +661,11 @@ def _figures_streaming():
                kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"),
                *[predicted(x) for x in (kv_row(kv, "stream36", *p(2048), fmt=".3f"), costs_row(costs, 2048, 256, "kl8_speedup"),
                                         kv_row(kv, "stream36", *p(6144), fmt=".3f"), costs_row(costs, 6144, 256, "kl8_speedup"))]),
+        figure("time to\nfirst token {}x / {}x / {}x at 2k / 4k / 6k with the {} groups, against `greedy-kl` 8's\n"
+               "{}x / {}x / {}x",
+               *[ttft_row(tt, "stream36", n, "measured_cpu_speedup") for n in (2048, 4096, 6144)],
+               kv_row(kv, "stream36", "streaming_summary", "groups", fmt="d"),
+               *[ttft_row(tt, "kl8", n, "measured_cpu_speedup") for n in (2048, 4096, 6144)]),
         figure("price ({} groups) perplexity holds ({}) but retrieval does not ({} of {} on a pilot)",
                kv_row(pilot, "stream72", "streaming_summary", "groups", fmt="d"), kv_row(pilot, "stream72", "metrics", "perplexity"),
                calc("d", lambda a, b: a + b, kv_run(pilot, "stream72", "passkey", 4096), kv_run(pilot, "stream72", "needle", 4096)),
