@@ -77,7 +77,7 @@ def serve_instructions(fmt, out) -> list:
 
     lines = []
     if fmt.stand_ins:
-        lines.append("install the adaskip vLLM plugin into vLLM's environment once (it keeps vLLM's torch): "
+        lines.append("install the adaskip vLLM plugin once, with the python of vLLM's environment (it keeps its torch): "
                      + plugin_install_command())
     lines.append(f"serve it with: vllm serve {shlex.quote(str(out))}{fmt.serve_flags}")
     return lines
