@@ -75,7 +75,9 @@ def model_facts(model):
         p = getattr(module, name, None)
         if p is None:
             return None
-        return [getattr(p, "output_size_per_partition", None), getattr(p, "input_size_per_partition", None)]
+        # ReplicatedLinear declares no per-partition sizes: its whole sizes are each rank's.
+        return [getattr(p, "output_size_per_partition", None) or sum(p.output_partition_sizes),
+                getattr(p, "input_size_per_partition", None) or p.input_size]
 
     layers, facts = model.model.layers, {"class": type(model).__name__}
     if torch.distributed.is_initialized():
@@ -208,7 +210,7 @@ def compare(expected: dict, served: dict) -> dict:
         # Each rank holds 1/size of the attention and FFN projections and the whole stand-ins.
         checks["linear_tp_sharded"] = len(tp["per_rank_shapes"]) == size and all(
             r["qkv_proj"][0] * size == one["qkv_proj"][0] and r["down_proj"][1] * size == one["down_proj"][1]
-            and r["linear_stand_in_down"] == one["linear_stand_in_down"]
+            and None not in one["linear_stand_in_down"] and r["linear_stand_in_down"] == one["linear_stand_in_down"]
             and r["linear_stand_in_up"] == one["linear_stand_in_up"] for r in tp["per_rank_shapes"])
     kv = {name: s["kv_cache_tokens"] for name, s in served.items() if "kv_cache_tokens" in s and name != "linear_tp"}
     t_plan, t_full = served["linear"]["throughput"], full["throughput"]
