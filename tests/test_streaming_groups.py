@@ -257,6 +257,7 @@ def test_schedule_carries_the_groups(long_model):
     decode = schedule_step(long_model, batch=1, tokens=1, plan=plan.skips_in("decode")).sublayers
     assert decode[2].streaming == StreamingGroups((0, 1), 2, 16)
     assert plan.to_dict()["streaming"] == {"1": [0, 1]}
+    assert not {"streaming", "streaming_sink", "streaming_window"} & set(SkipPlan(3, {4: 0.9}).to_dict())
     assert "streaming KV-head groups (sink 2, window 16): 2 in layers 1: [0, 1]" in plan.describe()
 
 

@@ -261,7 +261,12 @@ class SkipPlan:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.pop("kv_only_attention")
         d["skip_scales"] = {str(k): v for k, v in self.skip_scales.items()}
-        d["streaming"] = {str(k): list(v) for k, v in self.streaming.items()}
+        # Like the stand-ins: a plan without streaming groups writes none of their keys.
+        if self.streaming:
+            d["streaming"] = {str(k): list(v) for k, v in self.streaming.items()}
+        else:
+            for name in ("streaming", "streaming_sink", "streaming_window"):
+                d.pop(name)
         # The fitted tensors stay with the profile that holds them; a plan's JSON names their kind.
         d.pop("stand_ins")
         if self.stand_ins:
