@@ -25,7 +25,7 @@ def _choices(command: str, flag: str) -> list:
 def test_the_cli_reads_its_choices_from_the_tables():
     assert _choices("run", "--strategy") == list(strategies.STRATEGIES)
     assert _choices("export", "--strategy") == list(strategies.STRATEGIES)
-    assert _choices("export", "--format") == list(exporting.FORMATS) == ["decilm", "llama"]
+    assert _choices("export", "--format") == list(exporting.FORMATS) == ["decilm", "llama", "adaskip"]
     assert _choices("eval", "--strategies") == ",".join(strategies.PAPER_COMPARISON)
     assert strategies.PAPER_COMPARISON == ("adaskip", "early-exit", "skipdecode", "unified", "shortgpt")
     assert "full" not in strategies.SKIPPING_STRATEGIES
