@@ -40,9 +40,21 @@ class StreamingGroups:
 def band_mask(q_pos: torch.Tensor, kv_len: int, sink: int, window: int) -> torch.Tensor:
     """Boolean [B, T, kv_len]: key j is visible to the query at position i when j <= i and
     (j < sink or i - j < window)."""
-    keys = torch.arange(kv_len, device=q_pos.device)
+    return _in_band(q_pos, torch.arange(kv_len, device=q_pos.device), sink, window)
+
+
+def _in_band(q_pos: torch.Tensor, keys: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Boolean [..., len(keys)]: which of the key slots `keys` the queries at q_pos [...] see."""
     dist = q_pos[..., None] - keys
     return (dist >= 0) & ((keys < sink) | (dist < window))
+
+
+def _groups_of(t: torch.Tensor, groups: list) -> torch.Tensor:
+    """t[:, groups]: a view when the groups are consecutive (no copy of a KV cache in a decode
+    step), else a gathered copy."""
+    if groups == list(range(groups[0], groups[-1] + 1)):
+        return t[:, groups[0]:groups[-1] + 1]
+    return t[:, groups]
 
 
 # Queries per block of the banded prefill: each block reads sink + window + block keys, so a query
@@ -78,10 +90,11 @@ def streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
 
     if full:
         hq, causal = heads(full), isinstance(mask, str)
-        y[:, hq] = F.scaled_dot_product_attention(q[:, hq], k[:, full], v[:, full], attn_mask=None if causal else mask,
-                                                  is_causal=causal, enable_gqa=rep > 1)
+        y[:, hq] = F.scaled_dot_product_attention(_groups_of(q, hq), _groups_of(k, full), _groups_of(v, full),
+                                                  attn_mask=None if causal else mask, is_causal=causal,
+                                                  enable_gqa=rep > 1)
     hq = heads(stream)
-    qs, ks, vs = q[:, hq], k[:, stream], v[:, stream]
+    qs, ks, vs = _groups_of(q, hq), _groups_of(k, stream), _groups_of(v, stream)
     extra = mask if isinstance(mask, torch.Tensor) else None
     if t == 1:
         y[:, hq] = _band_gather(qs, ks, vs, extra, q_pos[:, 0], spec, rep)
@@ -102,7 +115,7 @@ def _band_gather(q, k, v, mask, pos, spec: StreamingGroups, rep: int) -> torch.T
     sink, window = spec.sink, spec.window
     recent = pos[:, None] - window + 1 + torch.arange(window, device=pos.device)
     slots = torch.cat([torch.arange(sink, device=pos.device).expand(b, sink), recent], 1)  # [B, sink + window]
-    valid = (slots >= 0) & (slots <= pos[:, None]) & (slots < length)
+    valid = (slots >= 0) & (slots < length) & _in_band(pos, slots, sink, window)
     valid[:, sink:] &= recent >= sink  # a recent slot inside the sink is counted once, as a sink
     slots = slots.clamp(0, length - 1)
     if mask is not None:  # [B or 1, 1, 1, L]: padding, cache lengths, a sliding window
@@ -124,9 +137,7 @@ def _band_blocks(q, k, v, mask, q_start: int, spec: StreamingGroups, rep: int) -
         first, last = q_start + a, q_start + e - 1
         lo = max(sink, first - window + 1)
         keys = torch.cat([torch.arange(min(sink, last + 1)), torch.arange(min(lo, last + 1), last + 1)]).to(q.device)
-        pos = torch.arange(first, last + 1, device=q.device)
-        dist = pos[:, None] - keys
-        allowed = (dist >= 0) & ((keys < sink) | (dist < window))  # [block, keys]
+        allowed = _in_band(torch.arange(first, last + 1, device=q.device), keys, sink, window)  # [block, keys]
         if mask is not None:
             allowed = allowed & mask[:, 0, a:e][..., keys]
         else:
