@@ -1,6 +1,7 @@
 """Streaming KV-head groups (adaskip.runtime.streaming): a group's query heads see only the sink and
 a recent window, in prefill and decode; every other group, and every model without them, is as
 before."""
+import json
 import math
 
 import pytest
@@ -387,6 +388,152 @@ def test_cli_streaming_groups_need_a_ranked_profile(ranked, tmp_path):
                                                "--streaming-groups", "2"])
     assert "need at least 256" in error(["calibrate", "--data", "essays", "--out", str(tmp_path / "q.json"),
                                          "--prompt-len", "128", "--streaming-probes", "2"])
+
+
+# --- validated group counts, chosen by a tolerance ---------------------------------------------------
+
+
+def test_validation_measures_group_plans_as_the_forwards_do(ranked, tmp_path):
+    """Each budget + groups row holds what compare_requests measures of that very plan, and the
+    profile keeps the rows (and refuses malformed ones) across a save."""
+    import adaskip
+    from adaskip.skipping.calibration import validate
+    from adaskip.skipping.measurement import compare_requests
+    from adaskip.skipping.profile import ImportanceProfile
+    from adaskip.skipping.strategies import streaming_layers
+
+    model, profile = ranked
+    requests = random_requests(2, length=300, seed=4)
+    v = validate(model, profile, requests, strategies=["greedy-loss"], budgets=[2], streaming=[3, 1])["greedy-loss"]
+    rows = v["streaming"]
+    assert [(r["budget"], r["groups"]) for r in rows] == [(0, 1), (0, 3), (2, 1), (2, 3)]
+    plans = [adaskip.plan(profile, strategy="greedy-loss", num_sublayers=r["budget"], streaming_groups=r["groups"])
+             for r in rows]
+    tokens, sums = compare_requests(model, requests, list(enumerate(plans)))
+    for i, (r, p) in enumerate(zip(rows, plans)):
+        assert r["layers"] == streaming_layers(p) and sum(len(g) for _, g in r["layers"]) == r["groups"]
+        assert r["kl"] == pytest.approx(sums[i]["kl"] / tokens, rel=1e-6) and r["kl"] > 0
+        assert r["top1_agreement"] == pytest.approx(sums[i]["agree"] / tokens)
+        assert "retrieval_hits" not in r  # no probes given
+    assert rows[1]["kl"] != rows[0]["kl"]  # more groups, another plan
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert ImportanceProfile.load(path).validation["greedy-loss"]["streaming"] == rows
+    for bad, match in (({"groups": 0}, "groups"), ({"layers": [[1, [0, 1]]]}, "groups expected"),
+                       ({"kl": float("nan")}, "finite"), ({"top1_agreement": 2.0}, "top1_agreement")):
+        data = json.loads(path.read_text())
+        data["validation"]["greedy-loss"]["streaming"][0].update(bad)
+        bad_path = tmp_path / "bad.json"
+        bad_path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=match):
+            ImportanceProfile.load(bad_path)
+    with pytest.raises(ValueError, match="distinct"):
+        validate(model, profile, requests, strategies=["greedy-loss"], budgets=[2], streaming=[1, 1])
+    with pytest.raises(ValueError, match="integers >= 1"):
+        validate(model, profile, requests, strategies=["greedy-loss"], budgets=[2], streaming=[0])
+    with pytest.raises(ValueError, match="group ranking"):
+        validate(model, dataclasses_replace(profile, group_scores={}), requests, strategies=["greedy-loss"],
+                 budgets=[2], streaming=[1])
+
+
+def _with_group_rows(profile, strategy, hits, rows):
+    """`profile` with a hand-written validation of `strategy`: budgets 2 and 4 found `hits` probes
+    of 8 (full model 8), and `rows` (budget, groups, hits) of streaming plans, as validate stores them."""
+    import adaskip
+    from adaskip.skipping.strategies import streaming_layers
+
+    entry = {"budgets": [2, 4], "kl": [0.1, 0.2], "top1_agreement": [0.9, 0.8], "perplexity": [1.0, 1.0],
+             "sublayers": [sorted(adaskip.plan(profile, strategy=strategy, num_sublayers=k).skip_scales)
+                           for k in (2, 4)],
+             "stand_in": "scalar", "requests": 1, "tokens": 10, "retrieval_hits": hits, "retrieval_full_hits": 8,
+             "retrieval_probes": 8, "retrieval_length": 300, "streaming": []}
+    for k, g, h in rows:
+        p = adaskip.plan(profile, strategy=strategy, num_sublayers=k, streaming_groups=g)
+        entry["streaming"].append({"budget": k, "groups": g, "layers": streaming_layers(p), "kl": 0.05,
+                                   "top1_agreement": 0.95, "perplexity": 1.0, "retrieval_hits": h})
+    return dataclasses_replace(profile, validation={strategy: entry})
+
+
+def test_a_tolerance_chooses_among_sublayer_and_group_plans(ranked):
+    import adaskip
+    from adaskip.skipping.costs import streaming_plan_costs, sublayer_costs
+
+    model, profile = ranked
+    total = model.args.num_layers * model.args.num_kv_heads
+    v = _with_group_rows(profile, "greedy-loss", [8, 2], [(0, total // 2, 8), (2, total // 2, 5), (4, total // 2, 8)])
+    at = dict(context_len=4096, model_args=model.args)
+    costs = sublayer_costs(model.args, 4096, "prefill")
+
+    def speed(p):
+        layers = {i: len(g) for i, g in p.streaming.items()}
+        return streaming_plan_costs(model.args, 4096, "prefill", sorted(p.skip_scales), layers, sink=4,
+                                    window=16)["speedup"]
+
+    # Every plan keeps 8 of 8 but budget 4 alone and 2 + groups: the fastest of those is chosen.
+    p = adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, **at)
+    candidates = [adaskip.plan(v, strategy="greedy-loss", num_sublayers=k, streaming_groups=g, **at)
+                  for k, g in ((2, 0), (0, total // 2), (4, total // 2))]
+    want = max(candidates, key=speed)
+    assert (p.skip_scales, p.streaming) == (want.skip_scales, want.streaming)
+    assert p.predicted_speedup == pytest.approx(speed(want)) and p.predicted_speedup > costs.speedup([])
+    assert p.streaming and "streaming KV-head groups" in p.explanation.splitlines()[0]
+    h = total // 2
+    assert f"qualifying plans [0, 2, 0 + {h} groups, 4 + {h} groups]" in p.explanation  # not 4 alone, nor 2 + groups
+    # Without the cost model, groups cannot be priced: the sublayer plans alone are ranked, and it says so.
+    q = adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0)
+    assert not q.streaming and len(q.skip_scales) == 2 and "were not ranked" in q.explanation
+    # A tolerance no group plan meets.
+    r = adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, min_agreement=0.99, **at)
+    assert not r.streaming and not r.skip_scales
+    # Asking for more groups on top of a tolerance that chose some is refused by name.
+    with pytest.raises(ValueError, match="already streams"):
+        adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, streaming_groups=1, **at)
+    # A validation whose groups the profile no longer ranks so is refused.
+    stale = v.validation["greedy-loss"]["streaming"][0]
+    stale["layers"] = [[0, [0]]] + stale["layers"][1:] if stale["layers"][0][0] != 0 else stale["layers"][::-1]
+    with pytest.raises(ValueError, match="validate again"):
+        adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, **at)
+
+
+def test_calibrate_validates_streaming_counts_next_to_budgets(ranked):
+    from adaskip.skipping.calibration import calibrate
+    from adaskip.skipping.probes import MIN_PROBE_LEN
+    from test_retrieval import _texts
+    from test_retrieval_plans import _SmallVocab
+
+    model, _ = ranked
+    text = " ".join(_texts(800, seed=2))
+    common = dict(tokenizer=_SmallVocab(), num_requests=2, prompt_len=MIN_PROBE_LEN, progress=False, search="loss",
+                  search_max_sublayers=2, search_candidates=2, streaming_window=16)
+    profile = calibrate(model, [text], **common, streaming_probes=1, validate_budgets=[1],
+                        validate_strategies=["greedy-loss"], validation_requests=2, validation_probes=2,
+                        validate_streaming=[2])
+    v = profile.validation["greedy-loss"]
+    assert [(r["budget"], r["groups"]) for r in v["streaming"]] == [(0, 2), (1, 2)]
+    assert all(0 <= r["retrieval_hits"] <= 2 for r in v["streaming"])
+    total = model.args.num_layers * model.args.num_kv_heads
+    for kwargs, match in ((dict(validate_streaming=[2], validate_budgets=[1]), "streaming_probes > 0"),
+                          (dict(validate_streaming=[2], streaming_probes=1), "validate_budgets"),
+                          (dict(validate_streaming=[total + 1], streaming_probes=1, validate_budgets=[1]),
+                           f"has {total} KV-head groups"),
+                          (dict(validate_streaming=["2"], streaming_probes=1, validate_budgets=[1]), "integers")):
+        with pytest.raises(ValueError, match=match):
+            calibrate(model, [text], **common, **kwargs)
+
+
+def test_cli_validate_streaming_needs_budgets_and_a_ranking(tmp_path):
+    from adaskip.cli import main
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            main(["calibrate", "--data", "essays", "--out", str(tmp_path / "p.json"), *argv])
+        return str(e.value)
+
+    assert "give both" in error(["--validate-streaming", "24"])
+    assert "give both" in error(["--validate-streaming", "24", "--validate-budgets", "4"])
+    assert "distinct numbers of groups >= 1" in error(["--validate-streaming", "0", "--validate-budgets", "4",
+                                                       "--streaming-probes", "2"])
+    assert not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -40,6 +40,10 @@ def register(subparsers) -> None:
                    "each (0: not ranked)")
     c.add_argument("--streaming-window", type=int, default=256,
                    help="the recent keys a streaming group sees (besides 4 sink tokens)")
+    c.add_argument("--validate-streaming",
+                   help="also validate these numbers of streaming KV-head groups (comma-separated), alone and on "
+                   "each --validate-budgets plan, so that --min-retrieval / --min-agreement / --max-kl choose among "
+                   "sublayer and group plans alike (needs --validate-budgets and --streaming-probes)")
     c.add_argument("--resume", action="store_true",
                    help="go on from the <out>.partial.json an interrupted calibrate left (same model, data and "
                    "settings): its statistics and search choices are kept")
@@ -71,7 +75,14 @@ def _check_options(a) -> tuple:
                          f"add --search {','.join(sorted(set(searches) | set(missing)))}")
     if not budgets and (a.validate_strategies != "adaskip" or a.validation_requests is not None):
         raise SystemExit("adaskip: --validate-strategies and --validation-requests need --validate-budgets")
-    return searches, budgets, strategies
+    streaming = split(a.validate_streaming, int)
+    if streaming and not (budgets and a.streaming_probes):
+        raise SystemExit("adaskip: --validate-streaming validates group plans next to --validate-budgets, with the "
+                         "groups --streaming-probes ranks: give both")
+    if any(g < 1 for g in streaming) or len(set(streaming)) != len(streaming):
+        raise SystemExit(f"adaskip: --validate-streaming takes distinct numbers of groups >= 1, got "
+                         f"{a.validate_streaming}")
+    return searches, budgets, strategies, streaming
 
 
 def _resume_from(a, partial):
@@ -89,7 +100,7 @@ def _resume_from(a, partial):
 def cmd_calibrate(a) -> None:
     from ..runtime.loading import load_model
 
-    searches, budgets, strategies = _check_options(a)
+    searches, budgets, strategies, streaming = _check_options(a)
     paths = text_paths(a.data)
     out = check_out_file("--out", a.out)  # last: the checks above create nothing
     # Each step's result is written as soon as it exists (atomically) to a partial profile beside
@@ -116,7 +127,7 @@ def cmd_calibrate(a) -> None:
             search_stand_in=a.search_stand_in, search_weighting=a.search_weighting, checkpoint=checkpoint,
             resume=resume, search_retrieval_weight=a.search_retrieval_weight, search_probes=a.search_probes,
             validation_probes=a.validation_probes, validation_len=a.validation_len,
-            streaming_probes=a.streaming_probes, streaming_window=a.streaming_window)
+            streaming_probes=a.streaming_probes, streaming_window=a.streaming_window, validate_streaming=streaming)
     except BaseException:
         if saved:
             print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
@@ -145,3 +156,7 @@ def _print_summary(out, profile) -> None:
             print(f"    retrieval probes found at {v['retrieval_length']} tokens (of {v['retrieval_probes']}): full "
                   f"model {v['retrieval_full_hits']}, " + ", ".join(
                       f"{k} sublayers {h}" for k, h in zip(v["budgets"], v["retrieval_hits"])))
+        for row in v.get("streaming", []):
+            found = f", retrieval {row['retrieval_hits']}" if "retrieval_hits" in row else ""
+            print(f"    {row['budget']} sublayers + {row['groups']} streaming groups: KL {row['kl']:.4g} agreement "
+                  f"{row['top1_agreement']:.3f}{found}")

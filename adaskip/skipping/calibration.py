@@ -23,7 +23,7 @@ from .probes import MIN_PROBE_LEN, answer_found, make_probes
 # kept every cell within 2 of the full model (bench/results/eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/).
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 from .profile import ImportanceProfile, model_fingerprint
-from .strategies import SKIPPING_STRATEGIES, plan, searches_needed, strategy_of
+from .strategies import SKIPPING_STRATEGIES, plan, searches_needed, strategy_of, streaming_layers
 
 
 def calibration_requests(texts: Iterable[str], tokenizer, *, num_requests: int, prompt_len: int,
@@ -79,7 +79,7 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
               resume: Optional[ImportanceProfile] = None, search_retrieval_weight: Optional[float] = None,
               search_probes: int = 4, validation_probes: Optional[int] = None,
               validation_len: Optional[int] = None, streaming_probes: int = 0, streaming_sink: int = 4,
-              streaming_window: int = 256) -> ImportanceProfile:
+              streaming_window: int = 256, validate_streaming: Sequence[int] = ()) -> ImportanceProfile:
     """Runs the full model once over each calibration request (prefill only, no cache) and
     collects per-sublayer IO similarity and norm ratio with the fused ops: statistics stay on the
     device during the whole run and are read once at the end.
@@ -108,8 +108,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     built, as for the search's), `validation_len` tokens
     long (default prompt_len; longer ones are cut from the held-out windows joined end to end, so
     validate at the length the plan will serve).
-    streaming_probes: also rank KV-head groups for streaming on this many probes of validation_len tokens
-    into profile.group_scores, for plan(..., streaming_groups=n) (_score_groups). 0: not ranked.
+    streaming_probes: rank KV-head groups (profile.group_scores, for plan(streaming_groups=)) on this many
+    probes (0: none); validate_streaming: validate so many groups, alone and on each budget, for tolerances.
     checkpoint: called as checkpoint(profile, step, done) whenever the profile gains a result
     (step: "calibration", "<method> search", "validation"; done False after each choice of a
     search, whose partial result the profile then holds): a caller that saves it there loses
@@ -124,7 +124,8 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     methods = _search_methods(search, search_requests, search_max_sublayers, search_candidates)
     validation_len, validation_probes = _validation_probing(model, tokenizer, prompt_len, validation_len,
                                                             validation_probes, search_probes)
-    _check_streaming_scoring(tokenizer, streaming_probes, validation_len, streaming_sink, streaming_window)
+    _check_streaming(model, tokenizer, streaming_probes, validation_len, streaming_sink, streaming_window,
+                     validate_streaming, validate_budgets)  # before any pass
     fitting = [m for m in methods if greedy.SEARCH_METHODS[m].fits_stand_ins]  # the searches that read these
     search_retrieval_weight = _search_scoring(fitting, tokenizer, prompt_len, search_probes, search_retrieval_weight,
                                               search_stand_in, search_weighting)
@@ -141,12 +142,11 @@ def calibrate(model, data: Sequence[Union[str, os.PathLike, Sequence[int]]], *, 
     _run_searches(model, profile, requests, tokenizer, methods, fitting, search_requests, prompt_len, search_probes,
                   dict(stand_in=search_stand_in, weighting=search_weighting, retrieval_weight=search_retrieval_weight),
                   search_candidates, min(search_max_sublayers, 2 * model.args.num_layers - 2), progress, save, checkpoint)
-    if streaming_probes:
-        _score_groups(model, profile, requests, tokenizer, streaming_probes, validation_len, streaming_sink,
-                      streaming_window, progress, save)
+    _score_groups(model, profile, requests, tokenizer, streaming_probes, validation_len, streaming_sink,
+                  streaming_window, progress, save)
     if budgets:
         _validate_held(model, profile, held, tokenizer, validate_strategies, budgets, validation_len,
-                       validation_probes, progress)
+                       validation_probes, progress, validate_streaming)
         save(profile, "validation", True)
     return profile
 
@@ -170,7 +170,13 @@ def _run_searches(model, profile, requests, tokenizer, methods, fitting, search_
 GROUP_SCORE_TEXTS = 4  # calibration requests the group ranking also reads (late positions of each)
 
 
-def _check_streaming_scoring(tokenizer, probes, length: int, sink, window) -> None:
+def _check_streaming(model, tokenizer, probes, length: int, sink, window, validated: Sequence[int],
+                     budgets: Sequence[int]) -> None:
+    """The group ranking's settings, and the streaming-group counts to validate, checked before any pass."""
+    _streaming_counts(validated, model.args.num_layers * model.args.num_kv_heads)
+    if validated and not (probes and budgets):
+        raise ValueError("adaskip: validate_streaming validates group plans next to validate_budgets, with the groups "
+                         "calibration ranks: give validate_budgets and streaming_probes > 0 as well")
     for name, value, low in (("streaming_probes", probes, 0), ("streaming_sink", sink, 0),
                              ("streaming_window", window, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -188,7 +194,9 @@ def _score_groups(model, profile, requests, tokenizer, count: int, length: int, 
     """profile.group_scores (then saved): every KV-head group ranked for streaming with a band of
     sink + window keys (head_groups.score_groups) on `count` probes (haystacks cut from the
     calibration requests joined; facts and seed their own) and the first GROUP_SCORE_TEXTS
-    requests, one full-model pass each."""
+    requests, one full-model pass each; none when `count` is 0."""
+    if not count:
+        return
     import time
 
     from .head_groups import default_probe_seed, probe_haystacks, score_groups
@@ -375,13 +383,13 @@ def _run_search(model, profile: ImportanceProfile, requests: list, method: str, 
 
 
 def _validate_held(model, profile: ImportanceProfile, held: list, tokenizer, strategies, budgets: list,
-                   validation_len: int, validation_probes: int, progress: bool) -> None:
+                   validation_len: int, validation_probes: int, progress: bool, streaming: Sequence[int] = ()) -> None:
     """validate() on the held-out windows, with retrieval probes hidden in them where asked."""
     held_probes = (make_probes(tokenizer, _haystacks(held, validation_len), validation_probes,
                                length=validation_len, seed="validation")
                    if tokenizer is not None and validation_probes else ())
     validate(model, profile, held, strategies=strategies, budgets=budgets, progress=progress,
-             probes=held_probes, tokenizer=tokenizer)
+             probes=held_probes, tokenizer=tokenizer, streaming=streaming)
 
 
 def _haystacks(windows: Sequence[Sequence[int]], length: int) -> list:
@@ -439,7 +447,7 @@ def _check_validation(num_layers: int, strategies: Sequence[str], budgets: Seque
 @torch.inference_mode()
 def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]], *,
              strategies: Sequence[str] = ("adaskip",), budgets: Sequence[int], progress: bool = False,
-             probes: Sequence = (), tokenizer=None) -> dict:
+             probes: Sequence = (), tokenizer=None, streaming: Sequence[int] = ()) -> dict:
     """Quality of each strategy's plan at each budget (skipped sublayers) on validation `requests`
     (token lists that calibration and the searches did not read), stored in `profile.validation`
     and returned: per strategy {"budgets", "kl" (mean KL(full || plan) per predicted token),
@@ -449,7 +457,11 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
     min_agreement= / max_kl=) picks among these plans.
     probes: held-out retrieval probes (adaskip.skipping.probes; their answers decoded with
     `tokenizer`): each plan's greedy answers are scored too, beside the full model's, as
-    "retrieval_hits" per budget and "retrieval_full_hits" (plan(min_retrieval=) reads them)."""
+    "retrieval_hits" per budget and "retrieval_full_hits" (plan(min_retrieval=) reads them).
+    streaming: also validate each of these numbers of streaming KV-head groups (the cheapest the
+    profile's group scores rank, plan(..., streaming_groups=)) on top of budget 0 (groups alone) and
+    of every budget, stored as the strategy's "streaming" rows ({"budget", "groups", "layers", and
+    the measures above}): a tolerance then chooses among sublayer and group plans alike."""
     profile.check_model(model)
     budgets = sorted(int(b) for b in budgets)
     _check_validation(profile.num_layers, strategies, budgets)
@@ -460,9 +472,10 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
     if probes and tokenizer is None:
         raise ValueError("adaskip: validating on retrieval probes needs the tokenizer to read the answers")
     plans = {(s, k): plan(profile, strategy=s, num_sublayers=k) for s in strategies for k in budgets}
-    tokens, sums = compare_requests(model, requests, list(plans.items()), progress=progress,
+    grouped = _streaming_plans(profile, strategies, budgets, streaming)
+    tokens, sums = compare_requests(model, requests, [*plans.items(), *grouped.items()], progress=progress,
                                     description="validating")
-    hits = retrieval_hits(model, tokenizer, probes, {"full": None, **plans}, progress) if probes else {}
+    hits = retrieval_hits(model, tokenizer, probes, {"full": None, **plans, **grouped}, progress) if probes else {}
     for s in strategies:
         keys = [(s, k) for k in budgets]
         profile.validation[s] = {
@@ -476,7 +489,43 @@ def validate(model, profile: ImportanceProfile, requests: Sequence[Sequence[int]
             profile.validation[s].update({
                 "retrieval_hits": [hits[key] for key in keys], "retrieval_full_hits": hits["full"],
                 "retrieval_probes": len(probes), "retrieval_length": max(len(p.ids) for p in probes)})
+        rows = [_streaming_row(key, p, sums[key], tokens, hits.get(key)) for key, p in grouped.items() if key[0] == s]
+        if rows:
+            profile.validation[s]["streaming"] = rows
     return {s: profile.validation[s] for s in strategies}
+
+
+def _streaming_plans(profile: ImportanceProfile, strategies, budgets: list, streaming: Sequence[int]) -> dict:
+    """{(strategy, budget, groups): plan} for each count of streaming groups on budget 0 and on
+    every budget (checked: distinct counts >= 1 that the profile's group ranking can give)."""
+    counts = _streaming_counts(streaming)
+    if counts and not profile.group_scores:
+        raise ValueError("adaskip: validating streaming groups needs the profile's group ranking (calibrate with "
+                         "streaming_probes > 0)")
+    return {(s, k, g): plan(profile, strategy=s, num_sublayers=k, streaming_groups=g)
+            for s in strategies for k in sorted({0, *budgets}) for g in counts}
+
+
+def _streaming_counts(streaming, total: Optional[int] = None) -> list:
+    """Numbers of streaming groups to validate, checked: distinct integers in [1, total]."""
+    if isinstance(streaming, (str, bytes)) or any(isinstance(g, bool) or not isinstance(g, numbers.Integral)
+                                                  or g < 1 for g in streaming):
+        raise ValueError(f"adaskip: streaming group counts must be integers >= 1, got {streaming!r}")
+    counts = sorted(int(g) for g in streaming)
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"adaskip: streaming group counts must be distinct, got {list(streaming)}")
+    if total is not None and counts and counts[-1] > total:
+        raise ValueError(f"adaskip: {counts[-1]} streaming groups asked for; the model has {total} KV-head groups")
+    return counts
+
+
+def _streaming_row(key: tuple, p, sums: dict, tokens: int, hits: Optional[int]) -> dict:
+    """What a validation stores of one budget + streaming-groups plan."""
+    row = {"budget": key[1], "groups": key[2], "layers": streaming_layers(p), "kl": sums["kl"] / tokens,
+           "top1_agreement": sums["agree"] / tokens, "perplexity": math.exp(sums["nll"] / tokens)}
+    if hits is not None:
+        row["retrieval_hits"] = hits
+    return row
 
 
 def _validated_stand_in(profile: ImportanceProfile, strategy: str) -> str:

@@ -212,11 +212,12 @@ def _attention_work(args: ModelArgs, n: int, b: int, e: float, mode: str, stream
 
 def streaming_plan_costs(args: ModelArgs, context_len: int, mode: str, skipped: Iterable[int] = (),
                          streaming: Optional[dict] = None, *, sink: int = 4, window: int = 256, batch: int = 1,
-                         dtype_bytes: int = 2, spec: DeviceSpec = L20_SPEC) -> dict:
+                         dtype_bytes: int = 2, spec: DeviceSpec = L20_SPEC, added_s: float = 0.0) -> dict:
     """The roofline time of a plan that skips the sublayers `skipped` and makes `streaming`
     {layer: number of streaming KV-head groups} see only sink + window keys
     (adaskip.runtime.streaming; an experiment: no kernel exists that would save this, so every
-    figure is a prediction). Returns {"full_s", "plan_s", "saving_s", "speedup",
+    figure is a prediction). added_s: seconds of work the plan brings (its linear stand-ins,
+    strategies.stand_in_cost). Returns {"full_s", "plan_s", "saving_s", "speedup",
     "kv_entries_full", "kv_entries_plan"} (KV-cache entries, one per token per KV head per layer,
     after a prompt of context_len tokens: what a cache of sink + window entries for a streaming
     group would hold)."""
@@ -237,7 +238,7 @@ def streaming_plan_costs(args: ModelArgs, context_len: int, mode: str, skipped: 
             per[2 * i] = _roofline(*_attention_work(args, n, b, e, mode, g, sink, window), spec)
     for s in skipped:
         per[s] = 0.0
-    plan_s = math.fsum(per) + base.fixed
+    plan_s = math.fsum(per) + base.fixed + float(added_s)
     return {"full_s": base.total, "plan_s": plan_s, "saving_s": base.total - plan_s, "speedup": base.total / plan_s,
             "kv_entries_full": args.num_layers * args.num_kv_heads * n, "kv_entries_plan": entries_plan}
 

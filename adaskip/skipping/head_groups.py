@@ -100,11 +100,13 @@ _TABLES = ("retrieval_change", "retrieval_mass", "text_change", "text_mass")
 
 
 def add_streaming(plan: SkipPlan, scores: GroupScores, count: int, *, text_weight: float = 1.0,
-                  context_len: Optional[int] = None, model_args=None, phase: str = "prefill") -> SkipPlan:
+                  context_len: Optional[int] = None, model_args=None, phase: str = "prefill",
+                  added_s: float = 0.0) -> SkipPlan:
     """`plan` with the `count` KV-head groups `scores` ranks cheapest made streaming (groups of
     layers whose attention the plan skips are passed over). With context_len and model_args the
     predicted speedup is the L20 roofline's of skips and groups together
-    (costs.streaming_plan_costs, `phase`), else None: the plan's own figure priced no groups."""
+    (costs.streaming_plan_costs, `phase`, plus `added_s` seconds of the plan's own work: its linear
+    stand-ins), else None: the plan's own figure priced no groups."""
     from .costs import streaming_plan_costs
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -112,12 +114,14 @@ def add_streaming(plan: SkipPlan, scores: GroupScores, count: int, *, text_weigh
     if count == 0:
         return plan
     if plan.streaming:
-        raise ValueError("adaskip: the plan already streams KV-head groups")
+        raise ValueError("adaskip: the plan already streams KV-head groups (a tolerance chose a validated group "
+                         "count); ask for streaming groups or a tolerance over validated ones, not both")
     layers = choose(scores.ranking(text_weight, exclude_layers=sorted(plan.skipped_attention_layers)), count)
     speedup, how = None, "no cost model given (context_len and model_args): the prediction is left out"
     if context_len is not None and model_args is not None:
         c = streaming_plan_costs(model_args, context_len, phase, sorted(plan.skip_scales),
-                                 {i: len(g) for i, g in layers.items()}, sink=scores.sink, window=scores.window)
+                                 {i: len(g) for i, g in layers.items()}, sink=scores.sink, window=scores.window,
+                                 added_s=added_s)
         speedup, how = c["speedup"], f"predicted {c['speedup']:.3f}x ({phase} at {context_len} tokens, L20 roofline)"
     line = (f"{count} streaming KV-head groups (sink {scores.sink}, window {scores.window}), the cheapest by their "
             f"scores on {scores.probes} retrieval probes and {scores.texts} text windows; {how}")

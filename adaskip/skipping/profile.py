@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -108,6 +109,29 @@ def _check_numbers(name: str, values, positive: bool = False, within=None, scale
 def _check_count(name: str, value, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"adaskip: profile field {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_streaming_row(strategy: str, row, num_sublayers: int, probes: Optional[int]) -> None:
+    """One budget + streaming-groups row of a validation (calibration.validate(streaming=)): what
+    a tolerance chooses by, so a malformed one is refused at load."""
+    what = f"the profile's validation of {strategy!r} has a malformed streaming row"
+    keys = ("budget", "groups", "layers", "kl", "top1_agreement")
+    if not isinstance(row, dict) or any(k not in row for k in keys):
+        raise ValueError(f"adaskip: {what} (it needs {list(keys)}): {row!r}")
+    _check_count(f"validation.{strategy}.streaming.budget", row["budget"])
+    _check_count(f"validation.{strategy}.streaming.groups", row["groups"], minimum=1)
+    layers = row["layers"]
+    if row["budget"] >= num_sublayers or not isinstance(layers, list) or any(
+            not isinstance(x, list) or len(x) != 2 or not isinstance(x[1], list) for x in layers) \
+            or sum(len(x[1]) for x in layers) != row["groups"]:
+        raise ValueError(f"adaskip: {what}: {row['groups']} groups expected as [[layer, [groups]], ...], got "
+                         f"{layers!r}")
+    _check_numbers(f"validation.{strategy}.streaming.kl", [row["kl"]], positive=True)
+    _check_numbers(f"validation.{strategy}.streaming.top1_agreement", [row["top1_agreement"]], within=(0.0, 1.0))
+    if probes is not None:
+        hits = row.get("retrieval_hits")
+        if isinstance(hits, bool) or not isinstance(hits, int) or not 0 <= hits <= probes:
+            raise ValueError(f"adaskip: {what}: retrieval_hits must be a count in [0, {probes}], got {hits!r}")
 
 
 def _check_search(method: str, result, num_sublayers: int) -> None:
@@ -222,6 +246,9 @@ class ImportanceProfile:
                         or any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h <= probes for h in hits):
                     raise ValueError(f"adaskip: the profile's validation of {strategy!r} has malformed retrieval hits "
                                      f"(one count in [0, {probes}] per budget, and the full model's)")
+            for row in entry.get("streaming", []):
+                _check_streaming_row(strategy, row, n, entry.get("retrieval_probes") if "retrieval_hits" in entry
+                                     else None)
 
     def validation_of(self, strategy: str) -> dict:
         """The stored validation of `strategy` (calibration.validate)."""

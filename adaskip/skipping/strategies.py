@@ -207,8 +207,12 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError("adaskip: streaming_groups takes its groups from a profile's group scores; pass the profile")
     from .head_groups import add_streaming
 
+    phase, added = "decode" if mode == "decode" else "prefill", 0.0
+    if context_len is not None and model_args is not None:
+        from .costs import sublayer_costs
+        added = stand_in_cost(p, profile, sublayer_costs(model_args, context_len, phase))
     return add_streaming(p, profile.group_scores_of(), streaming_groups, context_len=context_len,
-                         model_args=model_args, phase="decode" if mode == "decode" else "prefill")
+                         model_args=model_args, phase=phase, added_s=added)
 
 
 def _plan(profile, num_layers, alpha, num_sublayers, strategy, planner, context_len, mode, window, online, costs,
@@ -265,11 +269,84 @@ def _budget_sublayers(num_layers: int, alpha, num_sublayers) -> int:
     return num_sublayers if num_sublayers is not None else sublayers_for_alpha(num_layers, alpha)
 
 
-def _retrieval_ok(entry: dict, index: int, min_retrieval: Optional[float]) -> bool:
-    """The validated plan at entry["budgets"][index] keeps min_retrieval of the full model's hits."""
-    if min_retrieval is None:
-        return True
-    return entry["retrieval_hits"][index] >= min_retrieval * entry["retrieval_full_hits"] - 1e-9
+@dataclass
+class _Validated:
+    """One validated plan a tolerance may choose: `k` sublayers of the strategy plus `groups`
+    streaming KV-head groups, with what the validation measured of it."""
+    k: int
+    groups: int
+    plan: SkipPlan
+    kl: float
+    agree: float
+    hits: Optional[int] = None
+
+
+def _meets(c: _Validated, entry: dict, min_agreement, max_kl, min_retrieval) -> bool:
+    """The validated plan `c` meets every tolerance given; retrieval as a fraction of the full
+    model's hits on the same probes."""
+    return ((min_agreement is None or c.agree >= min_agreement) and (max_kl is None or c.kl <= max_kl)
+            and (min_retrieval is None or c.hits >= min_retrieval * entry["retrieval_full_hits"] - 1e-9))
+
+
+def _validated_plans(profile, strategy, entry, mode, window, online) -> list:
+    """The plans the profile's validation of `strategy` measured, built again (stand-ins of the
+    validated kind), each checked to be the plan that was measured: the budgets, and the
+    budget + streaming-group rows (validate(streaming=)) when the validation has them."""
+    validated = entry.get("stand_in", "scalar")
+    stand_in = validated if strategy_of(strategy).fitted_stand_ins else None
+    hits = entry.get("retrieval_hits")
+    out = []
+    for i, k in enumerate(entry["budgets"]):
+        p = plan(profile, strategy=strategy, num_sublayers=int(k), mode=mode, window=window, online=online,
+                 stand_in=stand_in)
+        if sorted(p.skip_scales) != sorted(entry["sublayers"][i]):
+            raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {k} sublayers measured another "
+                             "plan than the profile gives now; validate again")
+        out.append(_Validated(int(k), 0, p, entry["kl"][i], entry["top1_agreement"][i], hits[i] if hits else None))
+    for row in entry.get("streaming", ()):
+        p = plan(profile, strategy=strategy, num_sublayers=row["budget"], mode=mode, window=window, online=online,
+                 stand_in=stand_in, streaming_groups=row["groups"])
+        if streaming_layers(p) != row["layers"]:
+            raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {row['budget']} sublayers and "
+                             f"{row['groups']} streaming groups measured other groups than the profile ranks now; "
+                             "validate again")
+        out.append(_Validated(row["budget"], row["groups"], p, row["kl"], row["top1_agreement"],
+                              row.get("retrieval_hits")))
+    return out
+
+
+def streaming_layers(p: SkipPlan) -> list:
+    """A plan's streaming groups as [[layer, [groups]], ...] (how a validation records them: JSON
+    keeps no integer keys)."""
+    return [[int(i), sorted(int(g) for g in gs)] for i, gs in sorted(p.streaming.items())]
+
+
+def _tolerance_costs(profile, context_len, mode, costs, model_args):
+    """The costs that rank validated plans: given, or the cost model's at context_len, checked."""
+    if costs is None and context_len is not None and model_args is None:
+        raise ValueError("adaskip: ranking validated plans by the cost model at context_len needs model_args "
+                         "(or measured costs=)")
+    if costs is None and context_len is not None:
+        from .costs import sublayer_costs
+        costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
+    if costs is not None and costs.num_layers != profile.num_layers:
+        raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {profile.num_layers}")
+    return costs
+
+
+def _validated_speedup(c: _Validated, profile, costs, model_args) -> Optional[float]:
+    """What a validated plan is predicted to gain; a plan with streaming groups only under the
+    roofline cost model (which prices a group's band), else None: it cannot be ranked."""
+    if not c.groups:
+        return plan_speedup(c.plan, profile, costs)
+    if costs is None or costs.source != "model" or model_args is None:
+        return None
+    from .costs import streaming_plan_costs
+
+    layers = {i: len(g) for i, g in c.plan.streaming.items()}
+    return streaming_plan_costs(model_args, costs.context_len, costs.mode, sorted(c.plan.skip_scales), layers,
+                                sink=c.plan.streaming_sink, window=c.plan.streaming_window,
+                                added_s=stand_in_cost(c.plan, profile, costs))["speedup"]
 
 
 def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window, online, costs,
@@ -288,54 +365,59 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
     if stand_in is not None and stand_in != validated:
         raise ValueError(f"adaskip: the profile validated {strategy!r} with {validated} stand-ins, not {stand_in}; "
                          "validate that stand-in or plan without a tolerance")
-    m = profile.num_layers
-    if costs is None and context_len is not None and model_args is None:
-        raise ValueError("adaskip: ranking validated plans by the cost model at context_len needs model_args "
-                         "(or measured costs=)")
-    if costs is None and context_len is not None:
-        from .costs import sublayer_costs
-        costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
-    if costs is not None and costs.num_layers != m:
-        raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {m}")
+    costs = _tolerance_costs(profile, context_len, mode, costs, model_args)
     # Budget 0 is the full model: nothing to lose, so it always qualifies.
-    qualifying = {0: (0.0, 1.0)}
-    for i, (k, kl, agree) in enumerate(zip(entry["budgets"], entry["kl"], entry["top1_agreement"])):
-        if (min_agreement is None or agree >= min_agreement) and (max_kl is None or kl <= max_kl) \
-                and _retrieval_ok(entry, i, min_retrieval):
-            qualifying[int(k)] = (kl, agree)
-    best = None
-    for k in sorted(qualifying):
-        p = plan(profile, strategy=strategy, num_sublayers=k, mode=mode, window=window, online=online,
-                 stand_in=validated if strategy_of(strategy).fitted_stand_ins else None)
-        if k in entry["budgets"] and sorted(p.skip_scales) != sorted(entry["sublayers"][entry["budgets"].index(k)]):
-            raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {k} sublayers measured another "
-                             "plan than the profile gives now; validate again")
-        speed = plan_speedup(p, profile, costs)
-        # Rounded so that float noise in the sums does not break a tie the fewer sublayers should win.
-        key = (round(speed, 12), -k)
+    full = _Validated(0, 0, plan(profile, strategy=strategy, num_sublayers=0, mode=mode, window=window, online=online,
+                                 stand_in=validated if strategy_of(strategy).fitted_stand_ins else None), 0.0, 1.0)
+    qualifying = [full] + [c for c in _validated_plans(profile, strategy, entry, mode, window, online)
+                           if (c.k or c.groups) and _meets(c, entry, min_agreement, max_kl, min_retrieval)]
+    unpriced, best = 0, None
+    for c in qualifying:
+        speed = _validated_speedup(c, profile, costs, model_args)
+        if speed is None:
+            unpriced += 1
+            continue
+        # Rounded so that float noise in the sums does not break a tie the smaller plan should win.
+        key = (round(speed, 12), -c.k, -c.groups)
         if best is None or key > best[0]:
-            best = (key, k, p, speed)
-    _, k, p, speed = best
-    kl, agree = qualifying[k]
+            best = (key, c, speed)
+    _, chosen, speed = best
+    p = chosen.plan
+    p.predicted_speedup = speed
+    head = _tolerance_line(chosen, entry, qualifying, costs, min_agreement, max_kl, min_retrieval)
+    if unpriced:
+        head += (f"; {unpriced} qualifying plans with streaming groups were not ranked: pricing a group's band needs "
+                 "the cost model (context_len and model_args)")
+    p.explanation = head + ("\n" + p.explanation if p.explanation else "")
+    return p
+
+
+def _tolerance_line(chosen: _Validated, entry: dict, qualifying: list, costs, min_agreement, max_kl,
+                    min_retrieval) -> str:
+    """The explanation's first line: the tolerance, what it chose among which, and what the
+    validation measured of the choice."""
     wanted = " and ".join(f"{n} {op} {v:g}" for n, op, v in (("top-1 agreement", ">=", min_agreement),
                                                            ("KL per token", "<=", max_kl),
                                                            ("retrieval (of the full model's hits)", ">=",
                                                             min_retrieval)) if v is not None)
+    if not chosen.k and not chosen.groups:
+        return f"tolerance {wanted}: no validated budget of {entry['budgets']} meets it; the full model (0 sublayers)"
     by = (f"cost model ({costs.source}, {costs.mode} at {costs.context_len} tokens)" if costs is not None
           else "equal-cost (paper) speedup")
-    if k == 0:
-        head = f"tolerance {wanted}: no validated budget of {entry['budgets']} meets it; the full model (0 sublayers)"
+    what = f"{chosen.k} sublayers" + (f" and {chosen.groups} streaming KV-head groups" if chosen.groups else "")
+    if entry.get("streaming"):
+        names = ", ".join(f"{c.k}" + (f" + {c.groups} groups" if c.groups else "")
+                          for c in sorted(qualifying, key=lambda c: (c.groups, c.k)))
+        among = (f"the qualifying plans [{names}] (validated: budgets {entry['budgets']}, and "
+                 f"{len(entry['streaming'])} plans with streaming groups)")
     else:
-        head = (f"tolerance {wanted}: {k} sublayers, the fastest by {by} of the qualifying budgets "
-                f"{sorted(qualifying)} (validated: {entry['budgets']}); on {entry['requests']} validation requests "
-                f"({entry['tokens']} tokens): KL per token {kl:.4g}, top-1 agreement {agree:.4f}")
-        if "retrieval_hits" in entry and k in entry["budgets"]:
-            head += (f"; retrieval probes found {entry['retrieval_hits'][entry['budgets'].index(k)]} of "
-                     f"{entry['retrieval_probes']} (full model {entry['retrieval_full_hits']}) at "
-                     f"{entry['retrieval_length']} tokens")
-    p.predicted_speedup = speed
-    p.explanation = head + ("\n" + p.explanation if p.explanation else "")
-    return p
+        among = f"the qualifying budgets {sorted(c.k for c in qualifying)} (validated: {entry['budgets']})"
+    head = (f"tolerance {wanted}: {what}, the fastest by {by} of {among}; on {entry['requests']} validation "
+            f"requests ({entry['tokens']} tokens): KL per token {chosen.kl:.4g}, top-1 agreement {chosen.agree:.4f}")
+    if chosen.hits is not None:
+        head += (f"; retrieval probes found {chosen.hits} of {entry['retrieval_probes']} (full model "
+                 f"{entry['retrieval_full_hits']}) at {entry['retrieval_length']} tokens")
+    return head
 
 
 def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, costs, model_args,
