@@ -86,10 +86,10 @@ def stage_score(a, model, tokenizer, profile, out: Path) -> None:
 
 
 def load_scores(path: Path) -> GroupScores:
-    d = json.loads(path.read_text())["scores"]
-    t = lambda k: torch.tensor(d[k])  # noqa: E731
-    return GroupScores(d["sink"], d["window"], t("retrieval_change"), t("retrieval_mass"), t("text_change"),
-                       t("text_mass"), d["probes"], d["texts"])
+    """The score stage's JSON, or a profile whose calibration ranked the groups
+    (`adaskip calibrate --streaming-probes`: its group_scores)."""
+    d = json.loads(path.read_text())
+    return GroupScores.from_dict(d["group_scores"] if "group_scores" in d else d["scores"])
 
 
 def configuration(name: str, profile, scores: GroupScores, args, text_weight: float, sink: int,
@@ -299,7 +299,8 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=4)
     # eval
     p.add_argument("--configs", nargs="+", default=["full"])
-    p.add_argument("--scores", help="the score stage's JSON (default: scores-w<window>.json in --out)")
+    p.add_argument("--scores", help="the score stage's JSON, or a profile with group scores (default: "
+                   "scores-w<window>.json in --out)")
     p.add_argument("--text-weight", type=float, default=1.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
