@@ -419,7 +419,8 @@ def test_validation_measures_group_plans_as_the_forwards_do(ranked, tmp_path):
     path = tmp_path / "p.json"
     profile.save(path)
     assert ImportanceProfile.load(path).validation["greedy-loss"]["streaming"] == rows
-    for bad, match in (({"groups": 0}, "groups"), ({"layers": [[1, [0, 1]]]}, "groups expected"),
+    assert [r["sublayers"] for r in rows[2:]] == [sorted(plans[2].skip_scales)] * 2 and len(rows[2]["sublayers"]) == 2
+    for bad, match in (({"groups": 0}, "groups"), ({"sublayers": [0, 0]}, "distinct sublayers"), ({"layers": [[1, [0, 1]]]}, "groups expected"),
                        ({"kl": float("nan")}, "finite"), ({"top1_agreement": 2.0}, "top1_agreement")):
         data = json.loads(path.read_text())
         data["validation"]["greedy-loss"]["streaming"][0].update(bad)
@@ -449,7 +450,8 @@ def _with_group_rows(profile, strategy, hits, rows):
              "retrieval_probes": 8, "retrieval_length": 300, "streaming": []}
     for k, g, h in rows:
         p = adaskip.plan(profile, strategy=strategy, num_sublayers=k, streaming_groups=g)
-        entry["streaming"].append({"budget": k, "groups": g, "layers": streaming_layers(p), "kl": 0.05,
+        entry["streaming"].append({"budget": k, "groups": g, "sublayers": sorted(p.skip_scales),
+                                   "layers": streaming_layers(p), "kl": 0.05,
                                    "top1_agreement": 0.95, "perplexity": 1.0, "retrieval_hits": h})
     return dataclasses_replace(profile, validation={strategy: entry})
 
@@ -457,6 +459,7 @@ def _with_group_rows(profile, strategy, hits, rows):
 def test_a_tolerance_chooses_among_sublayer_and_group_plans(ranked):
     import adaskip
     from adaskip.skipping.costs import streaming_plan_costs, sublayer_costs
+    from adaskip.skipping.strategies import streaming_layers
 
     model, profile = ranked
     total = model.args.num_layers * model.args.num_kv_heads
@@ -477,6 +480,7 @@ def test_a_tolerance_chooses_among_sublayer_and_group_plans(ranked):
     assert (p.skip_scales, p.streaming) == (want.skip_scales, want.streaming)
     assert p.predicted_speedup == pytest.approx(speed(want)) and p.predicted_speedup > costs.speedup([])
     assert p.streaming and "streaming KV-head groups" in p.explanation.splitlines()[0]
+    assert "no cost model given" not in p.explanation and f"predicted {speed(want):.3f}x" in p.explanation
     h = total // 2
     assert f"qualifying plans [0, 2, 0 + {h} groups, 4 + {h} groups]" in p.explanation  # not 4 alone, nor 2 + groups
     # Without the cost model, groups cannot be priced: the sublayer plans alone are ranked, and it says so.
@@ -491,6 +495,12 @@ def test_a_tolerance_chooses_among_sublayer_and_group_plans(ranked):
     # A validation whose groups the profile no longer ranks so is refused.
     stale = v.validation["greedy-loss"]["streaming"][0]
     stale["layers"] = [[0, [0]]] + stale["layers"][1:] if stale["layers"][0][0] != 0 else stale["layers"][::-1]
+    with pytest.raises(ValueError, match="validate again"):
+        adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, **at)
+    stale["layers"] = streaming_layers(adaskip.plan(profile, strategy="greedy-loss", num_sublayers=stale["budget"],
+                                                    streaming_groups=stale["groups"]))
+    adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, **at)  # mended
+    stale["sublayers"] = [0]  # the base plan of another search
     with pytest.raises(ValueError, match="validate again"):
         adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, **at)
 

@@ -288,10 +288,13 @@ def _meets(c: _Validated, entry: dict, min_agreement, max_kl, min_retrieval) -> 
             and (min_retrieval is None or c.hits >= min_retrieval * entry["retrieval_full_hits"] - 1e-9))
 
 
-def _validated_plans(profile, strategy, entry, mode, window, online) -> list:
+def _validated_plans(profile, strategy, entry, mode, window, online, costs, model_args) -> list:
     """The plans the profile's validation of `strategy` measured, built again (stand-ins of the
     validated kind), each checked to be the plan that was measured: the budgets, and the
-    budget + streaming-group rows (validate(streaming=)) when the validation has them."""
+    budget + streaming-group rows (validate(streaming=)) when the validation has them, priced by
+    the roofline when `costs` are the cost model's (a group plan is priced no other way)."""
+    roofline = costs is not None and costs.source == "model" and model_args is not None
+    at = dict(context_len=costs.context_len, model_args=model_args) if roofline else {}
     validated = entry.get("stand_in", "scalar")
     stand_in = validated if strategy_of(strategy).fitted_stand_ins else None
     hits = entry.get("retrieval_hits")
@@ -305,10 +308,10 @@ def _validated_plans(profile, strategy, entry, mode, window, online) -> list:
         out.append(_Validated(int(k), 0, p, entry["kl"][i], entry["top1_agreement"][i], hits[i] if hits else None))
     for row in entry.get("streaming", ()):
         p = plan(profile, strategy=strategy, num_sublayers=row["budget"], mode=mode, window=window, online=online,
-                 stand_in=stand_in, streaming_groups=row["groups"])
-        if streaming_layers(p) != row["layers"]:
+                 stand_in=stand_in, streaming_groups=row["groups"], **at)
+        if streaming_layers(p) != row["layers"] or sorted(p.skip_scales) != row["sublayers"]:
             raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {row['budget']} sublayers and "
-                             f"{row['groups']} streaming groups measured other groups than the profile ranks now; "
+                             f"{row['groups']} streaming groups measured another plan than the profile gives now; "
                              "validate again")
         out.append(_Validated(row["budget"], row["groups"], p, row["kl"], row["top1_agreement"],
                               row.get("retrieval_hits")))
@@ -334,21 +337,6 @@ def _tolerance_costs(profile, context_len, mode, costs, model_args):
     return costs
 
 
-def _validated_speedup(c: _Validated, profile, costs, model_args) -> Optional[float]:
-    """What a validated plan is predicted to gain; a plan with streaming groups only under the
-    roofline cost model (which prices a group's band), else None: it cannot be ranked."""
-    if not c.groups:
-        return plan_speedup(c.plan, profile, costs)
-    if costs is None or costs.source != "model" or model_args is None:
-        return None
-    from .costs import streaming_plan_costs
-
-    layers = {i: len(g) for i, g in c.plan.streaming.items()}
-    return streaming_plan_costs(model_args, costs.context_len, costs.mode, sorted(c.plan.skip_scales), layers,
-                                sink=c.plan.streaming_sink, window=c.plan.streaming_window,
-                                added_s=stand_in_cost(c.plan, profile, costs))["speedup"]
-
-
 def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len, mode, window, online, costs,
                   model_args, stand_in, min_retrieval=None) -> SkipPlan:
     if profile is None:
@@ -369,11 +357,13 @@ def _by_tolerance(profile, strategy, min_agreement, max_kl, planner, context_len
     # Budget 0 is the full model: nothing to lose, so it always qualifies.
     full = _Validated(0, 0, plan(profile, strategy=strategy, num_sublayers=0, mode=mode, window=window, online=online,
                                  stand_in=validated if strategy_of(strategy).fitted_stand_ins else None), 0.0, 1.0)
-    qualifying = [full] + [c for c in _validated_plans(profile, strategy, entry, mode, window, online)
+    qualifying = [full] + [c for c in _validated_plans(profile, strategy, entry, mode, window, online, costs,
+                                                       model_args)
                            if (c.k or c.groups) and _meets(c, entry, min_agreement, max_kl, min_retrieval)]
     unpriced, best = 0, None
     for c in qualifying:
-        speed = _validated_speedup(c, profile, costs, model_args)
+        # A group plan carries the roofline's price (plan(streaming_groups=) at the costs' context) or none.
+        speed = c.plan.predicted_speedup if c.groups else plan_speedup(c.plan, profile, costs)
         if speed is None:
             unpriced += 1
             continue
