@@ -521,8 +521,7 @@ def _streaming_counts(streaming, total: Optional[int] = None) -> list:
 
 def _streaming_row(key: tuple, p, sums: dict, tokens: int, hits: Optional[int]) -> dict:
     """What a validation stores of one budget + streaming-groups plan."""
-    row = {"budget": key[1], "groups": key[2], "sublayers": sorted(p.skip_scales), "layers": streaming_layers(p),
-           "kl": sums["kl"] / tokens,
+    row = {"budget": key[1], "groups": key[2], "layers": streaming_layers(p), "kl": sums["kl"] / tokens,
            "top1_agreement": sums["agree"] / tokens, "perplexity": math.exp(sums["nll"] / tokens)}
     if hits is not None:
         row["retrieval_hits"] = hits

@@ -115,7 +115,7 @@ def _check_streaming_row(strategy: str, row, num_sublayers: int, probes: Optiona
     """One budget + streaming-groups row of a validation (calibration.validate(streaming=)): what
     a tolerance chooses by, so a malformed one is refused at load."""
     what = f"the profile's validation of {strategy!r} has a malformed streaming row"
-    keys = ("budget", "groups", "sublayers", "layers", "kl", "top1_agreement")
+    keys = ("budget", "groups", "layers", "kl", "top1_agreement")
     if not isinstance(row, dict) or any(k not in row for k in keys):
         raise ValueError(f"adaskip: {what} (it needs {list(keys)}): {row!r}")
     _check_count(f"validation.{strategy}.streaming.budget", row["budget"])
@@ -126,11 +126,6 @@ def _check_streaming_row(strategy: str, row, num_sublayers: int, probes: Optiona
             or sum(len(x[1]) for x in layers) != row["groups"]:
         raise ValueError(f"adaskip: {what}: {row['groups']} groups expected as [[layer, [groups]], ...], got "
                          f"{layers!r}")
-    chosen = row["sublayers"]
-    if not isinstance(chosen, list) or len(chosen) != row["budget"] or len(set(chosen)) != len(chosen) \
-            or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_sublayers for x in chosen):
-        raise ValueError(f"adaskip: {what}: expected {row['budget']} distinct sublayers in [0, {num_sublayers}), "
-                         f"got {chosen!r}")
     _check_numbers(f"validation.{strategy}.streaming.kl", [row["kl"]], positive=True)
     _check_numbers(f"validation.{strategy}.streaming.top1_agreement", [row["top1_agreement"]], within=(0.0, 1.0))
     if probes is not None:

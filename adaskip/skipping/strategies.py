@@ -298,6 +298,7 @@ def _validated_plans(profile, strategy, entry, mode, window, online, costs, mode
     validated = entry.get("stand_in", "scalar")
     stand_in = validated if strategy_of(strategy).fitted_stand_ins else None
     hits = entry.get("retrieval_hits")
+    base = {0: [], **{int(k): sorted(chosen) for k, chosen in zip(entry["budgets"], entry["sublayers"])}}
     out = []
     for i, k in enumerate(entry["budgets"]):
         p = plan(profile, strategy=strategy, num_sublayers=int(k), mode=mode, window=window, online=online,
@@ -309,7 +310,8 @@ def _validated_plans(profile, strategy, entry, mode, window, online, costs, mode
     for row in entry.get("streaming", ()):
         p = plan(profile, strategy=strategy, num_sublayers=row["budget"], mode=mode, window=window, online=online,
                  stand_in=stand_in, streaming_groups=row["groups"], **at)
-        if streaming_layers(p) != row["layers"] or sorted(p.skip_scales) != row["sublayers"]:
+        # A row's budget is one the validation measured (or 0): its sublayers are that budget's.
+        if streaming_layers(p) != row["layers"] or sorted(p.skip_scales) != base.get(row["budget"]):
             raise ValueError(f"adaskip: the profile's validation of {strategy!r} at {row['budget']} sublayers and "
                              f"{row['groups']} streaming groups measured another plan than the profile gives now; "
                              "validate again")
