@@ -456,6 +456,8 @@ def _greedy(profile, strategy: Strategy, k, mode, window, online, fingerprint, s
                        f"stand-ins{scored}{note}")
     else:
         explanation = f"greedy {result.method} search: its first {k} choices{note}"
+    if not k:  # the search chose nothing for this plan: its line would only list zeros
+        explanation = f"{result.method} search: no sublayer skipped"
     p = SkipPlan(m, skip, mode=mode, strategy=strategy.name, beta=beta, window=window, stand_ins=stand_ins,
                  model_fingerprint=fingerprint, explanation=explanation)
     p.predicted_speedup = plan_speedup(p, profile)
