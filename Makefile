@@ -62,24 +62,25 @@ $(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
 
 # The main job: on the embedded SmolLM2, learn which sublayers to skip and what stands in for each
 # from the essays (the kl search on 2k-token requests, scored on text and on retrieval probes: a fact
-# hidden in the text and asked for; cached), then answer a question about a ~6k-token essay prompt
-# with the full model and with the fastest plan that still finds 90 % of the held-out 6k-token
-# probes the full model finds. Time to first token: the median of 3 alternating runs each.
-# The search's defaults (scalar stand-ins, retrieval weight 4); the recorded run is in
-# bench/results/demo-smollm2-cpu-2026-12-05/. On a quiet 2-core CPU the calibration takes about 25
-# minutes (the kl search on 2k-token requests and the 6k-token validation probes; the timings are in
-# bench/results/README.md); it is cached. --window 0: no online FFN gating. At the plan's own beta
-# (0.9797, the least similar of its skips) it gated 13 more FFNs after 20 tokens and the answer
-# fell apart (bench/results/demo-smollm2-cpu-2026-12-05/make-demo-online.log).
-DEMO_PROFILE := .cache/smollm2-essays-kl-demo-profile.json
+# hidden in the text and asked for), and rank every KV-head group for streaming (sink + recent window
+# only); validate plans of both kinds on held-out 6k-token windows and probes (cached); then answer a
+# question about a ~6k-token essay prompt with the full model and with the fastest validated plan
+# that still finds 90 % of the probes the full model finds and agrees with its next token on 80 % of
+# the held-out text. Time to first token: the median of 3 alternating runs each.
+# The recorded run is in bench/results/demo-smollm2-cpu-2026-12-06/ (bench/results/README.md has the
+# stage timings). --window 0: no online FFN gating. At a sublayer plan's own beta (0.9797, the least
+# similar of its skips) it gated 13 more FFNs after 20 tokens and the answer fell apart
+# (bench/results/demo-smollm2-cpu-2026-12-05/make-demo-online.log).
+DEMO_PROFILE := .cache/smollm2-essays-kl-groups-demo-profile.json
 demo: $(BUILD_STAMP)
 	@mkdir -p .cache
 	@test -f $(DEMO_PROFILE) || $(PY) -m adaskip calibrate --model smollm2 --data essays \
 		--num-requests 8 --prompt-len 2048 --search kl --search-max 8 \
-		--validate-budgets 4,6,8 --validate-strategies greedy-kl --validation-requests 9 \
-		--validation-len 6000 --validation-probes 8 --out $(DEMO_PROFILE)
+		--validate-budgets 4,8 --validate-strategies greedy-kl --validation-requests 9 \
+		--validation-len 6000 --validation-probes 8 --streaming-probes 8 --validate-streaming 36 \
+		--out $(DEMO_PROFILE)
 	$(PY) -m adaskip demo --profile $(DEMO_PROFILE) --strategy greedy-kl --min-retrieval 0.9 \
-		--max-new-tokens 64 --repeats 3 --window 0
+		--min-agreement 0.8 --max-new-tokens 64 --repeats 3 --window 0
 
 $(DEPS_STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

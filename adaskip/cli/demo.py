@@ -9,14 +9,15 @@ from .run import compare, print_report
 DEMO_QUESTION = "Summarize the main argument of the essay above in three sentences."
 
 INTRODUCTION = """\
-adaskip demo: AdaSkip makes long-prompt inference cheaper by not running some sublayers.
+adaskip demo: AdaSkip makes long-prompt inference cheaper by not running what barely matters.
 A transformer layer has two sublayers, attention and a feed-forward network (FFN), each adding
-its output to a running "residual stream". Some of them barely change that stream: the stream's
-direction before and after them is almost the same (cosine similarity close to 1). Here a
-search on calibration text picks the sublayers whose removal changes the model's predictions
-least, on running text and on facts hidden in long prompts, each replaced by a rescaling of the
-stream fitted to what it did; then it keeps the fastest plan that still finds 90 % of the hidden facts the full
-model finds in held-out prompts as long as this one.
+its output to a running "residual stream". Some of them barely change that stream. A search on
+calibration text picks the sublayers whose removal changes the model's predictions least, on
+running text and on facts hidden in long prompts, each replaced by a rescaling of the stream.
+Calibration can also rank a finer unit: one attention layer's KV-head group that needs only the
+first tokens and the recent ones, which a "streaming" group then reads alone. Given a tolerance,
+the demo runs the fastest plan validated on held-out prompts as long as this one that keeps it;
+the plan's lines below say what it chose and why.
 """
 # Printed when the plan learns online (--window > 0).
 ONLINE = """\
