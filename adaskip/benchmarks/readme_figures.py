@@ -228,7 +228,7 @@ SETTINGS = (
     # lengths and counts of what a run was given
     r"\b\d+k(?: / \d+k)*\b", r"\d+ tokens?", r"\d+ new\b", r"\d+ (?:windows|requests|probes|prompts)(?: a \w+)?",
     r"(?:weight|weighted) \d+", r"default is now \d+", r"depths? \d?\.\d(?: / \d?\.\d)*", r"\d+ of the \d+ groups",
-    r"\d+ (?:essay|retrieval) (?:requests|probes)", r"first \d+ tokens and the last \d+", r"with its \d+",
+    r"\d+ (?:essay|retrieval) (?:requests|probes)", r"\d+ (?:streaming )?groups\b", r"first \d+ tokens and the last \d+", r"with its \d+",
     r"window of \d+", r"\(\d+ prompts a depth\)", r"on \d+ of the same prompts",
     r"\d+ (?:quiet |busy )?CPU cores", r"\d+-core", r"batch <= \d+", r"(?:CUDA|torch) (?:>= )?\d+\.\d+",
     # the bounds a claim is judged by
@@ -435,6 +435,7 @@ KL = "eval-smollm2-retrieval-kl-cpu-2026-12-05/"
 W4 = "eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/eval.json"
 STD = "eval-smollm2-stdlib-standins-cpu-2026-12-05/eval.json"
 DEMO = "demo-smollm2-cpu-2026-12-05/"
+DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06/"
 REFIT = "eval-smollm2-refit-cpu-2026-12-05/run.log"
 G16 = "eval-smollm2-retrieval-grid16-cpu-2026-12-05/"
 Q16 = "eval-qwen2.5-coder-retrieval16-cpu-2026-12-05/"
@@ -586,6 +587,28 @@ def _figures_demo():
     ]
 
 
+def _figures_demo_groups():
+    """'Which strategy': `make demo` with streaming groups validated beside the sublayer plans."""
+    cal, demo = DEMO_GROUPS + "calibrate-resume.log", DEMO_GROUPS + "make-demo.log"
+    alone = DEMO_GROUPS + "demo-min-retrieval.log"
+    groups = r"^\s*{} sublayers \+ 36 streaming groups: KL (\S+) agreement (\d\.\d+), retrieval (\d+)"
+
+    def row(budget, i):
+        return Source(cal, lambda results: re.search(groups.format(budget), results.text(cal), re.MULTILINE).group(i),
+                      "str")
+    ttft = r"^time to first token\s+\S+\s+\S+\s+(\d+\.\d+)"
+    return [
+        figure("the 36 groups alone\n  keep top-1 agreement {} (KL per token {}) against {} ({}) at 8 sublayers, and\n"
+               "  find {} of 8 probes (the full model {})", row(0, 2), row(0, 1),
+               log(cal, r"8 sublayers KL \S+ agreement (\d\.\d+)"), log(cal, r"8 sublayers KL (\S+) agreement"),
+               row(0, 3), log(cal, r"\(of 8\): full model (\d+),")),
+        figure("only the groups alone meet: predicted {}x prefill at 6k. Measured: time to first\n  token {}x",
+               predicted(log(demo, r"^\s*predicted speedup (\d+\.\d+)")), log(demo, ttft)),
+        figure("(agreement {}): predicted {}x, measured {}x", row(8, 2),
+               predicted(log(alone, r"^\s*predicted speedup (\d+\.\d+)")), log(alone, ttft)),
+    ]
+
+
 def _figures_refit():
     def r(text, key):
         return logdict(REFIT, text, key)
@@ -635,6 +658,7 @@ def _figures_grid16():
 def _figures_streaming():
     kv, costs, pilot, tt = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json", KV + "ttft/ttft.json"
     rest = KV + "6k-rest/eval.json"  # the 6k prompts the first runs left out
+    k6 = "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06/eval.json"  # groups ranked on 6000-token probes
     both = lambda a, b: calc("d", lambda x, y: x + y, a, b)  # noqa: E731
     grid, g6, ess = G16 + "grid/eval.json", G16 + "grid6k/eval.json", G16 + "ppl-essays/eval.json"
     p = lambda n: ("predicted", f"prefill@{n}", "speedup")
@@ -659,6 +683,14 @@ def _figures_streaming():
                both(kv_run(kv, "stream36", "needle", 6144, "total"), kv_run(rest, "stream36", "needle", 6144, "total")),
                both(hits(g6, "full", "passkey", 6144), kv_run(rest, "full", "passkey", 6144)),
                both(hits(g6, "full", "needle", 6144), kv_run(rest, "full", "needle", 6144))),
+        figure("the 29 groups that cost what `greedy-kl` 8 saves at 6k (predicted prefill\n{}x) found {} of {} pass keys "
+               "and {} of {} needles at 6k, against the full model's {} and {}",
+               predicted(kv_row(k6, "stream29", *p(6144), fmt=".3f")), kv_run(k6, "stream29", "passkey", 6144),
+               kv_run(k6, "stream29", "passkey", 6144, "total"), kv_run(k6, "stream29", "needle", 6144),
+               kv_run(k6, "stream29", "needle", 6144, "total"),
+               both(hits(g6, "full", "passkey", 6144), kv_run(rest, "full", "passkey", 6144)),
+               both(hits(g6, "full", "needle", 6144), kv_run(rest, "full", "needle", 6144))),
+        figure("ranked on 4k probes, 29 groups\nfound {})", kv_run(KV + "6k-29/eval.json", "stream29", "passkey", 6144)),
         figure("keeps the text (+{} % perplexity against +{} %)",
                calc(".1f", lambda x, f: 100 * (x / f - 1), kv_row(kv, "stream36", "metrics", "perplexity"), ppl(ess, "full")),
                excess(ppl(ess, "greedy-kl@8"), ppl(ess, "full"))),
@@ -770,11 +802,12 @@ def _figures_qwen_and_bullets():
 def _figures_commands():
     """'Commands': how long a fresh `make demo` calibrates on a quiet CPU, summed from the progress bars
     of the runs that timed each stage on one (bench/results/README.md, the demo's section, says which)."""
-    grid, w1 = G16 + "calibrate.log", DEMO + "make-demo-linear-w1.log"
+    grid, groups = G16 + "calibrate.log", DEMO_GROUPS + "calibrate-resume.log"
     return [figure("the first `make demo` spends about\n{} minutes calibrating",
                    calc(".0f", lambda *m: sum(m), tqdm_total(grid, "calibrating", "8/8"),
-                        tqdm_total(grid, "search (kl, scalar stand-ins)", "8/16"), tqdm_total(w1, "validating", "27/27"),
-                        tqdm_total(w1, "validating retrieval", "32/32")))]
+                        tqdm_total(grid, "search (kl, scalar stand-ins)", "8/16"),
+                        tqdm_total(groups, "scoring KV-head groups", "12/12"), tqdm_total(groups, "validating", "45/45"),
+                        tqdm_total(groups, "validating retrieval", "48/48")))]
 
 
 def _figures_gpu():
@@ -797,7 +830,7 @@ def _figures_gpu():
 
 def figures() -> list:
     """Every registered figure of the README, in the order the README has them."""
-    return (_figures_commands() + _figures_gpu() + _figures_retrieval_kl() + _figures_demo() + _figures_refit() + _figures_grid16() + _figures_streaming()
+    return (_figures_commands() + _figures_gpu() + _figures_retrieval_kl() + _figures_demo() + _figures_demo_groups() + _figures_refit() + _figures_grid16() + _figures_streaming()
             + _figures_standins() + _figures_generation() + _figures_qwen_and_bullets())
 
 
