@@ -207,12 +207,17 @@ def plan(profile: Optional[ImportanceProfile] = None, *, num_layers: Optional[in
         raise ValueError("adaskip: streaming_groups takes its groups from a profile's group scores; pass the profile")
     from .head_groups import add_streaming
 
-    phase, added = "decode" if mode == "decode" else "prefill", 0.0
+    phase, added = _phase(mode), 0.0
     if context_len is not None and model_args is not None:
         from .costs import sublayer_costs
         added = stand_in_cost(p, profile, sublayer_costs(model_args, context_len, phase))
     return add_streaming(p, profile.group_scores_of(), streaming_groups, context_len=context_len,
                          model_args=model_args, phase=phase, added_s=added)
+
+
+def _phase(mode: str) -> str:
+    """The phase a plan of `mode` is priced in: decode plans by a decode step, the others by prefill."""
+    return "decode" if mode == "decode" else "prefill"
 
 
 def _plan(profile, num_layers, alpha, num_sublayers, strategy, planner, context_len, mode, window, online, costs,
@@ -333,7 +338,7 @@ def _tolerance_costs(profile, context_len, mode, costs, model_args):
                          "(or measured costs=)")
     if costs is None and context_len is not None:
         from .costs import sublayer_costs
-        costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
+        costs = sublayer_costs(model_args, context_len, _phase(mode))
     if costs is not None and costs.num_layers != profile.num_layers:
         raise ValueError(f"adaskip: the costs are for {costs.num_layers} layers, the model has {profile.num_layers}")
     return costs
@@ -426,7 +431,7 @@ def _adaskip(profile, k, alpha, planner, context_len, mode, window, online, cost
         if costs is None:
             if context_len is None or model_args is None:
                 raise ValueError("adaskip: the cost planner needs context_len and model_args (or measured costs=)")
-            costs = sublayer_costs(model_args, context_len, "decode" if mode == "decode" else "prefill")
+            costs = sublayer_costs(model_args, context_len, _phase(mode))
         target = alpha if alpha is not None else paper_speedup(m, k)
         sel = select_by_cost([max(1 - s, 0.0) for s in sim], costs, target)
         chosen, predicted, lost, explanation = sel.sublayers, sel.predicted_speedup, sel.importance_lost, sel.explanation
