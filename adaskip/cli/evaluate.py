@@ -27,6 +27,15 @@ def register(subparsers) -> None:
     e.add_argument("--min-agreement", default="", help="also the fastest validated plan of each strategy with at "
                    "least these top-1 agreements (comma-separated; profile validated with calibrate "
                    "--validate-budgets)")
+    e.add_argument("--min-retrieval", default="", help="also the fastest validated plan of each strategy that keeps "
+                   "at least these fractions of the full model's hits on the validation's retrieval probes "
+                   "(comma-separated; with --min-agreement, every pair; validated plans with streaming groups "
+                   "compete, priced by the cost model at --context-len)")
+    e.add_argument("--streaming-groups", default="", help="also plans of this many streaming KV-head groups "
+                   "(comma-separated counts; the cheapest by the profile's group scores: calibrate with "
+                   "--streaming-probes), alone and on the plans of --streaming-budgets")
+    e.add_argument("--streaming-budgets", default="", help="put the --streaming-groups on each strategy's plans "
+                   "at these budgets too (comma-separated, among --budgets)")
     e.add_argument("--speedups", default="", help="also compare at these predicted speedups (equal time)")
     e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
     e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")
@@ -78,7 +87,9 @@ def _settings(a):
 
     return EvalSettings(strategies=split(a.strategies, str), budgets=split(a.budgets, int),
                         speedups=split(a.speedups, float), stand_ins=split(a.stand_ins, str),
-                        min_agreements=split(a.min_agreement, float), tasks=split(a.tasks, str),
+                        min_agreements=split(a.min_agreement, float), min_retrievals=split(a.min_retrieval, float),
+                        streaming_groups=split(a.streaming_groups, int),
+                        streaming_budgets=split(a.streaming_budgets, int), tasks=split(a.tasks, str),
                         window_len=a.window_len, max_windows=a.windows,
                         retrieval_lengths=split(a.retrieval_lengths, int),
                         retrieval_depths=split(a.retrieval_depths, float),
@@ -198,6 +209,13 @@ def cmd_eval(a) -> None:
     searches = searches_needed(settings.strategies)
     profile = load_profile(a)
     calibration_paths = []
+    if settings.streaming_groups:
+        if profile is None:
+            raise SystemExit("adaskip: --streaming-groups takes the groups a profile ranks; give --profile (one "
+                             "calibrated with --streaming-probes)")
+        if not profile.group_scores:
+            raise SystemExit(f"adaskip: --profile {a.profile} ranks no KV-head groups; calibrate with "
+                             "--streaming-probes to plan streaming groups")
     if profile is not None:
         missing = [m for m in searches if m not in profile.search]
         if missing:
@@ -218,9 +236,11 @@ def cmd_eval(a) -> None:
         profile = _calibrated_here(a, model, tokenizer, settings, searches, calibration_paths, out)
     documents = _documents(paths, profile, settings)
     costs = None
-    if settings.speedups:
+    if settings.speedups or settings.min_agreements or settings.min_retrievals or settings.streaming_groups:
+        # one cost model prices every row: a plan with streaming groups is priced no other way
         costs = _cost_model(a, model)
-        settings.notes.append(f"equal-time plans: roofline model of {costs.device}, {a.phase} at {a.context_len} tokens")
+        settings.notes.append(f"predicted speedups: roofline model of {costs.device}, {a.phase} at {a.context_len} "
+                              "tokens")
     _run_and_report(a, model, tokenizer, profile, settings, documents, costs, out, started)
 
 
@@ -251,7 +271,7 @@ def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, ou
     from .._util import write_json
     from ..benchmarks.common import device_info
     from ..evaluation.harness import run_eval
-    from ..evaluation.report import plot_profile_heatmap, plot_quality, plot_retrieval
+    from ..evaluation.report import plot_profile_heatmap, plot_quality, plot_retrieval, plot_retrieval_by_speedup
 
     started = time.time()
     result = run_eval(model, tokenizer, profile, settings, documents=documents, costs=costs)
@@ -271,6 +291,8 @@ def _run_and_report(a, model, tokenizer, profile, settings, documents, costs, ou
     written = [out / "eval.json", out / "eval.md"]
     written.append(plot_quality(result["rows"], out / "quality.png", title=f"{a.model}: quality vs skipping"))
     written.append(plot_retrieval(result["rows"], out / "retrieval.png", title=f"{a.model}: retrieval vs skipping"))
+    written.append(plot_retrieval_by_speedup(result["rows"], out / "retrieval-speedup.png",
+                                             title=f"{a.model}: retrieval vs predicted speedup"))
     written.append(plot_profile_heatmap(profile, out / "similarity-heatmap.png"))
     print("wrote " + ", ".join(str(p) for p in written if p is not None))
 

@@ -21,7 +21,8 @@ from typing import Optional, Sequence, Union
 from .quality import compare_with_full
 from ..skipping.calibration import source_id
 from ..runtime.stand_in import KINDS
-from ..skipping.strategies import PAPER_COMPARISON, STRATEGY_TABLE, plan, plan_at_speedup, plan_speedup, strategy_of
+from ..skipping.strategies import (PAPER_COMPARISON, STRATEGY_TABLE, plan, plan_at_speedup, plan_speedup, strategy_of,
+                                   streaming_layers)
 
 TASKS = ("ppl", "passkey", "needle", "generation", "speculative", "longbench")
 
@@ -33,8 +34,16 @@ class EvalSettings:
     speedups: Sequence[float] = ()  # equal-time comparison: predicted speedups under `costs`
     # greedy-kl rows once per stand-in kind (default: the kind its search scored with)
     stand_ins: Sequence[str] = ()
-    # plans chosen by tolerance: the fastest validated plan with at least this top-1 agreement
+    # plans chosen by tolerance: the fastest validated plan with at least this top-1 agreement,
+    # and / or keeping at least this fraction of the full model's hits on the validation's
+    # retrieval probes (every agreement x every retrieval fraction); validated plans with
+    # streaming KV-head groups compete when the cost model prices them
     min_agreements: Sequence[float] = ()
+    min_retrievals: Sequence[float] = ()
+    # streaming KV-head groups (the profile's group scores, adaskip.skipping.head_groups): plans of
+    # this many groups alone, and on top of each strategy's plans at `streaming_budgets`
+    streaming_groups: Sequence[int] = ()
+    streaming_budgets: Sequence[int] = ()
     tasks: Sequence[str] = ("ppl",)
     # ppl
     window_len: int = 2048
@@ -79,6 +88,9 @@ class EvalSettings:
             raise ValueError("adaskip: stand-ins are compared on the greedy-kl strategy; add it to the strategies")
         if any(not 0.0 <= a <= 1.0 for a in self.min_agreements):
             raise ValueError(f"adaskip: minimum agreements must be in [0, 1], got {list(self.min_agreements)}")
+        if any(not 0.0 <= r <= 1.0 for r in self.min_retrievals):
+            raise ValueError(f"adaskip: minimum retrieval fractions must be in [0, 1], got {list(self.min_retrievals)}")
+        self._check_streaming()
         if {"generation", "speculative"} & set(self.tasks):  # the speculative task uses the generation prompts
             from .generation import INSTRUCTIONS
 
@@ -102,6 +114,17 @@ class EvalSettings:
             raise ValueError("adaskip: the longbench task needs the folder of a LongBench copy (--longbench-dir)")
 
 
+    def _check_streaming(self) -> None:
+        groups, budgets = list(self.streaming_groups), list(self.streaming_budgets)
+        if any(isinstance(n, bool) or int(n) != n or n < 1 for n in groups) or len(set(groups)) < len(groups):
+            raise ValueError(f"adaskip: streaming group counts must be distinct integers >= 1, got {groups}")
+        if budgets and not groups:
+            raise ValueError("adaskip: streaming budgets put the streaming groups on those plans; give the group "
+                             "counts too (streaming_groups / --streaming-groups)")
+        missing = sorted(set(budgets) - set(self.budgets))
+        if missing:
+            raise ValueError(f"adaskip: streaming budgets {missing} are not among the budgets {list(self.budgets)}")
+
     def check_model(self, args) -> None:
         """Fails before any work (the calibration included) when a budget does not fit the model's
         layers or a length its context."""
@@ -124,6 +147,10 @@ class EvalSettings:
         if any(b > most for b in self.budgets):
             raise ValueError(f"adaskip: budgets of {max(self.budgets)} sublayers exceed what a model of "
                              f"{args.num_layers} layers can skip ({most}: all but one layer)")
+        groups = args.num_layers * args.num_kv_heads
+        if any(n > groups for n in self.streaming_groups):
+            raise ValueError(f"adaskip: {max(self.streaming_groups)} streaming groups asked for; the model has "
+                             f"{groups} KV-head groups ({args.num_layers} layers x {args.num_kv_heads})")
 
 
 def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windows: int) -> list:
@@ -139,41 +166,66 @@ def document_windows(texts: Sequence[str], tokenizer, window_len: int, max_windo
     return windows
 
 
-def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None) -> list:
+def build_plans(profile, num_layers: int, settings: EvalSettings, costs=None, model_args=None) -> list:
     """(row description, SkipPlan or None) for the full model and every strategy x budget (and
-    x target speedup when `costs` are given). Odd budgets are not offered to whole-layer
-    strategies; a target a strategy cannot reach is noted and left out."""
+    x target speedup when `costs` are given, and x tolerance, and with streaming groups), then the
+    streaming groups alone. Odd budgets are not offered to whole-layer strategies; a target a
+    strategy cannot reach is noted and left out. With `costs` every plan is priced by them (a plan
+    with streaming groups only by the cost model's roofline, with `model_args`)."""
     out = [({"strategy": "full", "budget": 0, "target_speedup": None}, None)]
     for s in settings.strategies:
         if s == "full":  # always the first row
             continue
         kinds = tuple(settings.stand_ins) or (None,) if strategy_of(s).fitted_stand_ins else (None,)
         for kind in kinds:
-            name = s if kind is None else f"{s}/{kind}"
-            for k in settings.budgets:
-                if k % 2 and not strategy_of(s).sublayers:
-                    settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
-                    continue
-                p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k, stand_in=kind)
-                if costs is not None:
-                    p.predicted_speedup = plan_speedup(p, profile, costs)
-                out.append(({"strategy": name, "budget": k, "target_speedup": None}, p))
-            for target in settings.speedups:
-                if costs is None:
-                    raise ValueError("adaskip: equal-speedup plans need a cost model (costs=)")
-                try:
-                    p = plan_at_speedup(profile, s, target, costs, num_layers=num_layers, stand_in=kind)
-                except ValueError as e:
-                    settings.notes.append(str(e))
-                    continue
-                out.append(({"strategy": name, "budget": len(p.skip_scales), "target_speedup": target}, p))
-        for agreement in settings.min_agreements:
-            if profile is None or s not in profile.validation:
-                settings.notes.append(f"{s}: no validation in the profile, so no plan by tolerance")
-                continue
-            p = plan(profile, strategy=s, min_agreement=agreement, costs=costs)
-            out.append(({"strategy": s, "budget": len(p.skip_scales), "target_speedup": None,
-                         "min_agreement": agreement}, p))
+            out += _budget_plans(profile, num_layers, settings, costs, model_args, s, kind)
+        out += _tolerance_plans(profile, settings, costs, model_args, s)
+    for n in settings.streaming_groups:
+        p = plan(profile, strategy="full", num_sublayers=0, streaming_groups=n)
+        p.predicted_speedup = plan_speedup(p, profile, costs, model_args)
+        out.append(({"strategy": "groups", "budget": 0, "target_speedup": None, "streaming_groups": n}, p))
+    return out
+
+
+def _budget_plans(profile, num_layers, settings: EvalSettings, costs, model_args, s: str, kind) -> list:
+    """A strategy's rows at each budget (with the streaming groups where asked) and target speedup."""
+    name = s if kind is None else f"{s}/{kind}"
+    out = []
+    for k in settings.budgets:
+        if k % 2 and not strategy_of(s).sublayers:
+            settings.notes.append(f"{s} skips whole layers: budget {k} (odd) left out")
+            continue
+        for n in (0, *settings.streaming_groups) if k in settings.streaming_budgets else (0,):
+            p = plan(profile, num_layers=num_layers, strategy=s, num_sublayers=k, stand_in=kind, streaming_groups=n)
+            if costs is not None:
+                p.predicted_speedup = plan_speedup(p, profile, costs, model_args)
+            out.append(({"strategy": name, "budget": k, "target_speedup": None, **({"streaming_groups": n} if n else {})},
+                        p))
+    for target in settings.speedups:
+        if costs is None:
+            raise ValueError("adaskip: equal-speedup plans need a cost model (costs=)")
+        try:
+            p = plan_at_speedup(profile, s, target, costs, num_layers=num_layers, stand_in=kind)
+        except ValueError as e:
+            settings.notes.append(str(e))
+            continue
+        out.append(({"strategy": name, "budget": len(p.skip_scales), "target_speedup": target}, p))
+    return out
+
+
+def _tolerance_plans(profile, settings: EvalSettings, costs, model_args, s: str) -> list:
+    """A strategy's rows chosen by tolerance: every minimum agreement x every retrieval fraction."""
+    agreements, retrievals = tuple(settings.min_agreements) or (None,), tuple(settings.min_retrievals) or (None,)
+    tolerances = [(a, r) for a in agreements for r in retrievals if (a, r) != (None, None)]
+    if tolerances and (profile is None or s not in profile.validation):
+        settings.notes.append(f"{s}: no validation in the profile, so no plan by tolerance")
+        return []
+    out = []
+    for a, r in tolerances:
+        p = plan(profile, strategy=s, min_agreement=a, min_retrieval=r, costs=costs, model_args=model_args)
+        desc = {"strategy": s, "budget": len(p.skip_scales), "target_speedup": None}
+        desc.update({k: v for k, v in (("min_agreement", a), ("min_retrieval", r)) if v is not None})
+        out.append((desc, p))
     return out
 
 
@@ -182,9 +234,12 @@ def _key(desc: dict) -> str:
         return "full"
     if desc["target_speedup"] is not None:
         return f"{desc['strategy']}@x{desc['target_speedup']:g}"
-    if desc.get("min_agreement") is not None:
-        return f"{desc['strategy']}@agreement>={desc['min_agreement']:g}"
-    return f"{desc['strategy']}@{desc['budget']}"
+    if desc.get("min_agreement") is not None or desc.get("min_retrieval") is not None:
+        wanted = [f"{n}>={desc[k]:g}" for n, k in (("agreement", "min_agreement"), ("retrieval", "min_retrieval"))
+                  if desc.get(k) is not None]
+        return f"{desc['strategy']}@{','.join(wanted)}"
+    groups = f"+{desc['streaming_groups']}g" if desc.get("streaming_groups") else ""
+    return f"{desc['strategy']}@{desc['budget']}{groups}"
 
 
 def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Sequence[str] = (),
@@ -195,7 +250,7 @@ def run_eval(model, tokenizer, profile, settings: EvalSettings, *, documents: Se
     "generation": its own rows (a plan with online learning twice: learning on and off; see
     adaskip.evaluation.generation.evaluate_generation)."""
     settings.check_model(model.args)
-    plans = build_plans(profile, model.args.num_layers, settings, costs)
+    plans = build_plans(profile, model.args.num_layers, settings, costs, model.args)
     named = {_key(d): p for d, p in plans}
     metrics = {k: {} for k in named}
     details: dict = {}
@@ -304,6 +359,10 @@ def _rows(plans: list, metrics: dict, details: dict) -> list:
         else:
             row.update(predicted_speedup=p.predicted_speedup, skipped_attention=len(p.skipped_attention_layers),
                        skipped_ffn=len(p.skipped_ffn_layers), skipped=sorted(p.skip_scales), stand_in=p.stand_in)
+            if p.streaming:  # a tolerance may have chosen groups too: the row says what the plan holds
+                row.update(streaming_groups=sum(len(g) for g in p.streaming.values()),
+                           streaming=streaming_layers(p), streaming_sink=p.streaming_sink,
+                           streaming_window=p.streaming_window)
         row["metrics"] = metrics[_key(desc)]
         if _key(desc) in details:
             row["details"] = details[_key(desc)]

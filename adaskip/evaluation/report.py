@@ -26,11 +26,25 @@ def _fmt(name: str, value) -> str:
 def row_label(row: dict) -> str:
     if row["strategy"] == "full":
         return "full"
+    groups = f" + {row['streaming_groups']} groups" if row.get("streaming_groups") else ""
     if row.get("target_speedup") is not None:
         return f"x{row['target_speedup']:g} ({row['budget']} sublayers)"
-    if row.get("min_agreement") is not None:
-        return f"agreement >= {row['min_agreement']:g} ({row['budget']} sublayers)"
-    return str(row["budget"])
+    wanted = [f"{n} >= {row[k]:g}" for n, k in (("agreement", "min_agreement"), ("retrieval", "min_retrieval"))
+              if row.get(k) is not None]
+    if wanted:
+        return f"{', '.join(wanted)} ({row['budget']} sublayers{groups})"
+    if row["strategy"] == "groups":
+        return f"{row['streaming_groups']} groups"
+    return f"{row['budget']}{groups}"
+
+
+def plan_name(row: dict) -> str:
+    """A row's plan in one phrase: "full", "N streaming groups", or its strategy and label."""
+    if row["strategy"] == "full":
+        return "full"
+    if row["strategy"] == "groups":
+        return f"{row['streaming_groups']} streaming groups"
+    return f"{row['strategy']} {row_label(row)}"
 
 
 def markdown_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None) -> str:
@@ -40,13 +54,16 @@ def markdown_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None
         metrics = []
         for r in rows:
             metrics += [m for m in r["metrics"] if m not in metrics]
-    head = ["strategy", "budget", "attn / FFN skipped", "predicted speedup", *metrics]
+    streaming = any(r.get("streaming_groups") for r in rows)
+    head = ["strategy", "budget", "attn / FFN skipped", *(["streaming groups"] if streaming else []),
+            "predicted speedup", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(rows, key=lambda r: r["strategy"] != "full")
     for r in ordered:
         skipped = "" if r["strategy"] == "full" else f"{r['skipped_attention']} / {r['skipped_ffn']}"
         speed = "" if r.get("predicted_speedup") is None else f"{r['predicted_speedup']:.3f}"
-        cells = [r["strategy"], row_label(r) if r["strategy"] != "full" else "", skipped, speed,
+        groups = [str(r.get("streaming_groups") or "")] if streaming else []
+        cells = [r["strategy"], row_label(r) if r["strategy"] != "full" else "", skipped, *groups, speed,
                  *(_fmt(m, r["metrics"].get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -74,7 +91,7 @@ def retrieval_table(rows: Sequence[dict], kind: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered:
         d = r["details"][kind]
-        cells = [("full" if r["strategy"] == "full" else f"{r['strategy']} {row_label(r)}")]
+        cells = [plan_name(r)]
         for n in lengths:
             v = next((v for k, v in d["by_length"].items() if int(k) == n), None)
             cells.append("–" if v is None else f"{v['correct']}/{v['total']} ({v['correct'] / v['total']:.2f})")
@@ -104,8 +121,10 @@ def _save(fig, path, plt) -> Path:
 
 
 def _at_a_budget(row: dict) -> bool:
-    """A row planned at a number of skipped sublayers, not at a target speedup or agreement."""
-    return row.get("target_speedup") is None and row.get("min_agreement") is None
+    """A row planned at a number of skipped sublayers alone: not at a target speedup or a
+    tolerance, and with no streaming groups (which a count of sublayers does not measure)."""
+    return (row.get("target_speedup") is None and row.get("min_agreement") is None
+            and row.get("min_retrieval") is None and not row.get("streaming_groups"))
 
 
 def plot_quality(rows: Sequence[dict], path, metrics: Optional[Sequence[str]] = None,
@@ -229,6 +248,38 @@ def plot_retrieval(rows: Sequence[dict], path, kinds: Sequence[str] = ("passkey"
         ax.set_title(kind)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, plt)
+
+
+def plot_retrieval_by_speedup(rows: Sequence[dict], path, kinds: Sequence[str] = ("passkey", "needle"),
+                              title: str = "") -> Optional[Path]:
+    """Retrieval accuracy against the predicted speedup: a panel per task kind, a point per
+    (plan, context length), the full model at 1. Plans of sublayers, of streaming KV-head groups
+    and chosen by tolerance meet on one axis here, which a count of sublayers cannot give them.
+    None when no plan with retrieval results has a predicted speedup."""
+    have = [r for r in rows if r.get("predicted_speedup") is not None and any(k in r.get("details", {}) for k in kinds)]
+    if not any(r["strategy"] != "full" for r in have):
+        return None
+    kinds = [k for k in kinds if any(k in r.get("details", {}) for r in have)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.6), squeeze=False)
+    lengths = sorted({int(n) for r in have for k in kinds if k in r["details"] for n in r["details"][k]["by_length"]})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(lengths)}
+    markers = "osD^vP*X<>"
+    for ax, kind in zip(axes[0], kinds):
+        for j, r in enumerate(x for x in have if kind in x["details"]):
+            name = plan_name(r)
+            for n, v in sorted(r["details"][kind]["by_length"].items(), key=lambda kv: int(kv[0])):
+                ax.scatter(r["predicted_speedup"], v["correct"] / v["total"], color=colors[int(n)],
+                           marker=markers[j % len(markers)], label=f"{name}, {n} tokens")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("predicted speedup (the eval's cost model)")
+        ax.set_ylabel(f"{kind} accuracy")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     if title:
         fig.suptitle(title)
     return _save(fig, path, plt)

@@ -62,6 +62,9 @@ class SublayerCosts:
     # Only for source "model": the work behind each sublayer's time.
     flops: Optional[list] = None
     bytes_moved: Optional[list] = None
+    # Only for source "model": the roofline it was computed on (a plan with streaming KV-head groups
+    # is priced on the same one, streaming_plan_costs).
+    spec: Optional[DeviceSpec] = None
 
     def __post_init__(self):
         self.per_sublayer = [float(c) for c in self.per_sublayer]
@@ -162,7 +165,7 @@ def sublayer_costs(args: ModelArgs, context_len: int, mode: str, *, batch: int =
         nbytes += [float(attn_bytes), float(ffn_bytes)]
     return SublayerCosts(per_sublayer=[_roofline(f, x, spec) for f, x in zip(flops, nbytes)], fixed=fixed,
                          context_len=n, mode=mode, source="model", device=spec.name, batch=b,
-                         flops=flops, bytes_moved=nbytes)
+                         flops=flops, bytes_moved=nbytes, spec=spec)
 
 
 def _band_pairs(n: int, sink: int, window: int) -> int:

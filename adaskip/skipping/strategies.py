@@ -498,10 +498,21 @@ def _stand_in_search_notes(plan: SkipPlan, profile: Optional[ImportanceProfile])
     return next((profile.search_result(name).notes for name in fitting if name in profile.search), {})
 
 
-def plan_speedup(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=None) -> float:
+def plan_speedup(plan: SkipPlan, profile: Optional[ImportanceProfile], costs=None,
+                 model_args=None) -> Optional[float]:
     """The plan's predicted speedup: under `costs` (adaskip.skipping.costs.SublayerCosts) or by the
-    paper's equal-cost count, net of what its linear stand-ins cost."""
+    paper's equal-cost count, net of what its linear stand-ins cost. A plan with streaming KV-head
+    groups is priced only by the roofline the cost model was computed on (costs.streaming_plan_costs,
+    which needs `model_args`); None where that is not at hand: no count prices a group's band."""
     extra = stand_in_cost(plan, profile, costs)
+    if plan.streaming:
+        if costs is None or costs.spec is None or model_args is None:
+            return None
+        from .costs import streaming_plan_costs
+        return streaming_plan_costs(model_args, costs.context_len, costs.mode, sorted(plan.skip_scales),
+                                    {i: len(g) for i, g in plan.streaming.items()}, sink=plan.streaming_sink,
+                                    window=plan.streaming_window, batch=costs.batch, spec=costs.spec,
+                                    added_s=extra)["speedup"]
     if costs is None:
         return paper_speedup(plan.num_layers, len(plan.skip_scales), extra)
     return costs.speedup(plan.skip_scales, extra)
