@@ -561,3 +561,120 @@ def test_streaming_plan_on_the_gpu_with_and_without_step_graphs(dtype):
             logits = model(torch.tensor([prompt + new[:-1]], device="cuda"), plan=plan)[0]
             agree = (logits[len(prompt) - 1:].argmax(-1).cpu() == torch.tensor(new)).float().mean().item()
             assert agree >= (1.0 if dtype == torch.float32 else 0.75)
+
+
+# --- adaskip eval with streaming groups and a retrieval tolerance -------------------------------------
+
+
+def test_eval_rows_with_streaming_groups_priced_by_one_cost_model(ranked):
+    """eval's plans: the groups alone and on a budget's plan, each priced by the eval's roofline
+    (as streaming_plan_costs prices them), and a retrieval tolerance that may choose groups; the
+    same plans adaskip.plan gives."""
+    import adaskip
+    from adaskip.evaluation.harness import EvalSettings, _key, build_plans
+    from adaskip.skipping.costs import H100_SPEC, streaming_plan_costs, sublayer_costs
+
+    model, profile = ranked
+    total = model.args.num_layers * model.args.num_kv_heads
+    h = total // 2
+    v = _with_group_rows(profile, "greedy-loss", [8, 2], [(0, h, 8), (2, h, 5), (4, h, 8)])
+    settings = EvalSettings(strategies=["greedy-loss"], budgets=[2, 4], streaming_groups=[3],
+                            streaming_budgets=[4], min_retrievals=[1.0], min_agreements=[0.0, 0.99])
+    costs = sublayer_costs(model.args, 4096, "prefill", spec=H100_SPEC)
+    rows = build_plans(v, model.args.num_layers, settings, costs, model.args)
+    by = {_key(d): (d, p) for d, p in rows}
+    assert list(by) == ["full", "greedy-loss@2", "greedy-loss@4", "greedy-loss@4+3g",
+                        "greedy-loss@agreement>=0,retrieval>=1", "greedy-loss@agreement>=0.99,retrieval>=1",
+                        "groups@0+3g"]
+
+    def speed(p):  # the eval's own roofline (H100 here), not the L20 default
+        return streaming_plan_costs(model.args, 4096, "prefill", sorted(p.skip_scales),
+                                    {i: len(g) for i, g in p.streaming.items()}, sink=4, window=16,
+                                    spec=H100_SPEC)["speedup"]
+
+    alone = by["groups@0+3g"][1]
+    assert alone.streaming == adaskip.plan(profile, strategy="full", streaming_groups=3).streaming
+    assert not alone.skip_scales and alone.predicted_speedup == pytest.approx(speed(alone))
+    assert alone.predicted_speedup > 1.0
+    on4, plain4 = by["greedy-loss@4+3g"][1], by["greedy-loss@4"][1]
+    assert on4.skip_scales == plain4.skip_scales and sum(len(g) for g in on4.streaming.values()) == 3
+    assert on4.predicted_speedup == pytest.approx(speed(on4))
+    assert on4.predicted_speedup > plain4.predicted_speedup
+    assert plain4.predicted_speedup == pytest.approx(costs.speedup(plain4.skip_scales))
+    chosen = by["greedy-loss@agreement>=0,retrieval>=1"][1]
+    want = adaskip.plan(v, strategy="greedy-loss", min_retrieval=1.0, min_agreement=0.0, costs=costs,
+                        model_args=model.args)
+    assert (chosen.skip_scales, chosen.streaming) == (want.skip_scales, want.streaming) and chosen.streaming
+    strict = by["greedy-loss@agreement>=0.99,retrieval>=1"][1]
+    assert not strict.skip_scales and not strict.streaming  # nothing validated meets it: the full model
+    # No cost model: the groups cannot be priced, and the rows say so by having no prediction.
+    unpriced = {_key(d): p for d, p in build_plans(v, model.args.num_layers, EvalSettings(
+        strategies=["greedy-loss"], budgets=[4], streaming_groups=[3], streaming_budgets=[4]))}
+    assert unpriced["groups@0+3g"].predicted_speedup is None and unpriced["greedy-loss@4+3g"].predicted_speedup is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(streaming_groups=[0]), "distinct integers >= 1"),
+    (dict(streaming_groups=[2, 2]), "distinct integers >= 1"),
+    (dict(streaming_budgets=[4]), "give the group counts too"),
+    (dict(streaming_groups=[2], streaming_budgets=[6]), r"streaming budgets \[6\] are not among"),
+    (dict(min_retrievals=[1.5]), "retrieval fractions must be in"),
+])
+def test_eval_settings_refuse_bad_streaming_and_retrieval(kwargs, match):
+    from adaskip.evaluation.harness import EvalSettings
+
+    with pytest.raises(ValueError, match=match):
+        EvalSettings(budgets=[4], **kwargs)
+
+
+def test_eval_refuses_more_groups_than_the_model_has(ranked):
+    from adaskip.evaluation.harness import EvalSettings
+
+    model, _ = ranked
+    total = model.args.num_layers * model.args.num_kv_heads
+    with pytest.raises(ValueError, match=f"has {total} KV-head groups"):
+        EvalSettings(tasks=["ppl"], budgets=[2], window_len=8, streaming_groups=[total + 1]).check_model(model.args)
+
+
+def test_eval_tables_and_plot_name_the_group_plans(tmp_path):
+    from adaskip.evaluation.report import markdown_table, plot_retrieval, plot_retrieval_by_speedup, retrieval_table
+
+    def row(strategy, budget, correct, speedup, **extra):
+        return {"strategy": strategy, "budget": budget, "target_speedup": None, "predicted_speedup": speedup,
+                "skipped_attention": budget // 2, "skipped_ffn": budget - budget // 2, "metrics": {},
+                "details": {"passkey": {"by_length": {"2048": {"correct": correct, "total": 6}}, "correct": correct,
+                                        "total": 6}}, **extra}
+
+    rows = [row("full", 0, 6, 1.0), row("greedy-kl", 8, 4, 1.16),
+            row("greedy-kl", 8, 3, 1.37, streaming_groups=29), row("groups", 0, 6, 1.16, streaming_groups=29),
+            row("greedy-kl", 0, 5, 1.2, streaming_groups=36, min_agreement=0.8, min_retrieval=0.9)]
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| strategy | budget | attn / FFN skipped | streaming groups | predicted speedup |"
+    assert table[4] == "| greedy-kl | 8 + 29 groups | 4 / 4 | 29 | 1.370 |"
+    assert table[6] == "| greedy-kl | agreement >= 0.8, retrieval >= 0.9 (0 sublayers + 36 groups) | 0 / 0 | 36 | 1.200 |"
+    names = [line.split(" | ")[0][2:] for line in retrieval_table(rows, "passkey").splitlines()[2:]]
+    assert names == ["full", "greedy-kl 8", "greedy-kl 8 + 29 groups", "29 streaming groups",
+                     "greedy-kl agreement >= 0.8, retrieval >= 0.9 (0 sublayers + 36 groups)"]
+    png = plot_retrieval_by_speedup(rows, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_retrieval_by_speedup(rows[:1], tmp_path / "none.png") is None  # the full model alone
+    assert plot_retrieval(rows, tmp_path / "b.png") is not None  # the budget plot keeps the plain budgets
+
+
+def test_cli_eval_streaming_and_retrieval_options(ranked, tmp_path):
+    from adaskip.cli import main
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--out", str(tmp_path / "e"), *argv])
+        return str(e.value)
+
+    model, profile = ranked
+    path = tmp_path / "p.json"
+    dataclasses_replace(profile, group_scores={}).save(path)
+    assert "give --profile" in error(["--streaming-groups", "2"])
+    assert "ranks no KV-head groups" in error(["--profile", str(path), "--strategies", "greedy-loss",
+                                               "--streaming-groups", "2"])
+    assert "give the group counts too" in error(["--budgets", "4", "--streaming-budgets", "4"])
+    assert "retrieval fractions must be in [0, 1]" in error(["--min-retrieval", "1.5"])
+    assert not (tmp_path / "e").exists()
