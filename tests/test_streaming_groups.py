@@ -678,3 +678,15 @@ def test_cli_eval_streaming_and_retrieval_options(ranked, tmp_path):
     assert "give the group counts too" in error(["--budgets", "4", "--streaming-budgets", "4"])
     assert "retrieval fractions must be in [0, 1]" in error(["--min-retrieval", "1.5"])
     assert not (tmp_path / "e").exists()
+
+
+def test_a_plan_for_longer_prompts_than_the_ranking_says_so(ranked):
+    import adaskip
+
+    model, profile = ranked
+    probe_len = profile.group_scores["probe_len"]
+    assert profile.group_scores_of().probe_len == probe_len > 0
+    long = adaskip.plan(profile, strategy="full", streaming_groups=2, context_len=4 * probe_len, model_args=model.args)
+    assert f"ranked on probes of {probe_len} tokens, and this plan is for {4 * probe_len}" in long.explanation
+    near = adaskip.plan(profile, strategy="full", streaming_groups=2, context_len=probe_len, model_args=model.args)
+    assert "ranked on probes of" not in near.explanation

@@ -45,6 +45,7 @@ class GroupScores:
     probes: int = 0
     texts: int = 0
     notes: list = field(default_factory=list)
+    probe_len: int = 0  # tokens per retrieval probe the ranking saw (0: not recorded)
 
     def score(self, text_weight: float = 1.0) -> torch.Tensor:
         """What the ranking sorts by (higher: keep the full context)."""
@@ -62,7 +63,8 @@ class GroupScores:
     def to_dict(self) -> dict:
         return {"sink": self.sink, "window": self.window, "probes": self.probes, "texts": self.texts,
                 "retrieval_change": self.retrieval_change.tolist(), "retrieval_mass": self.retrieval_mass.tolist(),
-                "text_change": self.text_change.tolist(), "text_mass": self.text_mass.tolist(), "notes": self.notes}
+                "text_change": self.text_change.tolist(), "text_mass": self.text_mass.tolist(), "notes": self.notes,
+                "probe_len": self.probe_len}
 
     @classmethod
     def from_dict(cls, d: dict, num_layers: Optional[int] = None) -> "GroupScores":
@@ -87,16 +89,20 @@ class GroupScores:
         if len(shapes) != 1 or (num_layers is not None and next(iter(shapes))[0] != num_layers):
             raise ValueError(f"adaskip: the group scores' tables have shapes {sorted(shapes)}, not one "
                              f"[{num_layers if num_layers is not None else 'layers'}, KV heads] shape")
-        for k in ("sink", "window", "probes", "texts"):
+        for k in ("sink", "window", "probes", "texts", "probe_len"):
             v = d.get(k, 0)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "window" else 0):
                 raise ValueError(f"adaskip: group scores {k!r} must be an integer >= {1 if k == 'window' else 0}, "
                                  f"got {v!r}")
         return cls(d["sink"], d["window"], **tables, probes=d.get("probes", 0), texts=d.get("texts", 0),
-                   notes=list(d.get("notes", [])))
+                   notes=list(d.get("notes", [])), probe_len=d.get("probe_len", 0))
 
 
 _TABLES = ("retrieval_change", "retrieval_mass", "text_change", "text_mass")
+
+
+# A plan for prompts this many times longer than the ranking's probes says so in its explanation.
+LONGER_THAN_RANKED = 1.25
 
 
 def add_streaming(plan: SkipPlan, scores: GroupScores, count: int, *, text_weight: float = 1.0,
@@ -125,6 +131,12 @@ def add_streaming(plan: SkipPlan, scores: GroupScores, count: int, *, text_weigh
         speedup, how = c["speedup"], f"predicted {c['speedup']:.3f}x ({phase} at {context_len} tokens, L20 roofline)"
     line = (f"{count} streaming KV-head groups (sink {scores.sink}, window {scores.window}), the cheapest by their "
             f"scores on {scores.probes} retrieval probes and {scores.texts} text windows; {how}")
+    if context_len is not None and scores.probe_len and context_len > LONGER_THAN_RANKED * scores.probe_len:
+        # Which groups a fact needs depends on how far back it lies: a ranking on short probes
+        # misjudges the groups that long prompts need (SmolLM2 at 6k: bench/results/README.md).
+        line += (f"; note: the groups were ranked on probes of {scores.probe_len} tokens, and this plan is for "
+                 f"{context_len}: rank them on probes as long as the prompts (calibrate --streaming-probes with "
+                 "--validation-len that long)")
     return dataclasses.replace(plan, streaming=layers, streaming_sink=scores.sink, streaming_window=scores.window,
                                predicted_speedup=speedup,
                                explanation=(plan.explanation + "\n" if plan.explanation else "") + line)
