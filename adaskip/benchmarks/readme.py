@@ -121,6 +121,56 @@ def retrieval_kl_table(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGETS = "eval-smollm2-targets-cpu-2026-12-06/"
+TARGET_RUNS = ("2k", "4k", "6k")  # one eval per prompt length, each with the full model first
+
+
+def _plan_key(r: dict) -> tuple:
+    return (r["strategy"], r["budget"], r.get("streaming_groups"), r.get("min_agreement"), r.get("min_retrieval"))
+
+
+def _target_name(r: dict) -> str:
+    """A plan's name in the targets table: what it skips or streams, and the tolerance that chose it."""
+    if r["strategy"] == "full":
+        return "full"
+    what = [f"{r['budget']} sublayers"] if r["budget"] else []
+    what += [f"{r['streaming_groups']} streaming groups"] if r.get("streaming_groups") else []
+    wanted = [f"{n} {r[k]:g}" for n, k in (("`--min-agreement`", "min_agreement"),
+                                           ("`--min-retrieval`", "min_retrieval")) if r.get(k) is not None]
+    if wanted:
+        return f"`{r['strategy']}` by tolerance ({' '.join(wanted)}): {' + '.join(what) or 'nothing skipped'}"
+    return f"`{r['strategy']}` {' + '.join(what)}" if r["strategy"] != "groups" else " + ".join(what)
+
+
+def targets_table(results: Results) -> str:
+    """Issue 29's retrieval targets in one table: each plan of the targets evals (one per prompt
+    length, the same plans and profile), its predicted prefill speedup, its perplexity on held-out
+    essays and its pass keys and needles found at every length."""
+    runs = {n: results.json(f"{TARGETS}{n}/eval.json") for n in TARGET_RUNS}
+    rows = {n: {_plan_key(r): r for r in d["rows"]} for n, d in runs.items()}
+    first = runs[TARGET_RUNS[0]]
+    # eval notes the cost model every row is priced by: "predicted speedups: ..., prefill at N tokens"
+    context = next((m.group(1) for x in first["notes"] if x.startswith("predicted speedups")
+                    for m in [re.search(r"prefill at (\d+) tokens", x)] if m), None)
+    if context is None:
+        raise ValueError(f"adaskip: {TARGETS}: the eval priced no plan by a prefill cost model")
+    lines = [f"| plan | predicted prefill at {context} tokens | perplexity (essays) | pass keys "
+             + " / ".join(TARGET_RUNS) + " | needles " + " / ".join(TARGET_RUNS) + " |", "|---|---|---|---|---|"]
+    for key, r in rows[TARGET_RUNS[0]].items():
+        def found(task):
+            cells = []
+            for n in TARGET_RUNS:
+                other = rows[n].get(key)
+                d = other["details"][task] if other and task in other.get("details", {}) else None
+                cells.append("–" if d is None else f"{d['correct']} of {d['total']}")
+            return " / ".join(cells)
+
+        ppl = r["metrics"].get("perplexity")
+        lines.append(f"| {_target_name(r)} | {r['predicted_speedup']:.3f}x | "
+                     f"{'–' if ppl is None else format(ppl, '.2f')} | {found('passkey')} | {found('needle')} |")
+    return "\n".join(lines) + "\n"
+
+
 SMOL_GEN = "eval-smollm2-generation-cpu-2026-11-26/eval.json"
 SMOL_BETAS = "eval-smollm2-generation-cpu-2026-11-26/online-betas/eval.json"
 QWEN_GEN = "eval-qwen2.5-coder-stdlib-cpu-2026-11-26/greedy-loss/generation/eval.json"
@@ -246,6 +296,7 @@ def gpu_decode(results: Results) -> str:
 
 SECTIONS: dict[str, Callable[[Results], str]] = {
     "retrieval-kl": retrieval_kl_table,
+    "targets": targets_table,
     "online-learning": online_learning,
     "lossless": lossless,
     "online-bullet": online_bullet,
@@ -255,7 +306,7 @@ SECTIONS: dict[str, Callable[[Results], str]] = {
 # Numbers a template may spell out itself: names, and settings of the runs, not results.
 NAMES = ("SmolLM2", "Qwen2.5-Coder", "H100", "LLaMA-3.1-8B")
 LITERALS = {"online-learning": NAMES + ("8-sublayer", "at 4 and 8 sublayers"), "online-bullet": NAMES + ("8-sublayer",),
-            "lossless": NAMES, "gpu-decode": NAMES, "retrieval-kl": NAMES}
+            "lossless": NAMES, "gpu-decode": NAMES, "retrieval-kl": NAMES, "targets": NAMES}
 TEMPLATES = {"online-learning": ONLINE_TEMPLATE, "lossless": LOSSLESS_TEMPLATE,
              "online-bullet": ONLINE_BULLET_TEMPLATE, "gpu-decode": GPU_DECODE_TEMPLATE}
 

@@ -242,15 +242,20 @@ def plot_retrieval(rows: Sequence[dict], path, kinds: Sequence[str] = ("passkey"
         if len(points) == 1 and full:  # the full model alone: its points, nothing to join
             for n, pts in full.items():
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[n], label=f"full, {n} tokens")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("skipped sublayers (0: the full model)")
-        ax.set_ylabel(f"{kind} accuracy")
-        ax.set_title(kind)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _accuracy_axis(ax, kind, "skipped sublayers (0: the full model)", legend_size=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path, plt)
+
+
+def _accuracy_axis(ax, kind: str, xlabel: str, legend_size: int) -> None:
+    """A retrieval panel's axes: accuracy from 0 to 1, labels, grid and legend."""
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{kind} accuracy")
+    ax.set_title(kind)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_retrieval_by_speedup(rows: Sequence[dict], path, kinds: Sequence[str] = ("passkey", "needle"),
@@ -274,12 +279,7 @@ def plot_retrieval_by_speedup(rows: Sequence[dict], path, kinds: Sequence[str] =
             for n, v in sorted(r["details"][kind]["by_length"].items(), key=lambda kv: int(kv[0])):
                 ax.scatter(r["predicted_speedup"], v["correct"] / v["total"], color=colors[int(n)],
                            marker=markers[j % len(markers)], label=f"{name}, {n} tokens")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("predicted speedup (the eval's cost model)")
-        ax.set_ylabel(f"{kind} accuracy")
-        ax.set_title(kind)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _accuracy_axis(ax, kind, "predicted speedup (the eval's cost model)", legend_size=6)
     if title:
         fig.suptitle(title)
     return _save(fig, path, plt)
