@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from adaskip.benchmarks.common import device_info, git_commit, now_iso
+from adaskip.benchmarks.common import device_info, now_iso, provenance
 from adaskip.data import essay_paths
 from adaskip.evaluation.harness import document_windows, held_out
 from adaskip.evaluation.quality import perplexity
@@ -61,8 +61,10 @@ def log(msg: str, out: Path) -> None:
 
 
 def header(a) -> dict:
-    return {"command": " ".join(sys.argv), "git_commit": git_commit(), "date": now_iso(), "device": device_info(),
-            "torch_threads": torch.get_num_threads(), "profile": a.profile}
+    """What each run records of itself: the provenance every adaskip writer records (command as run,
+    commit and dirty state with untracked files, date, versions), the device, threads, profile."""
+    return {**provenance(), "device": device_info(), "torch_threads": torch.get_num_threads(),
+            "profile": a.profile}
 
 
 def stage_score(a, model, tokenizer, profile, out: Path) -> None:
