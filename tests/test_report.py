@@ -63,3 +63,36 @@ def test_unknown_or_repeated_sections_and_missing_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="which does not exist"):
         readme.render(section.format("lossless"), tmp_path / "empty")
     shutil.rmtree(tmp_path / "empty")
+
+
+def test_the_targets_table_joins_the_evals_of_every_length(tmp_path):
+    """Issue 29's table: a row per plan of the 2k eval, the pass keys and needles of each length
+    from whichever eval of that length ran the task, a dash where none did."""
+    import json
+
+    def row(strategy, budget, tasks, **extra):
+        details = {t: {"correct": c, "total": n} for t, (c, n) in tasks.items()}
+        return {"strategy": strategy, "budget": budget, "predicted_speedup": extra.pop("speed", 1.0),
+                "metrics": extra.pop("metrics", {}), "details": details, **extra}
+
+    def write(folder, rows):
+        d = tmp_path / readme.TARGETS / folder
+        d.mkdir(parents=True)
+        notes = ["predicted speedups: roofline model of L20 (bf16 dense), prefill at 6144 tokens"]
+        (d / "eval.json").write_text(json.dumps({"rows": rows, "notes": notes}))
+
+    tol = dict(streaming_groups=36, min_agreement=0.8, min_retrieval=0.9)
+    write("2k", [row("full", 0, {"passkey": (23, 24), "needle": (24, 24)}, metrics={"perplexity": 23.15}),
+                 row("greedy-kl", 8, {"passkey": (22, 24), "needle": (19, 24)}, speed=1.159,
+                     metrics={"perplexity": 35.93}),
+                 row("greedy-kl", 0, {"passkey": (24, 24), "needle": (23, 24)}, speed=1.201, **tol)])
+    write("4k-passkey", [row("full", 0, {"passkey": (24, 24)}), row("greedy-kl", 8, {"passkey": (20, 24)}),
+                         row("greedy-kl", 0, {"passkey": (21, 24)}, **tol)])
+    write("4k-needle", [row("full", 0, {"needle": (24, 24)}), row("greedy-kl", 0, {"needle": (22, 24)}, **tol)])
+    write("6k", [row("full", 0, {"passkey": (10, 12), "needle": (12, 12)})])
+    lines = readme.targets_table(readme.Results(tmp_path)).splitlines()
+    assert lines[0].startswith("| plan | predicted prefill at 6144 tokens | perplexity (essays) | pass keys 2k / 4k / 6k")
+    assert lines[2] == "| full | 1.000x | 23.15 | 23 of 24 / 24 of 24 / 10 of 12 | 24 of 24 / 24 of 24 / 12 of 12 |"
+    assert lines[3] == "| `greedy-kl` 8 sublayers | 1.159x | 35.93 | 22 of 24 / 20 of 24 / – | 19 of 24 / – / – |"
+    assert lines[4] == ("| `greedy-kl` by tolerance (`--min-agreement` 0.8 `--min-retrieval` 0.9): 36 streaming groups "
+                        "| 1.201x | – | 24 of 24 / 21 of 24 / – | 23 of 24 / 22 of 24 / – |")

@@ -122,7 +122,9 @@ def retrieval_kl_table(results: Results) -> str:
 
 
 TARGETS = "eval-smollm2-targets-cpu-2026-12-06/"
-TARGET_RUNS = ("2k", "4k", "6k")  # one eval per prompt length, each with the full model first
+# The evals of each prompt length (their folders), each with the full model first; 4k ran its two
+# tasks as two evals side by side.
+TARGET_RUNS = {"2k": ("2k",), "4k": ("4k-passkey", "4k-needle"), "6k": ("6k",)}
 
 
 def _plan_key(r: dict) -> tuple:
@@ -146,9 +148,14 @@ def targets_table(results: Results) -> str:
     """Issue 29's retrieval targets in one table: each plan of the targets evals (one per prompt
     length, the same plans and profile), its predicted prefill speedup, its perplexity on held-out
     essays and its pass keys and needles found at every length."""
-    runs = {n: results.json(f"{TARGETS}{n}/eval.json") for n in TARGET_RUNS}
-    rows = {n: {_plan_key(r): r for r in d["rows"]} for n, d in runs.items()}
-    first = runs[TARGET_RUNS[0]]
+    runs = {n: [results.json(f"{TARGETS}{f}/eval.json") for f in folders] for n, folders in TARGET_RUNS.items()}
+    # per length, per plan: the task details of every eval of that length together
+    rows = {n: {} for n in runs}
+    for n, evals in runs.items():
+        for d in evals:
+            for r in d["rows"]:
+                rows[n].setdefault(_plan_key(r), {}).update(r.get("details", {}))
+    first = runs["2k"][0]
     # eval notes the cost model every row is priced by: "predicted speedups: ..., prefill at N tokens"
     context = next((m.group(1) for x in first["notes"] if x.startswith("predicted speedups")
                     for m in [re.search(r"prefill at (\d+) tokens", x)] if m), None)
@@ -156,14 +163,12 @@ def targets_table(results: Results) -> str:
         raise ValueError(f"adaskip: {TARGETS}: the eval priced no plan by a prefill cost model")
     lines = [f"| plan | predicted prefill at {context} tokens | perplexity (essays) | pass keys "
              + " / ".join(TARGET_RUNS) + " | needles " + " / ".join(TARGET_RUNS) + " |", "|---|---|---|---|---|"]
-    for key, r in rows[TARGET_RUNS[0]].items():
+    for r in first["rows"]:
+        key = _plan_key(r)
+
         def found(task):
-            cells = []
-            for n in TARGET_RUNS:
-                other = rows[n].get(key)
-                d = other["details"][task] if other and task in other.get("details", {}) else None
-                cells.append("–" if d is None else f"{d['correct']} of {d['total']}")
-            return " / ".join(cells)
+            cells = [rows[n].get(key, {}).get(task) for n in TARGET_RUNS]
+            return " / ".join("–" if d is None else f"{d['correct']} of {d['total']}" for d in cells)
 
         ppl = r["metrics"].get("perplexity")
         lines.append(f"| {_target_name(r)} | {r['predicted_speedup']:.3f}x | "
