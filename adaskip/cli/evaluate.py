@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     e.add_argument("--streaming-budgets", default="", help="put the --streaming-groups on each strategy's plans "
                    "at these budgets too (comma-separated, among --budgets)")
     e.add_argument("--speedups", default="", help="also compare at these predicted speedups (equal time)")
-    e.add_argument("--context-len", type=int, default=8192, help="context the equal-time cost model is for")
+    e.add_argument("--context-len", type=int, default=8192, help="context the cost model is for: it prices the equal-time plans, the tolerance rows and the "
+                   "plans with streaming groups (default 8192)")
     e.add_argument("--phase", choices=["prefill", "decode"], default="prefill", help="phase of the cost model")
     e.add_argument("--device-spec", choices=["l20", "h100"], default="l20", help="roofline of the cost model")
     e.add_argument("--tasks", default="ppl", help="comma-separated: ppl, passkey, needle, generation, speculative, longbench")
