@@ -690,3 +690,32 @@ def test_a_plan_for_longer_prompts_than_the_ranking_says_so(ranked):
     assert f"ranked on probes of {probe_len} tokens, and this plan is for {4 * probe_len}" in long.explanation
     near = adaskip.plan(profile, strategy="full", streaming_groups=2, context_len=probe_len, model_args=model.args)
     assert "ranked on probes of" not in near.explanation
+
+
+def test_evals_of_each_length_merge_into_one_plot(tmp_path):
+    from adaskip.evaluation.report import merge_rows, plot_retrieval, plot_retrieval_by_speedup, retrieval_table
+
+    def row(strategy, budget, n, task, correct, speedup=1.0, **extra):
+        return {"strategy": strategy, "budget": budget, "target_speedup": None, "predicted_speedup": speedup,
+                "skipped": list(range(budget)), "metrics": {},
+                "details": {task: {"by_length": {str(n): {"correct": correct, "total": 8}}, "correct": correct,
+                                   "total": 8}}, **extra}
+
+    short = [row("full", 0, 2048, "passkey", 8), row("groups", 0, 2048, "passkey", 7, 1.16, streaming_groups=29)]
+    long = [row("full", 0, 4096, "passkey", 6), row("groups", 0, 4096, "passkey", 5, 1.16, streaming_groups=29),
+            row("greedy-kl", 8, 4096, "passkey", 3, 1.159)]
+    needles = [row("full", 0, 4096, "needle", 8)]
+    merged = merge_rows([short, long, needles])
+    assert [(r["strategy"], r["budget"]) for r in merged] == [("full", 0), ("groups", 0), ("greedy-kl", 8)]
+    full = merged[0]["details"]
+    assert full["passkey"] == {"by_length": {"2048": {"correct": 8, "total": 8}, "4096": {"correct": 6, "total": 8}},
+                               "correct": 14, "total": 16}
+    assert full["needle"]["correct"] == 8 and short[0]["details"]["passkey"]["correct"] == 8  # inputs untouched
+    assert merged[0]["metrics"]["passkey_accuracy"] == 14 / 16
+    assert retrieval_table(merged, "passkey").splitlines()[3] == "| 29 streaming groups | 7/8 (0.88) | 5/8 (0.62) | 12/16 |"
+    assert plot_retrieval_by_speedup(merged, tmp_path / "s.png") is not None
+    assert plot_retrieval(merged, tmp_path / "b.png") is not None
+    with pytest.raises(ValueError, match="two evals hold passkey at 2048 tokens"):
+        merge_rows([short, short])
+    with pytest.raises(ValueError, match="two plans named 'greedy-kl 8'"):
+        merge_rows([long, [row("greedy-kl", 8, 2048, "passkey", 3, 1.3)]])

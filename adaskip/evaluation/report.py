@@ -283,3 +283,34 @@ def plot_retrieval_by_speedup(rows: Sequence[dict], path, kinds: Sequence[str] =
     if title:
         fig.suptitle(title)
     return _save(fig, path, plt)
+
+
+def merge_rows(evals: Sequence[Sequence[dict]]) -> list:
+    """The rows of several evals of the same plans (one per prompt length, or per task) as one
+    eval's: a row per plan, in the order first seen, with every eval's task details joined
+    (by_length cells added up, correct and total summed, the accuracy metrics over them; other
+    metrics from the first eval that has them). A plan is its strategy, budget, streaming groups
+    and tolerance; the same plan must carry the same predicted speedup."""
+    out: dict = {}
+    for rows in evals:
+        for r in rows:
+            key = (r["strategy"], r["budget"], r.get("target_speedup"), r.get("streaming_groups"),
+                   r.get("min_agreement"), r.get("min_retrieval"))
+            have = out.setdefault(key, {**r, "metrics": dict(r.get("metrics", {})), "details": {}})
+            if have.get("predicted_speedup") != r.get("predicted_speedup") or have.get("skipped") != r.get("skipped"):
+                raise ValueError(f"adaskip: the evals hold two plans named {plan_name(r)!r} (other sublayers or "
+                                 "another predicted speedup): merge evals of the same profile and cost model")
+            for task, d in r.get("details", {}).items():
+                cells = have["details"].setdefault(task, {"by_length": {}, "correct": 0, "total": 0})
+                for n, v in d["by_length"].items():
+                    if str(n) in cells["by_length"]:
+                        raise ValueError(f"adaskip: two evals hold {task} at {n} tokens for {plan_name(r)!r}")
+                    cells["by_length"][str(n)] = dict(v)
+                cells["correct"] += d["correct"]
+                cells["total"] += d["total"]
+            for m, v in r.get("metrics", {}).items():  # an eval's other metrics, from the first that has them
+                have["metrics"].setdefault(m, v)
+    for have in out.values():  # retrieval accuracy over the joined cells, not one eval's
+        for task, cells in have["details"].items():
+            have["metrics"][f"{task}_accuracy"] = cells["correct"] / cells["total"]
+    return list(out.values())
