@@ -655,6 +655,22 @@ def _figures_grid16():
     ]
 
 
+def _figures_targets():
+    t = "eval-smollm2-targets-cpu-2026-12-06/"
+    short, keys4 = t + "2k/eval.json", t + "4k-passkey/eval.json"
+    lost = lambda rel, task, n, sel: calc("d", lambda f, x: f - x, hits(rel, "full", task, n), hits(rel, sel, task, n))  # noqa: E731
+    return [
+        figure("The {} streaming groups that cost what `greedy-kl` 8 saves (predicted {}x against {}x)",
+               J(short, "rows:groups@0", "streaming_groups", fmt="d"),
+               predicted(J(short, "rows:groups@0", "predicted_speedup", fmt=".3f")),
+               predicted(J(short, "rows:greedy-kl@8", "predicted_speedup", fmt=".3f"))),
+        figure("perplexity with them\n  ({} against {}); `greedy-kl` 8 loses {} needles at 2k",
+               ppl(short, "groups@0"), ppl(short, "full"), lost(short, "needle", 2048, "greedy-kl@8")),
+        figure("chose {} groups, the\n  only group count its calibration validated; they lose {} pass keys at 4k",
+               J(short, "rows:greedy-kl@0", "streaming_groups", fmt="d"), lost(keys4, "passkey", 4096, "greedy-kl@0")),
+    ]
+
+
 def _figures_streaming():
     kv, costs, pilot, tt = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json", KV + "ttft/ttft.json"
     rest = KV + "6k-rest/eval.json"  # the 6k prompts the first runs left out
@@ -830,7 +846,7 @@ def _figures_gpu():
 
 def figures() -> list:
     """Every registered figure of the README, in the order the README has them."""
-    return (_figures_commands() + _figures_gpu() + _figures_retrieval_kl() + _figures_demo() + _figures_demo_groups() + _figures_refit() + _figures_grid16() + _figures_streaming()
+    return (_figures_commands() + _figures_gpu() + _figures_targets() + _figures_retrieval_kl() + _figures_demo() + _figures_demo_groups() + _figures_refit() + _figures_grid16() + _figures_streaming()
             + _figures_standins() + _figures_generation() + _figures_qwen_and_bullets())
 
 
