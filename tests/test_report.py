@@ -70,8 +70,9 @@ def test_the_targets_table_joins_the_evals_of_every_length(tmp_path):
     from whichever eval of that length ran the task, a dash where none did."""
     import json
 
-    def row(strategy, budget, tasks, **extra):
-        details = {t: {"correct": c, "total": n} for t, (c, n) in tasks.items()}
+    def row(strategy, budget, tasks, length=2048, **extra):  # an eval row: its cells at one length
+        details = {t: {"by_length": {str(length): {"correct": c, "total": n}}, "correct": c, "total": n}
+                   for t, (c, n) in tasks.items()}
         return {"strategy": strategy, "budget": budget, "predicted_speedup": extra.pop("speed", 1.0),
                 "metrics": extra.pop("metrics", {}), "details": details, **extra}
 
@@ -86,10 +87,12 @@ def test_the_targets_table_joins_the_evals_of_every_length(tmp_path):
                  row("greedy-kl", 8, {"passkey": (22, 24), "needle": (19, 24)}, speed=1.159,
                      metrics={"perplexity": 35.93}),
                  row("greedy-kl", 0, {"passkey": (24, 24), "needle": (23, 24)}, speed=1.201, **tol)])
-    write("4k-passkey", [row("full", 0, {"passkey": (24, 24)}), row("greedy-kl", 8, {"passkey": (20, 24)}),
-                         row("greedy-kl", 0, {"passkey": (21, 24)}, **tol)])
-    write("4k-needle", [row("full", 0, {"needle": (24, 24)}), row("greedy-kl", 0, {"needle": (22, 24)}, **tol)])
-    write("6k", [row("full", 0, {"passkey": (10, 12), "needle": (12, 12)})])
+    write("4k-passkey", [row("full", 0, {"passkey": (24, 24)}, 4096),
+                         row("greedy-kl", 8, {"passkey": (20, 24)}, 4096, speed=1.159),
+                         row("greedy-kl", 0, {"passkey": (21, 24)}, 4096, speed=1.201, **tol)])
+    write("4k-needle", [row("full", 0, {"needle": (24, 24)}, 4096),
+                        row("greedy-kl", 0, {"needle": (22, 24)}, 4096, speed=1.201, **tol)])
+    write("6k", [row("full", 0, {"passkey": (10, 12), "needle": (12, 12)}, 6144)])
     lines = readme.targets_table(readme.Results(tmp_path)).splitlines()
     assert lines[0].startswith("| plan | predicted prefill at 6144 tokens | perplexity (essays) | pass keys 2k / 4k / 6k")
     assert lines[2] == "| full | 1.000x | 23.15 | 23 of 24 / 24 of 24 / 10 of 12 | 24 of 24 / 24 of 24 / 12 of 12 |"

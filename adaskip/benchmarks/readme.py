@@ -122,13 +122,9 @@ def retrieval_kl_table(results: Results) -> str:
 
 
 TARGETS = "eval-smollm2-targets-cpu-2026-12-06/"
-# The evals of each prompt length (their folders), each with the full model first; 4k ran its two
-# tasks as two evals side by side.
-TARGET_RUNS = {"2k": ("2k",), "4k": ("4k-passkey", "4k-needle"), "6k": ("6k",)}
-
-
-def _plan_key(r: dict) -> tuple:
-    return (r["strategy"], r["budget"], r.get("streaming_groups"), r.get("min_agreement"), r.get("min_retrieval"))
+# The evals (their folders), one per prompt length, each with the full model first; 4k ran its
+# two tasks as two evals side by side. The first gives the plans' order and their perplexity.
+TARGET_RUNS = ("2k", "4k-passkey", "4k-needle", "6k")
 
 
 def _target_name(r: dict) -> str:
@@ -148,26 +144,23 @@ def targets_table(results: Results) -> str:
     """Issue 29's retrieval targets in one table: each plan of the targets evals (one per prompt
     length, the same plans and profile), its predicted prefill speedup, its perplexity on held-out
     essays and its pass keys and needles found at every length."""
-    runs = {n: [results.json(f"{TARGETS}{f}/eval.json") for f in folders] for n, folders in TARGET_RUNS.items()}
-    # per length, per plan: the task details of every eval of that length together
-    rows = {n: {} for n in runs}
-    for n, evals in runs.items():
-        for d in evals:
-            for r in d["rows"]:
-                rows[n].setdefault(_plan_key(r), {}).update(r.get("details", {}))
-    first = runs["2k"][0]
+    from ..evaluation.report import merge_rows
+
+    runs = [results.json(f"{TARGETS}{f}/eval.json") for f in TARGET_RUNS]
+    first = runs[0]
     # eval notes the cost model every row is priced by: "predicted speedups: ..., prefill at N tokens"
     context = next((m.group(1) for x in first["notes"] if x.startswith("predicted speedups")
                     for m in [re.search(r"prefill at (\d+) tokens", x)] if m), None)
     if context is None:
         raise ValueError(f"adaskip: {TARGETS}: the eval priced no plan by a prefill cost model")
-    lines = [f"| plan | predicted prefill at {context} tokens | perplexity (essays) | pass keys "
-             + " / ".join(TARGET_RUNS) + " | needles " + " / ".join(TARGET_RUNS) + " |", "|---|---|---|---|---|"]
-    for r in first["rows"]:
-        key = _plan_key(r)
-
+    lengths = sorted({int(n) for d in runs for r in d["rows"] for t in r.get("details", {}).values()
+                      for n in t["by_length"]})
+    named = " / ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths)
+    lines = [f"| plan | predicted prefill at {context} tokens | perplexity (essays) | pass keys {named} | "
+             f"needles {named} |", "|---|---|---|---|---|"]
+    for r in merge_rows([d["rows"] for d in runs]):  # every length's cells of each plan joined
         def found(task):
-            cells = [rows[n].get(key, {}).get(task) for n in TARGET_RUNS]
+            cells = [r["details"].get(task, {}).get("by_length", {}).get(str(n)) for n in lengths]
             return " / ".join("–" if d is None else f"{d['correct']} of {d['total']}" for d in cells)
 
         ppl = r["metrics"].get("perplexity")
