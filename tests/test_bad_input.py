@@ -467,6 +467,12 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(model, tiny_lo
     kept = ImportanceProfile.load(partial)
     assert kept.search["loss"]["order"] and len(kept.search["loss"]["order"]) == 2 and not kept.validation
     assert [p.name for p in out.parent.iterdir()] == ["p.partial.json"]  # no temporary file, no --out
+    # the partial records the run that wrote it, as every result file does (the argv as run)
+    assert kept.provenance["command"].endswith("calibrate " + " ".join(
+        ["--data", f"{files}/text.txt", "--num-requests", "2", "--prompt-len", "24", "--out", str(out)]) + " "
+        "--search loss --search-max 2 --search-candidates 2 --search-requests 1 --validate-budgets 2 "
+        "--validation-requests 1")
+    assert kept.provenance["git_commit"] and "git_dirty" in kept.provenance and "resumed_from" not in kept.provenance
 
     # --resume: the measurement and the finished search are kept (neither runs again), the
     # validation runs, --out is written and the partial profile goes.
@@ -484,6 +490,8 @@ def test_calibrate_keeps_what_it_finished_when_a_later_step_fails(model, tiny_lo
     timeless = lambda r: {k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
     assert timeless(done.search["loss"]) == timeless(kept.search["loss"]) and done.similarity == kept.similarity
     assert done.validation["adaskip"]["budgets"] == [2]
+    # the resumed run's own command, and the interrupted run's provenance kept under it
+    assert done.provenance["command"].endswith("--resume") and done.provenance["resumed_from"] == kept.provenance
     assert [p.name for p in out.parent.iterdir()] == ["p.json"]
     with pytest.raises(SystemExit, match=r"--resume: there is no .*p.partial.json to resume"):
         main(args + ["--resume"])

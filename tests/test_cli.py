@@ -36,6 +36,11 @@ def profile(tmp_path_factory):
 def test_calibrate_writes_a_profile(profile):
     data = json.loads(profile.read_text())
     assert data["num_requests"] == 2 and len(data["similarity"]) == 60
+    # provenance written by the code, as in every result file: the command as run, commit, dirty state
+    run = data["provenance"]
+    assert run["command"] == f"python -m adaskip calibrate --data {ESSAY} --num-requests 2 --prompt-len 256 " \
+                             f"--out {profile}"
+    assert run["git_commit"] and run["git_dirty"] in (True, False, None) and run["date"] and run["torch"]
 
 
 def test_run_prints_answers_plan_and_timings_as_json(profile):
@@ -129,6 +134,7 @@ def test_eval_writes_table_json_and_plots(tmp_path):
     # Calibration read the first essays; the ppl documents leave them out.
     profile = json.loads((out / "profile.json").read_text())
     assert profile["sources"] and "greedy" not in profile["search"] and "loss" in profile["search"]
+    assert profile["provenance"] == {k: report[k] for k in profile["provenance"]}  # the eval's own run
     assert any("left out because calibration read them" in n for n in report["notes"])
     for name in ("eval.md", "quality.png", "similarity-heatmap.png"):
         assert (out / name).stat().st_size > 200

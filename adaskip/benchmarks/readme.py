@@ -169,8 +169,8 @@ def targets_table(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-SMOL_GEN = "eval-smollm2-generation-cpu-2026-11-26/eval.json"
-SMOL_BETAS = "eval-smollm2-generation-cpu-2026-11-26/online-betas/eval.json"
+SMOL_GEN = "eval-smollm2-generation-cpu-2026-12-06/eval.json"
+SMOL_BETAS = "eval-smollm2-generation-cpu-2026-12-06/online-betas/eval.json"
 QWEN_GEN = "eval-qwen2.5-coder-stdlib-cpu-2026-11-26/greedy-loss/generation/eval.json"
 QWEN_ADASKIP_GEN = "eval-qwen2.5-coder-stdlib-cpu-2026-11-26/generation/eval.json"
 
@@ -204,8 +204,8 @@ def online_learning(results: Results) -> str:
         speedups=_span([r["predicted_decode_speedup"] for r in loose + loose_q], ".2f"))
 
 
-SPEC_FILES = ("eval-smollm2-speculative-cpu-2026-11-26/eval.json",
-              "eval-smollm2-speculative-cpu-2026-11-26/large-budgets/eval.json",
+SPEC_FILES = ("eval-smollm2-speculative-cpu-2026-12-06/eval.json",
+              "eval-smollm2-speculative-cpu-2026-12-06/large-budgets/eval.json",
               "eval-qwen2.5-coder-stdlib-cpu-2026-11-26/speculative/eval.json",
               "eval-qwen2.5-coder-stdlib-cpu-2026-11-26/greedy-loss/speculative/eval.json")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .common import (add_model_options, add_search_options, at_least, calibrate_texts, check_budgets_and_strategies,
-                     check_common, check_names, check_out_file, dtype_of, remove_profile, split, text_paths)
+                     check_common, check_names, check_out_file, dtype_of, remove_profile, split, stamped, text_paths)
 
 
 def register(subparsers) -> None:
@@ -98,8 +98,10 @@ def _resume_from(a, partial):
 
 
 def cmd_calibrate(a) -> None:
+    from ..benchmarks.common import provenance
     from ..runtime.loading import load_model
 
+    run = provenance(getattr(a, "argv", None))  # the code that runs, before this run writes a file
     searches, budgets, strategies, streaming = _check_options(a)
     paths = text_paths(a.data)
     out = check_out_file("--out", a.out)  # last: the checks above create nothing
@@ -112,7 +114,7 @@ def cmd_calibrate(a) -> None:
     saved = []
 
     def checkpoint(profile, step, done):
-        profile.save(partial)
+        stamped(profile, run, resume).save(partial)
         saved.append(step if done else f"{step}: {len(profile.search[step.split()[0]]['order'])} choices so far")
         if done:
             print(f"saved {partial} ({step})", flush=True)
@@ -133,7 +135,7 @@ def cmd_calibrate(a) -> None:
             print(f"adaskip: {partial} keeps the steps finished before this one (up to {saved[-1]}); it loads as a "
                   "profile like any other, and the same command with --resume goes on from it", file=sys.stderr)
         raise
-    profile.save(out)
+    stamped(profile, run, resume).save(out)
     remove_profile(partial)
     _print_summary(a.out, profile)
 

@@ -104,6 +104,15 @@ def calibrate_texts(model, tokenizer, data: list, paths: list, num_requests: int
                      description=description, **settings)
 
 
+def stamped(profile, run: dict, resume=None):
+    """The profile with the provenance of the run writing it (`run`, taken when it started); a
+    resumed run keeps the provenance of the one it goes on from."""
+    profile.provenance = dict(run)
+    if resume is not None and resume.provenance:
+        profile.provenance["resumed_from"] = resume.provenance
+    return profile
+
+
 def remove_profile(path: Path) -> None:
     """Deletes a profile and its stand-in file, if there."""
     from ..skipping.profile import STAND_IN_SUFFIX

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from .common import (add_model_options, add_search_options, at_least, calibrate_texts, check_common, check_names,
-                     check_out_dir, dtype_of, load_profile, remove_profile, split, text_paths)
+                     check_out_dir, dtype_of, load_profile, remove_profile, split, stamped, text_paths)
 
 
 def register(subparsers) -> None:
@@ -170,7 +170,7 @@ def _sublayers_for_targets(a, model, targets) -> int:
     return 2 * model.args.num_layers - 2
 
 
-def _calibrated_here(a, model, tokenizer, settings, searches, paths, out: Path):
+def _calibrated_here(a, model, tokenizer, settings, searches, paths, out: Path, run: dict):
     """The profile of an eval without --profile: calibrated on --calibration-data, saved in --out."""
     print(f"calibrating on {' '.join(a.calibration_data)} ({a.num_requests} x {a.prompt_len} tokens)")
     most = max([*settings.budgets, _sublayers_for_targets(a, model, settings.speedups), 1])
@@ -179,8 +179,8 @@ def _calibrated_here(a, model, tokenizer, settings, searches, paths, out: Path):
         search_max_sublayers=most, search_candidates=a.search_candidates, search_requests=a.search_requests,
         progress=True, search_stand_in=a.search_stand_in, search_weighting=a.search_weighting,
         search_retrieval_weight=a.search_retrieval_weight, search_probes=a.search_probes,
-        checkpoint=lambda p, step, done: p.save(out / "profile.partial.json"))
-    profile.save(out / "profile.json")  # as calibrate does: the finished steps beside it until then
+        checkpoint=lambda p, step, done: stamped(p, run).save(out / "profile.partial.json"))
+    stamped(profile, run).save(out / "profile.json")  # as calibrate does: the finished steps beside it until then
     remove_profile(out / "profile.partial.json")
     return profile
 
@@ -234,7 +234,7 @@ def cmd_eval(a) -> None:
     if profile is not None:
         profile.check_model(model)
     else:
-        profile = _calibrated_here(a, model, tokenizer, settings, searches, calibration_paths, out)
+        profile = _calibrated_here(a, model, tokenizer, settings, searches, calibration_paths, out, started)
     documents = _documents(paths, profile, settings)
     costs = None
     if settings.speedups or settings.min_agreements or settings.min_retrievals or settings.streaming_groups:

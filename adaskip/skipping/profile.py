@@ -188,6 +188,10 @@ class ImportanceProfile:
     # KV-head groups ranked for streaming (head_groups.GroupScores.to_dict, plus how they were
     # scored): what plan(..., streaming_groups=n) takes its groups from; {} when not scored
     group_scores: dict = field(default_factory=dict)
+    # The run that wrote this file, as every result file records it (benchmarks.common.provenance:
+    # the command as run, commit, dirty state, date, versions), set by `adaskip calibrate` / `eval`;
+    # a resumed run keeps the interrupted run's under "resumed_from". {} from the library or older adaskip
+    provenance: dict = field(default_factory=dict)
     # Stand-ins fitted by the searches, by method: per choice {kind: StandIn} (saved beside the
     # JSON in <name>.stand-ins.safetensors)
     fits: dict = field(default_factory=dict, repr=False)
@@ -212,7 +216,7 @@ class ImportanceProfile:
         if not isinstance(self.requests_sha256, str):
             raise ValueError(f"adaskip: profile field 'requests_sha256' must be a string, got "
                              f"{type(self.requests_sha256).__name__}")
-        for name in ("fingerprint", "search", "validation"):
+        for name in ("fingerprint", "search", "validation", "provenance"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"adaskip: profile field {name!r} must be a JSON object, got "
                                  f"{type(getattr(self, name)).__name__}")
