@@ -432,7 +432,7 @@ def tqdm_total(rel: str, label: str, done: str) -> Source:
 # -- the registry ---------------------------------------------------------------------------------
 # Folders of bench/results/ the README quotes outside its marked sections.
 KL = "eval-smollm2-retrieval-kl-cpu-2026-12-05/"
-W4 = "eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/eval.json"
+W4 = "eval-smollm2-retrieval-kl-w4-cpu-2026-12-06/eval.json"
 STD = "eval-smollm2-stdlib-standins-cpu-2026-12-05/eval.json"
 DEMO = "demo-smollm2-cpu-2026-12-05/"
 DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06/"

@@ -20,7 +20,7 @@ from .probes import MIN_PROBE_LEN, answer_found, make_probes
 
 # The kl search's weight of the probes' KL when none is given. On SmolLM2 at 8 sublayers weight 1 still
 # took the early attention that retrieval needs (needle 5 of 12 against the full model's 12); weight 4
-# kept every cell within 2 of the full model (bench/results/eval-smollm2-retrieval-kl-w4-cpu-2026-12-05/).
+# kept every cell within 2 of the full model (bench/results/eval-smollm2-retrieval-kl-w4-cpu-2026-12-06/).
 DEFAULT_RETRIEVAL_WEIGHT = 4.0
 from .profile import ImportanceProfile, model_fingerprint
 from .strategies import SKIPPING_STRATEGIES, plan, searches_needed, strategy_of, streaming_layers
