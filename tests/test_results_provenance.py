@@ -38,7 +38,7 @@ LEGACY = {
         "eval-smollm2-retrieval-kl-cpu-2026-12-05",
         "eval-smollm2-stdlib-standins-cpu-2026-12-05", "eval-smollm2-kl-weighting-cpu-2026-12-05",
         "eval-smollm2-kv-head-groups-cpu-2026-12-05", "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06",
-        "eval-smollm2-essays-cpu-2026-12-06", "demo-smollm2-cpu-2026-12-05", "demo-smollm2-cpu-2026-12-06")},
+        "demo-smollm2-cpu-2026-12-05", "demo-smollm2-cpu-2026-12-06")},
 }
 
 

@@ -1,11 +1,12 @@
 #!/bin/bash
-# Issue 31: rerun of eval-smollm2-essays-cpu-2026-11-22 with today's code, the command its
-# README section records; 1 thread (OMP_NUM_THREADS=1), output outside the tree so it stays clean.
+# Issue 31: rerun of eval-smollm2-essays-cpu-2026-12-06, whose profile (written by the eval's own
+# calibration) predates profiles recording their run: the same command, from a clean worktree of
+# ceafa42, one thread beside runE.sh; output outside the tree.
 set -x
-cd /tmp/wt31
-export OMP_NUM_THREADS=1 PYTHONPATH=/tmp/wt31
+cd /tmp/wt31e
+export OMP_NUM_THREADS=1 PYTHONPATH=/tmp/wt31e
 PY=/work/main/.venv/bin/python
-O=/tmp/r31/eval-smollm2-essays-cpu-2026-12-06
+O=/tmp/r31/eval-smollm2-essays-cpu-2026-12-06b
 mkdir -p $O
 date -u
 $PY -m adaskip eval --model smollm2 --calibration-data essays --num-requests 20 --prompt-len 1024 \
