@@ -67,7 +67,7 @@ $(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
 # question about a ~6k-token essay prompt with the full model and with the fastest validated plan
 # that still finds 90 % of the probes the full model finds and agrees with its next token on 80 % of
 # the held-out text. Time to first token: the median of 3 alternating runs each.
-# The recorded run is in bench/results/demo-smollm2-cpu-2026-12-06/ (bench/results/README.md has the
+# The recorded run is in bench/results/demo-smollm2-cpu-2026-12-06-02772de/ (bench/results/README.md has the
 # stage timings). --window 0: no online FFN gating. At a sublayer plan's own beta (0.9797, the least
 # similar of its skips) it gated 13 more FFNs after 20 tokens and the answer fell apart
 # (bench/results/demo-smollm2-cpu-2026-12-05/make-demo-online.log).

@@ -89,7 +89,7 @@ def _num(value, fmt: str) -> str:
 
 # -- sections --------------------------------------------------------------------------------
 
-RETRIEVAL_KL = "eval-smollm2-retrieval-kl-cpu-2026-12-05/eval.json"
+RETRIEVAL_KL = "eval-smollm2-retrieval-kl-cpu-2026-12-06/eval.json"
 
 
 def retrieval_kl_table(results: Results) -> str:

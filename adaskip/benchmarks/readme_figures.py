@@ -431,11 +431,11 @@ def tqdm_total(rel: str, label: str, done: str) -> Source:
 
 # -- the registry ---------------------------------------------------------------------------------
 # Folders of bench/results/ the README quotes outside its marked sections.
-KL = "eval-smollm2-retrieval-kl-cpu-2026-12-05/"
+KL = "eval-smollm2-retrieval-kl-cpu-2026-12-06/"
 W4 = "eval-smollm2-retrieval-kl-w4-cpu-2026-12-06/eval.json"
-STD = "eval-smollm2-stdlib-standins-cpu-2026-12-05/eval.json"
+STD = "eval-smollm2-stdlib-standins-cpu-2026-12-06/eval.json"
 DEMO = "demo-smollm2-cpu-2026-12-05/"
-DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06/"
+DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06-02772de/"
 REFIT = "eval-smollm2-refit-cpu-2026-12-05/run.log"
 G16 = "eval-smollm2-retrieval-grid16-cpu-2026-12-05/"
 Q16 = "eval-qwen2.5-coder-retrieval16-cpu-2026-12-05/"
@@ -589,7 +589,7 @@ def _figures_demo():
 
 def _figures_demo_groups():
     """'Which strategy': `make demo` with streaming groups validated beside the sublayer plans."""
-    cal, demo = DEMO_GROUPS + "calibrate-resume.log", DEMO_GROUPS + "make-demo.log"
+    cal, demo = DEMO_GROUPS + "calibrate.log", DEMO_GROUPS + "demo.log"
     alone = DEMO_GROUPS + "demo-min-retrieval.log"
     groups = r"^\s*{} sublayers \+ 36 streaming groups: KL (\S+) agreement (\d\.\d+), retrieval (\d+)"
 
@@ -816,14 +816,14 @@ def _figures_qwen_and_bullets():
 
 
 def _figures_commands():
-    """'Commands': how long a fresh `make demo` calibrates on a quiet CPU, summed from the progress bars
-    of the runs that timed each stage on one (bench/results/README.md, the demo's section, says which)."""
-    grid, groups = G16 + "calibrate.log", DEMO_GROUPS + "calibrate-resume.log"
+    """'Commands': how long a fresh `make demo` calibrates, summed from the progress bars of the
+    Makefile's calibration run from nothing (the demo folder's calibrate.log)."""
+    cal = DEMO_GROUPS + "calibrate.log"
     return [figure("the first `make demo` spends about\n{} minutes calibrating",
-                   calc(".0f", lambda *m: sum(m), tqdm_total(grid, "calibrating", "8/8"),
-                        tqdm_total(grid, "search (kl, scalar stand-ins)", "8/16"),
-                        tqdm_total(groups, "scoring KV-head groups", "12/12"), tqdm_total(groups, "validating", "45/45"),
-                        tqdm_total(groups, "validating retrieval", "48/48")))]
+                   calc(".0f", lambda *m: sum(m), tqdm_total(cal, "calibrating", "8/8"),
+                        tqdm_total(cal, "search (kl, scalar stand-ins)", "8/8"),
+                        tqdm_total(cal, "scoring KV-head groups", "12/12"), tqdm_total(cal, "validating", "45/45"),
+                        tqdm_total(cal, "validating retrieval", "48/48")))]
 
 
 def _figures_gpu():
