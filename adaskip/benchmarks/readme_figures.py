@@ -674,7 +674,7 @@ def _figures_targets():
 def _figures_streaming():
     kv, costs, pilot, tt = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json", KV + "ttft/ttft.json"
     rest = KV + "6k-rest/eval.json"  # the 6k prompts the first runs left out
-    k6 = "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06/eval.json"  # groups ranked on 6000-token probes
+    k6 = "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06-02772de/eval.json"  # groups ranked on 6000-token probes
     both = lambda a, b: calc("d", lambda x, y: x + y, a, b)  # noqa: E731
     grid, g6, ess = G16 + "grid/eval.json", G16 + "grid6k/eval.json", G16 + "ppl-essays/eval.json"
     p = lambda n: ("predicted", f"prefill@{n}", "speedup")
