@@ -70,7 +70,7 @@ $(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
 # The recorded run is in bench/results/demo-smollm2-cpu-2026-12-06-02772de/ (bench/results/README.md has the
 # stage timings). --window 0: no online FFN gating. At a sublayer plan's own beta (0.9797, the least
 # similar of its skips) it gated 13 more FFNs after 20 tokens and the answer fell apart
-# (bench/results/demo-smollm2-cpu-2026-12-05/make-demo-online.log).
+# (bench/results/demo-smollm2-cpu-2026-12-06-02772de/demo-8-sublayers-online.log).
 DEMO_PROFILE := .cache/smollm2-essays-kl-groups-demo-profile.json
 demo: $(BUILD_STAMP)
 	@mkdir -p .cache

@@ -35,7 +35,7 @@ LEGACY = {
         "eval-smollm2-standins-cpu-2026-11-26", "eval-smollm2-retrieval-grid-cpu-2026-11-26",
         "eval-qwen2.5-coder-stdlib-cpu-2026-12-06", "eval-qwen2.5-coder-retrieval-cpu-2026-11-27",
         "eval-qwen2.5-coder-retrieval16-cpu-2026-12-05", "eval-smollm2-retrieval-grid16-cpu-2026-12-05",
-        "eval-smollm2-kv-head-groups-cpu-2026-12-05", "demo-smollm2-cpu-2026-12-05")},
+        "eval-smollm2-kv-head-groups-cpu-2026-12-05")},
 }
 
 

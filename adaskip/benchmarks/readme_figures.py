@@ -346,6 +346,12 @@ def layers(rel: str, sel: str, kind: str, below: int = 10 ** 6) -> Source:
     return Source(rel, get, "list", LIST)
 
 
+def log_layers(rel: str, pattern: str) -> Source:
+    """The list of layers `pattern`'s group matches in the log `rel` ("[5, 6, 25]"), as layers() gives it."""
+    src = log(rel, pattern, convert=lambda s: [int(x) for x in s.split(",")])
+    return Source(rel, src.get, "list", LIST)
+
+
 def logdict(rel: str, line: str, key: str, fmt: str = ".2f") -> Source:
     """`key` of the dict a log line starting with `line` prints (refit_stand_ins.py writes one per text)."""
     import ast
@@ -434,7 +440,6 @@ def tqdm_total(rel: str, label: str, done: str) -> Source:
 KL = "eval-smollm2-retrieval-kl-cpu-2026-12-06/"
 W4 = "eval-smollm2-retrieval-kl-w4-cpu-2026-12-06/eval.json"
 STD = "eval-smollm2-stdlib-standins-cpu-2026-12-06/eval.json"
-DEMO = "demo-smollm2-cpu-2026-12-05/"
 DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06-02772de/"
 REFIT = "eval-smollm2-refit-cpu-2026-12-05/run.log"
 G16 = "eval-smollm2-retrieval-grid16-cpu-2026-12-05/"
@@ -546,7 +551,7 @@ def _figures_retrieval_kl():
 
 def _demo_beta_ffn(results):
     """The FFN the demo plan's beta comes from: the least similar of the kl search's first 8 choices."""
-    kl = results.json(DEMO + "profile/smollm2-essays-kl-demo-profile.json")["search"]["kl"]
+    kl = results.json(DEMO_GROUPS + "profile/smollm2-essays-kl-groups-demo-profile.json")["search"]["kl"]
     sims = kl["similarity"][:8]
     chosen = kl["order"][sims.index(min(sims))]
     if chosen % 2 == 0:
@@ -555,35 +560,26 @@ def _demo_beta_ffn(results):
 
 
 def _figures_demo():
-    """'Which strategy': `make demo` on the defaults, from its logs (the demo writes no JSON)."""
-    demo, online, cal = DEMO + "make-demo.log", DEMO + "make-demo-online.log", DEMO + "calibrate-resume.log"
-    found = (r"retrieval probes found at \d+ tokens \(of (\d+)\): full model (\d+), 4 sublayers (\d+), "
-             r"6 sublayers (\d+), 8 sublayers (\d+)")
-
-    def probe(i):
-        def get(results):
-            m = re.search(found, results.text(cal))
-            if not m:
-                raise ValueError(f"adaskip: {cal} has no line of retrieval probes found")
-            return m.group(i + 1)
-        return Source(cal, get, "str")
-    plan = G16 + "grid/eval.json"   # the demo resumes grid16's calibration: its greedy-kl 8 is the demo's plan
+    """'Which strategy': the demo's 8-sublayer plan alone (`--num-sublayers 8`), with online gating
+    off and on, from the demo folder's logs (the demo writes no JSON)."""
+    cal, demo = DEMO_GROUPS + "calibrate.log", DEMO_GROUPS + "demo-8-sublayers.log"
+    online = DEMO_GROUPS + "demo-8-sublayers-online.log"
+    found = log(cal, r"\(of 8\): full model \d+, 4 sublayers \d+, 8 sublayers (\d+)")
+    gated = calc("d", lambda s: len(s.split(",")), log(online, r"skipped the FFN sublayers \[([\d, ]+)\]"))
     return [
-        figure("Its validation ({} held-out probes: the full\nmodel finds {}) found {} / {} / {} at 4 / 6 / 8 sublayers, "
-               "so `--min-retrieval 0.9` picks {}", *[probe(i) for i in range(5)],
-               log(demo, r"tolerance retrieval \(of the full model's hits\) >= 0\.9: (\d+) sublayers")),
-        figure("(attention {}, FFN {}; cost model at 6k: predicted {}x prefill)", layers(plan, "greedy-kl@8", "attention"),
-               layers(plan, "greedy-kl@8", "ffn"), predicted(log(demo, r"^\s*predicted speedup (\d+\.\d+)"))),
-        figure("time to first token {}x (median of {} alternating runs each, {}-token prompt",
+        figure("The sublayer plan alone at 8 (`--num-sublayers 8`: attention {}, FFN {}; it finds {}\n  of {} "
+               "held-out probes, the full model {}): predicted {}x, measured time to first token {}x\n  (median of {} "
+               "alternating runs each, {}-token prompt",
+               log_layers(demo, r"attention skipped in layers \[([\d, ]+)\]"),
+               log_layers(demo, r"FFN skipped in layers \[([\d, ]+)\]"),
+               found, log(cal, r"retrieval probes found at \d+ tokens \(of (\d+)\)"), log(cal, r"\(of 8\): full model (\d+),"), predicted(log(demo, r"^\s*predicted speedup (\d+\.\d+)")),
                log(demo, r"^time to first token\s+\S+\s+\S+\s+(\d+\.\d+)"), log(demo, r"median of (\d+) runs"),
                log(demo, r"^prompt: (\d+) tokens")),
-        figure("At the plan's own beta ({}: the kl\nsearch took FFN {} at that similarity) it gated {} more FFNs after {} tokens",
-               log(online, r"beta = (\d\.\d+)"), Source(DEMO + "profile/", _demo_beta_ffn, "d"),
-               calc("d", lambda s: len(s.split(",")), log(online, r"skipped the FFN sublayers \[([\d, ]+)\]")),
+        figure("At the plan's own beta ({}: the kl\n  search took FFN {} at that similarity) it gated {} more FFNs after {} tokens",
+               log(online, r"beta = (\d\.\d+)"), Source(DEMO_GROUPS + "profile/", _demo_beta_ffn, "d"), gated,
                log(online, r"the first (\d+) decoded tokens")),
         figure("the demo's `greedy-kl` 8 plan (beta {},\n  from an FFN the kl search took at that similarity) gated {} more FFNs",
-               log(online, r"beta = (\d\.\d+)"),
-               calc("d", lambda s: len(s.split(",")), log(online, r"skipped the FFN sublayers \[([\d, ]+)\]"))),
+               log(online, r"beta = (\d\.\d+)"), gated),
     ]
 
 
