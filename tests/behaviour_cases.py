@@ -4,7 +4,8 @@ searches, plans and generated tokens of tiny random models (CPU, fixed seeds).
 `compute()` runs every case and returns {name: value}; tests/fixtures/behaviour.pt holds what it
 returned before the runtime was restructured, and test_behaviour.py checks that today's code
 gives the same values: every discrete one (tokens, choices, counts, names) exactly, floats to
-1e-5 (the CPU's fp32 kernels round differently on different CPUs). Regenerate (only when a behaviour change is intended and explained):
+1e-5 (the CPU's fp32 kernels round differently on different CPUs). Regenerate (only when a
+behaviour change is intended and explained):
 
     ADASKIP_REGENERATE_BEHAVIOUR=1 .venv/bin/python -m pytest -q tests/test_behaviour.py
 """
