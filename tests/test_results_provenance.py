@@ -34,7 +34,7 @@ LEGACY = {
     **{folder: f"`{folder}/`" for folder in (
         "eval-smollm2-standins-cpu-2026-11-26", "eval-smollm2-retrieval-grid-cpu-2026-11-26",
         "eval-qwen2.5-coder-retrieval-cpu-2026-11-27",
-        "eval-qwen2.5-coder-retrieval16-cpu-2026-12-05", "eval-smollm2-retrieval-grid16-cpu-2026-12-05",
+        "eval-smollm2-retrieval-grid16-cpu-2026-12-05",
         "eval-smollm2-kv-head-groups-cpu-2026-12-05")},
 }
 
