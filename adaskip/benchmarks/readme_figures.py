@@ -449,7 +449,7 @@ SI = "eval-smollm2-standins-cpu-2026-11-26/"
 ESSAYS = "eval-smollm2-essays-cpu-2026-12-06-ceafa42/eval.json"
 GEN = "eval-smollm2-generation-cpu-2026-12-06/eval.json"
 QS = "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/"
-GRID = "eval-smollm2-retrieval-grid-cpu-2026-11-26/"
+GRID = "eval-smollm2-retrieval-grid-cpu-2026-12-06-91d98d1/"
 QR = "eval-qwen2.5-coder-retrieval-cpu-2026-12-06-91d98d1/"
 G16_KL = ("greedy-kl@8", "greedy-kl@16")
 
