@@ -171,8 +171,10 @@ def targets_table(results: Results) -> str:
 
 SMOL_GEN = "eval-smollm2-generation-cpu-2026-12-06/eval.json"
 SMOL_BETAS = "eval-smollm2-generation-cpu-2026-12-06/online-betas/eval.json"
-QWEN_GEN = "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/greedy-loss/generation/eval.json"
-QWEN_ADASKIP_GEN = "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/generation/eval.json"
+# The Qwen2.5-Coder stdlib folder: a rerun moves every path below at once
+QWEN_STDLIB = "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/"
+QWEN_GEN = QWEN_STDLIB + "greedy-loss/generation/eval.json"
+QWEN_ADASKIP_GEN = QWEN_STDLIB + "generation/eval.json"
 
 ONLINE_TEMPLATE = (
     "Online learning (decode): at a plan's own beta it gates off {smol_own} extra FFNs per request on\n"
@@ -206,8 +208,7 @@ def online_learning(results: Results) -> str:
 
 SPEC_FILES = ("eval-smollm2-speculative-cpu-2026-12-06/eval.json",
               "eval-smollm2-speculative-cpu-2026-12-06/large-budgets/eval.json",
-              "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/speculative/eval.json",
-              "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/greedy-loss/speculative/eval.json")
+              QWEN_STDLIB + "speculative/eval.json", QWEN_STDLIB + "greedy-loss/speculative/eval.json")
 
 LOSSLESS_TEMPLATE = (
     "Lossless decoding (`SpeculativeConfig`, `run --lossless`) always returns the full model's text,\n"
