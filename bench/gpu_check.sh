@@ -224,7 +224,7 @@ for b in $BENCHES; do
           --upgrade --target /tmp/site .whl/*.whl
       fi
       plan $b bench bench_$b.log "$PY" -m adaskip eval --model "${SMOLLM2_GGUF:-smollm2}" --device cuda \
-              --profile bench/results/eval-smollm2-standins-cpu-2026-11-26/profile.json \
+              --profile bench/results/eval-smollm2-standins-cpu-2026-12-06-bf5049d/profile.json \
               --strategies greedy-kl,adaskip --budgets 4,16 --tasks speculative --speculative-cuda-graph \
               --generation-lengths 1024 --generation-prompts 4 --generation-tokens 64 \
               --speculative-draft-tokens 2,4 --out "$OUT/speculative-smollm2" ;;
