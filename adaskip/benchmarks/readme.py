@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
-from .readme_figures import figures, measured_on, render_figures, unsourced
+from .readme_figures import QS as QWEN_STDLIB, figures, measured_on, render_figures, unsourced
 
 BEGIN = "<!-- adaskip:report {name} -->"
 END = "<!-- /adaskip:report -->"
@@ -171,8 +171,7 @@ def targets_table(results: Results) -> str:
 
 SMOL_GEN = "eval-smollm2-generation-cpu-2026-12-06/eval.json"
 SMOL_BETAS = "eval-smollm2-generation-cpu-2026-12-06/online-betas/eval.json"
-# The Qwen2.5-Coder stdlib folder: a rerun moves every path below at once
-QWEN_STDLIB = "eval-qwen2.5-coder-stdlib-cpu-2026-12-06-91d98d1/"
+# QWEN_STDLIB: the Qwen2.5-Coder stdlib folder, named once (readme_figures.QS)
 QWEN_GEN = QWEN_STDLIB + "greedy-loss/generation/eval.json"
 QWEN_ADASKIP_GEN = QWEN_STDLIB + "generation/eval.json"
 
