@@ -32,8 +32,7 @@ LEGACY = {
     f"e2e-online-llama-3.1-8b{_H100}.json": "`e2e-online-…`",
     f"e2e-online-forced-llama-3.1-8b{_H100}.json": "`e2e-online-forced-…`",
     **{folder: f"`{folder}/`" for folder in (
-        "eval-smollm2-retrieval-grid16-cpu-2026-12-05",
-        "eval-smollm2-kv-head-groups-cpu-2026-12-05")},
+        "eval-smollm2-kv-head-groups-cpu-2026-12-05",)},
 }
 
 

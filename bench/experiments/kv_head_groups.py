@@ -49,7 +49,7 @@ from adaskip.skipping.probes import make_probes
 from adaskip.skipping.profile import ImportanceProfile
 from adaskip.skipping.strategies import plan as make_plan
 
-PROFILE = "bench/results/eval-smollm2-retrieval-grid16-cpu-2026-12-05/smollm2-essays-search16-profile.json"
+PROFILE = "bench/results/eval-smollm2-retrieval-grid16-cpu-2026-12-06-bf5049d/smollm2-essays-search16-profile.json"
 COST_LENGTHS = (2048, 4096, 6144)
 
 
