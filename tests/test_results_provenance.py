@@ -31,8 +31,6 @@ LEGACY = {
     f"e2e-graphs-llama-3.1-8b{_H100}.json": "`e2e-graphs-…`",
     f"e2e-online-llama-3.1-8b{_H100}.json": "`e2e-online-…`",
     f"e2e-online-forced-llama-3.1-8b{_H100}.json": "`e2e-online-forced-…`",
-    **{folder: f"`{folder}/`" for folder in (
-        "eval-smollm2-kv-head-groups-cpu-2026-12-05",)},
 }
 
 

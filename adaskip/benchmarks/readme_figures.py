@@ -444,7 +444,7 @@ DEMO_GROUPS = "demo-smollm2-cpu-2026-12-06-02772de/"
 REFIT = "eval-smollm2-refit-cpu-2026-12-05/run.log"
 G16 = "eval-smollm2-retrieval-grid16-cpu-2026-12-06-bf5049d/"
 Q16 = "eval-qwen2.5-coder-retrieval16-cpu-2026-12-06-91d98d1/"
-KV = "eval-smollm2-kv-head-groups-cpu-2026-12-05/"
+KV = "eval-smollm2-kv-head-groups-cpu-2026-12-06-bf5049d/"
 SI = "eval-smollm2-standins-cpu-2026-12-06-bf5049d/"
 ESSAYS = "eval-smollm2-essays-cpu-2026-12-06-ceafa42/eval.json"
 GEN = "eval-smollm2-generation-cpu-2026-12-06/eval.json"
@@ -670,7 +670,7 @@ def _figures_targets():
 
 def _figures_streaming():
     kv, costs, pilot, tt = KV + "eval.json", KV + "costs.json", KV + "pilot/eval.json", KV + "ttft/ttft.json"
-    rest = KV + "6k-rest/eval.json"  # the 6k prompts the first runs left out
+    full6k = KV + "6k-full/eval.json"  # the full model on the 6k prompts grid16's grid6k/ did not score
     k6 = "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06-02772de/eval.json"  # groups ranked on 6000-token probes
     both = lambda a, b: calc("d", lambda x, y: x + y, a, b)  # noqa: E731
     grid, g6, ess = G16 + "grid/eval.json", G16 + "grid6k/eval.json", G16 + "ppl-essays/eval.json"
@@ -689,20 +689,18 @@ def _figures_streaming():
                kv_run(kv, "stream36", "passkey", 4096, "total"), *cells[6:], kv_run(kv, "stream36", "needle", 4096, "total")),
         figure("at 6k (all 8 prompts a depth, {} of each task)\nstreaming found {} of {} pass keys and {} of {} needles, "
                "the full model {} and {}",
-               both(kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(rest, "stream36", "passkey", 6144, "total")),
-               both(kv_run(kv, "stream36", "passkey", 6144), kv_run(rest, "stream36", "passkey", 6144)),
-               both(kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(rest, "stream36", "passkey", 6144, "total")),
-               both(kv_run(kv, "stream36", "needle", 6144), kv_run(rest, "stream36", "needle", 6144)),
-               both(kv_run(kv, "stream36", "needle", 6144, "total"), kv_run(rest, "stream36", "needle", 6144, "total")),
-               both(hits(g6, "full", "passkey", 6144), kv_run(rest, "full", "passkey", 6144)),
-               both(hits(g6, "full", "needle", 6144), kv_run(rest, "full", "needle", 6144))),
+               kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(kv, "stream36", "passkey", 6144),
+               kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(kv, "stream36", "needle", 6144),
+               kv_run(kv, "stream36", "needle", 6144, "total"),
+               both(hits(g6, "full", "passkey", 6144), kv_run(full6k, "full", "passkey", 6144)),
+               both(hits(g6, "full", "needle", 6144), kv_run(full6k, "full", "needle", 6144))),
         figure("the 29 groups that cost what `greedy-kl` 8 saves at 6k (predicted prefill\n{}x) found {} of {} pass keys "
                "and {} of {} needles at 6k, against the full model's {} and {}",
                predicted(kv_row(k6, "stream29", *p(6144), fmt=".3f")), kv_run(k6, "stream29", "passkey", 6144),
                kv_run(k6, "stream29", "passkey", 6144, "total"), kv_run(k6, "stream29", "needle", 6144),
                kv_run(k6, "stream29", "needle", 6144, "total"),
-               both(hits(g6, "full", "passkey", 6144), kv_run(rest, "full", "passkey", 6144)),
-               both(hits(g6, "full", "needle", 6144), kv_run(rest, "full", "needle", 6144))),
+               both(hits(g6, "full", "passkey", 6144), kv_run(full6k, "full", "passkey", 6144)),
+               both(hits(g6, "full", "needle", 6144), kv_run(full6k, "full", "needle", 6144))),
         figure("ranked on 4k probes, 29 groups\nfound {})", kv_run(KV + "6k-29/eval.json", "stream29", "passkey", 6144)),
         figure("keeps the text (+{} % perplexity against +{} %)",
                calc(".1f", lambda x, f: 100 * (x / f - 1), kv_row(kv, "stream36", "metrics", "perplexity"), ppl(ess, "full")),

@@ -290,7 +290,7 @@ def stage_costs(a, profile, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["score", "eval", "costs", "ttft"])
-    p.add_argument("--out", default="bench/results/eval-smollm2-kv-head-groups-cpu-2026-12-05")
+    p.add_argument("--out", default="bench/results/eval-smollm2-kv-head-groups-cpu-2026-12-06-bf5049d")
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
