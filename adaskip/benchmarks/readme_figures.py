@@ -366,7 +366,7 @@ def logdict(rel: str, line: str, key: str, fmt: str = ".2f") -> Source:
 
 def kv_run(rel: str, config: str, task: str, length: int, key: str = "correct") -> Source:
     """The kv_head_groups experiment's `task` hits (or prompts) of `config` at `length`, summed over
-    the runs its eval.json holds (each run adds prompts: run4.sh the 2nd and 3rd of each 6k depth)."""
+    the runs its eval.json holds (runs of one configuration on other prompts of a cell add up)."""
     def get(results):
         total, seen = 0, False
         for run in results.json(rel)["runs"]:
