@@ -674,6 +674,8 @@ def _figures_streaming():
     k6 = "eval-smollm2-kv-head-groups-6k-cpu-2026-12-06-02772de/eval.json"  # groups ranked on 6000-token probes
     both = lambda a, b: calc("d", lambda x, y: x + y, a, b)  # noqa: E731
     grid, g6, ess = G16 + "grid/eval.json", G16 + "grid6k/eval.json", G16 + "ppl-essays/eval.json"
+    # the full model on all 24 prompts of a 6k task: samples 0-3 of a depth in grid6k/, 4-7 in 6k-full/
+    full_6k = {task: both(hits(g6, "full", task, 6144), kv_run(full6k, "full", task, 6144)) for task in ("passkey", "needle")}
     p = lambda n: ("predicted", f"prefill@{n}", "speedup")
     cells = []
     for task in ("passkey", "needle"):
@@ -692,15 +694,13 @@ def _figures_streaming():
                kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(kv, "stream36", "passkey", 6144),
                kv_run(kv, "stream36", "passkey", 6144, "total"), kv_run(kv, "stream36", "needle", 6144),
                kv_run(kv, "stream36", "needle", 6144, "total"),
-               both(hits(g6, "full", "passkey", 6144), kv_run(full6k, "full", "passkey", 6144)),
-               both(hits(g6, "full", "needle", 6144), kv_run(full6k, "full", "needle", 6144))),
+               full_6k["passkey"], full_6k["needle"]),
         figure("the 29 groups that cost what `greedy-kl` 8 saves at 6k (predicted prefill\n{}x) found {} of {} pass keys "
                "and {} of {} needles at 6k, against the full model's {} and {}",
                predicted(kv_row(k6, "stream29", *p(6144), fmt=".3f")), kv_run(k6, "stream29", "passkey", 6144),
                kv_run(k6, "stream29", "passkey", 6144, "total"), kv_run(k6, "stream29", "needle", 6144),
                kv_run(k6, "stream29", "needle", 6144, "total"),
-               both(hits(g6, "full", "passkey", 6144), kv_run(full6k, "full", "passkey", 6144)),
-               both(hits(g6, "full", "needle", 6144), kv_run(full6k, "full", "needle", 6144))),
+               full_6k["passkey"], full_6k["needle"]),
         figure("ranked on 4k probes, 29 groups\nfound {})", kv_run(KV + "6k-29/eval.json", "stream29", "passkey", 6144)),
         figure("keeps the text (+{} % perplexity against +{} %)",
                calc(".1f", lambda x, f: 100 * (x / f - 1), kv_row(kv, "stream36", "metrics", "perplexity"), ppl(ess, "full")),
